@@ -1,0 +1,39 @@
+"""Model ports and the one place that turns `config.model` into a model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fleming_jax.models import qwen
+
+_NOT_ARCH = ("preset", "hf_path", "init_from", "seed")
+NUMERICS = ("param_dtype", "compute_dtype", "remat")
+
+
+def config_from(model_cfg) -> qwen.QwenConfig:
+    """Our QwenConfig from `config.model`; with `hf_path` set, the architecture comes from
+    that directory's config.json and only the numerics come from `config.model`."""
+    if model_cfg.hf_path:
+        from fleming_jax.models import hf
+
+        return hf.read_config(model_cfg.hf_path, **{k: model_cfg[k] for k in NUMERICS})
+    fields = {f.name for f in dataclasses.fields(qwen.QwenConfig)}
+    unknown = set(model_cfg.keys()) - fields - set(_NOT_ARCH)
+    if unknown:
+        raise ValueError(f"config.model has unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    return qwen.QwenConfig(**{k: v for k, v in model_cfg.items() if k in fields})
+
+
+def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
+    """The model `config.model` asks for: our checkpoint (`init_from`), an HF import
+    (`hf_path`), or a random init from `seed`, in that order of precedence."""
+    config = config_from(model_cfg)
+    if model_cfg.init_from:
+        from fleming_jax.train import checkpoint
+
+        return checkpoint.restore_model(model_cfg.init_from, config, mesh), config
+    if model_cfg.hf_path:
+        from fleming_jax.models import hf
+
+        return hf.load(model_cfg.hf_path, mesh=mesh, **{k: model_cfg[k] for k in NUMERICS})
+    return qwen.create(config, seed=model_cfg.seed), config

@@ -1,0 +1,290 @@
+"""Hugging Face safetensors checkpoints <-> our Qwen parameters.
+
+Import reads one tensor at a time from memory-mapped safetensors files (never a pickle)
+and places it straight into its device shards, so host memory stays near the largest
+tensor. Export writes `model-0000x-of-0000y.safetensors` shards with an index, one
+tensor at a time, loadable by `transformers.AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from fleming_jax import parallel
+from fleming_jax.models import qwen
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+# Our parameter -> (HF tensor name, True when HF stores it as a [out, in] linear weight).
+# Layer tensors are `model.layers.{i}.<name>`; our copies are stacked over i.
+LAYER_TENSORS = {
+    "input_norm": ("input_layernorm.weight", False),
+    "q_proj": ("self_attn.q_proj.weight", True),
+    "k_proj": ("self_attn.k_proj.weight", True),
+    "v_proj": ("self_attn.v_proj.weight", True),
+    "q_bias": ("self_attn.q_proj.bias", False),
+    "k_bias": ("self_attn.k_proj.bias", False),
+    "v_bias": ("self_attn.v_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+    "o_proj": ("self_attn.o_proj.weight", True),
+    "post_attention_norm": ("post_attention_layernorm.weight", False),
+    "gate_proj": ("mlp.gate_proj.weight", True),
+    "up_proj": ("mlp.up_proj.weight", True),
+    "down_proj": ("mlp.down_proj.weight", True),
+}
+TOP_TENSORS = {
+    "embed_tokens": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+# How many leading axes of our linear weights are HF's input axes (o_proj: heads, head_dim).
+LINEAR_IN_AXES = {"o_proj": 2}
+
+
+class SafetensorsCheckpoint:
+    """Lazy, memory-mapped view of a directory's safetensors files (single or sharded)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(single):
+            files = ["model.safetensors"]
+        else:
+            pickles = [f for f in sorted(os.listdir(path)) if f.endswith(PICKLE_SUFFIXES)]
+            if pickles:
+                raise ValueError(
+                    f"{path} holds only pickle checkpoints ({', '.join(pickles)}); fleming-jax "
+                    "reads safetensors only and never unpickles. Convert it once in a trusted "
+                    "environment with transformers: model.save_pretrained(out, "
+                    "safe_serialization=True).")
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors or model.safetensors.index.json found")
+        self.tensors: dict[str, tuple[str, dict]] = {}
+        for name in files:
+            file = os.path.join(path, name)
+            for key, entry in _read_header(file).items():
+                if key != "__metadata__":
+                    self.tensors[key] = (file, entry)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)[1]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only memory map (no copy until it is used)."""
+        file, entry = self._entry(name)
+        header_len = struct.unpack("<Q", open(file, "rb").read(8))[0]
+        start, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        return np.memmap(file, dtype=dtype, mode="r", offset=8 + header_len + start,
+                         shape=tuple(entry["shape"])) if end > start else np.zeros(entry["shape"], dtype)
+
+    def _entry(self, name):
+        if name not in self.tensors:
+            raise KeyError(f"{self.path}: missing tensor {name!r}")
+        return self.tensors[name]
+
+
+def _read_header(file: str) -> dict:
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def read_config(path: str, **overrides) -> qwen.QwenConfig:
+    """Our config from `path/config.json` (overrides such as dtype win)."""
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: no config.json (is this an HF model directory?)")
+    with open(file) as f:
+        return qwen.QwenConfig.from_hf(json.load(f), source=file, **overrides)
+
+
+def hf_tensor_names(config: qwen.QwenConfig) -> dict[str, list[str]]:
+    """Our parameter path ('layers/q_proj', 'embed_tokens', …) -> its HF tensor name(s)."""
+    names = {}
+    for ours, shape in qwen.layer_param_shapes(config).items():
+        hf = LAYER_TENSORS[ours][0]
+        names[f"layers/{ours}"] = [f"model.layers.{i}.{hf}" for i in range(config.num_layers)]
+    for ours, (hf, _) in TOP_TENSORS.items():
+        if ours == "lm_head" and config.tie_embeddings:
+            continue
+        names[ours] = [hf]
+    return names
+
+
+def _is_linear(path: str) -> bool:
+    key = path.split("/")[-1]
+    return (LAYER_TENSORS.get(key) or TOP_TENSORS[key])[1]
+
+
+def hf_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape HF stores one (unstacked) parameter of ours in."""
+    key = path.split("/")[-1]
+    if _is_linear(path):
+        n_in = LINEAR_IN_AXES.get(key, 1)
+        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    return (math.prod(shape),) if key.endswith("bias") else tuple(shape)
+
+
+def to_ours(path: str, hf_tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """One HF tensor in our layout: [out, in] linears are transposed, heads split out."""
+    x = hf_tensor.T if _is_linear(path) else hf_tensor
+    return x.reshape(shape)
+
+
+def to_hf(path: str, ours: np.ndarray) -> np.ndarray:
+    """Inverse of `to_ours` for one (unstacked) parameter."""
+    shape = hf_shape(path, ours.shape)
+    return ours.reshape(shape[::-1]).T if _is_linear(path) else ours.reshape(shape)
+
+
+def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, **overrides):
+    """Imports an HF Qwen2/Qwen3 directory: returns `(model, config)`.
+
+    `dtype` (e.g. "bfloat16") sets both the parameter and the compute dtype, like HF's
+    `from_pretrained(dtype=...)`; `overrides` set single config fields (`param_dtype`,
+    `compute_dtype`, `remat`). With a `mesh`, each tensor goes straight into its shards as
+    `parallel.RULES` says.
+    """
+    if dtype is not None:
+        overrides = {"param_dtype": dtype, "compute_dtype": dtype} | overrides
+    config = read_config(path, **overrides)
+    ckpt = SafetensorsCheckpoint(path)
+    names = hf_tensor_names(config)
+    missing = [n for ns in names.values() for n in ns if n not in ckpt.tensors]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{path}: checkpoint is missing tensors the config needs: {shown}")
+
+    def read(path_key: str, var: nnx.Variable) -> jax.Array:
+        shape, dtype = var.shape, var.dtype
+        hf_names = names[path_key]
+        layer_shape = shape[1:] if path_key.startswith("layers/") else shape
+        for n in hf_names:
+            expected = hf_shape(path_key, layer_shape)
+            if ckpt.shape(n) != expected:
+                raise ValueError(f"{path}: tensor {n!r} has shape {ckpt.shape(n)}, the config "
+                                 f"expects {expected}")
+
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            if not path_key.startswith("layers/"):
+                return np.asarray(to_ours(path_key, ckpt.get(hf_names[0]), shape)[index], dtype)
+            layer_index, rest = index[0], index[1:]
+            return np.stack([np.asarray(to_ours(path_key, ckpt.get(hf_names[i]), layer_shape)[rest], dtype)
+                             for i in range(shape[0])[layer_index]])
+
+        return jax.make_array_from_callback(shape, parallel.sharding_for(var, mesh), shard)
+
+    model = fill_params(config, read)
+    return model, config
+
+
+def fill_params(config: qwen.QwenConfig, make: Callable[[str, Any], jax.Array]) -> qwen.Qwen:
+    """Builds a model whose every parameter comes from `make(path, abstract_variable)`."""
+    abstract = nnx.eval_shape(lambda: qwen.create(config))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    leaves = []
+    for key, var in flat:
+        path = "/".join(str(k) for k in key)
+        leaves.append((key, var.replace(make(path, var))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None,
+         dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3,
+         generation_config: dict | None = None) -> str:
+    """Writes `model` as an HF directory: safetensors shards + index + config.json, and the
+    tokenizer files and generation_config.json when given.
+
+    `dtype` is the stored dtype (default: the parameter dtype). Shards are planned from the
+    shapes first, then filled one at a time, so host memory stays below one shard.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = dtype or config.param_dtype
+    store_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    state = nnx.state(model, nnx.Param)
+    params = {"/".join(str(k) for k in key): var for key, var in nnx.to_flat_state(state)}
+
+    plan: list[list[tuple[str, str, int | None]]] = [[]]  # shards of (HF name, our path, layer)
+    size = 0
+    for path, hf_names in hf_tensor_names(config).items():
+        stacked = path.startswith("layers/")
+        shape = params[path].shape[1:] if stacked else params[path].shape
+        nbytes = math.prod(shape) * store_dtype.itemsize
+        for i, name in enumerate(hf_names):
+            if plan[-1] and size + nbytes > max_shard_bytes:
+                plan.append([])
+                size = 0
+            plan[-1].append((name, path, i if stacked else None))
+            size += nbytes
+
+    weight_map, total = {}, 0
+    for n, entries in enumerate(plan):
+        file = f"model-{n + 1:05d}-of-{len(plan):05d}.safetensors"
+        shard = {}
+        for name, path, layer in entries:
+            value = params[path][...] if layer is None else params[path][...][layer]
+            shard[name] = np.ascontiguousarray(to_hf(path, parallel.to_host(value)).astype(store_dtype))
+            weight_map[name] = file
+            total += shard[name].nbytes
+        save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+    hf_config = config.to_hf() | {"dtype": "bfloat16" if dtype == "bfloat16" else str(store_dtype)}
+    if tokenizer is not None:
+        hf_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+        tokenizer.save_pretrained(out_dir)
+    _write_json(os.path.join(out_dir, "config.json"), hf_config)
+    if generation_config is not None:
+        _write_json(os.path.join(out_dir, "generation_config.json"), generation_config)
+    return out_dir
+
+
+def _write_json(file: str, obj) -> None:
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def export_task(config, workdir: str) -> str:
+    """`task=export`: the model `config.model` names, written as an HF directory."""
+    from absl import logging
+
+    from fleming_jax import models
+
+    model, model_config = models.build(config.model)
+    tokenizer = None
+    if config.export.tokenizer:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(config.export.tokenizer)
+    out_dir = config.export.out_dir or os.path.join(workdir, "hf")
+    save(model, model_config, out_dir, tokenizer=tokenizer, dtype=config.export.dtype or None,
+         max_shard_bytes=config.export.max_shard_mb * 1024**2)
+    logging.info("exported %s to %s", config.model.init_from or config.model.hf_path
+                 or f"random {config.model.preset}", out_dir)
+    print(f"HF model written to {out_dir}")
+    return out_dir

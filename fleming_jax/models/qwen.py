@@ -1,0 +1,356 @@
+"""The Qwen2 / Qwen2.5 / Qwen3 decoder in Flax NNX.
+
+One module covers both families: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
+head_dim (Qwen3), tied embeddings and GQA are config switches. Layer weights are stacked
+on a leading `layers` axis and the decoder is a `jax.lax.scan` over a pure block function,
+so a 64-layer model compiles as fast as a 2-layer one. Every parameter carries logical
+axis names in its `axes` metadata; `fleming_jax.parallel` maps them to mesh axes, so this
+file never names a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fleming_jax import parallel
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    """Architecture and numerics of one model. Field names follow HF where they exist."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str = "qwen2"
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    max_position_embeddings: int = 32768
+    param_dtype: str = "float32"  # master weights
+    compute_dtype: str = "float32"  # activations and matmul inputs
+    remat: str = "none"  # one of REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unknown model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        for name in ("param_dtype", "compute_dtype"):
+            jnp.dtype(getattr(self, name))  # raises on a bad dtype name
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "QwenConfig":
+        """Reads an HF `config.json` dict (transformers 4 and 5 layouts)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: unknown model_type {model_type!r}; fleming-jax ports "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        if model_type == "qwen3" and hf.get("attention_bias"):
+            raise ValueError(f"{source}: qwen3 with attention_bias=true is not supported")
+        heads = hf["num_attention_heads"]
+        fields = dict(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` fields that describe this architecture."""
+        hf = dict(
+            model_type=self.model_type,
+            architectures=["Qwen2ForCausalLM" if self.model_type == "qwen2" else "Qwen3ForCausalLM"],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            hidden_act="silu",
+            rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        if self.model_type == "qwen3":
+            hf.update(head_dim=self.head_dim, attention_bias=False)
+        return hf
+
+    def replace(self, **changes) -> "QwenConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, written in place as tokens arrive.
+
+    All rows share one write position (`index`), which holds when prompts are left-padded
+    to a common length. `segment` is 0 for empty or padded slots and 1 for real tokens.
+    """
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array
+    segment: jax.Array  # [batch, max_len] int32
+    index: jax.Array  # int32 scalar: the slot the next token is written to
+
+    @classmethod
+    def zeros(cls, config: QwenConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        dtype = dtype or config.compute_dtype
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segment=jnp.zeros((batch, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+# Logical axes of each stacked layer parameter; `None` marks parameters a config may omit.
+LAYER_PARAMS = {
+    "input_norm": ("layers", "norm"),
+    "q_proj": ("layers", "embed", "heads", "head_dim"),
+    "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "q_bias": ("layers", "heads", "head_dim"),
+    "k_bias": ("layers", "kv_heads", "head_dim"),
+    "v_bias": ("layers", "kv_heads", "head_dim"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    "o_proj": ("layers", "heads", "head_dim", "embed"),
+    "post_attention_norm": ("layers", "norm"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+}
+
+
+def layer_param_shapes(c: QwenConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the stacked layer parameters this config has."""
+    L, E, H, K, D, M = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                        c.intermediate_size)
+    shapes = {
+        "input_norm": (L, E), "q_proj": (L, E, H, D), "k_proj": (L, E, K, D),
+        "v_proj": (L, E, K, D), "o_proj": (L, H, D, E), "post_attention_norm": (L, E),
+        "gate_proj": (L, E, M), "up_proj": (L, E, M), "down_proj": (L, M, E),
+    }
+    if c.qkv_bias:
+        shapes.update(q_bias=(L, H, D), k_bias=(L, K, D), v_bias=(L, K, D))
+    if c.qk_norm:
+        shapes.update(q_norm=(L, D), k_norm=(L, D))
+    return shapes
+
+
+def _init_value(name: str, shape, key, dtype):
+    if name.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    if name.endswith("bias"):
+        return jnp.zeros(shape, dtype)
+    return 0.02 * jax.random.normal(key, shape, dtype)  # HF's initializer_range
+
+
+class Layers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading `layers` axis."""
+
+    def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
+        for name, shape in layer_param_shapes(config).items():
+            value = _init_value(name, shape, rngs.params(), config.param_dtype)
+            setattr(self, name, nnx.Param(value, axes=LAYER_PARAMS[name]))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}
+
+
+class Qwen(nnx.Module):
+    """Causal LM: `logits = model(input_ids, attention_mask=mask)`.
+
+    `attention_mask` is [batch, length] with 0 for padding; values > 0 are segment ids, so
+    a packed row of several examples (segments 1, 2, …) never attends across examples.
+    Positions restart at 0 in each segment unless given. With `cache=KVCache`, the call
+    appends the tokens to the cache and returns `(logits, new_cache)`.
+    """
+
+    def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        E, V, pd = config.hidden_size, config.vocab_size, config.param_dtype
+        self.embed_tokens = nnx.Param(_init_value("embed", (V, E), rngs.params(), pd),
+                                      axes=("vocab", "embed"))
+        self.layers = Layers(config, rngs)
+        self.final_norm = nnx.Param(jnp.ones((E,), pd), axes=("norm",))
+        if not config.tie_embeddings:
+            self.lm_head = nnx.Param(_init_value("lm_head", (E, V), rngs.params(), pd),
+                                     axes=("embed", "vocab"))
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def unembedding(self) -> jax.Array:
+        """[embed, vocab] matrix that turns final hidden states into logits."""
+        if self.config.tie_embeddings:
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits of final hidden states (callers that chunk over length use this)."""
+        w = self.unembedding().astype(self.config.compute_dtype)
+        return jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None):
+        """Final-norm hidden states [batch, length, embed] (and the updated cache)."""
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+            if cache is not None:  # continue counting after the tokens already cached
+                positions = positions + jnp.sum(cache.segment > 0, axis=1, keepdims=True)
+        x = self.embed_tokens[...][input_ids].astype(c.compute_dtype)
+        x = parallel.constrain(x, ("batch", "length", "embed"))
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+
+        length = input_ids.shape[1]
+        if cache is None:
+            q_slot = k_slot = jnp.arange(length)
+            k_segment = attention_mask
+        else:
+            q_slot = cache.index + jnp.arange(length)
+            k_slot = jnp.arange(cache.segment.shape[1])
+            k_segment = jax.lax.dynamic_update_slice(cache.segment, attention_mask, (0, cache.index))
+        allowed = ((k_slot[None, None, :] <= q_slot[None, :, None])
+                   & (attention_mask[:, :, None] == k_segment[:, None, :])
+                   & (attention_mask[:, :, None] > 0))  # [batch, q, k]
+
+        def block(x, layer):
+            p, k_cache, v_cache = layer
+            p = jax.tree.map(lambda w: w.astype(c.compute_dtype), p)
+            h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
+            attn, k, v = attention(p, h, cos, sin, allowed, k_cache, v_cache,
+                                   None if cache is None else cache.index, c)
+            x = x + attn
+            h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
+            gate = jnp.einsum("bte,em->btm", h, p["gate_proj"])
+            up = jnp.einsum("bte,em->btm", h, p["up_proj"])
+            hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+            x = x + jnp.einsum("btm,me->bte", hidden, p["down_proj"])
+            return parallel.constrain(x, ("batch", "length", "embed")), (k, v)
+
+        policy = REMAT_POLICIES[c.remat]
+        if c.remat != "none":
+            block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+        layers = self.layers.arrays()
+        kv = (None, None) if cache is None else (cache.k, cache.v)
+        x, (k, v) = jax.lax.scan(block, x, (layers, *kv))
+        x = rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps)
+        if cache is None:
+            return x, None
+        return x, KVCache(k=k, v=v, segment=k_segment, index=cache.index + length)
+
+
+def attention(p, h, cos, sin, allowed, k_cache, v_cache, index, c: QwenConfig):
+    """GQA self-attention of one layer; returns (output, keys, values) where keys/values are
+    the layer's updated cache (or this call's own keys/values without a cache)."""
+    q = jnp.einsum("bte,ehd->bthd", h, p["q_proj"])
+    k = jnp.einsum("bte,ekd->btkd", h, p["k_proj"])
+    v = jnp.einsum("bte,ekd->btkd", h, p["v_proj"])
+    if c.qkv_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if c.qk_norm:
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if k_cache is not None:
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+    b, t, heads, d = q.shape
+    groups = heads // c.num_kv_heads
+    q = q.reshape(b, t, c.num_kv_heads, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, heads, d)
+    out = jnp.einsum("bthd,hde->bte", out, p["o_proj"])
+    return out, k, v
+
+
+def rms_norm(x, scale, eps):
+    """RMSNorm computed in fp32 and cast back, as HF does."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * normed.astype(x.dtype)
+
+
+def positions_from_mask(segments: jax.Array) -> jax.Array:
+    """Position of each token within its segment (left padding gives the first real token 0)."""
+    t = jnp.arange(segments.shape[1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    start_index = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+    return jnp.where(segments > 0, t - start_index, 0)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """cos/sin [batch, length, 1, head_dim] for rotary embeddings (HF's default rope)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def create(config: QwenConfig, seed: int = 0) -> Qwen:
+    """A randomly initialised model (parameters placed by `parallel.create_sharded` on a mesh)."""
+    return Qwen(config, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,66 @@
+"""Orbax checkpoints of our models.
+
+A model checkpoint is a directory of params written by `save_params`, or a training run's
+CheckpointManager root whose newest step holds a `params` item; `restore_model` reads
+either, straight into the shardings of the given mesh.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from fleming_jax import parallel
+from fleming_jax.models import qwen
+
+
+def save_params(path: str, model: qwen.Qwen) -> str:
+    """Writes the model's parameters (a pure dict pytree) to `path`; returns `path`."""
+    path = os.path.abspath(path)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
+    checkpointer.wait_until_finished()
+    return path
+
+
+def params_dir(path: str) -> str:
+    """The params directory inside `path`: itself, or the newest step's `params` item."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()), reverse=True)
+    for step in steps:
+        candidate = os.path.join(path, str(step), "params")
+        if os.path.isdir(candidate):
+            return candidate
+    return path
+
+
+def restore_model(path: str, config: qwen.QwenConfig, mesh=None) -> qwen.Qwen:
+    """The model saved at `path` (see `params_dir`), placed as `parallel.RULES` says on `mesh`."""
+    abstract = nnx.eval_shape(lambda: qwen.create(config))
+    graphdef, state = nnx.split(abstract)
+    target = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.sharding_for(v, mesh)),
+        nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    source = params_dir(path)
+    checkpointer = ocp.StandardCheckpointer()
+    saved = _flat_shapes(checkpointer.metadata(source).item_metadata.tree)
+    wanted = _flat_shapes(nnx.to_pure_dict(target))
+    if saved != wanted:
+        diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        raise ValueError(
+            f"checkpoint {source} does not match the model config ({config.model_type}, "
+            f"{config.num_layers} layers, hidden {config.hidden_size}): " + "; ".join(
+                f"{k}: saved {saved.get(k)}, config wants {wanted.get(k)}" for k in diff[:4]))
+    restored = checkpointer.restore(source, nnx.to_pure_dict(target))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}

@@ -1,0 +1,45 @@
+"""fleming-jax entry point: `python main.py --config=configs/<job>.py[:preset] --workdir=DIR`.
+
+Any config field can be overridden on the command line, e.g.
+`--config.model.hf_path=/models/Qwen2.5-7B-Instruct`.
+"""
+
+import importlib
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# task name -> "module:function"; each function is `run(config, workdir)`.
+TASKS = {
+    "export": "fleming_jax.models.hf:export_task",
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:preset]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (default: runs/<task>).")
+flags.mark_flags_as_required(["config"])
+
+
+def run_task(config, workdir: str):
+    """Runs `config.task`; unknown tasks fail naming the ones that exist."""
+    task = config.get("task")
+    if task not in TASKS:
+        raise app.UsageError(f"config.task={task!r} is not a task; tasks: {', '.join(TASKS)}")
+    module, function = TASKS[task].split(":")
+    os.makedirs(workdir, exist_ok=True)
+    return getattr(importlib.import_module(module), function)(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join("runs", str(config.get("task")))
+    logging.info("task=%s workdir=%s", config.get("task"), workdir)
+    run_task(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

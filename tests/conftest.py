@@ -1,0 +1,48 @@
+"""Shared test setup: 8 fake CPU devices and tiny HF reference models built offline."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+               rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+               max_position_embeddings=256)
+
+
+def make_hf_model(model_type: str, tie: bool, seed: int = 0):
+    """A tiny random transformers Qwen2/Qwen3 model; every weight (norms and biases too)
+    is random so a mapping mistake anywhere shows in the logits."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    if model_type == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=tie, **TINY_HF))
+    else:
+        model = transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(tie_word_embeddings=tie, head_dim=24, **TINY_HF))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """hf_dir(model_type, tie) -> path of a saved tiny HF model (built once per session)."""
+    cache = {}
+
+    def get(model_type: str, tie: bool = False):
+        key = (model_type, tie)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{model_type}_tie{tie}")
+            make_hf_model(model_type, tie).save_pretrained(path)
+            cache[key] = str(path)
+        return cache[key]
+
+    return get

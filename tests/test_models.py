@@ -1,0 +1,107 @@
+"""The Qwen2/Qwen3 port against transformers, and its own padding, packing and cache rules."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import jax.numpy as jnp
+
+from fleming_jax.models import hf, qwen
+
+VOCAB = 128
+
+
+def reference_logits(path, ids, mask):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    positions = np.clip(mask.cumsum(1) - 1, 0, None)
+    with torch.no_grad():
+        out = model(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions))
+    return out.logits.numpy()
+
+
+def padded_batch(seed=0, batch=4, length=12, left=True):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for row, pad in enumerate([0, 3, 7, 1][:batch]):
+        if left:
+            mask[row, :pad] = 0
+        else:
+            mask[row, length - pad:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("left", [True, False])
+def test_logits_match_transformers(hf_dir, model_type, tie, left):
+    path = hf_dir(model_type, tie)
+    model, config = hf.load(path)
+    assert (config.qkv_bias, config.qk_norm, config.tie_embeddings) == (
+        model_type == "qwen2", model_type == "qwen3", tie)
+    ids, mask = padded_batch(left=left)
+    ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    ref = reference_logits(path, ids, mask)
+    real = mask.astype(bool)
+    assert np.abs(ours[real] - ref[real]).max() < 1e-4
+
+
+def test_left_and_right_padding_agree(hf_dir):
+    model, _ = hf.load(hf_dir("qwen3"))
+    ids, left_mask = padded_batch(left=True)
+    _, right_mask = padded_batch(left=False)
+    # Move each row's real tokens from the right end to the left end.
+    right_ids = np.stack([np.roll(r, -int((m == 0).sum())) for r, m in zip(ids, left_mask)])
+    left = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(left_mask)))
+    right = np.asarray(model(jnp.asarray(right_ids), attention_mask=jnp.asarray(right_mask)))
+    for row in range(len(ids)):
+        np.testing.assert_allclose(left[row][left_mask[row] == 1], right[row][right_mask[row] == 1],
+                                   atol=1e-5)
+
+
+def test_packed_segments_do_not_attend_across_examples(hf_dir):
+    model, _ = hf.load(hf_dir("qwen2"))
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, VOCAB, 5), rng.integers(0, VOCAB, 7)
+    packed = np.concatenate([a, b, [0, 0]])[None]
+    segments = np.array([[1] * 5 + [2] * 7 + [0, 0]])
+    out = np.asarray(model(jnp.asarray(packed), attention_mask=jnp.asarray(segments)))[0]
+    alone_a = np.asarray(model(jnp.asarray(a[None])))[0]
+    alone_b = np.asarray(model(jnp.asarray(b[None])))[0]
+    np.testing.assert_allclose(out[:5], alone_a, atol=1e-5)
+    np.testing.assert_allclose(out[5:12], alone_b, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_kv_cache_prefill_then_decode_equals_full_forward(hf_dir, model_type):
+    model, config = hf.load(hf_dir(model_type))
+    ids, mask = padded_batch(length=12)
+    full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    cache = qwen.KVCache.zeros(config, batch=len(ids), max_len=16)
+    prompt = 8
+    logits, cache = model(jnp.asarray(ids[:, :prompt]), attention_mask=jnp.asarray(mask[:, :prompt]),
+                          cache=cache)
+    steps = [np.asarray(logits)]
+    for t in range(prompt, 12):
+        logits, cache = model(jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.ones((len(ids), 1), jnp.int32),
+                              cache=cache)
+        steps.append(np.asarray(logits))
+    incremental = np.concatenate(steps, axis=1)
+    real = mask.astype(bool)
+    assert int(cache.index) == 12
+    assert np.abs(incremental[real] - full[real]).max() < 1e-4
+
+
+def test_bfloat16_compute_stays_close_to_float32(hf_dir):
+    path = hf_dir("qwen3")
+    ids, mask = padded_batch()
+    f32, _ = hf.load(path)
+    bf16, config = hf.load(path, dtype="bfloat16")
+    assert config.param_dtype == config.compute_dtype == "bfloat16"
+    a = np.asarray(f32(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    b = np.asarray(bf16(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    real = mask.astype(bool)
+    # bf16 keeps ~3 significant digits; logits here are O(10).
+    assert np.abs(a[real] - b[real]).max() < 0.05 * np.abs(a[real]).max()
+    assert (a[real].argmax(-1) == b[real].argmax(-1)).mean() > 0.9
