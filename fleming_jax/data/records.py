@@ -1,0 +1,83 @@
+"""The QA record every reader produces, and the one place the reply format is defined.
+
+A model's reply is `<think>…</think>` followed by `<answer>X</answer>`; the prompt
+templates here and the answer extraction in `fleming_jax.rewards` both use these tags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+DIFFICULTIES = ("Easy", "Moderate", "Difficult")
+
+
+@dataclasses.dataclass
+class QARecord:
+    """One question. `options` maps letters to option texts (None for free-text answers);
+    `answer` is the correct letter, or the short free-text answer (e.g. yes/no/maybe)."""
+
+    id: str
+    source: str
+    question: str
+    answer: str
+    options: dict[str, str] | None = None
+    explanation: str | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QARecord":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown QA record keys {sorted(unknown)}; expected {sorted(fields)}")
+        return cls(**{k: v for k, v in d.items() if not (k == "meta" and v is None)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def format_reply(reasoning: str, answer: str) -> str:
+    """A reply in the format the rewards verify."""
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+
+
+def user_prompt(record: QARecord) -> str:
+    """The single user message a model sees for a record (no system prompt, as the paper)."""
+    lines = [record.question.strip()]
+    if record.options:
+        lines.append("")
+        lines += [f"{letter}. {text}" for letter, text in record.options.items()]
+        what = "the letter of the correct option"
+    else:
+        what = "the short final answer"
+    lines += ["", f"Think step by step inside {THINK_OPEN}{THINK_CLOSE}, then give {what} "
+                  f"inside {ANSWER_OPEN}{ANSWER_CLOSE}."]
+    return "\n".join(lines)
+
+
+def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
+    """Dicts from a JSON-lines file; a bad line raises naming the file and line number."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+
+
+def write_jsonl(path: str, rows: Iterable[dict[str, Any] | QARecord]) -> int:
+    """Writes rows (dicts or records) as JSON lines; returns how many."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            row = row.to_dict() if isinstance(row, QARecord) else row
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
