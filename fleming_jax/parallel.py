@@ -1,17 +1,27 @@
-"""Meshes and the one table that maps logical axis names to mesh axes.
+"""Meshes, the one table that maps logical axis names to mesh axes, and multi-host setup.
 
 Model code names logical axes (`embed`, `heads`, …); this module alone decides which mesh
-axis (`data`, `fsdp`, `tensor`) shards each of them.
+axis (`data`, `fsdp`, `tensor`) shards each of them. Changing the FSDP or tensor-parallel
+degree is a config change (`config.mesh`), never a code change.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from typing import Any
+
 import jax
-from jax.sharding import PartitionSpec as P
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+# FSDP shards parameters over `fsdp`; tensor parallelism shards heads/mlp/vocab over
+# `tensor`; the batch is split over `data` x `fsdp`.
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "length": None,
@@ -23,7 +33,36 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
+    # Activations: features stay whole between blocks; MLP hidden units split like `mlp`.
+    "act_embed": None,
+    "act_mlp": "tensor",
 }
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes from `config.mesh`; one entry may be -1 ("the rest")."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, "
+                         "with at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} cannot fill {n_devices} "
+                             f"devices: {n_devices} is not a multiple of {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                         f"devices but {n_devices} are available; set one axis to -1 to use the rest")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def logical_to_spec(axes: tuple[str | None, ...]) -> P:
@@ -39,17 +78,68 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
 
 
-def sharding_for(var, mesh: jax.sharding.Mesh | None) -> jax.sharding.Sharding:
+def sharding_for(var: nnx.Variable, mesh: jax.sharding.Mesh | None) -> jax.sharding.Sharding:
     """Where a parameter lives: its `axes` metadata through RULES on `mesh`, or device 0."""
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.sharding.NamedSharding(mesh, logical_to_spec(var.get_metadata()["axes"]))
+    return NamedSharding(mesh, logical_to_spec(var.get_metadata()["axes"]))
 
 
-def to_host(x: jax.Array):
+def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings for a pytree of parameters or of optimizer state: every nnx Variable by its
+    logical axes (optax keeps the Variables, so Adam moments shard like their params);
+    other leaves (step counters, scalars) replicated."""
+    return jax.tree.map(
+        lambda x: sharding_for(x, mesh) if isinstance(x, nnx.Variable)
+        else NamedSharding(mesh, P()),
+        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading axis split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def global_batch(mesh: jax.sharding.Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles each host's slice of the batch into global arrays sharded over `batch`."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+            for k, v in local.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
     """A (possibly multi-host sharded) array as one numpy array on this host."""
-    import numpy as np
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def initialize_distributed(dist_cfg=None) -> None:
+    """`jax.distributed.initialize` for multi-host runs.
+
+    TPU pod slices need no arguments (`config.distributed.enabled=True`). GPU clusters pass
+    the coordinator through config or the env (`FLEMING_COORDINATOR_ADDRESS`,
+    `FLEMING_NUM_PROCESSES`, `FLEMING_PROCESS_ID`; see the README's GPU section). A single
+    process with none of these set does nothing.
+    """
+    get = lambda key, env: (dist_cfg.get(key) if dist_cfg is not None else None) or os.environ.get(env)
+    address = get("coordinator_address", "FLEMING_COORDINATOR_ADDRESS")
+    enabled = bool(address) or bool(dist_cfg is not None and dist_cfg.get("enabled"))
+    if not enabled or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if address:
+        num, pid = get("num_processes", "FLEMING_NUM_PROCESSES"), get("process_id", "FLEMING_PROCESS_ID")
+        if num in (None, "") or pid in (None, ""):
+            raise ValueError(f"coordinator_address={address} is set, so num_processes and "
+                             "process_id are needed too (config.distributed or "
+                             "FLEMING_NUM_PROCESSES / FLEMING_PROCESS_ID)")
+        kwargs = dict(coordinator_address=address, num_processes=int(num), process_id=int(pid))
+    jax.distributed.initialize(**kwargs)
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def is_main_process() -> bool:
+    """Only process 0 writes logs, reports and exports; every process writes its checkpoint shards."""
+    return jax.process_index() == 0

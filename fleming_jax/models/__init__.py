@@ -36,4 +36,18 @@ def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
         from fleming_jax.models import hf
 
         return hf.load(model_cfg.hf_path, mesh=mesh, **{k: model_cfg[k] for k in NUMERICS})
-    return qwen.create(config, seed=model_cfg.seed), config
+    return create_sharded(config, model_cfg.seed, mesh), config
+
+
+def create_sharded(config: qwen.QwenConfig, seed: int, mesh=None) -> qwen.Qwen:
+    """Random init under jit; on a mesh every parameter is created directly in its shards
+    (no full copy on one device). Values are the same with or without a mesh."""
+    import jax
+    from flax import nnx
+
+    from fleming_jax import parallel
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: qwen.create(config, seed)))
+    shardings = None if mesh is None else parallel.tree_shardings(abstract, mesh)
+    init = jax.jit(lambda: nnx.split(qwen.create(config, seed))[1], out_shardings=shardings)
+    return nnx.merge(graphdef, init())

@@ -252,8 +252,10 @@ class Qwen(nnx.Module):
             positions = positions_from_mask(attention_mask)
             if cache is not None:  # continue counting after the tokens already cached
                 positions = positions + jnp.sum(cache.segment > 0, axis=1, keepdims=True)
-        x = self.embed_tokens[...][input_ids].astype(c.compute_dtype)
-        x = parallel.constrain(x, ("batch", "length", "embed"))
+        # Gather from a table whose features are whole (vocab may stay split over `tensor`).
+        table = parallel.constrain(self.embed_tokens[...], ("vocab", "act_embed"))
+        x = table[input_ids].astype(c.compute_dtype)
+        x = parallel.constrain(x, ("batch", "length", "act_embed"))
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
 
         length = input_ids.shape[1]
@@ -278,9 +280,9 @@ class Qwen(nnx.Module):
             h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
             gate = jnp.einsum("bte,em->btm", h, p["gate_proj"])
             up = jnp.einsum("bte,em->btm", h, p["up_proj"])
-            hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+            hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
             x = x + jnp.einsum("btm,me->bte", hidden, p["down_proj"])
-            return parallel.constrain(x, ("batch", "length", "embed")), (k, v)
+            return parallel.constrain(x, ("batch", "length", "act_embed")), (k, v)
 
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":

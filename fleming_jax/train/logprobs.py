@@ -1,0 +1,45 @@
+"""Per-token log-probabilities, computed in chunks over the sequence.
+
+A 152k vocabulary makes `[batch, length, vocab]` fp32 logits the largest tensor of a step;
+here only `[batch, chunk, vocab]` exists at a time, and the backward pass recomputes each
+chunk's logits instead of storing them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: int = 256,
+                   temperature: float = 1.0, with_entropy: bool = False):
+    """`out[:, t] = log p(tokens[:, t] | tokens[:, :t])` for t >= 1; `out[:, 0] = 0`.
+
+    With `with_entropy`, also returns the entropy of each predictive distribution, aligned
+    the same way. `temperature` divides the logits (the sampling distribution's log-probs).
+    """
+    hidden, _ = model.hidden_states(tokens, attention_mask, positions)
+    h, targets = hidden[:, :-1], tokens[:, 1:]
+    batch, length = targets.shape
+    chunk = max(1, min(chunk_size, length))
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(batch, n_chunks, chunk, -1).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, n_chunks, chunk).swapaxes(0, 1)
+    unembed = model.unembedding().astype(hidden.dtype)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h_chunk, t_chunk = args
+        logits = jnp.einsum("bce,ev->bcv", h_chunk, unembed,
+                            preferred_element_type=jnp.float32) / temperature
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0] - log_z
+        entropy = log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+        return picked, entropy
+
+    picked, entropy = jax.lax.map(one_chunk, (h, t))
+    unchunk = lambda x: jnp.pad(x.swapaxes(0, 1).reshape(batch, -1)[:, :length], ((0, 0), (1, 0)))
+    if with_entropy:
+        return unchunk(picked), unchunk(entropy)
+    return unchunk(picked)
