@@ -1,0 +1,1 @@
+"""Cold-start distillation: teachers that write chains of thought, and trajectory collection."""

@@ -1,0 +1,174 @@
+"""Teachers: whatever writes chains of thought for the cold start, behind one small interface.
+
+`Teacher.complete(messages, n, temperature, max_tokens)` returns n completions for one chat;
+`complete_many` runs many chats, at most `max_concurrency` at a time, in order. Backends:
+`HttpTeacher` (any OpenAI-compatible `/v1/chat/completions`: vLLM, SGLang, hosted APIs).
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import dataclasses
+import http.client
+import json
+import logging
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Chat = list[dict[str, str]]
+
+
+class TeacherError(RuntimeError):
+    """A teacher could not produce completions; the message says why and what to check."""
+
+
+class Teacher(abc.ABC):
+    """n completions for a chat. Subclasses implement `complete`; a backend that batches
+    natively (a local model) overrides `complete_many` too."""
+
+    max_concurrency: int = 1
+
+    @abc.abstractmethod
+    def complete(self, messages: Chat, n: int = 1, temperature: float = 1.0,
+                 max_tokens: int = 4096) -> list[str]:
+        """n completions of one chat (a list of {"role", "content"} messages)."""
+
+    def complete_many(self, chats: list[Chat], n: int = 1, temperature: float = 1.0,
+                      max_tokens: int = 4096) -> list[list[str]]:
+        """`complete` for each chat, `max_concurrency` at a time; results in the chats' order.
+        The first failure is raised and the chats not yet started are cancelled."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            futures = [pool.submit(self.complete, chat, n, temperature, max_tokens) for chat in chats]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+
+_RETRY_STATUS = {408, 429} | set(range(500, 600))
+_HINTS = {401: "check the API key (api_key, or the variable named by api_key_env)",
+          403: "check the API key's permissions for this model",
+          404: "check base_url (it should end in /v1) and the model name",
+          400: "check the model name and that max_tokens fits the model's context"}
+
+
+@dataclasses.dataclass
+class HttpTeacher(Teacher):
+    """An OpenAI-compatible chat-completions endpoint.
+
+    base_url: up to and including `/v1`, e.g. http://127.0.0.1:8000/v1 for `vllm serve`.
+    api_key, or api_key_env naming the environment variable that holds it (read once, here;
+    neither is ever logged, shown in repr or put in an error). No key: no Authorization header.
+    timeout_s: per socket operation (connect, waiting for the reply), not per whole request.
+    Retries: HTTP 408/429/5xx, connection errors and timeouts, up to max_retries more tries,
+    sleeping Retry-After seconds when the server sends it, else backoff_s * 2**try with
+    jitter (a uniform draw from half to all of it); both capped at max_backoff_s. Other 4xx
+    fail at once naming the status, the URL and the server's message.
+    """
+
+    base_url: str
+    model: str
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    api_key_env: str | None = None
+    timeout_s: float = 600.0
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    max_concurrency: int = 8
+
+    def __post_init__(self):
+        if self.max_retries < 0 or self.max_concurrency < 1:
+            raise ValueError(f"max_retries must be >= 0 and max_concurrency >= 1, got "
+                             f"{self.max_retries} and {self.max_concurrency}")
+        self.url = self.base_url.rstrip("/") + "/chat/completions"
+        self._key = self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
+
+    def complete(self, messages: Chat, n: int = 1, temperature: float = 1.0,
+                 max_tokens: int = 4096) -> list[str]:
+        body = dict(model=self.model, messages=messages, n=n, temperature=temperature, max_tokens=max_tokens)
+        reply = self._post(body)
+        try:
+            choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+            texts = [c["message"].get("content") or "" for c in choices]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise TeacherError(f"POST {self.url}: the reply has no choices[].message ({e!r}): "
+                               f"{self._redact(json.dumps(reply)[:300])}") from None
+        if len(texts) != n:
+            raise TeacherError(f"POST {self.url}: asked for n={n} completions, got {len(texts)}; "
+                               "the server may not support n > 1 (call complete n times instead)")
+        return texts
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        for attempt in range(self.max_retries + 1):
+            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            retry_after = None
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    raw = response.read()
+                break
+            except urllib.error.HTTPError as e:
+                message = self._redact(_server_message(e))
+                if e.code not in _RETRY_STATUS:
+                    hint = _HINTS.get(e.code, "check the request")
+                    raise TeacherError(f"POST {self.url} returned HTTP {e.code}: {message}; {hint}") from None
+                reason, retry_after = f"HTTP {e.code}: {message}", _seconds(e.headers.get("Retry-After"))
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+                reason = self._redact(f"{type(e).__name__}: {e}")
+            if attempt == self.max_retries:
+                raise TeacherError(f"POST {self.url} failed after {attempt + 1} attempts, last: {reason}; "
+                                   "check the server is up and reachable, or raise timeout_s / max_retries")
+            if retry_after is not None:
+                delay = min(retry_after, self.max_backoff_s)
+            else:
+                delay = min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * random.uniform(0.5, 1.0)
+            log.warning("POST %s: %s; retry %d/%d in %.2fs", self.url, reason, attempt + 1,
+                        self.max_retries, delay)
+            time.sleep(delay)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise TeacherError(f"POST {self.url} returned a reply that is not JSON: "
+                               f"{self._redact(raw[:300].decode(errors='replace'))!r}") from None
+
+    def _redact(self, text: str) -> str:
+        """Servers sometimes echo the key they refused; keep it out of our messages."""
+        return text.replace(self._key, "***") if self._key else text
+
+
+def _server_message(error: urllib.error.HTTPError) -> str:
+    """The error text of an OpenAI-style ({"error": {"message"}}), FastAPI-style ({"detail"})
+    or plain-text error body."""
+    try:
+        raw = error.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException):
+        return error.reason or ""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw.strip()[:500] or str(error.reason)
+    if isinstance(body, dict):
+        detail = body.get("error", body.get("detail", body.get("message", body)))
+        if isinstance(detail, dict):
+            detail = detail.get("message", detail)
+        return str(detail)[:500]
+    return raw.strip()[:500]
+
+
+def _seconds(value: str | None) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is ignored: backoff applies instead)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,172 @@
+"""Verifiable rewards: answer extraction, correctness and format adherence.
+
+The paper rewards only answer correctness and reasoning-format adherence (no length
+term, against reward hacking). The reply format is the one in `fleming_jax.data.records`:
+`<think>…</think>` then `<answer>X</answer>`.
+
+Strict by design, so a policy cannot collect accuracy by hedging:
+- accuracy needs exactly one `<answer>` and one `</answer>` in the whole completion, after
+  every think block has closed, with nothing but whitespace after it (the answer is the
+  last word; text between `</think>` and `<answer>` is allowed); an answer inside
+  `<think>`, under an unclosed `<think>`, followed by more text, or repeated (even with
+  the same letter) scores 0; a missing `<think>` costs only the format reward;
+- the answer must name one option: `B`, `(B)`, `B.`, `Answer: B`, `B. Aspirin` (the text must
+  be B's) or the exact text of one option; "A, C", "A or C", "A and C" score 0;
+- free-text answers (e.g. PubMedQA's yes/no/maybe) must equal the reference after
+  normalisation (NFKC, case, punctuation, whitespace); "yes or no" scores 0.
+Tags are matched ASCII-case-insensitively when counting, so `<Answer>C</Answer>` still
+counts as a second answer; the format reward wants them spelled exactly.
+
+All work is linear in the completion's length (tag scan with a fixed-string regex,
+str methods); text inside the answer tag longer than `MAX_ANSWER_CHARS` is not an answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import unicodedata
+from typing import Any, Mapping, Sequence
+
+from fleming_jax.data.records import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, QARecord
+
+MAX_ANSWER_CHARS = 2000
+
+_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+_TAG_RE = re.compile("|".join(re.escape(t) for t in _TAGS), re.IGNORECASE | re.ASCII)
+# "Answer:", "The final answer is", "Option", "答案：" before the answer proper.
+_PREFIX_RE = re.compile(
+    r"(?:(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)\b(?:\s+is\b)?|答案(?:是|为)?)\s*:?\s*",
+    re.IGNORECASE)
+# One option letter, bare or bracketed, then an optional separator and maybe the option text.
+_LETTER_RE = re.compile(r"(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])(?!\w))\s*[.:)\-]?\s*(.*)", re.DOTALL)
+_DECORATION = " \t\r\n*_`'\""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Reward = accuracy * correct + format * well_formed. The paper gives no weights; the
+    format term is small so it shapes the output without ever outweighing a right answer."""
+
+    accuracy: float = 1.0
+    format: float = 0.1
+
+
+def _tags(completion: str) -> list[tuple[str, int, int]]:
+    """(canonical tag, start, end) for every reply-format tag, in order."""
+    return [(m.group().lower(), m.start(), m.end()) for m in _TAG_RE.finditer(completion)]
+
+
+def _answer_text(completion: str) -> str | None:
+    """The text of the single answer block that follows all reasoning, else None."""
+    tags = _tags(completion)
+    answers = [t for t in tags if t[0] in (ANSWER_OPEN, ANSWER_CLOSE)]
+    if [t[0] for t in answers] != [ANSWER_OPEN, ANSWER_CLOSE]:
+        return None  # missing, unclosed, reversed or repeated
+    (_, _, start), (_, end, after) = answers
+    if completion[after:].strip():
+        return None  # the answer must be the last word: what follows could revise it
+    thinks = [t for t in tags if t[0] in (THINK_OPEN, THINK_CLOSE)]
+    if thinks and (thinks[-1][0] != THINK_CLOSE or thinks[-1][1] > start):
+        return None  # answer inside or before a think block, or think never closed
+    text = completion[start:end]
+    return text if len(text) <= MAX_ANSWER_CHARS else None
+
+
+def normalize(text: str) -> str:
+    """Case-, punctuation- and whitespace-insensitive form used for every text comparison."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(c for c in text if not unicodedata.category(c).startswith("P"))
+    return " ".join(text.split())
+
+
+def _strip_prefix(text: str) -> str:
+    m = _PREFIX_RE.match(text)
+    return text[m.end():].strip(_DECORATION) if m else text
+
+
+def _option_letter(text: str, options: Mapping[str, str]) -> str | None:
+    """The one option `text` names, by letter (optionally followed by that option's own
+    text) or by the option's exact text; None when it names none or several."""
+    letters = {k.strip().upper(): normalize(v) for k, v in options.items()}
+    m = _LETTER_RE.fullmatch(text)
+    if m:
+        letter = next(g for g in m.groups()[:3] if g).upper()
+        rest = normalize(m.group(4))
+        if letter in letters and (not rest or rest == letters[letter]):
+            return letter
+    wanted = normalize(text)
+    matches = [k for k, v in letters.items() if v and v == wanted]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _reference(record: QARecord) -> str:
+    if not record.options:
+        return normalize(record.answer)
+    letter = record.answer.strip().upper()
+    if letter not in {k.strip().upper() for k in record.options}:
+        raise ValueError(f"record {record.id!r}: answer {record.answer!r} is not one of its option "
+                         f"letters {sorted(record.options)}; fix the record (answers are letters)")
+    return letter
+
+
+def extract_answer(completion: str, record: QARecord) -> str | None:
+    """The completion's final answer in canonical form (an option letter, or normalised
+    free text), or None when there is no single unambiguous answer."""
+    raw = _answer_text(completion)
+    if raw is None:
+        return None
+    raw = unicodedata.normalize("NFKC", raw).strip(_DECORATION)
+    text = _strip_prefix(raw)
+    if record.options:
+        # An option text may itself start like a prefix ("Choice of ..."): try it whole too.
+        return _option_letter(text, record.options) or (
+            _option_letter(raw, record.options) if raw != text else None)
+    return normalize(text) or None
+
+
+def is_correct(completion: str, record: QARecord) -> bool:
+    """Whether the single extracted answer is the record's (raises on a record whose answer
+    is not one of its option letters: a data bug that would silently zero every reward)."""
+    return extract_answer(completion, record) == _reference(record)
+
+
+def format_ok(completion: str) -> bool:
+    """Exactly `<think>non-empty</think> <answer>non-empty</answer>`, with only whitespace
+    before, between and after, and the tags spelled exactly."""
+    tags = _tags(completion)
+    if [t[0] for t in tags] != list(_TAGS) or any(completion[s:e] != t for t, s, e in tags):
+        return False
+    (_, t0, t1), (_, t2, t3), (_, a0, a1), (_, a2, a3) = tags
+    gaps = (completion[:t0], completion[t3:a0], completion[a3:])
+    return (all(not g.strip() for g in gaps)
+            and bool(completion[t1:t2].strip()) and bool(completion[a1:a2].strip()))
+
+
+def _config(config: RewardConfig | Mapping[str, Any] | None) -> RewardConfig:
+    if config is None or isinstance(config, RewardConfig):
+        return config or RewardConfig()
+    weights = dict(config)  # also an ml_collections.ConfigDict
+    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    if set(weights) - known:
+        raise ValueError(f"unknown reward weights {sorted(set(weights) - known)}; expected {sorted(known)}")
+    return RewardConfig(**weights)
+
+
+def score(completion: str, record: QARecord,
+          config: RewardConfig | Mapping[str, Any] | None = None) -> dict[str, float]:
+    """{'reward', 'accuracy', 'format'}: the weighted reward and its two 0/1 terms."""
+    weights = _config(config)
+    accuracy = float(is_correct(completion, record))
+    fmt = float(format_ok(completion))
+    return dict(reward=weights.accuracy * accuracy + weights.format * fmt, accuracy=accuracy, format=fmt)
+
+
+def score_batch(completions: Sequence[str], records: Sequence[QARecord],
+                config: RewardConfig | Mapping[str, Any] | None = None) -> list[dict[str, float]]:
+    """score() for each (completion, record) pair, e.g. a GRPO group's rollouts."""
+    if len(completions) != len(records):
+        raise ValueError(f"{len(completions)} completions but {len(records)} records; "
+                         "pass one record per completion (repeat a record for its group)")
+    weights = _config(config)
+    return [score(c, r, weights) for c, r in zip(completions, records)]
