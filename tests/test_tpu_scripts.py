@@ -61,13 +61,13 @@ PIP = (f"python3 -m pip install -q -r requirements.txt && python3 -m pip install
 SETUP_COPY = f"mkdir -p fleming-jax && tar -xzf fleming-jax.tar.gz -C fleming-jax && cd fleming-jax && {PIP}"
 
 
-def setup_copy(tmp, name="fleming-jax"):
+def setup_copy(tmp, name="fleming-jax", post_setup=""):
     """The commands of setup in copy mode (TMPDIR=tmp)."""
     tarball = f"{tmp}/fleming-jax-{name}.tar.gz"
     return [["git", "-C", ROOT, "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"],
             TPU + ["scp", tarball, f"{name}:fleming-jax.tar.gz", *LOC, "--worker=all"],
             ["rm", "-f", tarball],
-            ssh(SETUP_COPY, name=name)]
+            ssh(SETUP_COPY + (f" && {post_setup}" if post_setup else ""), name=name)]
 
 
 class Shell:
@@ -243,12 +243,12 @@ def test_setup_copies_the_checkout_to_every_worker_and_installs_jax_tpu(sh, tmp_
 
 def test_setup_from_a_git_repo(sh):
     commands = sh.dry("setup.sh", *LOC, "--repo=https://example.com/me/fleming-jax.git",
-                      "--ref=v1.2", "--python=python3.11")
+                      "--ref=v1.2", "--python=python3.11", "--post_setup=ls ../models")
     pip = PIP.replace("python3 ", "python3.11 ")
     assert commands == [ssh(
         "{ [ -d fleming-jax/.git ] || git clone -q https://example.com/me/fleming-jax.git fleming-jax; }"
         " && git -C fleming-jax fetch -q origin v1.2 && git -C fleming-jax checkout -q --force FETCH_HEAD"
-        f" && cd fleming-jax && {pip}")]
+        f" && cd fleming-jax && {pip} && ls ../models")]
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -270,7 +270,11 @@ def test_run_on_a_ready_vm_runs_on_all_workers_with_a_log_each(sh, tmp_path):
     assert os.path.isdir(tmp_path / "logs" / "sft")
 
 
+DOWNLOAD = "python3 -m huggingface_hub.cli.hf download Qwen/Qwen2.5-7B-Instruct --local-dir ../models/q"
+
+
 def test_run_after_preemption_recreates_sets_up_and_runs_again(sh, tmp_path):
+    sh.env_file.write_text(f"POST_SETUP={DOWNLOAD}\n")
     args = [*LOC, "--accelerator_type=v4-32", "--spot", *RUN]
     result = sh("run.sh", *args, states=["PREEMPTED"])
     assert result.returncode == 0, result.stderr
@@ -278,7 +282,7 @@ def test_run_after_preemption_recreates_sets_up_and_runs_again(sh, tmp_path):
         describe(), TPU + ["delete", "fleming-jax", *LOC, "--quiet"],
         TPU + ["create", "fleming-jax", *LOC, "--accelerator-type=v4-32",
                "--version=tpu-ubuntu2204-base", "--spot"],
-        *gcloud_only(setup_copy(tmp_path)),
+        *gcloud_only(setup_copy(tmp_path, post_setup=DOWNLOAD)),
         ssh(RUN_COMMAND, "--output-directory=logs/sft")]
 
 

@@ -16,12 +16,13 @@ ACCELERATOR_TYPES=(v4-8 v4-16 v4-32 v4-64 v4-128 v4-256 v4-512
 
 # Flags every script takes, with their defaults. Each is also a key of the env file, in
 # upper case (--accelerator_type= <-> ACCELERATOR_TYPE=). The process environment is not read.
-COMMON_FLAGS=(project zone name accelerator_type version spot preemptible queued repo ref python poll_seconds)
+COMMON_FLAGS=(project zone name accelerator_type version spot preemptible queued repo ref python post_setup
+  poll_seconds)
 BOOL_FLAGS=(spot preemptible queued)
 SCRIPT_FLAGS=() # a script's own flags, set before parse_flags
 ACCEPTS_ARGS=false # true: words after -- go to ARGS
 PROJECT='' ZONE='' NAME=fleming-jax ACCELERATOR_TYPE='' VERSION='' SPOT=false PREEMPTIBLE=false
-QUEUED=false REPO='' REF=main PYTHON=python3 POLL_SECONDS=60 DRY_RUN=false
+QUEUED=false REPO='' REF=main PYTHON=python3 POST_SETUP='' POLL_SECONDS=60 DRY_RUN=false
 ARGS=()
 
 common_help() {
@@ -37,6 +38,9 @@ Common flags (each also settable in the env file as KEY=value, e.g. PROJECT=my-p
   --queued                use a queued resource (gcloud compute tpus queued-resources)
   --repo=URL --ref=REF    set up workers from a git clone (default: copy this checkout's HEAD)
   --python=PY             interpreter on the workers (default: python3)
+  --post_setup=CMD        shell command that ends the setup on every worker, run in
+                          ~/fleming-jax (e.g. downloading the base model); also after a
+                          re-creation by tpu/run.sh
   --poll_seconds=N        queued resources: seconds between state checks (default: 60)
   --env_file=FILE         KEY=value defaults (default: tpu/tpu.env if it exists; flags win)
   --dry_run               print every command (one per line, shell-quoted) and run nothing
@@ -266,9 +270,10 @@ ssh_workers() {
 }
 
 # setup_workers: the code (a copy of this checkout's HEAD, or a git clone of --repo at --ref)
-# in ~/fleming-jax on every worker, then requirements.txt and jax[tpu] of the pinned version.
+# in ~/fleming-jax on every worker, then requirements.txt, jax[tpu] of the pinned version and
+# the --post_setup command.
 setup_workers() {
-  local jax get_code py
+  local jax get_code py install
   jax=$(sed -n 's/^jax==//p' "$ROOT/requirements.txt")
   [[ -n $jax ]] || die "no jax==VERSION line in $ROOT/requirements.txt"
   py=$(quote "$PYTHON")
@@ -286,5 +291,6 @@ setup_workers() {
     get_code="{ [ -d $REMOTE_DIR/.git ] || git clone -q $(quote "$REPO") $REMOTE_DIR; }"
     get_code+=" && git -C $REMOTE_DIR fetch -q origin $(quote "$REF") && git -C $REMOTE_DIR checkout -q --force FETCH_HEAD"
   fi
-  ssh_workers "$get_code && cd $REMOTE_DIR && $py -m pip install -q -r requirements.txt && $py -m pip install -q $(quote "jax[tpu]==$jax")"
+  install="$py -m pip install -q -r requirements.txt && $py -m pip install -q $(quote "jax[tpu]==$jax")"
+  ssh_workers "$get_code && cd $REMOTE_DIR && $install${POST_SETUP:+ && $POST_SETUP}"
 }
