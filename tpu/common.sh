@@ -189,7 +189,7 @@ read_state() {
   err=$(mktemp)
   if out=$("${cmd[@]}" 2>"$err"); then
     STATE=$out
-  elif grep -q NOT_FOUND "$err"; then
+  elif grep -qE "NOT_FOUND|Not Found|HTTPError 404" "$err"; then
     STATE=NOT_FOUND
   else
     cat "$err" >&2
