@@ -214,7 +214,7 @@ def load_hpo(hpo_dir: str | None = None, max_diseases: int | None = None, seed: 
     with open(os.path.join(hpo_dir, "genes_to_phenotype.txt"), encoding="utf-8") as f:
         rows = csv.DictReader(f, delimiter="\t")
         for row in rows:
-            if row["disease_id"] in keep:
+            if row["disease_id"] in keep and re.search(r"\w", row["gene_symbol"]):  # "-": no symbol
                 gene = f"NCBIGene:{row['ncbi_gene_id']}"
                 kg.add_entity(gene, "gene", row["gene_symbol"])
                 kg.add_edge(row["disease_id"], "associated_gene", gene)

@@ -254,7 +254,7 @@ def _phrase(items: list[str]) -> str:
 
 def available_path_types(kg: KG, cfg: SynthConfig) -> dict[str, float]:
     has_drugs = bool(kg.of_type("drug"))
-    return {t: w for t, w in cfg.path_types.items() if w > 0 and (has_drugs or t not in DRUG_TYPES)}
+    return {t: w for t, w in sorted(cfg.path_types.items()) if w > 0 and (has_drugs or t not in DRUG_TYPES)}
 
 
 def synthesize(kg: KG, cfg: SynthConfig = SynthConfig(), mentions: Counter | None = None,
