@@ -41,6 +41,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.synthesis = ml_collections.ConfigDict(dict(
         num_questions=2000, num_options=4, min_findings=3, max_findings=5, seed=0,
         path_types={"phenotypes_to_disease": 4, "gene_to_phenotype": 2, "phenotypes_to_gene": 2,
-                    "disease_to_drug": 1, "phenotypes_to_drug": 1, "drug_contraindication": 1},
+                    "allelic_disorder": 1, "disease_to_drug": 1, "phenotypes_to_drug": 1, "drug_contraindication": 1},
     ))
     return config

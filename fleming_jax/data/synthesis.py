@@ -6,6 +6,7 @@ Path types (`PATH_TYPES`; the drug ones only when the graph has drugs):
     phenotypes_to_disease   findings --has_phenotype^-1--> disease              1 hop
     gene_to_phenotype       gene <--associated_gene-- disease --> phenotype     2 hops
     phenotypes_to_gene      findings -> disease --associated_gene--> gene       2 hops
+    allelic_disorder        findings -> disease -> gene <-- other OMIM disease  3 hops
     disease_to_drug         disease <--indication-- drug                        1 hop
     phenotypes_to_drug      findings -> disease <--indication-- drug            2 hops
     drug_contraindication   disease <--indication-- drug --contraindication--> condition
@@ -13,7 +14,9 @@ Path types (`PATH_TYPES`; the drug ones only when the graph has drugs):
 
 "Correct by the graph": a disease has a finding F when it is annotated with F or with a
 descendant of F (`is_a`); a gene/drug option is correct when some disease that has all
-the given findings links to it. Distractors are competitors that share most given findings
+the given findings links to it; an `allelic_disorder` option is correct when it shares a
+gene with a disease that has all the findings (options that have all the findings
+themselves are never distractors, they could be the patient's condition). Distractors are competitors that share most given findings
 (or hierarchy siblings of the answer phenotype) and are checked NOT to be correct.
 Anchors are drawn with weight 1 / ((1 + mentions in curated text) * sqrt(1 + degree)), so
 rare, little-mentioned diseases come first.
@@ -51,6 +54,9 @@ TEMPLATES = {
                            "cause this condition?",
                            "Genetic testing is ordered for a patient with {findings}. Which gene is "
                            "most likely involved?"],
+    "allelic_disorder": ["A patient presents with {findings}. Which other disorder is caused by variants "
+                         "in the same gene as this condition?",
+                         "Which disorder is allelic to the condition of a patient with {findings}?"],
     "disease_to_drug": ["Which drug is indicated for {disease}?",
                         "A patient is diagnosed with {disease}. Which medication is indicated?"],
     "phenotypes_to_drug": ["A patient presents with {findings}. Which drug is indicated for the most "
@@ -61,7 +67,7 @@ TEMPLATES = {
                               "has {condition}?"],
 }
 HOPS = {"phenotypes_to_disease": 1, "gene_to_phenotype": 2, "phenotypes_to_gene": 2,
-        "disease_to_drug": 1, "phenotypes_to_drug": 2, "drug_contraindication": 2}
+        "allelic_disorder": 3, "disease_to_drug": 1, "phenotypes_to_drug": 2, "drug_contraindication": 2}
 DRUG_TYPES = ("disease_to_drug", "phenotypes_to_drug", "drug_contraindication")
 
 
@@ -75,7 +81,7 @@ class SynthConfig:
     # relative weights of the path types; those the graph cannot support are left out
     path_types: dict = dataclasses.field(default_factory=lambda: {
         "phenotypes_to_disease": 4, "gene_to_phenotype": 2, "phenotypes_to_gene": 2,
-        "disease_to_drug": 1, "phenotypes_to_drug": 1, "drug_contraindication": 1})
+        "allelic_disorder": 1, "disease_to_drug": 1, "phenotypes_to_drug": 1, "drug_contraindication": 1})
 
 
 @dataclasses.dataclass
@@ -177,6 +183,28 @@ class Synthesizer:
                      lambda x: any(self.has_all(c, findings) for c in self.kg.into(x, "associated_gene")),
                      findings + [d, gene],
                      [(d, "has_phenotype", f) for f in findings] + [(d, "associated_gene", gene)])
+
+    def allelic_disorder(self, d, rng, cfg):
+        # OMIM gives each distinct phenotype of a gene its own entry, so two OMIM entries of one
+        # gene are different disorders (an ORPHA entry may be the same disease under another id).
+        findings = self.pick_findings(d, rng, cfg.min_findings, cfg.max_findings)
+        if not d.startswith("OMIM:") or findings is None:
+            return None
+        pairs = sorted((g, o) for g in self.kg.out(d, "associated_gene")
+                       for o in self.kg.into(g, "associated_gene")
+                       if o != d and o.startswith("OMIM:") and not self.has_all(o, findings))
+        if not pairs:
+            return None
+        gene, other = rng.choice(pairs)
+
+        def correct(x):
+            return self.kg.entities[x].type == "disease" and (self.has_all(x, findings) or any(
+                self.has_all(c, findings) for g in self.kg.out(x, "associated_gene")
+                for c in self.kg.into(g, "associated_gene")))
+
+        return Draft({"findings": findings}, other, self.competitors(findings, d, rng), correct,
+                     findings + [d, gene, other], [(d, "has_phenotype", f) for f in findings]
+                     + [(d, "associated_gene", gene), (other, "associated_gene", gene)])
 
     def _drug_pool(self, diseases, rng):
         return [x for c in diseases for x in self.kg.into(c, "indication")] + \
