@@ -13,6 +13,7 @@ from ml_collections import config_flags
 # task name -> "module:function"; each function is `run(config, workdir)`.
 TASKS = {
     "export": "fleming_jax.models.hf:export_task",
+    "synthesize": "fleming_jax.data.rods:run",
 }
 
 FLAGS = flags.FLAGS

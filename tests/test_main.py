@@ -20,7 +20,7 @@ def run_main(*args):
 def test_unknown_task_names_the_tasks_that_exist(tmp_path):
     result = run_main("--config=configs/export.py", "--config.task=nope", f"--workdir={tmp_path}")
     assert result.returncode != 0
-    assert "config.task='nope' is not a task; tasks: export" in result.stderr
+    assert "config.task='nope' is not a task; tasks: export, synthesize" in result.stderr
 
 
 def test_export_task_writes_a_transformers_model(tmp_path):
