@@ -8,18 +8,20 @@ import importlib
 import os
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 # task name -> "module:function"; each function is `run(config, workdir)`.
 TASKS = {
     "export": "fleming_jax.models.hf:export_task",
     "synthesize": "fleming_jax.data.rods:run",
+    "plan": "fleming_jax.plan:run",
 }
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:preset]).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (default: runs/<task>).")
+flags.DEFINE_string("workdir", None, "Output directory, local or gs:// (default: runs/<task>).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -29,7 +31,11 @@ def run_task(config, workdir: str):
     if task not in TASKS:
         raise app.UsageError(f"config.task={task!r} is not a task; tasks: {', '.join(TASKS)}")
     module, function = TASKS[task].split(":")
-    os.makedirs(workdir, exist_ok=True)
+    if task != "plan":  # plan compiles for fake or described devices, never joins a cluster
+        from fleming_jax import parallel
+
+        parallel.initialize_distributed(config.get("distributed"))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     return getattr(importlib.import_module(module), function)(config, workdir)
 
 

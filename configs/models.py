@@ -54,11 +54,63 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
         file = os.path.join(name, "config.json") if os.path.isdir(name) else name
         with open(file) as f:
             arch = vars(QwenConfig.from_hf(json.load(f), source=file)).copy()
-        for key in ("param_dtype", "compute_dtype", "remat"):
+        for key in ("param_dtype", "compute_dtype", "remat", "attention_chunk"):
             arch.pop(key)
     else:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}, "
                          "or a path to an HF config.json")
     return ml_collections.ConfigDict(dict(
         preset=name, hf_path="", init_from="", seed=0,
-        param_dtype="float32", compute_dtype="float32", remat="none", **arch))
+        param_dtype="float32", compute_dtype="float32", remat="none", attention_chunk=512, **arch))
+
+
+# Meshes per target, picked with a `@target` suffix on the preset
+# (`configs/sft.py:qwen2.5-7b@v5p-32`). Peak memory per device from `task=plan` for the
+# train step at batch 64 x 4096 tokens, bf16 compute, full remat (README "Memory plans"):
+TARGETS = {
+    "v5p-32": dict(data=1, fsdp=16, tensor=1),  # 16 chips; 7B: 20.6 of 95 GiB
+    "v5e-64": dict(data=1, fsdp=64, tensor=1),  # 64 chips; 7B: 7.8 of 16 GiB
+    "8xh100": dict(data=1, fsdp=8, tensor=1),  # 7B: 45.8 of 80 GiB (32B needs 132: no)
+    "v5p-128": dict(data=1, fsdp=64, tensor=1),  # 64 chips; 32B: 17.2 of 95 GiB
+    "2x8xh100": dict(data=1, fsdp=16, tensor=1),  # 32B: 68.4 of 80 GiB
+}
+
+
+def split_target(preset: str) -> tuple[str, str]:
+    """'qwen2.5-7b@v5p-32' -> ('qwen2.5-7b', 'v5p-32')."""
+    name, _, target = (preset or "tiny").partition("@")
+    if target and target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    return name, target
+
+
+def mesh_for(preset: str, target: str = "") -> ml_collections.ConfigDict:
+    """The target's mesh; else data-parallel for tiny and FSDP over all devices otherwise."""
+    if target:
+        return ml_collections.ConfigDict(TARGETS[target])
+    if preset == "tiny":
+        return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+
+def distributed() -> ml_collections.ConfigDict:
+    """Multi-host setup: TPU pods need only `enabled=True`; GPU clusters set the coordinator
+    (or the FLEMING_* env variables that tpu/gpu_launch.sh exports)."""
+    return ml_collections.ConfigDict(dict(enabled=False, coordinator_address="",
+                                          num_processes=0, process_id=-1))
+
+
+def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:
+    """AdamW + warmup/cosine + global-norm clipping (fleming_jax.train.state.make_optimizer)."""
+    return ml_collections.ConfigDict(dict(
+        learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps,
+        final_lr_fraction=0.1, max_grad_norm=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1))
+
+
+def plan() -> ml_collections.ConfigDict:
+    """`task=plan`: compile the train step ahead of time on fake devices or a TPU topology."""
+    return ml_collections.ConfigDict(dict(
+        devices=0,  # fake this many CPU devices (0: the devices present)
+        topology="",  # e.g. "v5p:4x4x2" or "v5e:8x8" (needs `pip install 'jax[tpu]==0.10.2'`)
+        hbm_gb=0.0,  # per-device memory to check the plan against (0: device's own, if known)
+    ))

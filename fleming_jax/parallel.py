@@ -122,7 +122,11 @@ def initialize_distributed(dist_cfg=None) -> None:
     `FLEMING_NUM_PROCESSES`, `FLEMING_PROCESS_ID`; see the README's GPU section). A single
     process with none of these set does nothing.
     """
-    get = lambda key, env: (dist_cfg.get(key) if dist_cfg is not None else None) or os.environ.get(env)
+    unset = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+
+    def get(key, env):
+        value = dist_cfg.get(key, unset[key]) if dist_cfg is not None else unset[key]
+        return value if value != unset[key] else os.environ.get(env)
     address = get("coordinator_address", "FLEMING_COORDINATOR_ADDRESS")
     enabled = bool(address) or bool(dist_cfg is not None and dist_cfg.get("enabled"))
     if not enabled or jax.distributed.is_initialized():

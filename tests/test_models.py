@@ -105,3 +105,24 @@ def test_bfloat16_compute_stays_close_to_float32(hf_dir):
     # bf16 keeps ~3 significant digits; logits here are O(10).
     assert np.abs(a[real] - b[real]).max() < 0.05 * np.abs(a[real]).max()
     assert (a[real].argmax(-1) == b[real].argmax(-1)).mean() > 0.9
+
+
+def test_blocked_attention_equals_full_attention_with_gradients(hf_dir):
+    import jax
+    from flax import nnx
+
+    path = hf_dir("qwen2")
+    ids, mask = padded_batch(length=12)
+    full, _ = hf.load(path, attention_chunk=64)
+    blocked, _ = hf.load(path, attention_chunk=4)  # 12 tokens: 3 blocks of queries
+
+    def loss_and_grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+                                 * jnp.asarray(mask)[..., None]) * 1e-3
+        return jax.value_and_grad(loss)(params)
+
+    (a, ga), (b, gb) = loss_and_grads(full), loss_and_grads(blocked)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, atol=1e-5)

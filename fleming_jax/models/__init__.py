@@ -7,7 +7,7 @@ import dataclasses
 from fleming_jax.models import qwen
 
 _NOT_ARCH = ("preset", "hf_path", "init_from", "seed")
-NUMERICS = ("param_dtype", "compute_dtype", "remat")
+NUMERICS = ("param_dtype", "compute_dtype", "remat", "attention_chunk")
 
 
 def config_from(model_cfg) -> qwen.QwenConfig:

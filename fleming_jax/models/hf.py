@@ -18,7 +18,8 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
+from etils import epath
+from safetensors.numpy import save as safetensors_bytes
 
 from fleming_jax import parallel
 from fleming_jax.models import qwen
@@ -216,12 +217,16 @@ def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None
          dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3,
          generation_config: dict | None = None) -> str:
     """Writes `model` as an HF directory: safetensors shards + index + config.json, and the
-    tokenizer files and generation_config.json when given.
+    tokenizer files and generation_config.json when given. `out_dir` may be a `gs://` path.
 
     `dtype` is the stored dtype (default: the parameter dtype). Shards are planned from the
-    shapes first, then filled one at a time, so host memory stays below one shard.
+    shapes first, then filled one at a time, so host memory stays below one shard. Every
+    process must call this (gathering a multi-host array is collective); only process 0 writes.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    out = epath.Path(out_dir)
+    write = parallel.is_main_process()
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or config.param_dtype
     store_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     state = nnx.state(model, nnx.Param)
@@ -249,24 +254,37 @@ def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None
             shard[name] = np.ascontiguousarray(to_hf(path, parallel.to_host(value)).astype(store_dtype))
             weight_map[name] = file
             total += shard[name].nbytes
-        save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
+        if write:
+            (out / file).write_bytes(safetensors_bytes(shard, metadata={"format": "pt"}))
+    if not write:
+        return out_dir
+    _write_json(out / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
     hf_config = config.to_hf() | {"dtype": "bfloat16" if dtype == "bfloat16" else str(store_dtype)}
     if tokenizer is not None:
         hf_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-        tokenizer.save_pretrained(out_dir)
-    _write_json(os.path.join(out_dir, "config.json"), hf_config)
+        _save_tokenizer(tokenizer, out)
+    _write_json(out / "config.json", hf_config)
     if generation_config is not None:
-        _write_json(os.path.join(out_dir, "generation_config.json"), generation_config)
+        _write_json(out / "generation_config.json", generation_config)
     return out_dir
 
 
-def _write_json(file: str, obj) -> None:
-    with open(file, "w") as f:
-        json.dump(obj, f, indent=2)
+def _save_tokenizer(tokenizer, out: epath.Path) -> None:
+    """transformers writes to local disk only; stage there and copy for remote paths."""
+    if not str(out).startswith("gs://"):
+        tokenizer.save_pretrained(str(out))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in tokenizer.save_pretrained(tmp):
+            epath.Path(file).copy(out / os.path.basename(file), overwrite=True)
+
+
+def _write_json(file: epath.Path, obj) -> None:
+    file.write_text(json.dumps(obj, indent=2))
 
 
 def export_task(config, workdir: str) -> str:
@@ -281,7 +299,7 @@ def export_task(config, workdir: str) -> str:
         import transformers
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(config.export.tokenizer)
-    out_dir = config.export.out_dir or os.path.join(workdir, "hf")
+    out_dir = config.export.out_dir or str(epath.Path(workdir) / "hf")
     save(model, model_config, out_dir, tokenizer=tokenizer, dtype=config.export.dtype or None,
          max_shard_bytes=config.export.max_shard_mb * 1024**2)
     logging.info("exported %s to %s", config.model.init_from or config.model.hf_path

@@ -49,6 +49,7 @@ class QwenConfig:
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "float32"  # activations and matmul inputs
     remat: str = "none"  # one of REMAT_POLICIES
+    attention_chunk: int = 512  # queries per block of attention scores (bounds their memory)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -312,13 +313,25 @@ def attention(p, h, cos, sin, allowed, k_cache, v_cache, index, c: QwenConfig):
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
     b, t, heads, d = q.shape
-    groups = heads // c.num_kv_heads
-    q = q.reshape(b, t, c.num_kv_heads, groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, heads, d)
+    q = q.reshape(b, t, c.num_kv_heads, heads // c.num_kv_heads, d)
+    keys, values = k.astype(q.dtype), v.astype(q.dtype)
+
+    def attend(q_block, allowed_block):
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_block, keys,
+                            preferred_element_type=jnp.float32) * (d ** -0.5)
+        scores = jnp.where(allowed_block[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        return jnp.einsum("bkgts,bskd->btkgd", probs, values)
+
+    chunk = c.attention_chunk
+    if t > chunk and t % chunk == 0:
+        # Long sequences: one block of queries at a time, recomputed in the backward pass,
+        # so only [batch, heads, chunk, keys] scores exist at once.
+        blocks = lambda x: x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+        out = jax.lax.map(jax.checkpoint(lambda a: attend(*a)), (blocks(q), blocks(allowed)))
+        out = out.swapaxes(0, 1).reshape(b, t, heads, d)
+    else:
+        out = attend(q, allowed).reshape(b, t, heads, d)
     out = jnp.einsum("bthd,hde->bte", out, p["o_proj"])
     return out, k, v
 

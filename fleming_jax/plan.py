@@ -1,0 +1,142 @@
+"""`task=plan`: will a config fit? Compile its train step ahead of time and print memory.
+
+Nothing is allocated: the step is lowered on abstract shapes with their shardings and
+compiled for the mesh, either on fake CPU devices (`plan.devices`) or, with libtpu
+installed, for a TPU slice described by `plan.topology` (e.g. "v5p:4x4x2").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+# Per-chip HBM (GiB) of the TPU generations a topology can name.
+TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+GIB = 1024**3
+
+
+def _devices(plan_cfg):
+    """The devices to compile for; fakes CPU devices before JAX starts its backend."""
+    if plan_cfg.topology:
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        from jax.experimental import topologies
+
+        try:
+            return topologies.get_topology_desc(platform="tpu", topology_name=plan_cfg.topology).devices
+        except Exception as e:  # libtpu missing or an unknown topology name
+            raise ValueError(f"plan.topology={plan_cfg.topology!r} cannot be described: {e}. It "
+                             "needs libtpu (pip install 'jax[tpu]==0.10.2') and a name like "
+                             "'v5p:4x4x2', 'v5e:8x8', 'v4:2x2x2', 'v6e:4x4'") from e
+    if plan_cfg.devices:
+        flag = f"--xla_force_host_platform_device_count={plan_cfg.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    import jax
+
+    if plan_cfg.devices and jax.device_count() != plan_cfg.devices:
+        raise ValueError(f"plan.devices={plan_cfg.devices} but JAX already started with "
+                         f"{jax.device_count()} devices; set XLA_FLAGS={flag} before starting")
+    return jax.devices()
+
+
+def plan(config) -> dict:
+    """Compiles the SFT/GRPO train step for `config` and returns the per-device memory plan."""
+    devices = _devices(config.plan)
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fleming_jax import models, parallel
+    from fleming_jax.models import qwen
+    from fleming_jax.train import sft
+    from fleming_jax.train import state as train_state
+
+    mesh = parallel.make_mesh(config.mesh, devices)
+    model_config = models.config_from(config.model)
+    abstract_model = nnx.eval_shape(lambda: qwen.create(model_config))
+    graphdef, params = nnx.split(abstract_model, nnx.Param)
+    tx = train_state.make_optimizer(config.optimizer)
+    abstract = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                                      opt_state=jax.eval_shape(tx.init, params))
+    shardings = train_state.state_shardings(abstract, mesh)
+
+    def place(sharding, x):  # x: an abstract leaf, or an nnx Variable holding one
+        if isinstance(x, nnx.Variable):
+            return x.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    placed = jax.tree.map(place, shardings, abstract)
+    t = config.train
+    batch_sharding = parallel.batch_sharding(mesh)
+    shape = (t.batch_size, t.seq_len)
+    batch = dict(tokens=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
+                 segments=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
+                 loss_weights=jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding))
+    loss = lambda model, b: sft.sft_loss(model, b, chunk_size=t.logprob_chunk)
+    step = train_state.make_train_step(graphdef, tx, loss, t.grad_accum_steps, mesh, shardings)
+    with jax.set_mesh(mesh):
+        compiled = step.jitted.lower(placed, batch).compile()
+
+    def per_device_bytes(tree):
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                   for x in jax.tree.leaves(tree))
+
+    mem = compiled.memory_analysis()
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    kind = devices[0].device_kind
+    hbm = config.plan.hbm_gb * GIB or TPU_HBM_GIB.get(kind, 0) * GIB
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    return dict(
+        model=config.model.preset, params=n_params, device_kind=kind, devices=len(devices),
+        mesh=dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, len(devices)))),
+        batch_size=t.batch_size, seq_len=t.seq_len, grad_accum_steps=t.grad_accum_steps,
+        compute_dtype=model_config.compute_dtype, remat=model_config.remat,
+        params_bytes=per_device_bytes(placed.params),
+        optimizer_bytes=per_device_bytes(placed.opt_state),
+        arguments_bytes=mem.argument_size_in_bytes, outputs_bytes=mem.output_size_in_bytes,
+        aliased_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+        peak_bytes=peak, hbm_bytes=hbm, fits=None if not hbm else peak <= hbm,
+        flops_per_step=train_flops(model_config, t.batch_size, t.seq_len),
+    )
+
+
+def train_flops(c, batch_size: int, seq_len: int) -> float:
+    """Matmul FLOPs of one forward+backward step (XLA's own count sees a scanned layer
+    once, so it is not used): 6 x weights x tokens, plus attention scores and values
+    (12 x layers x heads x head_dim x seq_len per token), plus one more forward under
+    full rematerialisation."""
+    from fleming_jax.models import qwen
+
+    weights = sum(math.prod(s) for s in qwen.layer_param_shapes(c).values())
+    weights += c.hidden_size * c.vocab_size  # the output projection
+    tokens = batch_size * seq_len
+    flops = 6.0 * weights * tokens + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len * tokens
+    return flops * (4 / 3 if c.remat == "full" else 1.0)
+
+
+def format_plan(p: dict) -> str:
+    gib = lambda b: f"{b / GIB:,.2f} GiB"
+    rows = [
+        ("model", f"{p['model']} ({p['params'] / 1e9:.2f}B params, {p['compute_dtype']} compute, remat={p['remat']})"),
+        ("devices", f"{p['devices']} x {p['device_kind']}, mesh {p['mesh']}"),
+        ("step", f"batch {p['batch_size']} x {p['seq_len']} tokens, grad_accum {p['grad_accum_steps']}"),
+        ("params / device", gib(p["params_bytes"])),
+        ("optimizer / device", gib(p["optimizer_bytes"])),
+        ("temporaries / device", gib(p["temp_bytes"]) + "  (activations, gradients, XLA buffers)"),
+        ("peak / device", gib(p["peak_bytes"]) + "  (arguments + outputs - donated + temporaries)"),
+        ("device memory", gib(p["hbm_bytes"]) if p["hbm_bytes"] else "unknown (set plan.hbm_gb)"),
+        ("fits", {True: "yes", False: "NO", None: "?"}[p["fits"]]),
+        ("FLOPs / step", f"{p['flops_per_step']:.3e} in all, "
+                         f"{p['flops_per_step'] / p['devices']:.3e} per device"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(config, workdir: str) -> dict:
+    """`task=plan`: prints the memory table and writes it to `<workdir>/plan.json`."""
+    p = plan(config)
+    print(format_plan(p))
+    from etils import epath
+
+    (epath.Path(workdir) / "plan.json").write_text(json.dumps(p, indent=2))
+    return p
