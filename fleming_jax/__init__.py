@@ -1,0 +1,1 @@
+"""fleming-jax: the Fleming-R1 medical-reasoning training pipeline in JAX/Flax."""

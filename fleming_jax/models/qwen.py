@@ -271,35 +271,37 @@ class Qwen(nnx.Module):
                    & (attention_mask[:, :, None] == k_segment[:, None, :])
                    & (attention_mask[:, :, None] > 0))  # [batch, q, k]
 
-        def block(x, layer):
-            p, k_cache, v_cache = layer
+        def block(carry, layer):
+            x, kv = carry
+            p, i = layer
             p = jax.tree.map(lambda w: w.astype(c.compute_dtype), p)
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-            attn, k, v = attention(p, h, cos, sin, allowed, k_cache, v_cache,
-                                   None if cache is None else cache.index, c)
+            attn, kv = attention(p, h, cos, sin, allowed, kv, i, None if cache is None else cache.index, c)
             x = x + attn
             h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
             gate = jnp.einsum("bte,em->btm", h, p["gate_proj"])
             up = jnp.einsum("bte,em->btm", h, p["up_proj"])
             hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
             x = x + jnp.einsum("btm,me->bte", hidden, p["down_proj"])
-            return parallel.constrain(x, ("batch", "length", "act_embed")), (k, v)
+            return (parallel.constrain(x, ("batch", "length", "act_embed")), kv), None
 
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":
             block = jax.checkpoint(block, policy=policy, prevent_cse=False)
-        layers = self.layers.arrays()
-        kv = (None, None) if cache is None else (cache.k, cache.v)
-        x, (k, v) = jax.lax.scan(block, x, (layers, *kv))
+        # The cache rides in the carry and is updated in place, one token slot per layer.
+        kv = None if cache is None else (cache.k, cache.v)
+        (x, kv), _ = jax.lax.scan(block, (x, kv), (self.layers.arrays(), jnp.arange(c.num_layers)))
         x = rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps)
         if cache is None:
             return x, None
+        k, v = kv
         return x, KVCache(k=k, v=v, segment=k_segment, index=cache.index + length)
 
 
-def attention(p, h, cos, sin, allowed, k_cache, v_cache, index, c: QwenConfig):
-    """GQA self-attention of one layer; returns (output, keys, values) where keys/values are
-    the layer's updated cache (or this call's own keys/values without a cache)."""
+def attention(p, h, cos, sin, allowed, kv, layer, index, c: QwenConfig):
+    """GQA self-attention of one layer. With a cache `kv = (k, v)` of all layers, this
+    layer's new keys/values are written at slot `index` and it attends over the cache;
+    returns (output, kv)."""
     q = jnp.einsum("bte,ehd->bthd", h, p["q_proj"])
     k = jnp.einsum("bte,ekd->btkd", h, p["k_proj"])
     v = jnp.einsum("bte,ekd->btkd", h, p["v_proj"])
@@ -309,9 +311,12 @@ def attention(p, h, cos, sin, allowed, k_cache, v_cache, index, c: QwenConfig):
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if k_cache is not None:
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+    if kv is not None:
+        k_all, v_all = kv
+        start = (layer, 0, index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        kv, k, v = (k_all, v_all), k_all[layer], v_all[layer]
     b, t, heads, d = q.shape
     q = q.reshape(b, t, c.num_kv_heads, heads // c.num_kv_heads, d)
     keys, values = k.astype(q.dtype), v.astype(q.dtype)
@@ -332,8 +337,7 @@ def attention(p, h, cos, sin, allowed, k_cache, v_cache, index, c: QwenConfig):
         out = out.swapaxes(0, 1).reshape(b, t, heads, d)
     else:
         out = attend(q, allowed).reshape(b, t, heads, d)
-    out = jnp.einsum("bthd,hde->bte", out, p["o_proj"])
-    return out, k, v
+    return jnp.einsum("bthd,hde->bte", out, p["o_proj"]), kv
 
 
 def rms_norm(x, scale, eps):

@@ -1,0 +1,165 @@
+"""The jitted sampler against transformers.generate, its own log-probs, and its controls."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from fleming_jax import parallel, sampler
+from fleming_jax.models import hf
+from fleming_jax.sampler import SamplingParams
+from fleming_jax.train.logprobs import token_logprobs
+
+PROMPT_LENGTHS = (5, 9, 3, 12)
+
+
+def prompts(seed=0, lengths=PROMPT_LENGTHS):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(1, 128, n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def qwen2(hf_dir):
+    return hf.load(hf_dir("qwen2"))[0]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_greedy_equals_transformers_generate(hf_dir, model_type):
+    path = hf_dir(model_type)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    batch = prompts()
+    width = max(map(len, batch))
+    ids = np.zeros((len(batch), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                      max_new_tokens=64, min_new_tokens=64, pad_token_id=0,
+                                      eos_token_id=None).numpy()[:, width:]
+    model, _ = hf.load(path)
+    out = sampler.generate(model, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=64))
+    np.testing.assert_array_equal(out.tokens[:, 0], expected)
+    assert (out.lengths == 64).all() and not out.done.any()
+
+
+def full_sequences(batch, out):
+    """Each prompt + its first sample, left-padded into one batch, with the mask."""
+    rows = [p + list(out.tokens[i, 0, :out.lengths[i, 0]]) for i, p in enumerate(batch)]
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.3, 20)])
+def test_logprobs_of_own_tokens_equal_a_full_forward(qwen2, temperature, top_k):
+    batch = prompts(1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, max_new_tokens=24)
+    out = sampler.generate(qwen2, batch, jax.random.key(3), params)
+    ids, mask = full_sequences(batch, out)
+    raw = np.asarray(token_logprobs(qwen2, jnp.asarray(ids), jnp.asarray(mask)))
+    scaled = np.asarray(token_logprobs(qwen2, jnp.asarray(ids), jnp.asarray(mask), temperature=temperature))
+    for i in range(len(batch)):
+        n = out.lengths[i, 0]
+        np.testing.assert_allclose(out.model_logprobs[i, 0, :n], raw[i, -n:], atol=2e-4)
+        if top_k == 0:  # without truncation the sampling distribution is softmax(logits / T)
+            np.testing.assert_allclose(out.logprobs[i, 0, :n], scaled[i, -n:], atol=2e-4)
+        else:  # truncation only moves mass onto the kept tokens
+            assert (out.logprobs[i, 0, :n] >= scaled[i, -n:] - 1e-4).all()
+
+
+def test_top_k_one_and_tiny_temperature_equal_greedy(qwen2):
+    batch = prompts(2)
+    greedy = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32))
+    top1 = sampler.generate(qwen2, batch, jax.random.key(1), SamplingParams(top_k=1, max_new_tokens=32))
+    cold = sampler.generate(qwen2, batch, jax.random.key(2), SamplingParams(temperature=1e-4, max_new_tokens=32))
+    np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+    np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+    np.testing.assert_allclose(top1.logprobs, 0.0, atol=1e-6)  # one token holds all the mass
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+    kept = lambda p: np.isfinite(np.asarray(sampler.filter_logits(logits, 1.0, 0, p)))[0].tolist()
+    assert kept(0.5) == [False, True, False, False]  # 0.5 alone reaches 0.5
+    assert kept(0.7) == [False, True, False, True]  # 0.5 + 0.3 = 0.8 >= 0.7
+    assert kept(0.85) == [False, True, True, True]  # needs 0.15 as well: 0.95
+    assert kept(1.0) == [True, True, True, True]
+    probs = jax.nn.softmax(sampler.filter_logits(logits, 1.0, 0, 0.7))
+    np.testing.assert_allclose(probs[0], [0, 0.5 / 0.8, 0, 0.3 / 0.8], atol=1e-6)
+
+
+def test_keys_control_randomness_and_groups_share_the_prefill(qwen2):
+    batch = prompts(3)
+    params = SamplingParams(temperature=1.0, num_samples=4, max_new_tokens=16)
+    a = sampler.generate(qwen2, batch, jax.random.key(5), params)
+    b = sampler.generate(qwen2, batch, jax.random.key(5), params)
+    c = sampler.generate(qwen2, batch, jax.random.key(6), params)
+    assert a.tokens.shape == (4, 4, 16)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+    assert len({tuple(s) for s in a.tokens[0]}) > 1  # the group's samples differ
+    greedy = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, num_samples=3,
+                                                                            max_new_tokens=16))
+    one = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=16))
+    for s in range(3):
+        np.testing.assert_array_equal(greedy.tokens[:, s], one.tokens[:, 0])
+
+
+def test_stop_tokens_end_a_row_and_pad_after(qwen2):
+    batch = prompts(4)
+    free = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32))
+    stop = int(free.tokens[0, 0, 6])  # row 0 emits this at step 6 (maybe earlier too)
+    first = int(np.argmax(free.tokens[0, 0] == stop))
+    out = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32),
+                           stop_ids=[stop])
+    assert out.done[0, 0] and out.lengths[0, 0] == first + 1
+    np.testing.assert_array_equal(out.tokens[0, 0, :first + 1], free.tokens[0, 0, :first + 1])
+    assert (out.tokens[0, 0, first + 1:] == 0).all() and (out.model_logprobs[0, 0, first + 1:] == 0).all()
+    for i in range(len(batch)):  # every row stops at its first stop token, or runs to the budget
+        hits = np.flatnonzero(free.tokens[i, 0] == stop)
+        assert out.lengths[i, 0] == (hits[0] + 1 if len(hits) else 32)
+
+
+def test_buckets_bound_the_number_of_compilations(qwen2):
+    before = sampler.TRACES["generate"]
+    for lengths, new in [((3, 7), 20), ((9, 14, 2), 30), ((16,), 17), ((1, 4), 32)]:
+        # prompts <= 16 tokens and budgets in (16, 32]: one bucket; batches pad to 2 or 4 rows
+        sampler.generate(qwen2, prompts(5, lengths), jax.random.key(0), SamplingParams(max_new_tokens=new))
+    assert sampler.TRACES["generate"] - before == 2  # batch buckets 2 and 4
+    sampler.generate(qwen2, prompts(5, (17, 3)), jax.random.key(0), SamplingParams(max_new_tokens=20))
+    assert sampler.TRACES["generate"] - before == 3  # a 32-token prompt bucket
+
+
+def test_sharded_output_equals_single_device(hf_dir, qwen2):
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    sharded, _ = hf.load(hf_dir("qwen2"), mesh=mesh)
+    batch = prompts(6)
+    for params in [SamplingParams(temperature=0, max_new_tokens=24),
+                   SamplingParams(temperature=1.0, top_p=0.9, num_samples=2, max_new_tokens=24)]:
+        one = sampler.generate(qwen2, batch, jax.random.key(9), params)
+        many = sampler.generate(sharded, batch, jax.random.key(9), params, mesh=mesh)
+        np.testing.assert_array_equal(many.tokens, one.tokens)
+        np.testing.assert_allclose(many.model_logprobs, one.model_logprobs, atol=1e-4)
+
+
+def test_refuses_prompts_beyond_the_context(qwen2):
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=256"):
+        sampler.generate(qwen2, prompts(0, (200,)), jax.random.key(0), SamplingParams(max_new_tokens=100))
+    with pytest.raises(ValueError, match="no empty prompts"):
+        sampler.generate(qwen2, [[]], jax.random.key(0), SamplingParams())
+
+
+def test_bfloat16_cache_stays_close_to_float32(qwen2):
+    batch = prompts(7)
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    f32 = sampler.generate(qwen2, batch, jax.random.key(0), params)
+    bf16 = sampler.generate(qwen2, batch, jax.random.key(0), params, cache_dtype="bfloat16")
+    np.testing.assert_array_equal(bf16.tokens[:, :, :4], f32.tokens[:, :, :4])
+    np.testing.assert_allclose(bf16.model_logprobs[:, :, :4], f32.model_logprobs[:, :, :4], atol=0.1)
