@@ -1,0 +1,104 @@
+"""GRPO as small pure functions: group advantages, per-token policy terms, aggregation.
+
+Two objectives (`loss_mode`):
+- "paper": Fleming-R1's Eq. 1-3 as written, L = -(1/N) sum_i A_i log pi(y_i|x) with
+  A_i = r_i - mean(group): no ratio, clip or KL (use advantage="mean", aggregation
+  "sequence_sum", loss_normalizer=1 for the exact formula).
+- "clipped": the PPO-style surrogate of GRPO/DAPO, -min(rho A, clip(rho, 1-eps_low,
+  1+eps_high) A) per token with rho = pi/pi_old, plus beta * KL(pi || pi_ref) with the k3
+  estimator, minus an optional entropy bonus.
+Aggregation returns (numerator, denominator) so that gradient accumulation in
+`train.state.make_train_step` reproduces the full-batch loss exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fleming_jax.train.logprobs import token_logprobs
+
+AGGREGATIONS = ("sequence_mean", "token_mean", "sequence_sum")
+
+
+def group_advantages(rewards: jax.Array, mode: str = "std", eps: float = 1e-4) -> jax.Array:
+    """[prompts, group] rewards -> advantages: r - mean (mode "mean", as the paper writes
+    it and Dr.GRPO recommends) or (r - mean) / (std + eps) (mode "std", GRPO)."""
+    centred = rewards - rewards.mean(axis=-1, keepdims=True)
+    if mode == "mean":
+        return centred
+    if mode == "std":
+        return centred / (rewards.std(axis=-1, keepdims=True) + eps)
+    raise ValueError(f"advantage mode {mode!r}; choose 'std' or 'mean'")
+
+
+def token_terms(logp, old_logp, advantages, cfg, ref_logp=None, entropy=None):
+    """Per-token loss [B, T] and per-token metric maps, for completion tokens of B sequences.
+
+    advantages: [B] (one per sequence, broadcast over its tokens).
+    """
+    adv = advantages[:, None]
+    ratio = jnp.exp(logp - old_logp)
+    metrics = {}
+    if cfg.loss_mode == "paper":
+        loss = -adv * logp
+    elif cfg.loss_mode == "clipped":
+        clipped = jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
+        loss = -jnp.minimum(ratio * adv, clipped * adv)
+        metrics["clip_low"] = ((ratio < 1 - cfg.eps_low) & (adv < 0)).astype(jnp.float32)
+        metrics["clip_high"] = ((ratio > 1 + cfg.eps_high) & (adv > 0)).astype(jnp.float32)
+        if cfg.beta:
+            log_ref_ratio = ref_logp - logp
+            kl = jnp.exp(log_ref_ratio) - log_ref_ratio - 1  # k3: unbiased, always >= 0
+            loss = loss + cfg.beta * kl
+            metrics["kl_ref"] = kl
+    else:
+        raise ValueError(f"loss_mode {cfg.loss_mode!r}; choose 'paper' or 'clipped'")
+    if cfg.entropy_coef and entropy is not None:
+        loss = loss - cfg.entropy_coef * entropy
+    # k3 estimate of KL(pi_old || pi): how far the update has moved from the rollout policy
+    metrics["approx_kl"] = jnp.exp(logp - old_logp) - (logp - old_logp) - 1
+    if entropy is not None:
+        metrics["entropy"] = entropy
+    return loss, metrics
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normalizer: float = 1.0):
+    """(numerator, denominator) of the batch loss over masked tokens.
+
+    sequence_mean: mean over sequences of each sequence's token mean (GRPO);
+    token_mean: mean over all tokens of the batch (DAPO);
+    sequence_sum: each sequence's token sum / `normalizer`, mean over sequences
+    (normalizer 1 is the paper's sum of log-probs; the max completion length is Dr.GRPO).
+    """
+    mask = mask.astype(per_token.dtype)
+    n_seq = jnp.asarray(per_token.shape[0], per_token.dtype)
+    sums = (per_token * mask).sum(axis=-1)
+    if mode == "sequence_mean":
+        return (sums / jnp.maximum(mask.sum(axis=-1), 1.0)).sum(), n_seq
+    if mode == "token_mean":
+        return sums.sum(), mask.sum()
+    if mode == "sequence_sum":
+        return sums.sum() / normalizer, n_seq
+    raise ValueError(f"aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+def grpo_loss(model, batch, cfg, chunk_size: int = 256):
+    """The loss the train step differentiates: (numerator, denominator, metric sums).
+
+    batch: tokens/segments [B, T] (prompt + completion, left-padded), completion_mask [B, T]
+    (1 on completion tokens, aligned with the predicted token), advantages [B],
+    old_logprobs [B, T], and ref_logprobs [B, T] when cfg.beta > 0.
+    """
+    want_entropy = bool(cfg.entropy_coef) or cfg.log_entropy
+    out = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size,
+                         with_entropy=want_entropy)
+    logp, entropy = out if want_entropy else (out, None)
+    loss, token_metrics = token_terms(logp, batch["old_logprobs"], batch["advantages"], cfg,
+                                      batch.get("ref_logprobs"), entropy)
+    mask = batch["completion_mask"]
+    num, den = aggregate(loss, mask, cfg.aggregation, cfg.loss_normalizer)
+    tokens = jnp.maximum(mask.sum(), 1.0)
+    # Token means per microbatch; the train step averages them over microbatches.
+    metrics = {k: (jax.lax.stop_gradient(v) * mask).sum() / tokens for k, v in token_metrics.items()}
+    return num, den, metrics

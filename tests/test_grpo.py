@@ -1,0 +1,111 @@
+"""GRPO's pure functions against hand-computed values of the published formulas."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from fleming_jax.train import grpo
+from fleming_jax.train.logprobs import token_logprobs
+from tests.test_parallel import global_batch_for_test, small_model_cfg
+from fleming_jax import models
+
+
+def cfg(**changes):
+    base = dict(loss_mode="clipped", eps_low=0.2, eps_high=0.28, beta=0.0, entropy_coef=0.0,
+                log_entropy=False, aggregation="sequence_mean", loss_normalizer=1.0, advantage="std")
+    return ml_collections.ConfigDict(base | changes)
+
+
+def test_group_advantages():
+    rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    np.testing.assert_allclose(grpo.group_advantages(rewards, "mean"),
+                               [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [-0.75, -0.75, -0.75, 2.25]])
+    std = np.sqrt(0.75 ** 2 * 3 + 2.25 ** 2) / 2  # population std of [0, 0, 0, 3]
+    np.testing.assert_allclose(grpo.group_advantages(rewards, "std", eps=1e-4),
+                               [[0.5 / 0.5001, -0.5 / 0.5001, -0.5 / 0.5001, 0.5 / 0.5001], [0, 0, 0, 0],
+                                [-0.75 / (std + 1e-4)] * 3 + [2.25 / (std + 1e-4)]], rtol=1e-6)
+
+
+RATIOS = np.array([0.5, 1.0, 1.5])
+
+
+def clipped_case():
+    old = jnp.log(jnp.array([[0.2, 0.3, 0.4], [0.2, 0.3, 0.4]]))
+    logp = old + jnp.log(jnp.asarray(RATIOS))[None]
+    return logp, old, jnp.array([1.0, -1.0])
+
+
+def test_clipped_surrogate_by_hand():
+    logp, old, adv = clipped_case()
+    loss, m = grpo.token_terms(logp, old, adv, cfg())
+    # A = +1: min(rho, clip(rho, 0.8, 1.28)) -> 0.5, 1, 1.28; A = -1: min(-rho, -clip) -> -0.8, -1, -1.5
+    np.testing.assert_allclose(loss, [[-0.5, -1.0, -1.28], [0.8, 1.0, 1.5]], rtol=1e-6)
+    np.testing.assert_array_equal(m["clip_high"], [[0, 0, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(m["clip_low"], [[0, 0, 0], [1, 0, 0]])
+    # approx KL(old || new) with k3: rho - log(rho) - 1
+    np.testing.assert_allclose(m["approx_kl"][0], RATIOS - np.log(RATIOS) - 1, rtol=1e-5)
+
+
+def test_clipped_gradient_is_zero_where_clipped_in_the_advantage_direction():
+    logp, old, adv = clipped_case()
+    grad = jax.grad(lambda lp: grpo.token_terms(lp, old, adv, cfg())[0].sum())(logp)
+    # d/dlogp of -rho*A is -rho*A; clipped entries (A>0, rho>1.28) and (A<0, rho<0.8) give 0
+    np.testing.assert_allclose(grad, [[-0.5, -1.0, 0.0], [0.0, 1.0, 1.5]], rtol=1e-6)
+
+
+def test_k3_kl_to_reference_and_entropy_bonus():
+    logp = jnp.log(jnp.array([[0.5, 0.25]]))
+    ref = jnp.log(jnp.array([[0.25, 0.5]]))
+    entropy = jnp.array([[1.0, 2.0]])
+    loss, m = grpo.token_terms(logp, logp, jnp.array([0.0]), cfg(beta=0.1, entropy_coef=0.01), ref, entropy)
+    kl = np.array([0.5 - np.log(0.5) - 1, 2.0 - np.log(2.0) - 1])  # exp(d) - d - 1, d = ref - logp
+    np.testing.assert_allclose(m["kl_ref"][0], kl, rtol=1e-5)
+    np.testing.assert_allclose(loss[0], 0.1 * kl - 0.01 * np.array([1.0, 2.0]), rtol=1e-5)
+
+
+def test_paper_loss_is_minus_advantage_times_sequence_logprob():
+    # sequence log-probs: y0 = log(0.5 * 0.5), y1 = log(0.125 * 1 * 1); the third token of y0 is padding
+    logp = jnp.log(jnp.array([[0.5, 0.5, 0.9], [0.125, 1.0, 1.0]]))
+    mask = jnp.array([[1, 1, 0], [1, 1, 1]])
+    adv = jnp.array([1.0, -0.5])
+    loss, _ = grpo.token_terms(logp, logp - 3.0, adv, cfg(loss_mode="paper"))  # no ratio: old unused
+    num, den = grpo.aggregate(loss, mask, "sequence_sum", 1.0)
+    # L = -(1/N) sum_i A_i log pi(y_i|x)
+    expected = -(1.0 * np.log(0.25) + -0.5 * np.log(0.125)) / 2
+    assert float(num / den) == pytest.approx(expected, rel=1e-6)
+
+
+def test_aggregations_by_hand():
+    per_token = jnp.array([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert [float(x) for x in grpo.aggregate(per_token, mask, "sequence_mean")] == [6.0, 2.0]  # (2 + 4) / 2
+    assert [float(x) for x in grpo.aggregate(per_token, mask, "token_mean")] == [10.0, 4.0]
+    assert [float(x) for x in grpo.aggregate(per_token, mask, "sequence_sum", 4.0)] == [2.5, 2.0]
+    with pytest.raises(ValueError, match="aggregation 'nope'"):
+        grpo.aggregate(per_token, mask, "nope")
+
+
+def test_on_policy_clipped_gradient_equals_policy_gradient():
+    """At rho = 1 the clipped surrogate's gradient is the REINFORCE gradient -A grad log pi."""
+    model, _ = models.build(small_model_cfg())
+    graphdef, params = nnx.split(model, nnx.Param)
+    data = global_batch_for_test()
+    tokens, segments = jnp.asarray(data["tokens"]), jnp.asarray(data["segments"])
+    old = token_logprobs(model, tokens, segments)
+    batch = dict(tokens=tokens, segments=segments, completion_mask=jnp.asarray(data["loss_weights"]),
+                 advantages=jnp.linspace(-1, 1, tokens.shape[0]), old_logprobs=old)
+
+    def clipped(p):
+        num, den, _ = grpo.grpo_loss(nnx.merge(graphdef, p), batch, cfg())
+        return num / den
+
+    def reinforce(p):
+        lp = token_logprobs(nnx.merge(graphdef, p), tokens, segments)
+        num, den = grpo.aggregate(-batch["advantages"][:, None] * lp, batch["completion_mask"], "sequence_mean")
+        return num / den
+
+    for a, b in zip(jax.tree.leaves(jax.grad(clipped)(params)), jax.tree.leaves(jax.grad(reinforce)(params))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
