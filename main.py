@@ -16,6 +16,7 @@ TASKS = {
     "export": "fleming_jax.models.hf:export_task",
     "synthesize": "fleming_jax.data.rods:run",
     "plan": "fleming_jax.plan:run",
+    "rl": "fleming_jax.train.rl:run",
 }
 
 FLAGS = flags.FLAGS

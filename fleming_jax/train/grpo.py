@@ -72,7 +72,7 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normalizer: floa
     (normalizer 1 is the paper's sum of log-probs; the max completion length is Dr.GRPO).
     """
     mask = mask.astype(per_token.dtype)
-    n_seq = jnp.asarray(per_token.shape[0], per_token.dtype)
+    n_seq = (mask.sum(axis=-1) > 0).sum().astype(per_token.dtype)  # padding rows do not count
     sums = (per_token * mask).sum(axis=-1)
     if mode == "sequence_mean":
         return (sums / jnp.maximum(mask.sum(axis=-1), 1.0)).sum(), n_seq

@@ -1,0 +1,305 @@
+"""The RL stages (task `rl`): rollout -> reward -> GRPO update, stage 1 and stage 2.
+
+Per step: pick prompts (stage 1: a difficulty blend; stage 2: the hard-sample miner), sample
+G completions each with the sampler on the policy's own params, score them with the
+verifiable rewards, turn rewards into group advantages, then `mu` epochs of optimizer
+steps over minibatches of the rollout. Checkpoints hold params, optimizer state, the step,
+the NumPy RNG, the miner and the stage's counters; the rollout key is derived from the
+step, so a resumed run continues exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from fleming_jax import models, parallel, rewards, sampler
+from fleming_jax import tokenizer as toklib
+from fleming_jax.data import quality
+from fleming_jax.data.records import QARecord, read_jsonl
+from fleming_jax.evaluate import chat_prompts, completion_texts, evaluate_records
+from fleming_jax.train import grpo, mining
+from fleming_jax.train import state as statelib
+from fleming_jax.train.logprobs import token_logprobs
+from fleming_jax.train.metrics import MetricsWriter
+
+
+# Random streams apart from the per-step rollout keys (fold_in(key, step)).
+GRADE_STREAM, SCORE_STREAM = 1 << 30, (1 << 30) + 1
+
+
+def read_records(path: str, key: str, producer: str) -> list[QARecord]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.{key}={path} does not exist; run `{producer}` first, or "
+                                f"point --config.{key} at a QA-record JSONL file")
+    return [QARecord.from_dict(d) for d in read_jsonl(path)]
+
+
+def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantages: np.ndarray,
+                  keep: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+    """The train batch of a rollout: prompt + completion per sample (prompt left-padded),
+    masks, the rollout's log-probs and advantages; groups not in `keep` are left out and
+    the batch is padded to `rows` with masked dummy rows (static shapes)."""
+    n, g, budget = out.tokens.shape
+    width = sampler.bucket(max(map(len, prompts))) + sampler.bucket(budget)
+    batch = dict(tokens=np.zeros((rows, width), np.int32), segments=np.zeros((rows, width), np.int32),
+                 completion_mask=np.zeros((rows, width), np.float32),
+                 old_logprobs=np.zeros((rows, width), np.float32), advantages=np.zeros((rows,), np.float32))
+    r = 0
+    for i in np.flatnonzero(keep):
+        p = prompts[i]
+        start = sampler.bucket(max(map(len, prompts))) - len(p)
+        for s in range(g):
+            length = int(out.lengths[i, s])
+            end = start + len(p) + length
+            batch["tokens"][r, start:start + len(p)] = p
+            batch["tokens"][r, start + len(p):end] = out.tokens[i, s, :length]
+            batch["segments"][r, start:end] = 1
+            batch["completion_mask"][r, start + len(p):end] = 1
+            batch["old_logprobs"][r, start + len(p):end] = out.model_logprobs[i, s, :length]
+            batch["advantages"][r] = advantages[i, s]
+            r += 1
+    return batch
+
+
+class RLTrainer:
+    """One RL stage; `train()` runs (or resumes) to `rl.steps` or stage 1's plateau."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir, self.main = config, workdir, parallel.is_main_process()
+        c = config.rl
+        self.records = read_records(config.data.train, "data.train", config.data.producer)
+        self.eval_records = (read_records(config.data.eval, "data.eval", config.data.producer)[:c.eval_size]
+                             if config.data.eval else [])
+        if not (config.model.init_from or config.model.hf_path):
+            raise ValueError(f"rl stage {c.stage} needs a starting model: --config.model.init_from=<checkpoints> "
+                             "or --config.model.hf_path=<HF dir>")
+        if config.model.init_from and not os.path.exists(config.model.init_from):
+            raise FileNotFoundError(f"config.model.init_from={config.model.init_from} does not exist; "
+                                    f"run `{config.init_from_producer}` first")
+        self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
+        self.stop_ids = toklib.stop_ids(self.tokenizer)
+        self.prompts = chat_prompts(self.tokenizer, self.records)
+        self.mesh = parallel.make_mesh(config.mesh)
+        model, _ = models.build(config.model, self.mesh)
+        self.tx = statelib.make_optimizer(config.optimizer)
+        self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
+        self.reference = self.state.params if c.grpo.beta else None  # frozen: the starting policy
+        shardings = statelib.state_shardings(self.state, self.mesh)
+        loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk)
+        self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, c.grad_accum_steps, self.mesh,
+                                                shardings)
+        logprobs = jax.jit(lambda p, tokens, segments: token_logprobs(
+            nnx.merge(self.graphdef, p), tokens, segments, chunk_size=c.logprob_chunk))
+        self.logprobs = lambda p, b: self._on_mesh(logprobs, p, b["tokens"], b["segments"])
+        self.miner = mining.Miner(self.records, mining.MinerConfig(
+            **{k: tuple(v) if k == "right_to_wrong" else v for k, v in c.miner.items()}))
+        self.rng = np.random.default_rng(c.seed)
+        self.key = jax.random.key(c.seed)
+        self.sparse_steps = 0
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep),
+            item_handlers={"params": ocp.StandardCheckpointHandler(),
+                           "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    def _on_mesh(self, fn, *args):
+        with jax.set_mesh(self.mesh):
+            return fn(*args)
+
+    def _log(self, message: str):
+        if self.main:
+            print(f"[rl stage {self.config.rl.stage}] {message}", flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step: int):
+        meta = dict(step=step, rng=self.rng.bit_generator.state, miner=self.miner.state_dict(),
+                    sparse_steps=self.sparse_steps, stage=self.config.rl.stage,
+                    reference=self.config.model.init_from or self.config.model.hf_path)
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.to_pure_dict(self.state.params)),
+            opt_state=ocp.args.StandardSave(self.state.opt_state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self) -> int:
+        step = self.manager.latest_step()
+        if step is None:
+            return 0
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(nnx.to_pure_dict(abstract.params)),
+            opt_state=ocp.args.StandardRestore(abstract.opt_state), meta=ocp.args.JsonRestore()))
+        nnx.replace_by_pure_dict(self.state.params, got["params"])
+        self.state = statelib.TrainState(step=jnp.asarray(step, jnp.int32), params=self.state.params,
+                                         opt_state=got["opt_state"])
+        meta = got["meta"]
+        self.rng.bit_generator.state = meta["rng"]
+        self.miner.load_state_dict(meta["miner"])
+        self.sparse_steps = meta["sparse_steps"]
+        self._log(f"resumed from {self.manager.directory}/{step}")
+        return step
+
+    # ------------------------------------------------------------------ rollouts
+    def model(self):
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def sampling(self, samples: int, temperature: float | None = None) -> sampler.SamplingParams:
+        c = self.config.rl
+        return sampler.SamplingParams(temperature=c.temperature if temperature is None else temperature,
+                                      top_p=c.top_p, num_samples=samples, max_new_tokens=c.max_new_tokens)
+
+    def rollout(self, indices: list[int], key, samples: int):
+        """Samples `samples` completions per prompt; returns (output, texts, scores [n, g])."""
+        prompts = [self.prompts[i] for i in indices]
+        out = sampler.generate(self.model(), prompts, key, self.sampling(samples), stop_ids=self.stop_ids,
+                               mesh=self.mesh, pad_id=self.tokenizer.pad_token_id or 0)
+        texts = completion_texts(self.tokenizer, out)
+        scores = [[rewards.score(t, self.records[i], self.config.rl.reward) for t in row]
+                  for i, row in zip(indices, texts)]
+        return out, texts, scores
+
+    def score_pool(self, indices: list[int], k: int, key) -> list[list[bool]]:
+        """k samples per question in batches; whether each was correct (for grading and mining)."""
+        outcomes = []
+        for start in range(0, len(indices), self.config.rl.prompts_per_step):
+            chunk = indices[start:start + self.config.rl.prompts_per_step]
+            _, _, scores = self.rollout(chunk, jax.random.fold_in(key, start), k)
+            outcomes += [[s["accuracy"] == 1.0 for s in row] for row in scores]
+        return outcomes
+
+    def prepare_pool(self):
+        """Stage 1: grade ungraded records by the starting policy's pass rate (when asked).
+        Stage 2: the scoring pass that seeds the miner. Skipped on resume."""
+        c = self.config.rl
+        everything = list(range(len(self.records)))
+        if c.stage == 1 and c.grade_k and any("difficulty" not in (r.meta or {}) for r in self.records):
+            outcomes = self.score_pool(everything, c.grade_k, jax.random.fold_in(self.key, GRADE_STREAM))
+            quality.grade(self.records, outcomes)
+            self._log(f"graded {len(self.records)} records by pass rate over {c.grade_k} tries")
+        if c.stage == 2:
+            self.miner.update(everything, self.score_pool(everything, c.score_k, jax.random.fold_in(self.key, SCORE_STREAM)))
+            self._log(f"scored the pool: {self.miner.summary()}")
+
+    def pick(self, n: int) -> list[int]:
+        c = self.config.rl
+        if c.stage == 1:
+            return mining.balanced_batch(self.rng, self.records, n, dict(c.stage1_mix))
+        return self.miner.sample(self.rng, n)
+
+    # ------------------------------------------------------------------ loop
+    def train(self, on_step=None) -> list[dict]:
+        c = self.config.rl
+        step = self.restore()
+        if step == 0:
+            self.prepare_pool()
+        stop = []
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        writer = MetricsWriter(self.workdir, self.main)
+        rows = []
+        try:
+            while step < c.steps and not stop:
+                row = self.one_step(step)
+                step += 1
+                row["step"] = step
+                if self.eval_records and (step % c.eval_every == 0 or step == c.steps):
+                    greedy = self.sampling(1, temperature=0.0)
+                    row["eval_accuracy"] = evaluate_records(self.model(), self.tokenizer, self.eval_records, greedy,
+                                                            self.stop_ids, mesh=self.mesh)["accuracy"]
+                rows.append(row)
+                writer.write({k: v for k, v in row.items() if not isinstance(v, list)})
+                self._log(f"step {step}/{c.steps} reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
+                          f"len {row['completion_length']:.0f} zero-adv {row['zero_advantage_groups']:.2f}"
+                          + (f" eval {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+                          + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)")
+                plateau = c.stage == 1 and self.sparse_steps >= c.sparsity_patience
+                if step % self.config.checkpoint.every == 0 or step == c.steps or plateau:
+                    self.save(step)
+                if on_step:
+                    on_step(step)
+                if plateau:
+                    self._log(f"reward sparsity above {c.sparsity_threshold} for {self.sparse_steps} steps: "
+                              "stage 1 has plateaued, stopping")
+                    break
+            if stop:
+                self.save(step)
+                self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
+        finally:
+            self.manager.wait_until_finished()
+            signal.signal(signal.SIGTERM, previous)
+            writer.close()
+        return rows
+
+    def one_step(self, step: int) -> dict:
+        c = self.config.rl
+        key = jax.random.fold_in(self.key, step)
+        t0 = time.perf_counter()
+        indices = self.pick(c.prompts_per_step)
+        out, texts, scores = self.rollout(indices, key, c.group_size)
+        reward = np.array([[s["reward"] for s in row] for row in scores])
+        correct = [[s["accuracy"] == 1.0 for s in row] for row in scores]
+        self.miner.update(indices, correct)
+        advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
+        zero = np.all(reward == reward[:, :1], axis=1)
+        self.sparse_steps = self.sparse_steps + 1 if zero.mean() > c.sparsity_threshold else 0
+        keep = ~zero if c.drop_zero_advantage_groups else np.ones_like(zero)
+        t1 = time.perf_counter()
+        metrics = {}
+        if keep.any():
+            prompts = [self.prompts[i] for i in indices]
+            rows = len(indices) * c.group_size
+            batch = rollout_batch(prompts, out, advantages, keep, rows)
+            if c.grpo.beta:
+                batch["ref_logprobs"] = np.asarray(self.logprobs(self.reference, parallel.global_batch(self.mesh, batch)))
+            metrics = self.update(batch)
+        t2 = time.perf_counter()
+        lengths = out.lengths.astype(float)
+        row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
+                   accuracy=float(np.mean(correct)), format=float(np.mean([[s["format"] for s in r] for r in scores])),
+                   advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
+                   completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
+                   stopped=float(out.done.mean()), time_generate=t1 - t0, time_update=t2 - t1, **metrics)
+        if c.stage == 2:
+            row.update(self.miner.summary())
+        return row
+
+    def update(self, batch: dict[str, np.ndarray]) -> dict:
+        """mu epochs over shuffled minibatches; each minibatch is one optimizer step."""
+        c = self.config.rl
+        rows = len(batch["advantages"])
+        if rows % c.minibatches:
+            raise ValueError(f"prompts_per_step x group_size = {rows} rows do not split into "
+                             f"rl.minibatches={c.minibatches}")
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(c.mu):
+            order = self.rng.permutation(rows)
+            for part in np.split(order, c.minibatches):
+                mini = {k: v[part] for k, v in batch.items()}
+                self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, mini))
+                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                    raise FloatingPointError(
+                        f"non-finite loss {loss} / grad norm {grad_norm}; nothing was saved after the last "
+                        f"good checkpoint in {self.manager.directory}. Lower optimizer.learning_rate or "
+                        "check the data, then rerun to resume from it")
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+
+def run(config, workdir: str) -> list[dict]:
+    """The `rl` task (both stages)."""
+    rows = RLTrainer(config, workdir).train()
+    if rows and parallel.is_main_process():
+        last = {k: v for k, v in rows[-1].items() if not isinstance(v, list)}
+        print(f"[rl stage {config.rl.stage}] done: {json.dumps(last)}; checkpoints in {workdir}/checkpoints")
+    return rows
