@@ -16,6 +16,8 @@ TASKS = {
     "export": "fleming_jax.models.hf:export_task",
     "synthesize": "fleming_jax.data.rods:run",
     "plan": "fleming_jax.plan:run",
+    "distill": "fleming_jax.distill.collect:run",
+    "sft": "fleming_jax.train.sft:run",
 }
 
 FLAGS = flags.FLAGS
