@@ -9,6 +9,7 @@ Qwen-style special tokens and chat template, saved in HF format so `transformers
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable
 
 import numpy as np
@@ -33,6 +34,8 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def build(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
@@ -83,8 +86,7 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[np.ndarray, 
     give it directly; others (e.g. Qwen's own) get it by rendering the chat up to each
     assistant turn and taking the tokens that turn adds.
     """
-    template = tokenizer.chat_template or ""
-    if "generation" in template:
+    if _GENERATION_BLOCK.search(tokenizer.chat_template or ""):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
         return np.asarray(out["input_ids"], np.int32), np.asarray(out["assistant_masks"], np.int32)
