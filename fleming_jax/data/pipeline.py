@@ -55,9 +55,9 @@ def _packed(ds: grain.IterDataset, seq_len: int, batch_size: int) -> grain.IterD
         ds, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False).map(_row)
 
 
-def _local(n: int, batch_size: int, process_index: int, process_count: int, what: str) -> int:
+def _local(batch_size: int, process_count: int) -> int:
     if batch_size % process_count:
-        raise ValueError(f"{what}={batch_size} is not divisible by the {process_count} processes")
+        raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
     return batch_size // process_count
 
 
@@ -65,7 +65,7 @@ def train_dataset(examples: list[dict], seq_len: int, batch_size: int, seed: int
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Shuffled (a new order each epoch), repeated forever, packed and batched; iterate it
     and `get_state()`/`set_state()` the iterator to resume exactly."""
-    local = _local(len(examples), batch_size, process_index, process_count, "train.batch_size")
+    local = _local(batch_size, process_count)
     ds = grain.MapDataset.source(examples)[process_index::process_count]
     ds = ds.seed(seed).shuffle().repeat(None).to_iter_dataset()
     return _packed(ds, seq_len, local).batch(local, drop_remainder=True)
@@ -75,7 +75,7 @@ def eval_batches(examples: list[dict], seq_len: int, batch_size: int,
                  process_index: int = 0, process_count: int = 1) -> list[dict]:
     """The held-out split once, packed, in fixed order; the last batch is filled with
     all-padding rows (zero weight) so every batch has the same shape."""
-    local = _local(len(examples), batch_size, process_index, process_count, "train.batch_size")
+    local = _local(batch_size, process_count)
     ds = grain.MapDataset.source(examples)[process_index::process_count].to_iter_dataset()
     batches = list(_packed(ds, seq_len, local).batch(local, drop_remainder=False))
     for i, b in enumerate(batches):

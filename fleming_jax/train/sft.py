@@ -191,7 +191,8 @@ class Trainer:
                 if on_step:
                     on_step(step)
             if stop and step < total:
-                self.save(step, iterator)
+                if self.manager.latest_step() != step:
+                    self.save(step, iterator)
                 self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
         finally:
             self.manager.wait_until_finished()
