@@ -17,6 +17,8 @@ TASKS = {
     "synthesize": "fleming_jax.data.rods:run",
     "plan": "fleming_jax.plan:run",
     "rl": "fleming_jax.train.rl:run",
+    "distill": "fleming_jax.distill.collect:run",
+    "sft": "fleming_jax.train.sft:run",
 }
 
 FLAGS = flags.FLAGS

