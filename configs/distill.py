@@ -22,8 +22,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train="runs/synthesize/train.jsonl", validation="runs/synthesize/validation.jsonl"))
     config.max_records = 0  # per split; 0 = all
     config.teacher = ml_collections.ConfigDict(dict(
-        kind="kg",  # "kg" (offline, synthesised questions only) or "http" (OpenAI-compatible)
-        base_url="", model="", api_key_env="", max_concurrency=8, timeout_s=600.0, max_retries=5))
+        kind="kg",  # "kg" (offline, synthesised questions only), "http" (OpenAI-compatible) or
+        # "local" (an HF model directory run by our sampler: hf_path, dtype)
+        base_url="", model="", api_key_env="", max_concurrency=8, timeout_s=600.0, max_retries=5,
+        hf_path="", dtype=""))
     config.collect = ml_collections.ConfigDict(dict(
         k=4, answer_conditioned=True, refine_rounds=2, keep="shortest", min_chars=20,
         max_chars=8000, temperature=0.7, max_tokens=4096, chunk=32))

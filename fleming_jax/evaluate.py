@@ -15,17 +15,9 @@ from fleming_jax import rewards, sampler
 from fleming_jax.data.records import QARecord, user_prompt
 
 
-def chat_prompts(tokenizer, records: Sequence[QARecord]) -> list[list[int]]:
-    """Each record's user message through the chat template, generation prompt on."""
-    return [list(tokenizer.apply_chat_template([{"role": "user", "content": user_prompt(r)}], tokenize=True,
-                                               add_generation_prompt=True, return_dict=True)["input_ids"])
-            for r in records]
-
-
-def completion_texts(tokenizer, out: sampler.SampleOutput) -> list[list[str]]:
-    """Decoded samples without their stop token, [prompts][samples]."""
-    return [[tokenizer.decode(t[:n - int(d)]) for t, n, d in zip(tokens, lengths, done)]
-            for tokens, lengths, done in zip(out.tokens, out.lengths, out.done)]
+def record_prompts(tokenizer, records: Sequence[QARecord]) -> list[list[int]]:
+    """Each record as one user message (no system prompt, as the paper evaluates)."""
+    return sampler.chat_prompts(tokenizer, [[{"role": "user", "content": user_prompt(r)}] for r in records])
 
 
 def evaluate_records(model, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams,
@@ -36,9 +28,9 @@ def evaluate_records(model, tokenizer, records: Sequence[QARecord], params: samp
     rows, acc, fmt, lengths = [], [], [], []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        out = sampler.generate(model, chat_prompts(tokenizer, batch), jax.random.fold_in(key, start), params,
+        out = sampler.generate(model, record_prompts(tokenizer, batch), jax.random.fold_in(key, start), params,
                                stop_ids=stop_ids, mesh=mesh, pad_id=tokenizer.pad_token_id or 0)
-        for record, texts, n in zip(batch, completion_texts(tokenizer, out), out.lengths):
+        for record, texts, n in zip(batch, sampler.completion_texts(tokenizer, out), out.lengths):
             scores = [rewards.score(t, record) for t in texts]
             acc.append(np.mean([s["accuracy"] for s in scores]))
             fmt.append(np.mean([s["format"] for s in scores]))

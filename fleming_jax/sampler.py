@@ -193,24 +193,23 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
                         lengths=shape(lengths), done=shape(done))
 
 
-def sample_chat(model, tokenizer, messages: Sequence[str], key: jax.Array, params: SamplingParams,
-                mesh=None, stop_ids: Sequence[int] | None = None) -> list[list[str]]:
-    """Text in, text out: each user message through the chat template (generation prompt
-    on, no system prompt), `num_samples` decoded replies each (stop tokens removed)."""
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=True,
-                                             add_generation_prompt=True, return_dict=True)["input_ids"]
-               for m in messages]
-    if stop_ids is None:
-        stop_ids = default_stop_ids(tokenizer)
-    out = generate(model, prompts, key, params, stop_ids=stop_ids, mesh=mesh,
+def chat_prompts(tokenizer, chats: Sequence[Sequence[dict]]) -> list[list[int]]:
+    """Token ids of each chat through the tokenizer's chat template, generation prompt on."""
+    return [list(tokenizer.apply_chat_template(list(chat), tokenize=True, add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]) for chat in chats]
+
+
+def completion_texts(tokenizer, out: SampleOutput) -> list[list[str]]:
+    """Decoded samples without their stop token, [prompts][samples]."""
+    return [[tokenizer.decode(t[:n - int(d)]) for t, n, d in zip(tokens, lengths, done)]
+            for tokens, lengths, done in zip(out.tokens, out.lengths, out.done)]
+
+
+def sample_chat(model, tokenizer, chats: Sequence[Sequence[dict]], key: jax.Array, params: SamplingParams,
+                stop_ids: Sequence[int], mesh=None) -> list[list[str]]:
+    """Text in, text out: each chat (e.g. one user message, no system prompt) through the
+    chat template, `num_samples` decoded replies each. Evaluation, rollouts and the local
+    teacher share it."""
+    out = generate(model, chat_prompts(tokenizer, chats), key, params, stop_ids=stop_ids, mesh=mesh,
                    pad_id=tokenizer.pad_token_id or 0)
-    texts = []
-    for row_tokens, row_lengths, row_done in zip(out.tokens, out.lengths, out.done):
-        texts.append([tokenizer.decode(t[:n - int(d)]) for t, n, d in zip(row_tokens, row_lengths, row_done)])
-    return texts
-
-
-def default_stop_ids(tokenizer) -> list[int]:
-    """EOS and the chat end-of-turn token (`<|im_end|>` for Qwen), where the tokenizer has them."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+    return completion_texts(tokenizer, out)

@@ -42,11 +42,18 @@ def build(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
     """Trains a byte-level BPE of at most `vocab_size` entries (special tokens and reply
     tags included) on `texts`, saves it to `out_dir` in HF format and returns it loaded."""
     import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     specials = [ENDOFTEXT, IM_START, IM_END]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen's own normalizer and pre-tokenizer (digits one at a time): saved beside a qwen2
+    # config.json, `AutoTokenizer` loads this as a Qwen2Tokenizer, which imposes them; the
+    # merges must be learned under the same splits or exported models would re-tokenize.
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(REPLY_TAGS), special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -74,9 +81,9 @@ def load(path: str):
 
 def stop_ids(tokenizer) -> list[int]:
     """Token ids that end a reply: EOS, `<|im_end|>` and `<|endoftext|>` where they exist."""
-    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)]
-    unk = tokenizer.unk_token_id
-    return sorted({i for i in ids if i is not None and i != unk})
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] + [vocab[t] for t in (IM_END, ENDOFTEXT) if t in vocab]
+    return sorted({i for i in ids if i is not None})
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_
                max_position_embeddings=256)
 
 
-def make_hf_model(model_type: str, tie: bool, seed: int = 0):
+def make_hf_model(model_type: str, tie: bool, seed: int = 0, **overrides):
     """A tiny random transformers Qwen2/Qwen3 model; every weight (norms and biases too)
     is random so a mapping mistake anywhere shows in the logits."""
     import torch
@@ -22,10 +22,11 @@ def make_hf_model(model_type: str, tie: bool, seed: int = 0):
 
     torch.manual_seed(seed)
     if model_type == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=tie, **TINY_HF))
+        model = transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(tie_word_embeddings=tie, **(TINY_HF | overrides)))
     else:
         model = transformers.Qwen3ForCausalLM(
-            transformers.Qwen3Config(tie_word_embeddings=tie, head_dim=24, **TINY_HF))
+            transformers.Qwen3Config(tie_word_embeddings=tie, head_dim=24, **(TINY_HF | overrides)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.3)

@@ -223,5 +223,47 @@ def from_config(cfg, records=()) -> Teacher:
         return HttpTeacher(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env or None,
                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                            max_concurrency=cfg.max_concurrency)
-    # "local" (a fleming_jax model through fleming_jax.sampler) is added with the sampler.
-    raise ValueError(f"config.teacher.kind={cfg.kind!r}: use 'kg' or 'http'")
+    if cfg.kind == "local":
+        if not cfg.get("hf_path"):
+            raise ValueError("config.teacher.kind='local' needs config.teacher.hf_path (an HF model "
+                             "directory with its tokenizer)")
+        return LocalTeacher.from_hf(cfg.hf_path, dtype=cfg.get("dtype") or None)
+    raise ValueError(f"config.teacher.kind={cfg.kind!r}: use 'kg', 'http' or 'local'")
+
+
+class LocalTeacher(Teacher):
+    """A fleming_jax model (any HF checkpoint we import) generating through our sampler,
+    a batch of chats at a time."""
+
+    def __init__(self, model, tokenizer, seed: int = 0, batch_size: int = 32, mesh=None):
+        from fleming_jax import tokenizer as toklib
+
+        self.model, self.tokenizer, self.mesh, self.batch_size = model, tokenizer, mesh, batch_size
+        self.stop_ids = toklib.stop_ids(tokenizer)
+        self.seed, self.calls = seed, 0
+
+    @classmethod
+    def from_hf(cls, path: str, dtype: str | None = None, **kwargs) -> "LocalTeacher":
+        from fleming_jax import tokenizer as toklib
+        from fleming_jax.models import hf
+
+        return cls(hf.load(path, dtype=dtype)[0], toklib.load(path), **kwargs)
+
+    def complete(self, messages: Chat, n: int = 1, temperature: float = 1.0,
+                 max_tokens: int = 4096) -> list[str]:
+        return self.complete_many([messages], n, temperature, max_tokens)[0]
+
+    def complete_many(self, chats: list[Chat], n: int = 1, temperature: float = 1.0,
+                      max_tokens: int = 4096) -> list[list[str]]:
+        import jax
+
+        from fleming_jax import sampler
+
+        params = sampler.SamplingParams(temperature=temperature, num_samples=n, max_new_tokens=max_tokens)
+        texts = []
+        for start in range(0, len(chats), self.batch_size):
+            key = jax.random.fold_in(jax.random.key(self.seed), self.calls)  # fresh draws per call
+            self.calls += 1
+            texts += sampler.sample_chat(self.model, self.tokenizer, chats[start:start + self.batch_size], key,
+                                         params, self.stop_ids, self.mesh)
+        return texts

@@ -26,7 +26,7 @@ from fleming_jax import models, parallel, rewards, sampler
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import quality
 from fleming_jax.data.records import QARecord, read_jsonl
-from fleming_jax.evaluate import chat_prompts, completion_texts, evaluate_records
+from fleming_jax.evaluate import evaluate_records, record_prompts
 from fleming_jax.train import grpo, mining
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
@@ -88,7 +88,7 @@ class RLTrainer:
                                     f"run `{config.init_from_producer}` first")
         self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
         self.stop_ids = toklib.stop_ids(self.tokenizer)
-        self.prompts = chat_prompts(self.tokenizer, self.records)
+        self.prompts = record_prompts(self.tokenizer, self.records)
         self.mesh = parallel.make_mesh(config.mesh)
         model, _ = models.build(config.model, self.mesh)
         self.tx = statelib.make_optimizer(config.optimizer)
@@ -161,7 +161,7 @@ class RLTrainer:
         prompts = [self.prompts[i] for i in indices]
         out = sampler.generate(self.model(), prompts, key, self.sampling(samples), stop_ids=self.stop_ids,
                                mesh=self.mesh, pad_id=self.tokenizer.pad_token_id or 0)
-        texts = completion_texts(self.tokenizer, out)
+        texts = sampler.completion_texts(self.tokenizer, out)
         scores = [[rewards.score(t, self.records[i], self.config.rl.reward) for t in row]
                   for i, row in zip(indices, texts)]
         return out, texts, scores
