@@ -78,6 +78,9 @@ class RLTrainer:
         self.config, self.workdir, self.main = config, workdir, parallel.is_main_process()
         c = config.rl
         self.records = read_records(config.data.train, "data.train", config.data.producer)
+        if c.max_pool:  # a seeded subset bounds stage 2's scoring pass and stage 1's grading
+            keep = np.random.default_rng(c.seed).permutation(len(self.records))[:c.max_pool]
+            self.records = [self.records[i] for i in sorted(keep)]
         self.eval_records = (read_records(config.data.eval, "data.eval", config.data.producer)[:c.eval_size]
                              if config.data.eval else [])
         if not (config.model.init_from or config.model.hf_path):
