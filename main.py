@@ -19,6 +19,7 @@ TASKS = {
     "rl": "fleming_jax.train.rl:run",
     "distill": "fleming_jax.distill.collect:run",
     "sft": "fleming_jax.train.sft:run",
+    "eval": "fleming_jax.evaluate:run",
 }
 
 FLAGS = flags.FLAGS
