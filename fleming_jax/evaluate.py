@@ -220,10 +220,10 @@ def run(config, workdir: str) -> dict:
 
         summary = evaluate_records(model, tokenizer, records, params, key=jax.random.fold_in(jax.random.key(e.seed), i),
                                    mesh=mesh, batch_size=e.batch_size, progress=progress)
+        outputs = summary.pop("outputs")
         if main:
-            write_jsonl(os.path.join(workdir, "outputs", f"{name}.jsonl"), summary.pop("outputs"))
-        results["benchmarks"][name] = {k: v for k, v in summary.items() if k != "outputs"} | dict(
-            reader=report, seconds=round(time.perf_counter() - t0, 2))
+            write_jsonl(os.path.join(workdir, "outputs", f"{name}.jsonl"), outputs)
+        results["benchmarks"][name] = summary | dict(reader=report, seconds=round(time.perf_counter() - t0, 2))
     keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length")
     results["macro"] = {k: macro_average({n: r[k] for n, r in results["benchmarks"].items()}) for k in keys}
     table = markdown(results)
