@@ -20,6 +20,7 @@ TASKS = {
     "distill": "fleming_jax.distill.collect:run",
     "sft": "fleming_jax.train.sft:run",
     "demo": "fleming_jax.demo:run",
+    "eval": "fleming_jax.evaluate:run",
 }
 
 FLAGS = flags.FLAGS
