@@ -100,6 +100,12 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
+def batch_devices(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the batch axis is split on `mesh` (a batch's rows must divide by it)."""
+    axes = RULES["batch"]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def global_batch(mesh: jax.sharding.Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles each host's slice of the batch into global arrays sharded over `batch`."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)

@@ -109,3 +109,32 @@ def test_on_policy_clipped_gradient_equals_policy_gradient():
 
     for a, b in zip(jax.tree.leaves(jax.grad(clipped)(params)), jax.tree.leaves(jax.grad(reinforce)(params))):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("last", [1, 5, 31, 32])
+def test_completion_window_equals_the_full_sequence(last):
+    """Scoring only the last positions (the rollout's completion window) gives the full
+    sequence's log-probs, entropies, loss and gradient there."""
+    model, _ = models.build(small_model_cfg())
+    graphdef, params = nnx.split(model, nnx.Param)
+    data = global_batch_for_test(length=32)
+    tokens, segments = jnp.asarray(data["tokens"]), jnp.asarray(data["segments"])
+    width = tokens.shape[1]
+    full_lp, full_ent = token_logprobs(model, tokens, segments, chunk_size=8, with_entropy=True)
+    lp, ent = token_logprobs(model, tokens, segments, chunk_size=8, with_entropy=True, last=last)
+    np.testing.assert_allclose(lp, full_lp[:, -last:], atol=1e-6)
+    np.testing.assert_allclose(ent, full_ent[:, -last:], atol=1e-5)
+
+    mask = np.asarray(data["loss_weights"]).copy()
+    mask[:, :width - last] = 0  # the loss lives in the window
+    old = full_lp - 0.1
+    full = dict(tokens=tokens, segments=segments, completion_mask=jnp.asarray(mask),
+                advantages=jnp.linspace(-1, 1, tokens.shape[0]), old_logprobs=old)
+    window = dict(full, completion_mask=full["completion_mask"][:, -last:], old_logprobs=old[:, -last:])
+
+    def loss(p, batch):
+        num, den, _ = grpo.grpo_loss(nnx.merge(graphdef, p), batch, cfg(), chunk_size=8)
+        return num / jnp.maximum(den, 1e-8)
+    np.testing.assert_allclose(loss(params, window), loss(params, full), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, window)), jax.tree.leaves(jax.grad(loss)(params, full))):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -110,3 +110,52 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path):
     config.model.init_from = str(tmp_path / "no_checkpoints")
     with pytest.raises(FileNotFoundError, match="configs/rl_stage1.py"):
         rl.RLTrainer(config, str(tmp_path))
+
+
+def test_rollout_batch_keeps_groups_and_narrows_to_the_longest_kept_completion():
+    from fleming_jax import sampler
+    g, budget = 2, 64
+    tokens = np.arange(3 * g * budget, dtype=np.int32).reshape(3, g, budget) + 100
+    lengths = np.array([[3, 40], [5, 2], [1, 4]])
+    out = sampler.SampleOutput(tokens=tokens, logprobs=-np.ones((3, g, budget), np.float32),
+                               model_logprobs=-np.full((3, g, budget), 0.5, np.float32),
+                               lengths=lengths, done=np.ones((3, g), bool))
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    keep = np.array([False, True, True])
+    batch = rl.rollout_batch(prompts, out, np.array([[9, 9], [1, -1], [2, -2]], np.float32), keep, rows=6)
+    p, window = sampler.bucket(3), sampler.bucket(5)  # longest kept completion: 5 (group 0's 40 is dropped)
+    assert batch["tokens"].shape == batch["segments"].shape == (6, p + window)
+    assert batch["completion_mask"].shape == batch["old_logprobs"].shape == (6, window)
+    # row 0: prompt [4, 5] right-aligned in the prompt bucket, then group 1 sample 0's 5 tokens
+    np.testing.assert_array_equal(batch["tokens"][0, p - 2:p + 5], [4, 5, *tokens[1, 0, :5]])
+    assert batch["tokens"][0, :p - 2].sum() == 0 and batch["tokens"][0, p + 5:].sum() == 0
+    np.testing.assert_array_equal(batch["completion_mask"][0], [1] * 5 + [0] * (window - 5))
+    assert batch["segments"][0].sum() == 7 and batch["old_logprobs"][0].sum() == -2.5
+    np.testing.assert_array_equal(batch["advantages"], [1, -1, 2, -2, 0, 0])
+    assert batch["completion_mask"][4:].sum() == 0 and batch["segments"][4:].sum() == 0  # padding rows
+    np.testing.assert_array_equal(batch["tokens"][3, p - 1:p + 4], [6, *tokens[2, 1, :4]])
+
+
+@pytest.mark.parametrize("kept,total,multiple,rows", [
+    (1, 16, 1, 8), (3, 16, 1, 32), (5, 16, 1, 64), (16, 16, 1, 128), (0, 16, 1, 8),
+    (1, 16, 16, 16),  # rounded up to what minibatches x accumulation x devices divide
+    (3, 3, 8, 24),    # never more than all the groups' rows
+])
+def test_batch_rows(kept, total, multiple, rows):
+    assert rl.batch_rows(kept, 8, total, multiple) == rows
+
+
+def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monkeypatch):
+    """With beta > 0 the frozen reference is scored on the update batch's completion window;
+    at the first step it is the rollout policy, so it matches the sampler's own log-probs."""
+    monkeypatch.setattr(rewards, "score", lambda c, r, cfg=None: dict(reward=float(len(c) % 2), accuracy=0.0,
+                                                                      format=0.0))
+    trainer = rl.RLTrainer(toy_config(toy_run, grpo=dict(beta=0.1)), str(tmp_path))
+    seen = []
+    trainer.update = lambda batch: seen.append(batch) or {}
+    trainer.one_step(0)
+    batch = seen[0]
+    assert batch["ref_logprobs"].shape == batch["completion_mask"].shape
+    mask = batch["completion_mask"] > 0
+    assert mask.sum() > 0
+    np.testing.assert_allclose(batch["ref_logprobs"][mask], batch["old_logprobs"][mask], atol=2e-5)

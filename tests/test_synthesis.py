@@ -156,4 +156,24 @@ def test_rewrite_changes_the_stem_not_the_answer_and_reasoning_follows_the_path(
     r = plain[0]
     text = synthesis.reasoning(r.meta["kg_path"])
     assert text.endswith(f"So the answer is {r.options[r.answer]}.")
-    assert len(text.splitlines()) == len(r.meta["kg_path"]["edges"]) + 1
+    edges = r.meta["kg_path"]["edges"]
+    heads = [(e["head"], e["relation"]) for e in edges]
+    sentences = 1 + sum(a != b for a, b in zip(heads, heads[1:]))  # one per run of (head, relation)
+    assert len(text.splitlines()) == sentences + 1
+    names = {n["id"]: n["name"] for n in r.meta["kg_path"]["nodes"]}
+    for e in edges:  # every fact on the path is stated
+        assert names[e["tail"]][1:] in text
+
+
+def test_reasoning_states_each_head_and_relation_once():
+    path = {"nodes": [{"id": "d", "name": "Foo syndrome", "type": "disease"},
+                      {"id": "p1", "name": "Short stature", "type": "phenotype"},
+                      {"id": "p2", "name": "EEG abnormality", "type": "phenotype"},
+                      {"id": "g", "name": "FOO1", "type": "gene"}],
+            "edges": [{"head": "d", "relation": "has_phenotype", "tail": "p1"},
+                      {"head": "d", "relation": "has_phenotype", "tail": "p2"},
+                      {"head": "d", "relation": "associated_gene", "tail": "g"}],
+            "answer": "g"}
+    assert synthesis.reasoning(path) == ("Foo syndrome presents with short stature and EEG abnormality.\n"
+                                         "Foo syndrome is associated with variants in FOO1.\n"
+                                         "So the answer is FOO1.")

@@ -324,11 +324,23 @@ def synthesize(kg: KG, cfg: SynthConfig = SynthConfig(), mentions: Counter | Non
 
 
 def reasoning(kg_path: dict) -> str:
-    """A plain chain of facts along the path, for a KG-grounded chain of thought."""
+    """A plain chain of facts along the path, for a KG-grounded chain of thought.
+
+    Consecutive edges with the same head and relation make one sentence ("X presents with
+    a, b and c."): the facts stay complete while the trace stays short, which matters for a
+    small model trained on it.
+    """
     names = {n["id"]: n["name"] for n in kg_path["nodes"]}
     verbs = {"has_phenotype": "presents with", "associated_gene": "is associated with variants in",
              "indication": "is indicated for", "contraindication": "is contraindicated in",
              "is_a": "is a kind of", "side_effect": "can cause"}
-    lines = [f"{names[e['head']]} {verbs.get(e['relation'], e['relation'].replace('_', ' '))} "
-             f"{names[e['tail']]}." for e in kg_path["edges"]]
+    groups: list[tuple[str, str, list[str]]] = []
+    for e in kg_path["edges"]:
+        if groups and groups[-1][:2] == (e["head"], e["relation"]):
+            groups[-1][2].append(names[e["tail"]])
+        else:
+            groups.append((e["head"], e["relation"], [names[e["tail"]]]))
+    lines = [f"{names[head]} {verbs.get(relation, relation.replace('_', ' '))} {_phrase(tails)}."
+             for head, relation, tails in groups]
     return "\n".join(lines + [f"So the answer is {names[kg_path['answer']]}."])
+

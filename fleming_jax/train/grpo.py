@@ -86,17 +86,18 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normalizer: floa
 def grpo_loss(model, batch, cfg, chunk_size: int = 256):
     """The loss the train step differentiates: (numerator, denominator, metric sums).
 
-    batch: tokens/segments [B, T] (prompt + completion, left-padded), completion_mask [B, T]
-    (1 on completion tokens, aligned with the predicted token), advantages [B],
-    old_logprobs [B, T], and ref_logprobs [B, T] when cfg.beta > 0.
+    batch: tokens/segments [B, T] (prompt + completion, left-padded), advantages [B], and the
+    per-token arrays completion_mask, old_logprobs (and ref_logprobs when cfg.beta > 0) as
+    [B, C] over the last C positions (the completion window; C = T is the whole sequence).
+    Only the window is unembedded.
     """
     want_entropy = bool(cfg.entropy_coef) or cfg.log_entropy
+    mask = batch["completion_mask"]
     out = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size,
-                         with_entropy=want_entropy)
+                         with_entropy=want_entropy, last=mask.shape[1])
     logp, entropy = out if want_entropy else (out, None)
     loss, token_metrics = token_terms(logp, batch["old_logprobs"], batch["advantages"], cfg,
                                       batch.get("ref_logprobs"), entropy)
-    mask = batch["completion_mask"]
     num, den = aggregate(loss, mask, cfg.aggregation, cfg.loss_normalizer)
     tokens = jnp.maximum(mask.sum(), 1.0)
     # Token means per microbatch; the train step averages them over microbatches.

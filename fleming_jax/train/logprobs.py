@@ -12,14 +12,18 @@ import jax.numpy as jnp
 
 
 def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: int = 256,
-                   temperature: float = 1.0, with_entropy: bool = False):
+                   temperature: float = 1.0, with_entropy: bool = False, last: int | None = None):
     """`out[:, t] = log p(tokens[:, t] | tokens[:, :t])` for t >= 1; `out[:, 0] = 0`.
 
     With `with_entropy`, also returns the entropy of each predictive distribution, aligned
     the same way. `temperature` divides the logits (the sampling distribution's log-probs).
+    With `last`, only the last `last` positions are scored and `out` is [B, last], aligned
+    with `tokens[:, -last:]`: a completion window skips the unembedding of the prompt.
     """
     hidden, _ = model.hidden_states(tokens, attention_mask, positions)
-    h, targets = hidden[:, :-1], tokens[:, 1:]
+    width = tokens.shape[1]
+    skip = 0 if last is None else width - min(last, width)  # unscored leading positions
+    h, targets = hidden[:, max(skip - 1, 0):-1], tokens[:, max(skip, 1):]
     batch, length = targets.shape
     chunk = max(1, min(chunk_size, length))
     n_chunks = -(-length // chunk)
@@ -39,7 +43,7 @@ def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: in
         return picked, entropy
 
     picked, entropy = jax.lax.map(one_chunk, (h, t))
-    unchunk = lambda x: jnp.pad(x.swapaxes(0, 1).reshape(batch, -1)[:, :length], ((0, 0), (1, 0)))
+    unchunk = lambda x: jnp.pad(x.swapaxes(0, 1).reshape(batch, -1)[:, :length], ((0, 0), (int(skip == 0), 0)))
     if with_entropy:
         return unchunk(picked), unchunk(entropy)
     return unchunk(picked)

@@ -45,29 +45,44 @@ def read_records(path: str, key: str, producer: str) -> list[QARecord]:
 
 def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantages: np.ndarray,
                   keep: np.ndarray, rows: int) -> dict[str, np.ndarray]:
-    """The train batch of a rollout: prompt + completion per sample (prompt left-padded),
-    masks, the rollout's log-probs and advantages; groups not in `keep` are left out and
-    the batch is padded to `rows` with masked dummy rows (static shapes)."""
+    """The train batch of a rollout: tokens/segments [rows, P + C] (each prompt right-aligned
+    in the prompt bucket P, its completion after it), the completion window's mask and
+    rollout log-probs [rows, C], and advantages [rows]; groups not in `keep` are left out
+    and the batch is padded to `rows` with masked dummy rows.
+
+    C is the power of two that holds the longest kept completion (replies that stop early
+    make a narrower batch), so a run compiles a few update programs.
+    """
     n, g, budget = out.tokens.shape
-    width = sampler.bucket(max(map(len, prompts))) + sampler.bucket(budget)
-    batch = dict(tokens=np.zeros((rows, width), np.int32), segments=np.zeros((rows, width), np.int32),
-                 completion_mask=np.zeros((rows, width), np.float32),
-                 old_logprobs=np.zeros((rows, width), np.float32), advantages=np.zeros((rows,), np.float32))
+    prompt_width = sampler.bucket(max(map(len, prompts)))
+    longest = int(out.lengths[keep].max()) if keep.any() else 1
+    window = min(sampler.bucket(longest), sampler.bucket(budget))
+    batch = dict(tokens=np.zeros((rows, prompt_width + window), np.int32),
+                 segments=np.zeros((rows, prompt_width + window), np.int32),
+                 completion_mask=np.zeros((rows, window), np.float32),
+                 old_logprobs=np.zeros((rows, window), np.float32), advantages=np.zeros((rows,), np.float32))
     r = 0
     for i in np.flatnonzero(keep):
         p = prompts[i]
-        start = sampler.bucket(max(map(len, prompts))) - len(p)
         for s in range(g):
             length = int(out.lengths[i, s])
-            end = start + len(p) + length
-            batch["tokens"][r, start:start + len(p)] = p
-            batch["tokens"][r, start + len(p):end] = out.tokens[i, s, :length]
-            batch["segments"][r, start:end] = 1
-            batch["completion_mask"][r, start + len(p):end] = 1
-            batch["old_logprobs"][r, start + len(p):end] = out.model_logprobs[i, s, :length]
+            batch["tokens"][r, prompt_width - len(p):prompt_width] = p
+            batch["tokens"][r, prompt_width:prompt_width + length] = out.tokens[i, s, :length]
+            batch["segments"][r, prompt_width - len(p):prompt_width + length] = 1
+            batch["completion_mask"][r, :length] = 1
+            batch["old_logprobs"][r, :length] = out.model_logprobs[i, s, :length]
             batch["advantages"][r] = advantages[i, s]
             r += 1
     return batch
+
+
+def batch_rows(kept_groups: int, group_size: int, total_groups: int, multiple: int) -> int:
+    """Rows of the update batch for `kept_groups` groups: the kept groups rounded up to a
+    power of two (a few compiled shapes, little padding), made a multiple of `multiple`
+    (minibatches x grad accumulation x batch devices), at most all the groups' rows."""
+    total = total_groups * group_size
+    rows = -(-sampler.bucket(kept_groups, minimum=1) * group_size // multiple) * multiple
+    return min(rows, total) if total % multiple == 0 else rows
 
 
 class RLTrainer:
@@ -100,9 +115,12 @@ class RLTrainer:
         loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, c.grad_accum_steps, self.mesh,
                                                 shardings)
-        logprobs = jax.jit(lambda p, tokens, segments: token_logprobs(
-            nnx.merge(self.graphdef, p), tokens, segments, chunk_size=c.logprob_chunk))
-        self.logprobs = lambda p, b: self._on_mesh(logprobs, p, b["tokens"], b["segments"])
+        logprobs = jax.jit(lambda p, tokens, segments, last: token_logprobs(
+            nnx.merge(self.graphdef, p), tokens, segments, chunk_size=c.logprob_chunk, last=last),
+            static_argnums=3)
+        # the reference policy's log-probs over the batch's completion window
+        self.ref_logprobs = lambda b: self._on_mesh(logprobs, self.reference, b["tokens"], b["segments"],
+                                                    b["completion_mask"].shape[1])
         self.miner = mining.Miner(self.records, mining.MinerConfig(
             **{k: tuple(v) if k == "right_to_wrong" else v for k, v in c.miner.items()}))
         self.rng = np.random.default_rng(c.seed)
@@ -255,10 +273,11 @@ class RLTrainer:
         metrics = {}
         if keep.any():
             prompts = [self.prompts[i] for i in indices]
-            rows = len(indices) * c.group_size
+            multiple = c.minibatches * c.grad_accum_steps * parallel.batch_devices(self.mesh)
+            rows = batch_rows(int(keep.sum()), c.group_size, len(indices), multiple)
             batch = rollout_batch(prompts, out, advantages, keep, rows)
             if c.grpo.beta:
-                batch["ref_logprobs"] = np.asarray(self.logprobs(self.reference, parallel.global_batch(self.mesh, batch)))
+                batch["ref_logprobs"] = parallel.to_host(self.ref_logprobs(parallel.global_batch(self.mesh, batch)))
             metrics = self.update(batch)
         t2 = time.perf_counter()
         lengths = out.lengths.astype(float)

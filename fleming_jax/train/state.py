@@ -45,13 +45,19 @@ def make_optimizer(opt) -> optax.GradientTransformation:
 
 
 def init_state(model, tx: optax.GradientTransformation, mesh=None):
-    """(graphdef, TrainState); with a mesh the optimizer state is created in its shards."""
+    """(graphdef, TrainState); with a mesh the optimizer state is created in its shards.
+
+    Every leaf is committed where the train step's outputs land (the default device, or
+    the state's shardings): jit keys its cache on that, so a mix would compile twice.
+    """
     graphdef, params = nnx.split(model, nnx.Param)
-    init_opt = tx.init
-    if mesh is not None:
-        abstract = jax.eval_shape(tx.init, params)
-        init_opt = jax.jit(tx.init, out_shardings=parallel.tree_shardings(abstract, mesh))
-    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params))
+    if mesh is None:
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return graphdef, jax.device_put(state, jax.devices()[0])
+    abstract = jax.eval_shape(tx.init, params)
+    init_opt = jax.jit(tx.init, out_shardings=parallel.tree_shardings(abstract, mesh))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params))
+    return graphdef, jax.device_put(state, state_shardings(state, mesh))
 
 
 def state_shardings(state: TrainState, mesh) -> TrainState:
