@@ -28,6 +28,9 @@ config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory, local or gs:// (default: runs/<task>).")
 flags.mark_flags_as_required(["config"])
+# Library INFO logs (orbax writes several lines per checkpoint) would bury the progress
+# lines each task prints; --verbosity=0 brings them back.
+FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def run_task(config, workdir: str):

@@ -4,7 +4,8 @@ synthesize -> distill (KG teacher) -> sft (from random init) -> rl_stage1 -> rl_
 export, each stage in its own subfolder of the workdir. A stage that finished leaves a
 DONE file and is skipped on a rerun; one that crashed resumes from its checkpoints. The
 held-out synthesised questions are evaluated (greedy) at random init and after each
-training stage; `report.json`, `report.md` and PNG plots land in the workdir.
+training stage (outputs in `held_out/<stage>.jsonl`); `report.json`, `report.md` and PNG
+plots land in the workdir.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 from fleming_jax import models, parallel
 from fleming_jax import tokenizer as toklib
-from fleming_jax.data.records import QARecord, read_jsonl
+from fleming_jax.data.records import QARecord, read_jsonl, write_jsonl
 from fleming_jax.evaluate import evaluate_records
 from fleming_jax.sampler import SamplingParams
 
@@ -36,20 +37,25 @@ def stage_runner(name: str):
 
 
 def held_out_accuracy(config, stage: str, workdir: str, records: list[QARecord]) -> dict:
-    """Greedy accuracy of a stage's model on the held-out questions."""
+    """Greedy accuracy of a stage's model on the held-out questions; the per-question
+    outputs go to `<workdir>/held_out/<stage>.jsonl` for inspection."""
     model_cfg = config.stages.sft.model.copy_and_resolve_references()  # the architecture all stages share
     model_cfg.init_from = "" if stage == "init" else os.path.join(workdir, stage, "checkpoints")
     model, _ = models.build(model_cfg)
     tokenizer = toklib.load(os.path.join(workdir, "sft", "tokenizer"))
     params = SamplingParams(temperature=0.0, max_new_tokens=config.demo.eval_max_new_tokens)
     result = evaluate_records(model, tokenizer, records, params, toklib.stop_ids(tokenizer))
+    if parallel.is_main_process():
+        write_jsonl(os.path.join(workdir, "held_out", f"{stage}.jsonl"), result["outputs"])
     result.pop("outputs")
     return result
 
 
 def wire(config, workdir: str) -> None:
-    """Points each stage's inputs at the previous stages' folders under `workdir`."""
+    """Points each stage's inputs at the previous stages' folders under `workdir`, and hands
+    `config.seed` to every training stage (model init, SFT data order, RL sampling)."""
     s, at = config.stages, lambda *p: os.path.join(workdir, *p)
+    s.sft.model.seed = s.sft.data.seed = s.rl_stage1.rl.seed = s.rl_stage2.rl.seed = config.seed
     s.distill.data.update(train=at("synthesize", "train.jsonl"), validation=at("synthesize", "validation.jsonl"))
     s.sft.data.update(train=at("distill", "train.jsonl"), eval=at("distill", "validation.jsonl"))
     for stage, start in (("rl_stage1", "sft"), ("rl_stage2", "rl_stage1")):

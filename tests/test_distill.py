@@ -31,7 +31,10 @@ def test_kg_teacher_writes_verified_replies_from_the_graph_path(kg_records):
         chat = collect.first_chat(r, answer_conditioned=True)
         (reply,) = teacher.complete(chat)
         assert rewards.is_correct(reply, r) and rewards.format_ok(reply), reply
-        assert r.meta["kg_path"]["nodes"][0]["name"] in reply
+        assert r.meta["kg_path"]["nodes"][0]["name"][1:] in reply  # (first letter lower-cased in a list)
+        # the options are checked in order, and only the answer's line says yes
+        checks = [line for line in reply.splitlines() if line[:3] in {f"{x}. " for x in r.options}]
+        assert checks == [f"{x}. {text}: {'yes' if x == r.answer else 'no'}" for x, text in r.options.items()]
     assert teacher.complete([{"role": "user", "content": "unknown question"}], n=2) == ["", ""]
 
 

@@ -344,3 +344,12 @@ def reasoning(kg_path: dict) -> str:
              for head, relation, tails in groups]
     return "\n".join(lines + [f"So the answer is {names[kg_path['answer']]}."])
 
+
+def option_check(options: dict[str, str], answer: str) -> str:
+    """One line per option, in order, with the graph's verdict ("D. Foo syndrome: yes").
+
+    The step a reader takes from the entity the path reaches to the option letter: a small
+    model that names the right entity still has to find which letter holds it, and this
+    spells that step out (the distractors are graph-checked not to fit).
+    """
+    return "\n".join(f"{letter}. {text}: {'yes' if letter == answer else 'no'}" for letter, text in options.items())

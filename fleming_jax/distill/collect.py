@@ -157,7 +157,7 @@ def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConf
     if done:
         progress(f"resuming {log_path}: {len(done)} records done, {len(todo)} to ask")
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    t0 = time.perf_counter()
+    t0 = last_report = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log:
         for start in range(0, len(todo), cfg.chunk):
             for out in collect_chunk(todo[start:start + cfg.chunk], teacher, cfg):
@@ -166,7 +166,9 @@ def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConf
             log.flush()
             os.fsync(log.fileno())
             n = min(start + cfg.chunk, len(todo))
-            progress(f"{n}/{len(todo)} records asked ({n / (time.perf_counter() - t0):.1f}/s)")
+            if time.perf_counter() - last_report > 10 or n == len(todo):  # a line per 10 s at most
+                last_report = time.perf_counter()
+                progress(f"{n}/{len(todo)} records asked ({n / (last_report - t0):.1f}/s)")
     return [done[r.id] for r in records if r.id in done]
 
 

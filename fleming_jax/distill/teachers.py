@@ -177,7 +177,8 @@ def _seconds(value: str | None) -> float | None:
 
 
 class KGTeacher(Teacher):
-    """Writes the chain of thought of a KG-synthesised question from its `meta.kg_path`.
+    """Writes the chain of thought of a KG-synthesised question from its `meta.kg_path`:
+    the facts along the path, then each option checked against the entity it reaches.
 
     Offline and deterministic: it is the tiny demo's teacher, and a grounded one for
     synthetic items. It sees only chat messages like any teacher, so it finds the record
@@ -200,7 +201,8 @@ class KGTeacher(Teacher):
         path = (record.meta or {}).get("kg_path") if record else None
         if not path:
             return [""] * n
-        return [format_reply(synthesis.reasoning(path), record.answer)] * n
+        thought = synthesis.reasoning(path) + "\n" + synthesis.option_check(record.options, record.answer)
+        return [format_reply(thought, record.answer)] * n
 
     def _find(self, text: str):
         for length in self._lengths:
