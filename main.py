@@ -19,6 +19,8 @@ TASKS = {
     "rl": "fleming_jax.train.rl:run",
     "distill": "fleming_jax.distill.collect:run",
     "sft": "fleming_jax.train.sft:run",
+    "demo": "fleming_jax.demo:run",
+    "eval": "fleming_jax.evaluate:run",
 }
 
 FLAGS = flags.FLAGS

@@ -50,6 +50,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         logprob_chunk=256,
         drop_zero_advantage_groups=True,  # groups whose rewards are all equal teach nothing
         seed=0,
+        max_pool=0,  # train on a seeded subset of this many questions (0: all)
         stage1_mix={"Easy": 1.0, "Moderate": 1.0},  # the paper's 1:1 blend
         grade_k=4 if tiny else 0,  # grade ungraded records by the start policy's pass rate (k tries)
         score_k=0,  # stage 2's scoring pass

@@ -1,18 +1,32 @@
 """Closed-ended accuracy of a model on QA records, through the sampler and the reward code.
 
-The RL stages call `evaluate_records` for held-out accuracy curves; the benchmark harness
-(task `eval`) builds on the same function.
+`evaluate_records` is the library call (the RL stages' held-out curve, the demo): records in,
+summary dict out, no files. `run` is task `eval`: any checkpoint on any set of benchmark
+files, with `results.json`, a `results.md` laid out like the paper's Table 3, and the
+per-question outputs. A question is scored in one place, `score_question`, with the same
+reward code training uses, so an eval number and a training reward never disagree.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import collections
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from fleming_jax import rewards, sampler
-from fleming_jax.data.records import QARecord, user_prompt
+from fleming_jax import parallel, rewards, sampler
+from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
+
+# What PAPER.md states of the published results; it gives no other per-benchmark numbers.
+PUBLISHED = ("Published (arXiv 2509.15279; only these are stated): macro average over 9 benchmarks, "
+             "Fleming-R1-7B 63.4 (base 55.4, +cold start 58.5, +stage 1 61.2) and Fleming-R1-32B 75.4 "
+             "(base 72.9, +cold start 74.5); Fleming-R1-32B on MedXpertQA 30.33. Avg above is over the "
+             "benchmarks of this run, comparable only when they are the paper's nine.")
 
 
 def record_prompts(tokenizer, records: Sequence[QARecord]) -> list[list[int]]:
@@ -20,22 +34,203 @@ def record_prompts(tokenizer, records: Sequence[QARecord]) -> list[list[int]]:
     return sampler.chat_prompts(tokenizer, [[{"role": "user", "content": user_prompt(r)}] for r in records])
 
 
-def evaluate_records(model, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams,
-                     stop_ids: Sequence[int], key=None, mesh=None, batch_size: int = 64) -> dict:
-    """accuracy (pass@1 averaged over samples), format error rate, mean completion length
-    and per-question outputs."""
+# ---------------------------------------------------------------- the math (pure)
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """The most frequent extracted answer (None = no answer, never a candidate); a tie goes to
+    the answer seen first, so the vote is deterministic and k=1 votes for its one sample."""
+    counts = collections.Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def pass_at_1(correct: Sequence[bool]) -> float:
+    """pass@1 of one question estimated from k samples: the share that are correct."""
+    return float(np.mean(correct))
+
+
+def macro_average(values: Mapping[str, float]) -> float:
+    """Unweighted mean over benchmarks (the paper's Avg): every benchmark counts the same."""
+    return float(np.mean(list(values.values())))
+
+
+def score_question(record: QARecord, completions: Sequence[str], lengths: Sequence[int]) -> dict:
+    """The one place a question is scored: per sample the extracted answer, correctness and
+    format (the rewards' own terms) and length; then the vote and whether it is right.
+    A sample is correct exactly when its extracted answer is the reference, so the vote is
+    right when the samples that cast it are."""
+    scores = [rewards.score(t, record) for t in completions]
+    extracted = [rewards.extract_answer(t, record) for t in completions]
+    correct = [s["accuracy"] == 1.0 for s in scores]
+    vote = majority_vote(extracted)
+    return dict(id=record.id, gold=record.answer, completions=list(completions), extracted=extracted,
+                correct=correct, format=[s["format"] == 1.0 for s in scores], lengths=[int(n) for n in lengths],
+                vote=vote, vote_correct=vote is not None and any(c for a, c in zip(extracted, correct) if a == vote))
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """accuracy = pass@1 averaged over questions; majority_accuracy = accuracy of the vote;
+    format_error_rate and mean_length (tokens, stop token included) over all samples."""
+    return dict(n=len(rows), accuracy=float(np.mean([pass_at_1(r["correct"]) for r in rows])),
+                majority_accuracy=float(np.mean([r["vote_correct"] for r in rows])),
+                format_error_rate=1.0 - float(np.mean([f for r in rows for f in r["format"]])),
+                mean_length=float(np.mean([n for r in rows for n in r["lengths"]])))
+
+
+# ---------------------------------------------------------------- through the sampler
+
+def sample_texts(model, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams,
+                 stop_ids: Sequence[int], key, mesh=None) -> tuple[list[list[str]], np.ndarray]:
+    """(completions [records][k], lengths [records, k]) for one batch of records."""
+    out = sampler.generate(model, record_prompts(tokenizer, records), key, params, stop_ids=stop_ids, mesh=mesh,
+                           pad_id=tokenizer.pad_token_id or 0)
+    return sampler.completion_texts(tokenizer, out), out.lengths
+
+
+def evaluate_records(model, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams | None = None,
+                     stop_ids: Sequence[int] | None = None, key=None, mesh=None, batch_size: int = 64,
+                     progress: Callable[[int, int, list[dict]], None] | None = None) -> dict:
+    """`summarize`'s numbers plus `outputs` (one `score_question` row per record); writes nothing.
+    Defaults: greedy with 256 new tokens, the tokenizer's stop tokens. `progress(done, total,
+    rows)` is called after each batch."""
+    from fleming_jax import tokenizer as toklib
+
+    if not records:
+        raise ValueError("evaluate_records needs at least one record")
+    params = params or sampler.SamplingParams(temperature=0.0)
+    stop_ids = toklib.stop_ids(tokenizer) if stop_ids is None else stop_ids
     key = jax.random.key(0) if key is None else key
-    rows, acc, fmt, lengths = [], [], [], []
+    rows = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        out = sampler.generate(model, record_prompts(tokenizer, batch), jax.random.fold_in(key, start), params,
-                               stop_ids=stop_ids, mesh=mesh, pad_id=tokenizer.pad_token_id or 0)
-        for record, texts, n in zip(batch, sampler.completion_texts(tokenizer, out), out.lengths):
-            scores = [rewards.score(t, record) for t in texts]
-            acc.append(np.mean([s["accuracy"] for s in scores]))
-            fmt.append(np.mean([s["format"] for s in scores]))
-            lengths.append(float(np.mean(n)))
-            rows.append(dict(id=record.id, answer=record.answer, completions=texts,
-                             extracted=[rewards.extract_answer(t, record) for t in texts]))
-    return dict(accuracy=float(np.mean(acc)), format_error_rate=1.0 - float(np.mean(fmt)),
-                mean_length=float(np.mean(lengths)), n=len(records), outputs=rows)
+        texts, lengths = sample_texts(model, tokenizer, batch, params, stop_ids, jax.random.fold_in(key, start), mesh)
+        rows += [score_question(r, t, n) for r, t, n in zip(batch, texts, lengths)]
+        if progress:
+            progress(len(rows), len(records), rows)
+    return summarize(rows) | dict(outputs=rows)
+
+
+# ---------------------------------------------------------------- task `eval`
+
+def read_benchmarks(specs, limit: int = 0) -> list[tuple[str, list[QARecord], dict]]:
+    """(name, records, reader report) per `config.benchmarks` entry; a missing file names the
+    entry's config key and, where the entry says, the command that makes it."""
+    from fleming_jax.data import sources
+
+    out, names = [], set()
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        fmt, path, producer = spec.pop("format", None), spec.pop("path", None), spec.pop("producer", None)
+        if not fmt or not path:
+            raise ValueError(f"config.benchmarks[{i}]: needs `format` and `path`, got {spec}")
+        name = spec.pop("name", None) or fmt
+        if name in names:
+            raise ValueError(f"config.benchmarks[{i}]: two benchmarks named {name!r}; give each a distinct `name`")
+        names.add(name)
+        try:
+            records, report = sources.read_source(fmt, path, name, **spec)
+        except FileNotFoundError as e:
+            hint = f"run `{producer}` first, or point" if producer else "point"
+            raise FileNotFoundError(f"config.benchmarks[{i}] ({name}): {path} does not exist; {hint} "
+                                    f"config.benchmarks[{i}].path at the benchmark's file") from e
+        if not records:
+            raise ValueError(f"config.benchmarks[{i}] ({name}): no usable question in {path}; "
+                             f"reader report {report.to_dict()}")
+        out.append((name, records[:limit] if limit else records, report.to_dict()))
+    return out
+
+
+def load_model(config, mesh):
+    """(model, tokenizer, label) for `config.model` and `config.tokenizer`, refusing a missing
+    checkpoint (naming its producer), an ambiguous source, or a tokenizer the model cannot embed."""
+    from fleming_jax import models
+    from fleming_jax import tokenizer as toklib
+
+    m = config.model
+    if m.init_from and m.hf_path:
+        raise ValueError(f"config.model.init_from={m.init_from} and config.model.hf_path={m.hf_path} are both set; "
+                         "clear one (e.g. --config.model.init_from= to evaluate the HF model)")
+    if m.init_from and "://" not in m.init_from and not os.path.exists(m.init_from):
+        raise FileNotFoundError(f"config.model.init_from={m.init_from} does not exist; run "
+                                f"`{config.init_from_producer}` first, or evaluate another model with "
+                                "--config.model.init_from=<checkpoints> or --config.model.hf_path=<HF dir>")
+    path = config.tokenizer or m.hf_path
+    if not path:
+        raise ValueError("config.tokenizer is empty and there is no config.model.hf_path to take it from")
+    if "://" not in path and not os.path.exists(path):
+        raise FileNotFoundError(f"config.tokenizer={path} does not exist; run `{config.tokenizer_producer}` "
+                                "first, or point --config.tokenizer at the model's tokenizer directory")
+    tokenizer = toklib.load(path)
+    vocab = models.config_from(m).vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(f"vocab mismatch: the tokenizer at {path} has {len(tokenizer)} tokens but the model's "
+                         f"vocab_size is {vocab}; evaluate with the tokenizer the model was trained with")
+    model, _ = models.build(m, mesh)
+    label = config.eval.model_name or m.init_from or m.hf_path or f"random {m.preset} (seed {m.seed})"
+    return model, tokenizer, label
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def markdown(results: dict) -> str:
+    """Table 3's layout (rows = model, columns = benchmarks + Avg, accuracy in %), then the
+    per-benchmark details and the published numbers PAPER.md gives."""
+    names, k = list(results["benchmarks"]), results["sampling"]["num_samples"]
+    b, macro, model = results["benchmarks"], results["macro"], results["model"]
+    kinds = [("accuracy", "greedy" if results["sampling"]["temperature"] == 0 else "pass@1")]
+    if k > 1:
+        kinds = [("accuracy", f"pass@1, k={k}"), ("majority_accuracy", f"maj@{k}")]
+    lines = ["| Model | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
+    lines += [f"| {model} ({what}) | " + " | ".join(_pct(b[n][key]) for n in names) + f" | {_pct(macro[key])} |"
+              for key, what in kinds]
+    lines += ["", "| benchmark | questions | dropped by reader | pass@1 | majority | format errors | mean length |",
+              "|---|---|---|---|---|---|---|"]
+    for n in names:
+        r = b[n]
+        dropped = ", ".join(f"{why} {c}" for why, c in r["reader"]["dropped"].items()) or "0"
+        lines.append(f"| {n} | {r['n']} | {dropped} | {_pct(r['accuracy'])} | {_pct(r['majority_accuracy'])} | "
+                     f"{_pct(r['format_error_rate'])} | {r['mean_length']:.1f} |")
+    return "\n".join(lines + ["", PUBLISHED, ""])
+
+
+def run(config, workdir: str) -> dict:
+    """Task `eval`: writes `results.json`, `results.md` and `outputs/<benchmark>.jsonl`."""
+    e, main = config.eval, parallel.is_main_process()
+    if e.samples > 1 and e.temperature == 0:
+        raise ValueError(f"config.eval.samples={e.samples} with temperature 0 gives {e.samples} identical greedy "
+                         "samples; set --config.eval.temperature (e.g. 0.6) or samples=1")
+    benchmarks = read_benchmarks(config.benchmarks, e.limit)
+    mesh = parallel.make_mesh(config.mesh)
+    model, tokenizer, label = load_model(config, mesh)
+    params = sampler.SamplingParams(temperature=e.temperature, top_p=e.top_p, num_samples=e.samples,
+                                    max_new_tokens=e.max_new_tokens)
+    log = (lambda msg: print(f"[eval] {msg}", flush=True)) if main else (lambda msg: None)
+    log(f"{label} on {', '.join(n for n, _, _ in benchmarks)}; {params}")
+    results = dict(model=label, sampling=dataclasses.asdict(params), benchmarks={})
+    for i, (name, records, report) in enumerate(benchmarks):
+        t0 = time.perf_counter()
+
+        def progress(done, total, rows, name=name, t0=t0):
+            log(f"{name}: {done}/{total} questions, pass@1 {summarize(rows)['accuracy']:.3f} "
+                f"({time.perf_counter() - t0:.1f}s)")
+
+        summary = evaluate_records(model, tokenizer, records, params, key=jax.random.fold_in(jax.random.key(e.seed), i),
+                                   mesh=mesh, batch_size=e.batch_size, progress=progress)
+        outputs = summary.pop("outputs")
+        if main:
+            write_jsonl(os.path.join(workdir, "outputs", f"{name}.jsonl"), outputs)
+        results["benchmarks"][name] = summary | dict(reader=report, seconds=round(time.perf_counter() - t0, 2))
+    keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length")
+    results["macro"] = {k: macro_average({n: r[k] for n, r in results["benchmarks"].items()}) for k in keys}
+    table = markdown(results)
+    if main:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(table)
+        log(f"results in {workdir}/results.json, results.md, outputs/\n{table}")
+    return results

@@ -142,15 +142,16 @@ def test_http_teacher_collection_is_killed_and_resumes_without_asking_twice(tmp_
         first.wait()
         written = {json.loads(line)["id"] for line in log.read_text().splitlines() if line.endswith("}")}
         assert 12 <= len(written) < n
-        asks_before = dict(server.first_asks)
         second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 0, second.stderr[-3000:]
     finally:
         server.shutdown()
     assert f"{len(written)} records done" in second.stdout
     for i in range(n):
-        expected = 1 + (f"q{i}" not in written and asks_before.get(i, 0) > 0)  # in flight at the kill
-        assert server.first_asks[i] == expected, (i, server.first_asks[i])
+        # Done records are never asked again; one in flight at the kill may be asked twice (its
+        # request can reach the server's handler thread just after the kill).
+        allowed = (1,) if f"q{i}" in written else (1, 2)
+        assert server.first_asks[i] in allowed, (i, server.first_asks[i])
     assert sum(server.first_asks.values()) - n <= 4  # at most one chunk was in flight
     sft = list(read_jsonl(tmp_path / "out" / "train.jsonl"))
     assert [s["id"] for s in sft] == [f"q{i}" for i in range(n)]  # none lost, none twice, in order

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import time
 
 import jax
@@ -27,7 +26,7 @@ from fleming_jax import tokenizer as toklib
 from fleming_jax.data import quality
 from fleming_jax.data.records import QARecord, read_jsonl
 from fleming_jax.evaluate import evaluate_records, record_prompts
-from fleming_jax.train import grpo, mining
+from fleming_jax.train import checkpoint, grpo, mining
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
 from fleming_jax.train.metrics import MetricsWriter
@@ -78,6 +77,9 @@ class RLTrainer:
         self.config, self.workdir, self.main = config, workdir, parallel.is_main_process()
         c = config.rl
         self.records = read_records(config.data.train, "data.train", config.data.producer)
+        if c.max_pool:  # a seeded subset bounds stage 2's scoring pass and stage 1's grading
+            keep = np.random.default_rng(c.seed).permutation(len(self.records))[:c.max_pool]
+            self.records = [self.records[i] for i in sorted(keep)]
         self.eval_records = (read_records(config.data.eval, "data.eval", config.data.producer)[:c.eval_size]
                              if config.data.eval else [])
         if not (config.model.init_from or config.model.hf_path):
@@ -200,41 +202,40 @@ class RLTrainer:
         step = self.restore()
         if step == 0:
             self.prepare_pool()
-        stop = []
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
         writer = MetricsWriter(self.workdir, self.main)
         rows = []
-        try:
-            while step < c.steps and not stop:
-                row = self.one_step(step)
-                step += 1
-                row["step"] = step
-                if self.eval_records and (step % c.eval_every == 0 or step == c.steps):
-                    greedy = self.sampling(1, temperature=0.0)
-                    row["eval_accuracy"] = evaluate_records(self.model(), self.tokenizer, self.eval_records, greedy,
-                                                            self.stop_ids, mesh=self.mesh)["accuracy"]
-                rows.append(row)
-                writer.write({k: v for k, v in row.items() if not isinstance(v, list)})
-                self._log(f"step {step}/{c.steps} reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
-                          f"len {row['completion_length']:.0f} zero-adv {row['zero_advantage_groups']:.2f}"
-                          + (f" eval {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
-                          + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)")
-                plateau = c.stage == 1 and self.sparse_steps >= c.sparsity_patience
-                if step % self.config.checkpoint.every == 0 or step == c.steps or plateau:
-                    self.save(step)
-                if on_step:
-                    on_step(step)
-                if plateau:
-                    self._log(f"reward sparsity above {c.sparsity_threshold} for {self.sparse_steps} steps: "
-                              "stage 1 has plateaued, stopping")
-                    break
-            if stop:
-                self.save(step)
-                self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
-        finally:
-            self.manager.wait_until_finished()
-            signal.signal(signal.SIGTERM, previous)
-            writer.close()
+        with checkpoint.sigterm_flag() as stop:
+            try:
+                while step < c.steps and not stop:
+                    row = self.one_step(step)
+                    step += 1
+                    row["step"] = step
+                    if self.eval_records and (step % c.eval_every == 0 or step == c.steps):
+                        greedy = self.sampling(1, temperature=0.0)
+                        row["eval_accuracy"] = evaluate_records(self.model(), self.tokenizer, self.eval_records, greedy,
+                                                                self.stop_ids, mesh=self.mesh)["accuracy"]
+                    rows.append(row)
+                    writer.write({k: v for k, v in row.items() if not isinstance(v, list)})
+                    self._log(f"step {step}/{c.steps} reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
+                              f"len {row['completion_length']:.0f} zero-adv {row['zero_advantage_groups']:.2f}"
+                              + (f" eval {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+                              + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)")
+                    plateau = c.stage == 1 and self.sparse_steps >= c.sparsity_patience
+                    if step % self.config.checkpoint.every == 0 or step == c.steps or plateau:
+                        self.save(step)
+                    if on_step:
+                        on_step(step)
+                    if plateau:
+                        self._log(f"reward sparsity above {c.sparsity_threshold} for {self.sparse_steps} steps: "
+                                  "stage 1 has plateaued, stopping")
+                        break
+                if stop:
+                    if self.manager.latest_step() != step:
+                        self.save(step)
+                    self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
+            finally:
+                self.manager.wait_until_finished()
+                writer.close()
         return rows
 
     def one_step(self, step: int) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import sys
 import time
 
@@ -27,6 +26,7 @@ from fleming_jax import parallel
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import pipeline
 from fleming_jax.data.records import read_jsonl
+from fleming_jax.train import checkpoint
 from fleming_jax.train import state as statelib
 from fleming_jax.train.metrics import MetricsWriter
 from fleming_jax.train.logprobs import token_logprobs
@@ -163,42 +163,40 @@ class Trainer:
         total = self.config.optimizer.total_steps
         iterator = iter(self.train_ds)
         step = self.restore(iterator)
-        stop = []
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
         writer = MetricsWriter(self.workdir, self.main)
         rows, tokens, t0 = [], 0, time.perf_counter()
         self._log(f"{self.data_stats}; steps {step} -> {total}; {len(self.eval_data)} eval batches")
-        try:
-            while step < total and not stop:
-                local = next(iterator)
-                tokens += int((local["segments"] > 0).sum()) * jax.process_count()
-                self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, local))
-                step += 1
-                last = step == total
-                if step % t.log_every == 0 or last:
-                    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-                    elapsed = time.perf_counter() - t0
-                    row["tokens_per_s"] = tokens / elapsed
-                    if self.eval_data and (step % t.eval_every == 0 or last):
-                        row["eval_loss"] = self.evaluate()
-                    rows.append(row)
-                    writer.write(row)
-                    self._log(f"step {step}/{total} loss {row['loss']:.4f}"
-                              + (f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
-                              + f" {row['tokens_per_s']:,.0f} tok/s")
-                    tokens, t0 = 0, time.perf_counter()
-                if step % c.every == 0 or last:
-                    self.save(step, iterator)
-                if on_step:
-                    on_step(step)
-            if stop and step < total:
-                if self.manager.latest_step() != step:
-                    self.save(step, iterator)
-                self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
-        finally:
-            self.manager.wait_until_finished()
-            signal.signal(signal.SIGTERM, previous)
-            writer.close()
+        with checkpoint.sigterm_flag() as stop:
+            try:
+                while step < total and not stop:
+                    local = next(iterator)
+                    tokens += int((local["segments"] > 0).sum()) * jax.process_count()
+                    self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, local))
+                    step += 1
+                    last = step == total
+                    if step % t.log_every == 0 or last:
+                        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+                        elapsed = time.perf_counter() - t0
+                        row["tokens_per_s"] = tokens / elapsed
+                        if self.eval_data and (step % t.eval_every == 0 or last):
+                            row["eval_loss"] = self.evaluate()
+                        rows.append(row)
+                        writer.write(row)
+                        self._log(f"step {step}/{total} loss {row['loss']:.4f}"
+                                  + (f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                                  + f" {row['tokens_per_s']:,.0f} tok/s")
+                        tokens, t0 = 0, time.perf_counter()
+                    if step % c.every == 0 or last:
+                        self.save(step, iterator)
+                    if on_step:
+                        on_step(step)
+                if stop and step < total:
+                    if self.manager.latest_step() != step:
+                        self.save(step, iterator)
+                    self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
+            finally:
+                self.manager.wait_until_finished()
+                writer.close()
         return rows
 
 

@@ -1,0 +1,45 @@
+"""The whole pipeline on the tiny default (the README's main job) and a template for real runs.
+
+python main.py --config=configs/demo.py --workdir=runs/demo
+python main.py --config=configs/demo.py:ci --workdir=/tmp/demo   # a couple of minutes, for CI
+
+Each stage's full config sits under `config.stages.<stage>`, so any knob can be changed
+from the command line, e.g. `--config.stages.sft.optimizer.total_steps=400`. Inputs and
+outputs are wired to `<workdir>/<stage>/` by the demo itself.
+"""
+
+import ml_collections
+
+from configs import distill, export, rl_stage1, rl_stage2, sft, synthesize
+
+# Budgets: "full" fits 20 minutes on 2 CPU cores; "ci" only checks that everything connects.
+BUDGETS = {
+    "full": dict(diseases=150, questions=3000, sft_steps=200, rl1_steps=30, rl2_steps=20, eval_size=150,
+                 new_tokens=160, pool=256),
+    "ci": dict(diseases=40, questions=300, sft_steps=6, rl1_steps=2, rl2_steps=2, eval_size=8, new_tokens=24,
+               pool=32),
+}
+
+
+def get_config(budget: str = "full") -> ml_collections.ConfigDict:
+    b = BUDGETS[budget or "full"]
+    config = ml_collections.ConfigDict()
+    config.task = "demo"
+    config.demo = ml_collections.ConfigDict(dict(eval_size=b["eval_size"], eval_max_new_tokens=b["new_tokens"]))
+    stages = ml_collections.ConfigDict()
+    stages.synthesize = synthesize.get_config()
+    stages.synthesize.kg.max_diseases = b["diseases"]  # a manageable disease subset
+    stages.synthesize.synthesis.num_questions = b["questions"]
+    stages.distill = distill.get_config()
+    stages.sft = sft.get_config("tiny")
+    stages.sft.optimizer.update(total_steps=b["sft_steps"], warmup_steps=min(20, b["sft_steps"] // 2))
+    stages.sft.train.update(seq_len=512, batch_size=8, eval_every=100)
+    stages.sft.checkpoint.every = 100
+    for name, module, steps in (("rl_stage1", rl_stage1, b["rl1_steps"]), ("rl_stage2", rl_stage2, b["rl2_steps"])):
+        stage = module.get_config("tiny")
+        stage.rl.update(dict(steps=steps, max_new_tokens=b["new_tokens"], eval_every=max(steps, 1),
+                             eval_size=min(64, b["eval_size"]), max_pool=b["pool"]))
+        stages[name] = stage
+    stages.export = export.get_config("tiny")
+    config.stages = stages
+    return config

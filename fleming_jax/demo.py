@@ -1,0 +1,181 @@
+"""Task `demo`: the whole Fleming-R1 pipeline on the tiny default, with a report.
+
+synthesize -> distill (KG teacher) -> sft (from random init) -> rl_stage1 -> rl_stage2 ->
+export, each stage in its own subfolder of the workdir. A stage that finished leaves a
+DONE file and is skipped on a rerun; one that crashed resumes from its checkpoints. The
+held-out synthesised questions are evaluated (greedy) at random init and after each
+training stage; `report.json`, `report.md` and PNG plots land in the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from fleming_jax import models, parallel
+from fleming_jax import tokenizer as toklib
+from fleming_jax.data.records import QARecord, read_jsonl
+from fleming_jax.evaluate import evaluate_records
+from fleming_jax.sampler import SamplingParams
+
+STAGES = ("synthesize", "distill", "sft", "rl_stage1", "rl_stage2", "export")
+EVALUATED = ("init", "sft", "rl_stage1", "rl_stage2")
+
+
+def stage_runner(name: str):
+    """The task function each stage runs (imported lazily: a skipped stage costs nothing)."""
+    import importlib
+
+    module, function = {
+        "synthesize": ("fleming_jax.data.rods", "run"), "distill": ("fleming_jax.distill.collect", "run"),
+        "sft": ("fleming_jax.train.sft", "run"), "rl_stage1": ("fleming_jax.train.rl", "run"),
+        "rl_stage2": ("fleming_jax.train.rl", "run"), "export": ("fleming_jax.models.hf", "export_task"),
+    }[name]
+    return getattr(importlib.import_module(module), function)
+
+
+def held_out_accuracy(config, stage: str, workdir: str, records: list[QARecord]) -> dict:
+    """Greedy accuracy of a stage's model on the held-out questions."""
+    model_cfg = config.stages.sft.model.copy_and_resolve_references()  # the architecture all stages share
+    model_cfg.init_from = "" if stage == "init" else os.path.join(workdir, stage, "checkpoints")
+    model, _ = models.build(model_cfg)
+    tokenizer = toklib.load(os.path.join(workdir, "sft", "tokenizer"))
+    params = SamplingParams(temperature=0.0, max_new_tokens=config.demo.eval_max_new_tokens)
+    result = evaluate_records(model, tokenizer, records, params, toklib.stop_ids(tokenizer))
+    result.pop("outputs")
+    return result
+
+
+def wire(config, workdir: str) -> None:
+    """Points each stage's inputs at the previous stages' folders under `workdir`."""
+    s, at = config.stages, lambda *p: os.path.join(workdir, *p)
+    s.distill.data.update(train=at("synthesize", "train.jsonl"), validation=at("synthesize", "validation.jsonl"))
+    s.sft.data.update(train=at("distill", "train.jsonl"), eval=at("distill", "validation.jsonl"))
+    for stage, start in (("rl_stage1", "sft"), ("rl_stage2", "rl_stage1")):
+        s[stage].model.init_from = at(start, "checkpoints")
+        s[stage].tokenizer = at("sft", "tokenizer")
+        s[stage].data.update(train=at("synthesize", "train.jsonl"), eval=at("synthesize", "validation.jsonl"))
+    s.export.model.init_from = at("rl_stage2", "checkpoints")
+    s.export.export.update(tokenizer=at("sft", "tokenizer"), out_dir=at("export", "hf"))
+
+
+def run(config, workdir: str) -> dict:
+    """Runs (or resumes) every stage, evaluates after each, writes the report."""
+    config = config.copy_and_resolve_references()
+    wire(config, workdir)
+    report_file = os.path.join(workdir, "report.json")
+    report = {"stages": {}, "held_out": {}}
+    if os.path.exists(report_file):
+        with open(report_file) as f:
+            report = json.load(f)
+    for i, name in enumerate(STAGES, 1):
+        stage_dir = os.path.join(workdir, name)
+        if os.path.exists(os.path.join(stage_dir, "DONE")):
+            print(f"[demo {i}/{len(STAGES)}] {name}: done already, skipped", flush=True)
+            continue
+        print(f"[demo {i}/{len(STAGES)}] {name} -> {stage_dir}", flush=True)
+        start = time.perf_counter()
+        os.makedirs(stage_dir, exist_ok=True)
+        stage_runner(name)(config.stages[name], stage_dir)
+        report["stages"][name] = {"seconds": round(time.perf_counter() - start, 1)}
+        if name == "sft":  # the tokenizer exists now: evaluate the random init for reference
+            report["held_out"]["init"] = evaluate_stage(config, "init", workdir)
+        if name in EVALUATED:
+            report["held_out"][name] = evaluate_stage(config, name, workdir)
+        open(os.path.join(stage_dir, "DONE"), "w").close()
+        save_report(report, workdir)
+    save_report(report, workdir)
+    print(format_table(report), flush=True)
+    return report
+
+
+def evaluate_stage(config, stage: str, workdir: str) -> dict:
+    rows = list(read_jsonl(os.path.join(workdir, "synthesize", "validation.jsonl")))
+    records = [QARecord.from_dict(r) for r in rows][:config.demo.eval_size]
+    start = time.perf_counter()
+    result = held_out_accuracy(config, stage, workdir, records)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"[demo] held-out after {stage}: accuracy {result['accuracy']:.3f}, format errors "
+          f"{result['format_error_rate']:.3f}, mean length {result['mean_length']:.0f}", flush=True)
+    return result
+
+
+def format_table(report: dict) -> str:
+    lines = ["| stage | held-out accuracy | format errors | mean length | stage time (s) |",
+             "|---|---|---|---|---|"]
+    for stage in EVALUATED:
+        r = report["held_out"].get(stage)
+        if r:
+            seconds = report["stages"].get(stage, {}).get("seconds", 0.0)
+            lines.append(f"| {stage} | {r['accuracy']:.3f} | {r['format_error_rate']:.3f} | "
+                         f"{r['mean_length']:.0f} | {seconds} |")
+    return "\n".join(lines)
+
+
+def save_report(report: dict, workdir: str) -> None:
+    """report.json, report.md and the plots (process 0 only)."""
+    if not parallel.is_main_process():
+        return
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plots = make_plots(report, workdir)
+    total = sum(s["seconds"] for s in report["stages"].values())
+    md = ["# fleming-jax demo report", "", format_table(report), "",
+          f"Total stage time: {total:.0f} s (evaluation not included).", ""]
+    md += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+
+
+def rl_metrics(workdir: str) -> dict[str, list[dict]]:
+    """metrics.jsonl rows of the RL stages, when they exist."""
+    out = {}
+    for stage in ("rl_stage1", "rl_stage2"):
+        file = os.path.join(workdir, stage, "metrics.jsonl")
+        if os.path.exists(file):
+            out[stage] = list(read_jsonl(file))
+    return out
+
+
+def make_plots(report: dict, workdir: str) -> list[str]:
+    """Held-out accuracy per stage; reward, pass rate, pool size and length over RL steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    stages = [s for s in EVALUATED if s in report["held_out"]]
+    if stages:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar(stages, [report["held_out"][s]["accuracy"] for s in stages], color="#4a7ab5")
+        ax.axhline(0.25, color="grey", linestyle="--", label="chance (4 options)")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, "accuracy.png"), dpi=110)
+        plt.close(fig)
+        written.append("accuracy.png")
+    runs = rl_metrics(workdir)
+    if runs:
+        panels = [("reward_mean", "reward"), ("accuracy", "rollout pass rate"),
+                  ("pool_wrong", "stage-2 wrong pool"), ("completion_length", "completion length")]
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+        offset = 0
+        for stage, rows in runs.items():
+            steps = [offset + r["step"] for r in rows]
+            for ax, (key, title) in zip(axes, panels):
+                values = [r.get(key) for r in rows]
+                if any(v is not None for v in values):
+                    ax.plot(steps, values, label=stage)
+                ax.set_title(title)
+                ax.set_xlabel("RL step")
+            offset = steps[-1] if steps else offset
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, "rl_curves.png"), dpi=110)
+        plt.close(fig)
+        written.append("rl_curves.png")
+    return written
