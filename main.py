@@ -28,9 +28,6 @@ config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory, local or gs:// (default: runs/<task>).")
 flags.mark_flags_as_required(["config"])
-# Library INFO logs (orbax writes several lines per checkpoint) would bury the progress
-# lines each task prints; --verbosity=0 brings them back.
-FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def run_task(config, workdir: str):
@@ -50,6 +47,10 @@ def run_task(config, workdir: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        # Library INFO logs (orbax writes several lines per checkpoint) would bury the
+        # progress lines each task prints; --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", str(config.get("task")))
     logging.info("task=%s workdir=%s", config.get("task"), workdir)
