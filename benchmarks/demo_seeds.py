@@ -52,7 +52,7 @@ def main():
     for stage in STAGES:
         print(f"| {stage} | " + " | ".join(f"{a:.3f}" for a in accuracy[stage]) + f" | {spread(accuracy[stage])} |")
     gain = [b - a for a, b in zip(accuracy["sft"], accuracy["rl_stage2"])]
-    print(f"| RL gain (rl_stage2 - sft) | " + " | ".join(f"{g:+.3f}" for g in gain) + f" | {spread(gain)} |")
+    print("| RL gain (rl_stage2 - sft) | " + " | ".join(f"{g:+.3f}" for g in gain) + f" | {spread(gain)} |")
     print(f"stage time per seed: {spread(minutes)} minutes")
     print(f"ratio={statistics.mean(accuracy['rl_stage2']) / max(statistics.mean(accuracy['sft']), 1e-9):.3f}")
 

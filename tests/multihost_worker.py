@@ -13,7 +13,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 
 from fleming_jax import parallel  # noqa: E402
 from tests.test_parallel import global_batch_for_test, run_steps  # noqa: E402

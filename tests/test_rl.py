@@ -1,6 +1,5 @@
 """The RL loop: a toy verifiable task is learned, and a killed run resumes exactly."""
 
-import json
 import os
 
 import numpy as np

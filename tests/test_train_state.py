@@ -1,6 +1,5 @@
 """The train step compiles once per batch shape, whatever made the starting params."""
 
-import jax
 import pytest
 
 from fleming_jax import models as fm

@@ -19,6 +19,16 @@ from fleming_jax import parallel
 from fleming_jax.models import qwen
 
 
+def manager(workdir: str, keep: int, use_async: bool = True, **extra_handlers) -> ocp.CheckpointManager:
+    """A training run's checkpoints, `<workdir>/checkpoints/<step>/`: items `params` (a pure
+    dict, what `restore_model` reads), `opt_state`, `meta` (JSON), plus `extra_handlers`."""
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async),
+        item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler(), **extra_handlers})
+
+
 def save_params(path: str, model: qwen.Qwen) -> str:
     """Writes the model's parameters (a pure dict pytree) to `path`; returns `path`."""
     path = os.path.abspath(path)

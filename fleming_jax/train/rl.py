@@ -126,11 +126,7 @@ class RLTrainer:
         self.rng = np.random.default_rng(c.seed)
         self.key = jax.random.key(c.seed)
         self.sparse_steps = 0
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep),
-            item_handlers={"params": ocp.StandardCheckpointHandler(),
-                           "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self.manager = checkpoint.manager(workdir, config.checkpoint.keep)
 
     def _on_mesh(self, fn, *args):
         with jax.set_mesh(self.mesh):

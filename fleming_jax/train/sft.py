@@ -111,11 +111,7 @@ class Trainer:
                 return eval_jit(params, batch)
         self.eval_fn = eval_fn
         c = config.checkpoint
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=c.keep, enable_async_checkpointing=c.use_async),
-            item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self.manager = checkpoint.manager(workdir, c.keep, c.use_async, data=grain.checkpoint.CheckpointHandler())
 
     # ------------------------------------------------------------------ checkpoints
     def _abstract(self):
