@@ -127,8 +127,9 @@ def save_report(report: dict, workdir: str) -> None:
         json.dump(report, f, indent=2)
     plots = make_plots(report, workdir)
     total = sum(s["seconds"] for s in report["stages"].values())
+    evaluation = sum(r.get("seconds", 0.0) for r in report["held_out"].values())
     md = ["# fleming-jax demo report", "", format_table(report), "",
-          f"Total stage time: {total:.0f} s (evaluation not included).", ""]
+          f"Time: {total:.0f} s in the stages + {evaluation:.0f} s of held-out evaluation.", ""]
     md += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
@@ -175,7 +176,7 @@ def make_plots(report: dict, workdir: str) -> list[str]:
             for ax, (key, title) in zip(axes, panels):
                 values = [r.get(key) for r in rows]
                 if any(v is not None for v in values):
-                    ax.plot(steps, values, label=stage)
+                    ax.plot(steps, values, label=stage, color="C0" if stage == "rl_stage1" else "C1")
                 ax.set_title(title)
                 ax.set_xlabel("RL step")
             offset = steps[-1] if steps else offset
