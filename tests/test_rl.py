@@ -158,3 +158,31 @@ def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monke
     mask = batch["completion_mask"] > 0
     assert mask.sum() > 0
     np.testing.assert_allclose(batch["ref_logprobs"][mask], batch["old_logprobs"][mask], atol=2e-5)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(toy_run, tmp_path, monkeypatch, dynamic):
+    """Even record ids give mixed rewards within a group, odd ones all zero. The first draw
+    has one useful group; each refill asks for the missing count: 3 (1 useful), 2 (1), 1 (1)."""
+    calls = iter(range(10_000))
+    monkeypatch.setattr(rewards, "score", lambda c, r, cfg=None: (
+        lambda x: dict(reward=x, accuracy=x, format=1.0))(float(int(r.id) % 2 == 0 and next(calls) % 2 == 0)))
+    trainer = rl.RLTrainer(toy_config(toy_run, prompts_per_step=4, dynamic_sampling=dynamic, max_refills=3),
+                           str(tmp_path))
+    draws = iter([[1, 3, 5, 0], [2, 7, 9], [11, 4, 13], [6, 8]])
+    asked = []
+    trainer.pick = lambda n: asked.append(n) or next(draws)[:n] if dynamic else [1, 3, 5, 0]
+    seen = []
+    trainer.update = lambda batch: seen.append(batch) or {}
+    row = trainer.one_step(0)
+    if not dynamic:
+        assert row["refills"] == 0 and row["trained_groups"] == 1
+        assert (seen[0]["advantages"] != 0).sum() == 8
+        return
+    assert asked == [4, 3, 2, 1] and row["refills"] == 3 and row["trained_groups"] == 4
+    batch = seen[0]
+    assert len(batch["advantages"]) == 32 and (batch["advantages"] != 0).sum() == 32
+    assert row["zero_advantage_groups"] == pytest.approx(6 / 10)  # over all 10 groups sampled
+    sampled = [1, 3, 5, 0, 2, 7, 9, 11, 4, 6]  # every rollout reached the miner, G=8 tries each
+    np.testing.assert_array_equal(np.flatnonzero(trainer.miner.total), sorted(sampled))
+    assert set(trainer.miner.total[sampled]) == {8} and trainer.miner.correct[[1, 3, 5]].sum() == 0

@@ -10,6 +10,7 @@ step, so a resumed run continues exactly as the uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -74,6 +75,12 @@ def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantage
             batch["advantages"][r] = advantages[i, s]
             r += 1
     return batch
+
+
+def concat_outputs(a: sampler.SampleOutput, b: sampler.SampleOutput) -> sampler.SampleOutput:
+    """Two rollouts' outputs (same sampling budget) as one, prompts of `a` first."""
+    return sampler.SampleOutput(*(np.concatenate([getattr(a, f.name), getattr(b, f.name)])
+                                  for f in dataclasses.fields(sampler.SampleOutput)))
 
 
 def batch_rows(kept_groups: int, group_size: int, total_groups: int, multiple: int) -> int:
@@ -252,25 +259,43 @@ class RLTrainer:
                 writer.close()
         return rows
 
+    def sample_groups(self, indices: list[int], key):
+        """Rollout of `indices` -> (output, rewards [n, G], correct [n, G], format [n, G]); the
+        miner learns every outcome."""
+        out, _, scores = self.rollout(indices, key, self.config.rl.group_size)
+        reward, correct, fmt = (np.array([[s[k] for s in row] for row in scores], float)
+                                for k in ("reward", "accuracy", "format"))
+        self.miner.update(indices, (correct == 1.0).tolist())
+        return out, reward, correct == 1.0, fmt
+
     def one_step(self, step: int) -> dict:
         c = self.config.rl
         key = jax.random.fold_in(self.key, step)
         t0 = time.perf_counter()
         indices = self.pick(c.prompts_per_step)
-        out, texts, scores = self.rollout(indices, key, c.group_size)
-        reward = np.array([[s["reward"] for s in row] for row in scores])
-        correct = [[s["accuracy"] == 1.0 for s in row] for row in scores]
-        self.miner.update(indices, correct)
-        advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
+        out, reward, correct, fmt = self.sample_groups(indices, key)
         zero = np.all(reward == reward[:, :1], axis=1)
         self.sparse_steps = self.sparse_steps + 1 if zero.mean() > c.sparsity_threshold else 0
-        keep = ~zero if c.drop_zero_advantage_groups else np.ones_like(zero)
+        refills = 0
+        # Dynamic sampling (DAPO): top the batch up with fresh prompts until it holds
+        # prompts_per_step groups with signal, or max_refills rounds have run.
+        while c.dynamic_sampling and (~zero).sum() < c.prompts_per_step and refills < c.max_refills:
+            refills += 1
+            more = self.pick(c.prompts_per_step - int((~zero).sum()))
+            extra = self.sample_groups(more, jax.random.fold_in(key, refills))
+            indices = indices + more
+            out = concat_outputs(out, extra[0])
+            reward, correct, fmt = (np.concatenate([a, b]) for a, b in zip((reward, correct, fmt), extra[1:]))
+            zero = np.all(reward == reward[:, :1], axis=1)
+        advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
+        keep = ~zero if c.drop_zero_advantage_groups or c.dynamic_sampling else np.ones_like(zero)
+        keep &= np.cumsum(keep) <= c.prompts_per_step  # refills may overshoot
         t1 = time.perf_counter()
         metrics = {}
         if keep.any():
             prompts = [self.prompts[i] for i in indices]
             multiple = c.minibatches * c.grad_accum_steps * parallel.batch_devices(self.mesh)
-            rows = batch_rows(int(keep.sum()), c.group_size, len(indices), multiple)
+            rows = batch_rows(int(keep.sum()), c.group_size, c.prompts_per_step, multiple)
             batch = rollout_batch(prompts, out, advantages, keep, rows)
             if c.grpo.beta:
                 batch["ref_logprobs"] = parallel.to_host(self.ref_logprobs(parallel.global_batch(self.mesh, batch)))
@@ -278,8 +303,9 @@ class RLTrainer:
         t2 = time.perf_counter()
         lengths = out.lengths.astype(float)
         row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-                   accuracy=float(np.mean(correct)), format=float(np.mean([[s["format"] for s in r] for r in scores])),
+                   accuracy=float(correct.mean()), format=float(fmt.mean()),
                    advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
+                   refills=refills, trained_groups=int(keep.sum()),
                    completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
                    stopped=float(out.done.mean()), time_generate=t1 - t0, time_update=t2 - t1, **metrics)
         if c.stage == 2:
