@@ -5,6 +5,10 @@ A ~100M-parameter Qwen2-shaped model with random weights, batch 16 prompts x 4 s
 work per token). Each side gets one warm-up call; the timed call follows.
 
 python benchmarks/sampler.py [--new_tokens 128] [--batch 16] [--samples 4]
+python benchmarks/sampler.py --batch 1 --samples 1   # latency-bound: per-step overhead dominates
+
+Also prints each side's model FLOP/s against a large matmul's on the same machine: at 64
+rows both sides are bound by the weight matmuls, which no decode loop can remove.
 """
 
 import argparse
@@ -62,13 +66,27 @@ def main():
         reference.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         peer = time.perf_counter() - start
 
+    peak = matmul_peak()
+    flops = 2 * n_params * generated  # one matmul pass over the weights per token; attention left out
     print(f"{n_params / 1e6:.0f}M-param Qwen2 shape, {args.batch} prompts x {args.samples} samples x "
           f"{args.new_tokens} new tokens, prompt {args.prompt}, {jax.devices()[0].device_kind}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"{'sampler':<26}{'seconds':>9}{'tokens/s':>11}")
-    print(f"{'fleming_jax (jit)':<26}{ours:>9.2f}{generated / ours:>11.1f}")
-    print(f"{'transformers.generate':<26}{peer:>9.2f}{generated / peer:>11.1f}")
+          f"torch threads {torch.get_num_threads()}; fp32 matmul peak here {peak:.0f} GFLOP/s")
+    print(f"{'sampler':<26}{'seconds':>9}{'tokens/s':>11}{'GFLOP/s':>9}{'of peak':>9}")
+    for name, seconds in (("fleming_jax (jit)", ours), ("transformers.generate", peer)):
+        rate = flops / seconds / 1e9
+        print(f"{name:<26}{seconds:>9.2f}{generated / seconds:>11.1f}{rate:>9.0f}{rate / peak:>9.0%}")
     print(f"ratio={peer / ours:.2f}")
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a large fp32 matmul under XLA on this machine: the ceiling for both sides."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        f(a).block_until_ready()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 if __name__ == "__main__":
