@@ -25,13 +25,13 @@ def test_demo_pipeline_connects_every_stage(tmp_path):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 8, stage
     assert (tmp_path / "report.md").read_text().count("| rl_stage2 |") == 1
     assert os.path.getsize(tmp_path / "accuracy.png") > 0 and os.path.getsize(tmp_path / "rl_curves.png") > 0
-    assert_export_answers_like_our_sampler(tmp_path)
+    assert_export_answers_like_our_sampler(tmp_path, max_new_tokens=24)  # the ci budget's eval length
     # A rerun skips every finished stage.
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already, skipped") == 6
 
 
-def assert_export_answers_like_our_sampler(workdir):
+def assert_export_answers_like_our_sampler(workdir, max_new_tokens):
     """The exported model, in transformers with the exported tokenizer, writes the same
     greedy text for a held-out question as our sampler did on the final checkpoint."""
     import torch
@@ -46,7 +46,7 @@ def assert_export_answers_like_our_sampler(workdir):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": user_prompt(record)}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    out = model.generate(**ids, do_sample=False, max_new_tokens=24, eos_token_id=stops,
+    out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
                          pad_token_id=tokenizer.pad_token_id)
     reply = out[0, ids["input_ids"].shape[1]:].tolist()
     text = tokenizer.decode(reply[:-1] if reply[-1] in stops else reply)  # our texts drop the stop token
