@@ -44,7 +44,7 @@ def held_out_accuracy(config, stage: str, workdir: str, records: list[QARecord])
     model, _ = models.build(model_cfg)
     tokenizer = toklib.load(os.path.join(workdir, "sft", "tokenizer"))
     params = SamplingParams(temperature=0.0, max_new_tokens=config.demo.eval_max_new_tokens)
-    result = evaluate_records(model, tokenizer, records, params, toklib.stop_ids(tokenizer))
+    result = evaluate_records(model, tokenizer, records, params)  # the tokenizer's stop tokens
     if parallel.is_main_process():
         write_jsonl(os.path.join(workdir, "held_out", f"{stage}.jsonl"), result["outputs"])
     result.pop("outputs")

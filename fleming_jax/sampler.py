@@ -163,7 +163,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     if longest + budget > model.config.max_position_embeddings:
         raise ValueError(f"prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
-    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = 1 if mesh is None else parallel.batch_devices(mesh)
     rows = bucket(len(prompts), minimum=1)
     rows = -(-rows // dp) * dp
     tokens = np.full((rows, prompt_len), pad_id, np.int32)

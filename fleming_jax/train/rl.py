@@ -180,21 +180,21 @@ class RLTrainer:
                                       top_p=c.top_p, num_samples=samples, max_new_tokens=c.max_new_tokens)
 
     def rollout(self, indices: list[int], key, samples: int):
-        """Samples `samples` completions per prompt; returns (output, texts, scores [n, g])."""
+        """Samples `samples` completions per prompt; returns (output, scores [n, g])."""
         prompts = [self.prompts[i] for i in indices]
         out = sampler.generate(self.model(), prompts, key, self.sampling(samples), stop_ids=self.stop_ids,
                                mesh=self.mesh, pad_id=self.tokenizer.pad_token_id or 0)
         texts = sampler.completion_texts(self.tokenizer, out)
         scores = [[rewards.score(t, self.records[i], self.config.rl.reward) for t in row]
                   for i, row in zip(indices, texts)]
-        return out, texts, scores
+        return out, scores
 
     def score_pool(self, indices: list[int], k: int, key) -> list[list[bool]]:
         """k samples per question in batches; whether each was correct (for grading and mining)."""
         outcomes = []
         for start in range(0, len(indices), self.config.rl.prompts_per_step):
             chunk = indices[start:start + self.config.rl.prompts_per_step]
-            _, _, scores = self.rollout(chunk, jax.random.fold_in(key, start), k)
+            _, scores = self.rollout(chunk, jax.random.fold_in(key, start), k)
             outcomes += [[s["accuracy"] == 1.0 for s in row] for row in scores]
         return outcomes
 
@@ -262,11 +262,12 @@ class RLTrainer:
     def sample_groups(self, indices: list[int], key):
         """Rollout of `indices` -> (output, rewards [n, G], correct [n, G], format [n, G]); the
         miner learns every outcome."""
-        out, _, scores = self.rollout(indices, key, self.config.rl.group_size)
-        reward, correct, fmt = (np.array([[s[k] for s in row] for row in scores], float)
-                                for k in ("reward", "accuracy", "format"))
-        self.miner.update(indices, (correct == 1.0).tolist())
-        return out, reward, correct == 1.0, fmt
+        out, scores = self.rollout(indices, key, self.config.rl.group_size)
+        reward, accuracy, fmt = (np.array([[s[k] for s in row] for row in scores], float)
+                                 for k in ("reward", "accuracy", "format"))
+        correct = accuracy == 1.0
+        self.miner.update(indices, correct.tolist())
+        return out, reward, correct, fmt
 
     def one_step(self, step: int) -> dict:
         c = self.config.rl
