@@ -22,7 +22,7 @@ from fleming_jax import parallel
 from fleming_jax.models.qwen import KVCache
 
 MIN_BUCKET = 16
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # each layer's buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +109,14 @@ def _generate(graphdef, state, prompts, prompt_mask, stop_ids, max_new_tokens, k
     config = model.config
     batch, prompt_len = prompts.shape
     cache = KVCache.zeros(config, batch, prompt_len + budget, cache_dtype)
-    cache = cache.replace(k=parallel.constrain(cache.k, CACHE_AXES), v=parallel.constrain(cache.v, CACHE_AXES))
-    logits, cache = model(prompts, attention_mask=prompt_mask, cache=cache)
+    constrain = lambda buffers: tuple(parallel.constrain(b, CACHE_AXES) for b in buffers)
+    cache = cache.replace(k=constrain(cache.k), v=constrain(cache.v))
+    layers = model.layers.split()  # once, outside the decode loop (see Layers.split)
+    logits, cache = model(prompts, attention_mask=prompt_mask, cache=cache, layers=layers)
     last = logits[:, -1]  # left padding: every row's last prompt token is at the end
     n = params.num_samples
     if n > 1:  # the group's samples share one prefill
-        cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1 if x.ndim == 5 else 0)
-                             if x.ndim else x, cache)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
         last = jnp.repeat(last, n, axis=0)
     rows = batch * n
     out = dict(tokens=jnp.zeros((rows, budget), jnp.int32),
@@ -137,7 +138,8 @@ def _generate(graphdef, state, prompts, prompt_mask, stop_ids, max_new_tokens, k
                    model_logprobs=out["model_logprobs"].at[:, step].set(jnp.where(live, raw, 0.0)))
         lengths = lengths + live
         done = done | (live & jnp.isin(token, stop_ids))
-        logits, cache = model(token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=cache)
+        logits, cache = model(token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=cache,
+                              layers=layers)
         return step + 1, done, lengths, logits[:, -1], cache, out, key
 
     init = (jnp.zeros((), jnp.int32), jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.int32),

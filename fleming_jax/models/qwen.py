@@ -131,22 +131,25 @@ class QwenConfig:
 class KVCache:
     """Keys and values of every layer, written in place as tokens arrive.
 
+    One buffer per layer: a decode step then reads and writes each in place, where slicing a
+    stacked [layers, ...] cache copies the layer's slice every token (seen in XLA:CPU's HLO).
     All rows share one write position (`index`), which holds when prompts are left-padded
     to a common length. `segment` is 0 for empty or padded slots and 1 for real tokens.
     """
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array
+    k: tuple[jax.Array, ...]  # per layer: [batch, max_len, kv_heads, head_dim]
+    v: tuple[jax.Array, ...]
     segment: jax.Array  # [batch, max_len] int32
     index: jax.Array  # int32 scalar: the slot the next token is written to
 
     @classmethod
     def zeros(cls, config: QwenConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
         dtype = dtype or config.compute_dtype
+        layers = range(config.num_layers)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
             segment=jnp.zeros((batch, max_len), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
@@ -206,6 +209,12 @@ class Layers(nnx.Module):
     def arrays(self) -> dict[str, jax.Array]:
         return {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}
 
+    def split(self) -> list[dict[str, jax.Array]]:
+        """One weight dict per layer. A decode loop takes these, split once outside it, so
+        each token's step reads the weights in place instead of slicing (copying) them."""
+        stacked = self.arrays()
+        return [{n: w[i] for n, w in stacked.items()} for i in range(len(stacked["input_norm"]))]
+
 
 class Qwen(nnx.Module):
     """Causal LM: `logits = model(input_ids, attention_mask=mask)`.
@@ -227,8 +236,9 @@ class Qwen(nnx.Module):
             self.lm_head = nnx.Param(_init_value("lm_head", (E, V), rngs.params(), pd),
                                      axes=("embed", "vocab"))
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
-        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache)
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+                 layers: list[dict] | None = None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache, layers)
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
 
@@ -243,8 +253,13 @@ class Qwen(nnx.Module):
         w = self.unembedding().astype(self.config.compute_dtype)
         return jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None):
-        """Final-norm hidden states [batch, length, embed] (and the updated cache)."""
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None):
+        """Final-norm hidden states [batch, length, embed] (and the updated cache).
+
+        Without a cache the layers run as a scan over the stacked weights (one compiled
+        block, for training). With a cache they are unrolled over per-layer weights and
+        cache buffers; `layers` (from `Layers.split()`) passes weights already split.
+        """
         c = self.config
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -271,37 +286,34 @@ class Qwen(nnx.Module):
                    & (attention_mask[:, :, None] == k_segment[:, None, :])
                    & (attention_mask[:, :, None] > 0))  # [batch, q, k]
 
-        def block(carry, layer):
-            x, kv = carry
-            p, i = layer
+        def block(x, p, kv=None):
             p = jax.tree.map(lambda w: w.astype(c.compute_dtype), p)
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-            attn, kv = attention(p, h, cos, sin, allowed, kv, i, None if cache is None else cache.index, c)
+            attn, kv = attention(p, h, cos, sin, allowed, kv, None if cache is None else cache.index, c)
             x = x + attn
             h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
             gate = jnp.einsum("bte,em->btm", h, p["gate_proj"])
             up = jnp.einsum("bte,em->btm", h, p["up_proj"])
             hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
             x = x + jnp.einsum("btm,me->bte", hidden, p["down_proj"])
-            return (parallel.constrain(x, ("batch", "length", "act_embed")), kv), None
+            return parallel.constrain(x, ("batch", "length", "act_embed")), kv
 
-        policy = REMAT_POLICIES[c.remat]
-        if c.remat != "none":
-            block = jax.checkpoint(block, policy=policy, prevent_cse=False)
-        # The cache rides in the carry and is updated in place, one token slot per layer.
-        kv = None if cache is None else (cache.k, cache.v)
-        (x, kv), _ = jax.lax.scan(block, (x, kv), (self.layers.arrays(), jnp.arange(c.num_layers)))
-        x = rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps)
         if cache is None:
-            return x, None
-        k, v = kv
-        return x, KVCache(k=k, v=v, segment=k_segment, index=cache.index + length)
+            if c.remat != "none":
+                block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(lambda x, p: block(x, p), x, self.layers.arrays())
+            return rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps), None
+        k, v = list(cache.k), list(cache.v)
+        for i, p in enumerate(self.layers.split() if layers is None else layers):
+            x, (k[i], v[i]) = block(x, p, (k[i], v[i]))
+        x = rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps)
+        return x, KVCache(k=tuple(k), v=tuple(v), segment=k_segment, index=cache.index + length)
 
 
-def attention(p, h, cos, sin, allowed, kv, layer, index, c: QwenConfig):
-    """GQA self-attention of one layer. With a cache `kv = (k, v)` of all layers, this
-    layer's new keys/values are written at slot `index` and it attends over the cache;
-    returns (output, kv)."""
+def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
+    """GQA self-attention of one layer. With this layer's cache `kv = (k, v)`, the new
+    keys/values are written at slot `index` and it attends over the cache; returns
+    (output, kv)."""
     q = jnp.einsum("bte,ehd->bthd", h, p["q_proj"])
     k = jnp.einsum("bte,ekd->btkd", h, p["k_proj"])
     v = jnp.einsum("bte,ekd->btkd", h, p["v_proj"])
@@ -312,11 +324,11 @@ def attention(p, h, cos, sin, allowed, kv, layer, index, c: QwenConfig):
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv is not None:
-        k_all, v_all = kv
-        start = (layer, 0, index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-        kv, k, v = (k_all, v_all), k_all[layer], v_all[layer]
+        k_cache, v_cache = kv
+        start = (0, index, 0, 0)
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        kv = (k, v)
     b, t, heads, d = q.shape
     q = q.reshape(b, t, c.num_kv_heads, heads // c.num_kv_heads, d)
     keys, values = k.astype(q.dtype), v.astype(q.dtype)
