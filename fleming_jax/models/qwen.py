@@ -11,6 +11,7 @@ file never names a device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -251,7 +252,7 @@ class Qwen(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits of final hidden states (callers that chunk over length use this)."""
         w = self.unembedding().astype(self.config.compute_dtype)
-        return jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
+        return project("...e,ev->...v", hidden, w, jnp.float32)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None):
         """Final-norm hidden states [batch, length, embed] (and the updated cache).
@@ -292,10 +293,10 @@ class Qwen(nnx.Module):
             attn, kv = attention(p, h, cos, sin, allowed, kv, None if cache is None else cache.index, c)
             x = x + attn
             h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
-            gate = jnp.einsum("bte,em->btm", h, p["gate_proj"])
-            up = jnp.einsum("bte,em->btm", h, p["up_proj"])
+            gate = project("bte,em->btm", h, p["gate_proj"])
+            up = project("bte,em->btm", h, p["up_proj"])
             hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-            x = x + jnp.einsum("btm,me->bte", hidden, p["down_proj"])
+            x = x + project("btm,me->bte", hidden, p["down_proj"])
             return parallel.constrain(x, ("batch", "length", "act_embed")), kv
 
         if cache is None:
@@ -310,13 +311,41 @@ class Qwen(nnx.Module):
         return x, KVCache(k=tuple(k), v=tuple(v), segment=k_segment, index=cache.index + length)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def project(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """`einsum(spec, x, w)` of activations with a weight, with a hand-written backward.
+
+    Same math as autodiff; on XLA:CPU autodiff's weight-gradient dots came out as
+    transposed copies plus slow dots: the tiny model's RL update (128 x 256 tokens) took
+    13.6 s with autodiff and 8.8 s this way on 2 cores.
+    Every index of `spec` appears in the output or in both inputs (a projection).
+    """
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+
+
+def _project_fwd(spec, x, w, out_dtype):
+    return project(spec, x, w, out_dtype), (x, w)
+
+
+def _project_bwd(spec, out_dtype, saved, g):
+    x, w = saved
+    inputs, out = spec.split("->")
+    x_idx, w_idx = inputs.split(",")
+    dx = jnp.einsum(f"{out},{w_idx}->{x_idx}", g.astype(x.dtype), w)
+    dw = jnp.einsum(f"{x_idx},{out}->{w_idx}", x, g.astype(x.dtype), preferred_element_type=w.dtype)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
     """GQA self-attention of one layer. With this layer's cache `kv = (k, v)`, the new
     keys/values are written at slot `index` and it attends over the cache; returns
     (output, kv)."""
-    q = jnp.einsum("bte,ehd->bthd", h, p["q_proj"])
-    k = jnp.einsum("bte,ekd->btkd", h, p["k_proj"])
-    v = jnp.einsum("bte,ekd->btkd", h, p["v_proj"])
+    q = project("bte,ehd->bthd", h, p["q_proj"])
+    k = project("bte,ekd->btkd", h, p["k_proj"])
+    v = project("bte,ekd->btkd", h, p["v_proj"])
     if c.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if c.qk_norm:
@@ -349,7 +378,7 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
         out = out.swapaxes(0, 1).reshape(b, t, heads, d)
     else:
         out = attend(q, allowed).reshape(b, t, heads, d)
-    return jnp.einsum("bthd,hde->bte", out, p["o_proj"]), kv
+    return project("bthd,hde->bte", out, p["o_proj"]), kv
 
 
 def rms_norm(x, scale, eps):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fleming_jax.models.qwen import project
+
 
 def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: int = 256,
                    temperature: float = 1.0, with_entropy: bool = False, last: int | None = None):
@@ -35,8 +37,7 @@ def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: in
     @jax.checkpoint
     def one_chunk(args):
         h_chunk, t_chunk = args
-        logits = jnp.einsum("bce,ev->bcv", h_chunk, unembed,
-                            preferred_element_type=jnp.float32) / temperature
+        logits = project("bce,ev->bcv", h_chunk, unembed, jnp.float32) / temperature
         log_z = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0] - log_z
         entropy = log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
