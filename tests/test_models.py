@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import jax
 import jax.numpy as jnp
 
 from fleming_jax.models import hf, qwen
@@ -91,6 +92,25 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(hf_dir, model_type):
     real = mask.astype(bool)
     assert int(cache.index) == 12
     assert np.abs(incremental[real] - full[real]).max() < 1e-4
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("bte,em->btm", (2, 3, 4), (4, 5)), ("bte,ehd->bthd", (2, 3, 4), (4, 2, 3)),
+    ("bthd,hde->bte", (2, 3, 2, 3), (2, 3, 4)), ("...e,ev->...v", (2, 3, 4), (4, 7))])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_project_gradients_equal_autodiff_of_einsum(spec, x_shape, w_shape, dtype):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape, dtype)
+    w = jax.random.normal(kw, w_shape, dtype)
+    out_dtype = jnp.float32 if spec.startswith("...") else None
+    cotangent = jax.random.normal(kg, jnp.einsum(spec, x, w).shape, out_dtype or dtype)
+    ours = jax.vjp(lambda x, w: qwen.project(spec, x, w, out_dtype), x, w)
+    reference = jax.vjp(lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=out_dtype), x, w)
+    np.testing.assert_array_equal(np.asarray(ours[0], np.float32), np.asarray(reference[0], np.float32))
+    tol = 1e-6 if dtype == "float32" else 2e-2
+    for a, b in zip(ours[1](cotangent), reference[1](cotangent)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
 def test_bfloat16_compute_stays_close_to_float32(hf_dir):
