@@ -190,10 +190,13 @@ class RLTrainer:
         return out, scores
 
     def score_pool(self, indices: list[int], k: int, key) -> list[list[bool]]:
-        """k samples per question in batches; whether each was correct (for grading and mining)."""
+        """k samples per question, as many rows per sampler call as a training rollout has;
+        whether each was correct (for grading and mining)."""
+        c = self.config.rl
+        per_call = max(1, c.prompts_per_step * c.group_size // k)
         outcomes = []
-        for start in range(0, len(indices), self.config.rl.prompts_per_step):
-            chunk = indices[start:start + self.config.rl.prompts_per_step]
+        for start in range(0, len(indices), per_call):
+            chunk = indices[start:start + per_call]
             _, scores = self.rollout(chunk, jax.random.fold_in(key, start), k)
             outcomes += [[s["accuracy"] == 1.0 for s in row] for row in scores]
         return outcomes
