@@ -303,12 +303,13 @@ class Qwen(nnx.Module):
             if c.remat != "none":
                 block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
             x, _ = jax.lax.scan(lambda x, p: block(x, p), x, self.layers.arrays())
-            return rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps), None
-        k, v = list(cache.k), list(cache.v)
-        for i, p in enumerate(self.layers.split() if layers is None else layers):
-            x, (k[i], v[i]) = block(x, p, (k[i], v[i]))
-        x = rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps)
-        return x, KVCache(k=tuple(k), v=tuple(v), segment=k_segment, index=cache.index + length)
+            new_cache = None
+        else:
+            k, v = list(cache.k), list(cache.v)
+            for i, p in enumerate(self.layers.split() if layers is None else layers):
+                x, (k[i], v[i]) = block(x, p, (k[i], v[i]))
+            new_cache = KVCache(k=tuple(k), v=tuple(v), segment=k_segment, index=cache.index + length)
+        return rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps), new_cache
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
@@ -331,8 +332,9 @@ def _project_bwd(spec, out_dtype, saved, g):
     x, w = saved
     inputs, out = spec.split("->")
     x_idx, w_idx = inputs.split(",")
-    dx = jnp.einsum(f"{out},{w_idx}->{x_idx}", g.astype(x.dtype), w)
-    dw = jnp.einsum(f"{x_idx},{out}->{w_idx}", x, g.astype(x.dtype), preferred_element_type=w.dtype)
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{w_idx}->{x_idx}", g, w)
+    dw = jnp.einsum(f"{x_idx},{out}->{w_idx}", x, g, preferred_element_type=w.dtype)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
