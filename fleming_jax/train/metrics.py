@@ -7,10 +7,20 @@ import os
 
 
 class MetricsWriter:
-    """Appends one JSON row per logged step; only process 0 writes."""
+    """Appends one JSON row per logged step; only process 0 writes. A run resumed from
+    `resume_step` first drops the rows past that step (written after the checkpoint it
+    resumes from), so the file holds each step once."""
 
-    def __init__(self, workdir: str, main: bool):
-        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a") if main else None
+    def __init__(self, workdir: str, main: bool, resume_step: int = 0):
+        path = os.path.join(workdir, "metrics.jsonl")
+        if main and os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()
+            kept = [line for line in lines if _step(line) <= resume_step]
+            if len(kept) != len(lines):
+                with open(path, "w") as f:
+                    f.writelines(kept)
+        self.file = open(path, "a") if main else None
         self.tb = None
         if main:
             try:
@@ -33,3 +43,11 @@ class MetricsWriter:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def _step(line: str) -> float:
+    """A row's step; a line cut short by a kill counts as past every step (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
