@@ -49,7 +49,7 @@ def planted(indices, k):
 
 def test_stage1_grades_then_draws_easy_and_moderate_1_to_1_and_resumes_the_same(toy_run, tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "score", toy_score)
-    config = lambda: toy_config(toy_run, 1, steps=6, grade_k=4)
+    config = lambda: toy_config(toy_run, 1, steps=4, grade_k=4)
     picks = {}
 
     def trainer(name, score=planted):
@@ -63,18 +63,18 @@ def test_stage1_grades_then_draws_easy_and_moderate_1_to_1_and_resumes_the_same(
     levels = full.pool.levels()
     assert levels == ["Easy"] * 6 + ["Moderate"] * 6 + ["Difficult"] * 4  # the grades were kept
     drawn = {k: sum(r[f"drawn_{k}"] for r in rows) for k in ("easy", "moderate", "difficult")}
-    assert drawn == dict(easy=12, moderate=12, difficult=0), drawn
+    assert drawn == dict(easy=8, moderate=8, difficult=0), drawn
     for step in picks["full"]:
         assert sorted(levels[i] for i in step) == ["Easy", "Easy", "Moderate", "Moderate"]
 
     class Killed(Exception):
         pass
 
-    def kill_at_4(step):
-        if step == 4:
+    def kill_at_2(step):
+        if step == 2:
             raise Killed
     with pytest.raises(Killed):
-        trainer("split").train(on_step=kill_at_4)
+        trainer("split").train(on_step=kill_at_2)
 
     def must_not_grade(indices, k):
         raise AssertionError("a resumed run must take its grades from the checkpoint")
@@ -83,7 +83,7 @@ def test_stage1_grades_then_draws_easy_and_moderate_1_to_1_and_resumes_the_same(
     assert picks["split"] == picks["full"]
     assert resumed.pool.state_dict() == full.pool.state_dict()
     with open(tmp_path / "split" / "metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]  # 3 and 4 not repeated
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]  # none repeated
 
 
 def corrupt(step_dir, how: str):
@@ -113,36 +113,43 @@ def corrupt(step_dir, how: str):
 
 def test_resume_walks_back_over_corrupt_checkpoints(toy_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rewards, "score", toy_score)
-    config = toy_config(toy_run, 2, steps=6, group_size=8)
+    config = toy_config(toy_run, 2, steps=4, group_size=8)
+    config.checkpoint.every = 1
     full = rl.RLTrainer(config, str(tmp_path / "full"))
     full.train()
 
     class Killed(Exception):
         pass
 
-    def kill_at_6(step):
-        if step == 6:
+    def kill_at_4(step):
+        if step == 4:
             raise Killed
     with pytest.raises(Killed):
-        rl.RLTrainer(config, str(tmp_path / "cut")).train(on_step=kill_at_6)
+        rl.RLTrainer(config, str(tmp_path / "cut")).train(on_step=kill_at_4)
     ckpts = tmp_path / "cut" / "checkpoints"
-    assert sorted(os.listdir(ckpts)) == ["2", "4", "6"]
-    corrupt(ckpts / "6", "empty")
-    corrupt(ckpts / "4", "truncated")
-    os.makedirs(ckpts / "8.orbax-checkpoint-tmp-1234" / "params")  # an unfinished save
+    assert sorted(os.listdir(ckpts)) == ["2", "3", "4"]
+    corrupt(ckpts / "4", "empty")
+    corrupt(ckpts / "3", "truncated")
+    os.makedirs(ckpts / "5.orbax-checkpoint-tmp-1234" / "params")  # an unfinished save
     capsys.readouterr()
     resumed = rl.RLTrainer(config, str(tmp_path / "cut"))
     rows = resumed.train()
     out = capsys.readouterr().out
-    assert "checkpoint step 6" in out and "checkpoint step 4" in out and "resumed from" in out, out
-    assert [r["step"] for r in rows] == [3, 4, 5, 6]
+    assert "checkpoint step 4" in out and "checkpoint step 3" in out and "resumed from" in out, out
+    assert [r["step"] for r in rows] == [3, 4]
     a, b = params_of(full.model()), params_of(resumed.model())
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert sorted(os.listdir(ckpts)) == ["2", "4", "6"]  # rewritten; the bad ones moved aside
-    assert sorted(d.split("-")[0] for d in os.listdir(tmp_path / "cut" / "checkpoints_skipped")) == ["4", "6"]
+    assert sorted(os.listdir(ckpts)) == ["2", "3", "4"]  # rewritten; the bad ones moved aside, tmp removed
+    assert sorted(d.split("-")[0] for d in os.listdir(tmp_path / "cut" / "checkpoints_skipped")) == ["3", "4"]
     with open(tmp_path / "cut" / "metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+    # restore places every leaf, the step included, in the train state's shardings (as SFT's)
+    again = rl.RLTrainer(config, str(tmp_path / "cut"))
+    fresh = jax.tree.map(lambda x: x.sharding, again.state)
+    assert again.restore() == 4
+    placed = jax.tree.map(lambda x: x.sharding, again.state)
+    assert placed.step == fresh.step and jax.tree.leaves(placed) == jax.tree.leaves(fresh)
 
 
 # ------------------------------------------------------------------ 2 processes x 4 devices
