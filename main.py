@@ -23,7 +23,6 @@ def _default_platforms() -> None:
 _default_platforms()
 
 from absl import app, flags, logging  # noqa: E402
-from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 # task name -> "module:function"; each function is `run(config, workdir)`.
@@ -58,13 +57,29 @@ def compile_cache_dir(config) -> str | None:
     return None if chosen.lower() == "none" else chosen
 
 
-def setup_compile_cache(directory: str | None) -> None:
+def setup_compile_cache(directory: str | None) -> dict:
+    """Turns on JAX's persistent compilation cache in `directory` (every program is cached) and
+    returns counters of compile time and cache hits, filled as programs compile."""
     import jax
 
     if directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    stats = {"seconds": 0.0, "programs": 0, "hits": 0}
+
+    def on_duration(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":  # compiling or loading from the cache
+            stats["seconds"] += seconds
+            stats["programs"] += 1
+
+    def on_event(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            stats["hits"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    return stats
 
 
 def run_task(config, workdir: str):
@@ -79,8 +94,8 @@ def run_task(config, workdir: str):
         parallel.initialize_distributed(config.get("distributed"))
     from fleming_jax import paths
 
-    with paths.storage_errors(workdir):
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    paths.check_bucket(workdir)  # a missing bucket or no access fails here, in one line
+    paths.makedirs(workdir)
     return getattr(importlib.import_module(module), function)(config, workdir)
 
 
@@ -94,13 +109,17 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", str(config.get("task")))
     logging.info("task=%s workdir=%s", config.get("task"), workdir)
-    setup_compile_cache(compile_cache_dir(config))
+    cache = compile_cache_dir(config)
+    stats = setup_compile_cache(cache)
     from fleming_jax import paths
 
     try:
         run_task(config, workdir)
     except paths.StorageError as e:  # one line naming the path and what to do, not a deep traceback
         sys.exit(f"error: {e}")
+    if stats["programs"]:
+        print(f"[main] XLA compilation {stats['seconds']:.1f} s for {stats['programs']} programs"
+              + (f", {stats['hits']} loaded from the cache in {cache}" if cache else ""), flush=True)
 
 
 if __name__ == "__main__":

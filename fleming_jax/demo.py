@@ -81,7 +81,7 @@ def run(config, workdir: str) -> dict:
             continue
         print(f"[demo {i}/{len(STAGES)}] {name} -> {stage_dir}", flush=True)
         start = time.perf_counter()
-        paths.path(stage_dir).mkdir(parents=True, exist_ok=True)
+        paths.makedirs(stage_dir)
         stage_runner(name)(config.stages[name], stage_dir)
         report["stages"][name] = {"seconds": round(time.perf_counter() - start, 1)}
         if name == "sft":  # the tokenizer exists now: evaluate the random init for reference

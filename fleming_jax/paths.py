@@ -12,12 +12,16 @@ resolves its own copy onto its own disk (no cross-host waiting). Storage failure
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
 from typing import Iterator
 
 from etils import epath
+
+# gcsfs logs a traceback per failed retry; StorageError carries the one line that matters.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 # Files a model or tokenizer directory needs; pickled weights are never fetched.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
@@ -56,9 +60,29 @@ def exists(p) -> bool:
 
 
 def require(p, what: str, fix: str) -> None:
-    """FileNotFoundError `<what>=<p> does not exist; <fix>` when `p` is missing."""
+    """FileNotFoundError `<what>=<p> does not exist; <fix>` when `p` is missing (a StorageError
+    when its bucket is missing or unreachable)."""
     if not exists(p):
+        check_bucket(p)
         raise FileNotFoundError(f"{what}={p} does not exist; {fix}")
+
+
+def check_bucket(p) -> None:
+    """For a remote `p`: StorageError unless its bucket exists and answers."""
+    if not is_remote(p):
+        return
+    scheme, rest = str(p).split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    if not exists(bucket):
+        raise StorageError(f"cannot access {p}: bucket {bucket} does not exist or these credentials cannot see "
+                           f"it; fix the path, or create it (`gcloud storage buckets create {bucket}`)")
+
+
+def makedirs(p) -> None:
+    """Creates local directory `p`; nothing for object stores, which have no directories
+    (gcsfs's mkdir would create a missing bucket)."""
+    if not is_remote(p):
+        os.makedirs(p, exist_ok=True)
 
 
 def open_file(p, mode: str = "r"):
@@ -66,7 +90,7 @@ def open_file(p, mode: str = "r"):
     p = epath.Path(p)
     with storage_errors(p):
         if any(m in mode for m in "wa"):
-            p.parent.mkdir(parents=True, exist_ok=True)
+            makedirs(p.parent)
         return p.open(mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
@@ -78,7 +102,7 @@ def read_text(p) -> str:
 def write_text(p, text: str) -> None:
     p = epath.Path(p)
     with storage_errors(p):
-        p.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(p.parent)
         p.write_text(text, encoding="utf-8")
 
 
@@ -94,7 +118,7 @@ class Appender:
             self.text = read_text(p) if exists(p) else ""
             self.dirty = False
         else:
-            self.p.parent.mkdir(parents=True, exist_ok=True)
+            makedirs(self.p.parent)
             self.f = open(self.p, "a", encoding="utf-8")
 
     def write(self, s: str) -> None:
@@ -167,7 +191,7 @@ def upload_dir(local: str, p) -> None:
         for root, _, files in os.walk(local):
             for name in files:
                 rel = os.path.relpath(os.path.join(root, name), local)
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                makedirs((out / rel).parent)
                 epath.Path(os.path.join(root, name)).copy(out / rel, overwrite=True)
 
 
@@ -245,7 +269,7 @@ def describe(p: str, e: BaseException) -> str:
     bucket = p.split("://", 1)[-1].split("/", 1)[0]
     lowered = text.lower()
     if any(s in lowered for s in ("credential", "unauthorized", "401", "403", "forbidden", "permission",
-                                  "refresh", "invalid_grant", "token")):
+                                  "anonymous caller", "does not have storage", "refresh", "invalid_grant")):
         fix = (f"check access to gs://{bucket}: run `gcloud auth application-default login` or set "
                "GOOGLE_APPLICATION_CREDENTIALS (on a TPU VM: the VM's service account needs storage access)")
     elif any(s in lowered for s in ("bucket", "404", "not found", "nosuchbucket")):

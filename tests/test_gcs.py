@@ -136,3 +136,67 @@ def test_storage_errors_are_one_line_and_name_the_path(emulator):
 
         rl.read_records(f"gs://{BUCKET}/none.jsonl", "data.train",
                         "python main.py --config=configs/synthesize.py --workdir=runs/synthesize")
+
+
+def run_main(env, *args):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="", **env)
+    return subprocess.run([sys.executable, "main.py", "--config=configs/export.py", "--config.model.num_layers=1",
+                           "--compile_cache=none", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+class _Refusing:
+    """An HTTP endpoint answering as GCS does to a caller without credentials (401, GCS's
+    JSON error body), to see what a run without credentials prints."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _refuse(self):
+                body = json.dumps({"error": {"code": 401, "message": "Anonymous caller does not have "
+                                             "storage.objects.get access to the Google Cloud Storage object."}})
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            do_GET = do_POST = do_PUT = do_DELETE = _refuse
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_bad_buckets_and_credentials_fail_in_one_line(emulator, tmp_path):
+    # a bucket that does not exist: one line, nothing created (gcsfs's mkdir would create it)
+    result = run_main(emulator.env, "--workdir=gs://no-such-bucket/run")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: cannot access gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist or these "
+        "credentials cannot see it; fix the path, or create it (`gcloud storage buckets create gs://no-such-bucket`)")
+    assert "Traceback" not in result.stderr
+    assert "no-such-bucket" not in json.dumps(emulator.objects(BUCKET))
+    assert not paths.path("gs://no-such-bucket").exists()
+    # a missing input object in an existing bucket names the config key and its producer
+    result = run_main(emulator.env, f"--workdir=gs://{BUCKET}/export_bad",
+                      f"--config.model.init_from=gs://{BUCKET}/rl_stage2/checkpoints")
+    assert result.returncode != 0 and f"gs://{BUCKET}/rl_stage2/checkpoints" in result.stderr
+    # no credentials: GCS answers 401 to an anonymous caller
+    with _Refusing() as url:
+        result = run_main({"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url},
+                          f"--workdir=gs://{BUCKET}/run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot access gs://{BUCKET}") and "gcloud auth application-default login" in line

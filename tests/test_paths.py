@@ -55,3 +55,36 @@ def test_hub_ids_resolve_offline_and_pickle_only_repos_are_refused(hf_dir, tmp_p
             "safetensors only") in refused.stderr
     missing = resolve(home, "paths.local_dir('acme/absent')")
     assert "acme/absent: not a local path and not found in the local HF cache (HF_HOME)" in missing.stderr
+
+
+def test_cpu_run_is_quiet_and_a_restart_loads_its_programs_from_the_compile_cache(tmp_path):
+    """libtpu is installed (requirements-test): with JAX_PLATFORMS unset, main.py picks the CPU
+    on a machine without a TPU, so no TPU-init errors; restoring a run's checkpoint prints no
+    orbax metadata warning; the second start compiles nothing."""
+    import re
+
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from configs import export
+    from fleming_jax import models
+    from fleming_jax.train import checkpoint
+
+    cfg = export.get_config("tiny").model
+    cfg.num_layers = 1
+    model, _ = models.build(cfg)
+    manager = checkpoint.manager(str(tmp_path / "run"), keep=1, use_async=False)
+    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param)))))
+    manager.close()
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    outs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "main.py", "--config=configs/export.py", "--config.model.num_layers=1",
+             f"--config.model.init_from={tmp_path / 'run' / 'checkpoints'}", f"--workdir={tmp_path / 'export'}",
+             f"--compile_cache={tmp_path / 'xla'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stderr.strip() == "", result.stderr[-3000:]
+        outs.append(re.search(r"XLA compilation ([\d.]+) s for (\d+) programs, (\d+) loaded", result.stdout).groups())
+    (_, programs, hits), (_, programs2, hits2) = outs
+    assert int(hits) < int(programs) and int(hits2) == int(programs2) == int(programs)

@@ -229,7 +229,7 @@ def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None
     out = epath.Path(out_dir)
     write = parallel.is_main_process()
     if write:
-        out.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(out_dir)
     dtype = dtype or config.param_dtype
     store_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     state = nnx.state(model, nnx.Param)

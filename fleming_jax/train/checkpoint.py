@@ -61,7 +61,8 @@ def restore_model(path: str, config: qwen.QwenConfig, mesh=None) -> qwen.Qwen:
         nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
     source = params_dir(path)
     checkpointer = ocp.StandardCheckpointer()
-    saved = _flat_shapes(checkpointer.metadata(source).item_metadata.tree)
+    with _no_step_metadata_warning():
+        saved = _flat_shapes(checkpointer.metadata(source).item_metadata.tree)
     wanted = _flat_shapes(nnx.to_pure_dict(target))
     if saved != wanted:
         diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
@@ -69,9 +70,28 @@ def restore_model(path: str, config: qwen.QwenConfig, mesh=None) -> qwen.Qwen:
             f"checkpoint {source} does not match the model config ({config.model_type}, "
             f"{config.num_layers} layers, hidden {config.hidden_size}): " + "; ".join(
                 f"{k}: saved {saved.get(k)}, config wants {wanted.get(k)}" for k in diff[:4]))
-    restored = checkpointer.restore(source, nnx.to_pure_dict(target))
+    with _no_step_metadata_warning():
+        restored = checkpointer.restore(source, nnx.to_pure_dict(target))
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+@contextlib.contextmanager
+def _no_step_metadata_warning():
+    """A training run's `<step>/params` item has no step-level _CHECKPOINT_METADATA of its own
+    (it sits one level up); orbax warns about that on every restore. Nothing is wrong: hide it."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.msg).startswith("Metadata file does not exist")
+
+    logger, drop = logging.getLogger("absl"), Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
