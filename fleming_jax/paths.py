@@ -12,11 +12,11 @@ resolves its own copy onto its own disk (no cross-host waiting). Storage failure
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import tempfile
-from typing import Iterator
 
 from etils import epath
 
@@ -153,34 +153,42 @@ def is_hub_id(p) -> bool:
 
 
 def local_dir(p, kind: str = "model") -> str:
-    """A local directory holding what `p` holds (`kind`: "model" or "tokenizer").
+    """A local directory holding what `p` holds (`kind`: "model", "tokenizer", or "data",
+    which is never a hub id).
 
-    Local: `p` itself. `gs://…`: a copy under the cache (files re-fetched only when their size
-    changed; pickles skipped). Hub id: `snapshot_download` of the safetensors, config and
+    Local: `p` itself. `gs://…`: a copy under the cache (a file is fetched again only when its
+    object generation changed; pickles skipped). Hub id: `snapshot_download` of the safetensors, config and
     tokenizer files; a model repo with only pickled weights is refused.
     """
     p = str(p)
-    if is_hub_id(p):
+    if kind != "data" and is_hub_id(p):
         return _hub_snapshot(p, kind)
     if not is_remote(p):
         return p
-    src = epath.Path(p)
+    import fsspec
+
     scheme, rest = p.split("://", 1)
     dest = os.path.join(cache_root(), scheme, rest.strip("/"))
+    manifest_file = os.path.join(dest, ".fleming_jax_source.json")
+    manifest = json.load(open(manifest_file)) if os.path.exists(manifest_file) else {}
     with storage_errors(p):
-        if not src.is_dir():
+        fs, root = fsspec.core.url_to_fs(p)
+        found = fs.find(root, detail=True) if fs.isdir(root) else {}
+        if not found:
             raise FileNotFoundError(f"{p} does not exist (or is not a directory)")
-        for file in _walk(src):
-            rel = os.path.relpath(str(file), p.rstrip("/"))
-            if rel.endswith(PICKLE_SUFFIXES):
-                continue
+        for name, info in found.items():
+            rel = os.path.relpath(name, root.rstrip("/"))
+            version = [info.get("size"), info.get("generation") or info.get("etag") or info.get("mtime")]
             target = os.path.join(dest, rel)
-            if os.path.exists(target) and os.path.getsize(target) == file.stat().length:
+            if rel.endswith(PICKLE_SUFFIXES) or (manifest.get(rel) == version and os.path.exists(target)):
                 continue
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=os.path.dirname(target), delete=False) as tmp:
-                tmp.write(file.read_bytes())
+                tmp.write(fs.cat_file(name))
             os.replace(tmp.name, target)
+            manifest[rel] = version
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
     return dest
 
 
@@ -197,14 +205,6 @@ def upload_dir(local: str, p) -> None:
 
 def cache_root() -> str:
     return os.environ.get("FLEMING_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fleming_jax")
-
-
-def _walk(d: epath.Path) -> Iterator[epath.Path]:
-    for child in d.iterdir():
-        if child.is_dir():
-            yield from _walk(child)
-        else:
-            yield child
 
 
 def _hub_snapshot(repo: str, kind: str) -> str:

@@ -200,3 +200,21 @@ def test_bad_buckets_and_credentials_fail_in_one_line(emulator, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: cannot access gs://{BUCKET}") and "gcloud auth application-default login" in line
+
+
+def test_local_copies_follow_the_bucket(emulator):
+    """A gs:// directory read by a local-only library (tokenizers, safetensors memory maps) is
+    copied to the cache; a rewritten object (same size) is fetched again, pickles never are."""
+    d = f"gs://{BUCKET}/copies"
+    paths.write_text(f"{d}/config.json", "{1}")
+    paths.write_text(f"{d}/sub/a.txt", "a")
+    paths.write_text(f"{d}/pytorch_model.bin", "pickle")
+    local = paths.local_dir(d)
+    assert not paths.is_remote(local) and "gs:" not in local
+    assert open(os.path.join(local, "config.json")).read() == "{1}"
+    assert open(os.path.join(local, "sub", "a.txt")).read() == "a"
+    assert not os.path.exists(os.path.join(local, "pytorch_model.bin"))
+    paths.write_text(f"{d}/config.json", "{2}")
+    assert paths.local_dir(d) == local and open(os.path.join(local, "config.json")).read() == "{2}"
+    with pytest.raises(FileNotFoundError, match="gs://fleming-test/none does not exist"):
+        paths.local_dir(f"gs://{BUCKET}/none")
