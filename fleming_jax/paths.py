@@ -73,7 +73,9 @@ def check_bucket(p) -> None:
         return
     scheme, rest = str(p).split("://", 1)
     bucket = f"{scheme}://{rest.split('/', 1)[0]}"
-    if not exists(bucket):
+    with storage_errors(p):
+        found = epath.Path(bucket).exists()
+    if not found:
         raise StorageError(f"cannot access {p}: bucket {bucket} does not exist or these credentials cannot see "
                            f"it; fix the path, or create it (`gcloud storage buckets create {bucket}`)")
 
@@ -266,14 +268,15 @@ class storage_errors:
 def describe(p: str, e: BaseException) -> str:
     """One line: which path failed, why (briefly) and what to do."""
     text = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-    bucket = p.split("://", 1)[-1].split("/", 1)[0]
+    scheme, rest = p.split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
     lowered = text.lower()
     if any(s in lowered for s in ("credential", "unauthorized", "401", "403", "forbidden", "permission",
                                   "anonymous caller", "does not have storage", "refresh", "invalid_grant")):
-        fix = (f"check access to gs://{bucket}: run `gcloud auth application-default login` or set "
+        fix = (f"check access to {bucket}: run `gcloud auth application-default login` or set "
                "GOOGLE_APPLICATION_CREDENTIALS (on a TPU VM: the VM's service account needs storage access)")
     elif any(s in lowered for s in ("bucket", "404", "not found", "nosuchbucket")):
-        fix = f"check that bucket gs://{bucket} exists (`gcloud storage ls gs://{bucket}`)"
+        fix = f"check that bucket {bucket} exists (`gcloud storage ls {bucket}`)"
     else:
-        fix = f"check the network and that gs://{bucket} is reachable (`gcloud storage ls gs://{bucket}`)"
+        fix = f"check the network and that {bucket} is reachable (`gcloud storage ls {bucket}`)"
     return f"cannot access {p} ({text}); {fix}"
