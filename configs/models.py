@@ -94,10 +94,21 @@ def mesh_for(preset: str, target: str = "") -> ml_collections.ConfigDict:
 
 
 def distributed() -> ml_collections.ConfigDict:
-    """Multi-host setup: TPU pods need only `enabled=True`; GPU clusters set the coordinator
-    (or the FLEMING_* env variables that tpu/gpu_launch.sh exports)."""
-    return ml_collections.ConfigDict(dict(enabled=False, coordinator_address="",
-                                          num_processes=0, process_id=-1))
+    """Multi-host setup (`parallel.initialize_distributed`): `enabled` None detects a
+    multi-worker Cloud TPU slice or the coordinator (GPU clusters set it, or the FLEMING_*
+    env variables that tpu/gpu_launch.sh exports); True forces `jax.distributed`; False
+    keeps one process."""
+    return ml_collections.ConfigDict(dict(
+        enabled=ml_collections.FieldReference(None, field_type=bool), coordinator_address="",
+        num_processes=0, process_id=-1))
+
+
+def rollout() -> ml_collections.ConfigDict:
+    """The sampler's decode layout (`parallel.rollout_mesh`, `sampler.rollout_model`): the
+    policy is cast to `dtype` ("" = the model's compute dtype) and resharded once per RL step,
+    tensor parallel over `tensor` devices of a host (-1: as many as divide the host's devices
+    and the KV heads), data parallel over the rest."""
+    return ml_collections.ConfigDict(dict(tensor=-1, dtype=""))
 
 
 def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:
