@@ -12,14 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import time
 from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from fleming_jax import parallel, rewards, sampler
+from fleming_jax import parallel, paths, rewards, sampler
 from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
 
 # What PAPER.md states of the published results; it gives no other per-benchmark numbers.
@@ -152,14 +151,14 @@ def load_model(config, mesh):
     if m.init_from and m.hf_path:
         raise ValueError(f"config.model.init_from={m.init_from} and config.model.hf_path={m.hf_path} are both set; "
                          "clear one (e.g. --config.model.init_from= to evaluate the HF model)")
-    if m.init_from and "://" not in m.init_from and not os.path.exists(m.init_from):
+    if m.init_from and not paths.exists(m.init_from):
         raise FileNotFoundError(f"config.model.init_from={m.init_from} does not exist; run "
                                 f"`{config.init_from_producer}` first, or evaluate another model with "
                                 "--config.model.init_from=<checkpoints> or --config.model.hf_path=<HF dir>")
     path = config.tokenizer or m.hf_path
     if not path:
         raise ValueError("config.tokenizer is empty and there is no config.model.hf_path to take it from")
-    if "://" not in path and not os.path.exists(path):
+    if not paths.is_hub_id(path) and not paths.exists(path):
         raise FileNotFoundError(f"config.tokenizer={path} does not exist; run `{config.tokenizer_producer}` "
                                 "first, or point --config.tokenizer at the model's tokenizer directory")
     tokenizer = toklib.load(path)
@@ -222,15 +221,13 @@ def run(config, workdir: str) -> dict:
                                    mesh=mesh, batch_size=e.batch_size, progress=progress)
         outputs = summary.pop("outputs")
         if main:
-            write_jsonl(os.path.join(workdir, "outputs", f"{name}.jsonl"), outputs)
+            write_jsonl(paths.join(workdir, "outputs", f"{name}.jsonl"), outputs)
         results["benchmarks"][name] = summary | dict(reader=report, seconds=round(time.perf_counter() - t0, 2))
     keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length")
     results["macro"] = {k: macro_average({n: r[k] for n, r in results["benchmarks"].items()}) for k in keys}
     table = markdown(results)
     if main:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table)
+        paths.write_text(paths.join(workdir, "results.json"), json.dumps(results, indent=2))
+        paths.write_text(paths.join(workdir, "results.md"), table)
         log(f"results in {workdir}/results.json, results.md, outputs/\n{table}")
     return results

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from fleming_jax import paths
 from fleming_jax.data.records import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -64,19 +65,43 @@ def build(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT, chat_template=CHAT_TEMPLATE,
         model_max_length=1 << 20)
-    fast.save_pretrained(out_dir)
-    return load(out_dir)
+    if not paths.is_remote(out_dir):
+        fast.save_pretrained(out_dir)
+        return load(out_dir)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # every host loads its own copy; process 0 uploads
+        save(fast, tmp)
+        save(fast, out_dir)
+        return load(tmp)
+
+
+def save(tokenizer, out_dir: str) -> None:
+    """`tokenizer.save_pretrained` into a local or remote directory (remote: process 0 writes,
+    staged in a temporary local directory since transformers writes local files only)."""
+    from fleming_jax import parallel
+
+    if not paths.is_remote(out_dir):
+        tokenizer.save_pretrained(out_dir)
+    elif parallel.is_main_process():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            paths.upload_dir(tmp, out_dir)
 
 
 def load(path: str):
-    """The HF tokenizer saved in the local directory `path` (never downloads)."""
+    """The HF tokenizer in directory `path`: local, gs:// (copied to the local cache first) or a
+    hub id (`org/name`, resolved by `paths.local_dir`)."""
     import transformers
 
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(
-            os.path.join(path, "tokenizer_config.json")):
+    local = paths.local_dir(path, kind="tokenizer")
+    if not os.path.isfile(os.path.join(local, "tokenizer.json")) and not os.path.isfile(
+            os.path.join(local, "tokenizer_config.json")):
         raise FileNotFoundError(f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); "
                                 "pass an HF model directory or one written by fleming_jax.tokenizer.build")
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
 def stop_ids(tokenizer) -> list[int]:

@@ -22,10 +22,9 @@ from typing import Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
-from fleming_jax import parallel
+from fleming_jax import parallel, paths
 from fleming_jax.train import checkpoint
 from fleming_jax.train import state as statelib
 from fleming_jax.train.metrics import MetricsWriter
@@ -72,10 +71,11 @@ class Checkpoints:
 
     def _skip(self, step: int, error: Exception) -> None:
         reason = " ".join(str(error).split())[:300] or type(error).__name__
-        target = epath.Path(self.workdir) / "checkpoints_skipped" / f"{step}-{int(time.time())}"
+        target = paths.path(self.workdir) / "checkpoints_skipped" / f"{step}-{int(time.time())}"
         if parallel.is_main_process():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            (epath.Path(self.directory) / str(step)).rename(target)
+            with paths.storage_errors(str(target)):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (paths.path(str(self.directory)) / str(step)).rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"skip checkpoint {step}")

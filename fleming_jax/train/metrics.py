@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+
+from fleming_jax import paths
 
 
 class MetricsWriter:
@@ -12,20 +13,18 @@ class MetricsWriter:
     resumes from), so the file holds each step once."""
 
     def __init__(self, workdir: str, main: bool, resume_step: int = 0):
-        path = os.path.join(workdir, "metrics.jsonl")
-        if main and os.path.exists(path):
-            with open(path) as f:
-                lines = f.readlines()
+        path = paths.join(workdir, "metrics.jsonl")
+        if main and paths.exists(path):
+            lines = paths.read_text(path).splitlines(keepends=True)
             kept = [line for line in lines if _step(line) <= resume_step]
             if len(kept) != len(lines):
-                with open(path, "w") as f:
-                    f.writelines(kept)
-        self.file = open(path, "a") if main else None
+                paths.write_text(path, "".join(kept))
+        self.file = paths.Appender(path) if main else None
         self.tb = None
         if main:
             try:
                 import tensorboardX
-                self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = tensorboardX.SummaryWriter(paths.join(workdir, "tensorboard"))
             except ImportError:
                 pass
 

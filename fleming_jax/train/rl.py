@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fleming_jax import models, parallel, rewards, sampler
+from fleming_jax import models, parallel, paths, rewards, sampler
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data.records import QARecord, read_jsonl
 from fleming_jax.evaluate import evaluate_records, record_prompts
@@ -40,9 +39,7 @@ PREPARE_STREAM = 1 << 30
 
 
 def read_records(path: str, key: str, producer: str) -> list[QARecord]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.{key}={path} does not exist; run `{producer}` first, or "
-                                f"point --config.{key} at a QA-record JSONL file")
+    paths.require(path, f"config.{key}", f"run `{producer}` first, or point --config.{key} at a QA-record JSONL file")
     return [QARecord.from_dict(d) for d in read_jsonl(path)]
 
 
@@ -109,9 +106,8 @@ class RLTrainer:
         if not (config.model.init_from or config.model.hf_path):
             raise ValueError(f"rl stage {c.stage} needs a starting model: --config.model.init_from=<checkpoints> "
                              "or --config.model.hf_path=<HF dir>")
-        if config.model.init_from and not os.path.exists(config.model.init_from):
-            raise FileNotFoundError(f"config.model.init_from={config.model.init_from} does not exist; "
-                                    f"run `{config.init_from_producer}` first")
+        if config.model.init_from:
+            paths.require(config.model.init_from, "config.model.init_from", f"run `{config.init_from_producer}` first")
         self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
         self.stop_ids = toklib.stop_ids(self.tokenizer)
         self.prompts = record_prompts(self.tokenizer, self.records)

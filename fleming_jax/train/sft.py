@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 
@@ -19,7 +18,7 @@ import grain
 import jax
 from flax import nnx
 
-from fleming_jax import parallel
+from fleming_jax import parallel, paths
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import pipeline
 from fleming_jax.data.records import read_jsonl
@@ -40,11 +39,9 @@ def sft_loss(model, batch, chunk_size: int = 256):
 
 
 def read_chats(path: str, key: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"config.data.{key}={path} does not exist; run `python main.py --config=configs/distill.py "
-            f"--workdir=runs/distill` first (it writes train.jsonl and validation.jsonl), or point "
-            f"--config.data.{key} at an SFT JSONL file of {{id, messages, meta}} records")
+    paths.require(path, f"config.data.{key}", "run `python main.py --config=configs/distill.py "
+                  "--workdir=runs/distill` first (it writes train.jsonl and validation.jsonl), or point "
+                  f"--config.data.{key} at an SFT JSONL file of {{id, messages, meta}} records")
     return list(read_jsonl(path))
 
 
@@ -54,8 +51,8 @@ def load_tokenizer(config, workdir: str, train_rows: list[dict]):
     path = config.tokenizer or config.model.hf_path
     if path:
         return toklib.load(path)
-    built = os.path.join(workdir, "tokenizer")
-    if os.path.isfile(os.path.join(built, "tokenizer.json")):
+    built = paths.join(workdir, "tokenizer")
+    if paths.exists(paths.join(built, "tokenizer.json")):
         return toklib.load(built)
     texts = (m["content"] for row in train_rows for m in row["messages"])
     return toklib.build(texts, built, vocab_size=config.model.vocab_size)
