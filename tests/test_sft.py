@@ -143,24 +143,24 @@ def test_resume_walks_back_over_a_step_without_metadata(data, tmp_path, capsys):
     from tests.test_rl_stages import corrupt
 
     config = small_config(data[0])
-    config.optimizer.update(total_steps=4, warmup_steps=1)
+    config.optimizer.update(total_steps=3, warmup_steps=1)
     config.checkpoint.update(every=1, keep=5)
     full = sft.Trainer(config, str(tmp_path / "full"))
     full.train()
 
     def interrupt(step):
-        if step == 3:
+        if step == 2:
             signal.raise_signal(signal.SIGTERM)
     sft.Trainer(config, str(tmp_path / "cut")).train(on_step=interrupt)
-    corrupt(tmp_path / "cut" / "checkpoints" / "3", "no_metadata")
+    corrupt(tmp_path / "cut" / "checkpoints" / "2", "no_metadata")
     capsys.readouterr()
     resumed = sft.Trainer(config, str(tmp_path / "cut"))
-    assert [r["step"] for r in resumed.train()] == [3, 4]  # from step 2, the newest that restores
+    assert [r["step"] for r in resumed.train()] == [2, 3]  # from step 1, the newest that restores
     out = capsys.readouterr().out
-    assert "checkpoint step 3" in out and "does not restore" in out, out
+    assert "checkpoint step 2" in out and "does not restore" in out, out
     jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(full))
     with open(tmp_path / "cut" / "metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
 
 
 def test_held_out_loss_falls_on_kg_teacher_trajectories(data, tmp_path):
