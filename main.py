@@ -6,10 +6,14 @@ Any config field can be overridden on the command line, e.g.
 
 import importlib
 import os
+import sys
 
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
+
+from fleming_jax import config_check
+from fleming_jax.distill.teachers import TeacherError
 
 # task name -> "module:function"; each function is `run(config, workdir)`.
 TASKS = {
@@ -23,6 +27,10 @@ TASKS = {
     "eval": "fleming_jax.evaluate:run",
 }
 
+# What a task raises for bad input (a missing file, a bad value, an unreachable teacher):
+# printed as one line. Any other exception is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, TeacherError)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:preset]).",
                                 lock_config=True)
@@ -35,6 +43,7 @@ def run_task(config, workdir: str):
     task = config.get("task")
     if task not in TASKS:
         raise app.UsageError(f"config.task={task!r} is not a task; tasks: {', '.join(TASKS)}")
+    config_check.check(config)
     module, function = TASKS[task].split(":")
     if task != "plan":  # plan compiles for fake or described devices, never joins a cluster
         from fleming_jax import parallel
@@ -54,7 +63,14 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", str(config.get("task")))
     logging.info("task=%s workdir=%s", config.get("task"), workdir)
-    run_task(config, workdir)
+    try:
+        run_task(config, workdir)
+    except USER_ERRORS as e:
+        if FLAGS.verbosity >= 1:
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message's layout
+        print(f"{type(e).__name__}: {message} (--verbosity=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
