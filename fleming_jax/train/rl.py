@@ -24,9 +24,9 @@ from flax import nnx
 
 from fleming_jax import models, parallel, rewards, sampler
 from fleming_jax import tokenizer as toklib
-from fleming_jax.data import quality
-from fleming_jax.data.records import QARecord, read_jsonl
-from fleming_jax.evaluate import evaluate_records, record_prompts
+from fleming_jax.data import inputs, quality
+from fleming_jax.data.records import QARecord
+from fleming_jax.evaluate import evaluate_records, fits_context, record_prompts
 from fleming_jax.train import checkpoint, grpo, mining
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
@@ -37,11 +37,10 @@ from fleming_jax.train.metrics import MetricsWriter
 GRADE_STREAM, SCORE_STREAM = 1 << 30, (1 << 30) + 1
 
 
-def read_records(path: str, key: str, producer: str) -> list[QARecord]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.{key}={path} does not exist; run `{producer}` first, or "
-                                f"point --config.{key} at a QA-record JSONL file")
-    return [QARecord.from_dict(d) for d in read_jsonl(path)]
+def read_records(path: str, key: str, producer: str, accept=None) -> list[QARecord]:
+    """The checked QA records of `config.<key>` (see `fleming_jax.data.inputs`)."""
+    return inputs.read_records(path, key, f"run `{producer}` first, or point --config.{key} at a "
+                               "QA-record JSONL file", accept)
 
 
 def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantages: np.ndarray,
@@ -98,12 +97,6 @@ class RLTrainer:
     def __init__(self, config, workdir: str):
         self.config, self.workdir, self.main = config, workdir, parallel.is_main_process()
         c = config.rl
-        self.records = read_records(config.data.train, "data.train", config.data.producer)
-        if c.max_pool:  # a seeded subset bounds stage 2's scoring pass and stage 1's grading
-            keep = np.random.default_rng(c.seed).permutation(len(self.records))[:c.max_pool]
-            self.records = [self.records[i] for i in sorted(keep)]
-        self.eval_records = (read_records(config.data.eval, "data.eval", config.data.producer)[:c.eval_size]
-                             if config.data.eval else [])
         if not (config.model.init_from or config.model.hf_path):
             raise ValueError(f"rl stage {c.stage} needs a starting model: --config.model.init_from=<checkpoints> "
                              "or --config.model.hf_path=<HF dir>")
@@ -111,6 +104,13 @@ class RLTrainer:
             raise FileNotFoundError(f"config.model.init_from={config.model.init_from} does not exist; "
                                     f"run `{config.init_from_producer}` first")
         self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
+        fits = fits_context(self.tokenizer, c.max_new_tokens, models.config_from(config.model).max_position_embeddings)
+        self.records = read_records(config.data.train, "data.train", config.data.producer, fits)
+        if c.max_pool:  # a seeded subset bounds stage 2's scoring pass and stage 1's grading
+            keep = np.random.default_rng(c.seed).permutation(len(self.records))[:c.max_pool]
+            self.records = [self.records[i] for i in sorted(keep)]
+        self.eval_records = (read_records(config.data.eval, "data.eval", config.data.producer, fits)[:c.eval_size]
+                             if config.data.eval else [])
         self.stop_ids = toklib.stop_ids(self.tokenizer)
         self.prompts = record_prompts(self.tokenizer, self.records)
         self.mesh = parallel.make_mesh(config.mesh)
