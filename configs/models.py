@@ -94,10 +94,13 @@ def mesh_for(preset: str, target: str = "") -> ml_collections.ConfigDict:
 
 
 def distributed() -> ml_collections.ConfigDict:
-    """Multi-host setup: TPU pods need only `enabled=True`; GPU clusters set the coordinator
-    (or the FLEMING_* env variables that tpu/gpu_launch.sh exports)."""
-    return ml_collections.ConfigDict(dict(enabled=False, coordinator_address="",
-                                          num_processes=0, process_id=-1))
+    """Multi-host setup (`parallel.initialize_distributed`): `enabled` None detects a
+    multi-worker Cloud TPU slice or the coordinator (GPU clusters set it, or the FLEMING_*
+    env variables that tpu/gpu_launch.sh exports); True forces `jax.distributed`; False
+    keeps one process."""
+    return ml_collections.ConfigDict(dict(
+        enabled=ml_collections.FieldReference(None, field_type=bool), coordinator_address="",
+        num_processes=0, process_id=-1))
 
 
 def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:

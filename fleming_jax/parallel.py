@@ -7,13 +7,13 @@ degree is a config change (`config.mesh`), never a code change.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -120,24 +120,65 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def initialize_distributed(dist_cfg=None) -> None:
-    """`jax.distributed.initialize` for multi-host runs.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
 
-    TPU pod slices need no arguments (`config.distributed.enabled=True`). GPU clusters pass
-    the coordinator through config or the env (`FLEMING_COORDINATOR_ADDRESS`,
-    `FLEMING_NUM_PROCESSES`, `FLEMING_PROCESS_ID`; see the README's GPU section). A single
-    process with none of these set does nothing.
+
+def _gce_metadata(key: str) -> str:
+    """A Cloud TPU VM's instance attribute ("" where there is none: not a TPU VM, no server)."""
+    import urllib.request
+
+    request = urllib.request.Request(_TPU_METADATA + key, headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.read().decode().strip()
+    except OSError:
+        return ""
+
+
+def _google_pci_device() -> bool:
+    """Whether this machine has a Google PCI device (TPU chips, gVNIC): a GCE VM, maybe a TPU VM."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        with open(vendor) as f:
+            if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                return True
+    return False
+
+
+def tpu_worker_count(environ=os.environ, metadata=_gce_metadata) -> int:
+    """How many workers (hosts) the Cloud TPU slice this process runs on has; 1 off a TPU VM.
+
+    The TPU runtime names the workers in `TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES`
+    (GKE, some images), else in the VM's `worker-network-endpoints` metadata attribute, which
+    is asked only on a machine with a Google PCI device (so never on a laptop or GPU node).
+    """
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
+    if not hosts:
+        if not _google_pci_device():
+            return 1
+        hosts = metadata("worker-network-endpoints")
+    return max(1, len([h for h in hosts.split(",") if h.strip()]))
+
+
+def initialize_distributed(dist_cfg=None, environ=os.environ) -> None:
+    """`jax.distributed.initialize` for multi-host runs; `config.distributed.enabled` picks.
+
+    None (default, "auto"): GPU clusters pass the coordinator through config or the env
+    (`FLEMING_COORDINATOR_ADDRESS`, `FLEMING_NUM_PROCESSES`, `FLEMING_PROCESS_ID`; see the
+    README's GPU section); a multi-worker Cloud TPU slice initialises with no arguments (JAX
+    finds the slice itself); anything else (one TPU worker, a CPU, one GPU node) stays a
+    single process. True: initialise even where nothing is detected. False: never.
     """
     unset = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+    enabled = dist_cfg.get("enabled") if dist_cfg is not None else None
+    if enabled is False or jax.distributed.is_initialized():
+        return
 
     def get(key, env):
         value = dist_cfg.get(key, unset[key]) if dist_cfg is not None else unset[key]
-        return value if value != unset[key] else os.environ.get(env)
+        return value if value != unset[key] else environ.get(env)
     address = get("coordinator_address", "FLEMING_COORDINATOR_ADDRESS")
-    enabled = bool(address) or bool(dist_cfg is not None and dist_cfg.get("enabled"))
-    if not enabled or jax.distributed.is_initialized():
-        return
-    kwargs = {}
+    kwargs, workers = {}, 1
     if address:
         num, pid = get("num_processes", "FLEMING_NUM_PROCESSES"), get("process_id", "FLEMING_PROCESS_ID")
         if num in (None, "") or pid in (None, ""):
@@ -145,9 +186,17 @@ def initialize_distributed(dist_cfg=None) -> None:
                              "process_id are needed too (config.distributed or "
                              "FLEMING_NUM_PROCESSES / FLEMING_PROCESS_ID)")
         kwargs = dict(coordinator_address=address, num_processes=int(num), process_id=int(pid))
+    elif not enabled:
+        workers = tpu_worker_count(environ)
+        if workers == 1:
+            return
     jax.distributed.initialize(**kwargs)
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    if is_main_process():
+        how = (f"coordinator {address}" if address else f"Cloud TPU slice of {workers} workers, detected"
+               if workers > 1 else "config.distributed.enabled=True")
+        print(f"[distributed] {how}: {jax.process_count()} processes, {jax.local_device_count()} local / "
+              f"{jax.device_count()} global devices (--config.distributed.enabled=False turns this off)",
+              flush=True)
 
 
 def is_main_process() -> bool:

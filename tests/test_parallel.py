@@ -214,3 +214,73 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     for i in range(2):
         with open(tmp_path / f"losses{i}.json") as f:
             np.testing.assert_allclose(json.load(f), expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- multi-host start-up
+@pytest.fixture
+def init_calls(monkeypatch):
+    """Records jax.distributed.initialize calls instead of making them (no TPU slice here)."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel, "_google_pci_device", lambda: False)
+    return calls
+
+
+TPU_SLICE_ENV = {"TPU_WORKER_HOSTNAMES": "t1v-n-0-w-0,t1v-n-0-w-1,t1v-n-0-w-2,t1v-n-0-w-3",
+                 "TPU_WORKER_ID": "2"}
+
+
+def _dist(enabled=None):
+    cfg = models.distributed()
+    if enabled is not None:
+        cfg.enabled = enabled
+    return cfg
+
+
+@pytest.mark.parametrize("cfg", [None, _dist()], ids=["no-config", "default-config"])
+def test_multi_worker_tpu_slice_initialises_with_no_arguments(init_calls, cfg, capsys):
+    parallel.initialize_distributed(cfg, environ=TPU_SLICE_ENV)
+    assert init_calls == [{}]
+    assert "Cloud TPU slice of 4 workers, detected" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("environ", [
+    {"TPU_WORKER_HOSTNAMES": "t1v-n-0-w-0", "TPU_WORKER_ID": "0"},  # a single-worker slice
+    {},  # a CPU or a single GPU node: no TPU runtime environment
+], ids=["one-worker", "cpu"])
+def test_single_worker_and_cpu_stay_one_process(init_calls, environ):
+    parallel.initialize_distributed(_dist(), environ=environ)
+    assert init_calls == []
+
+
+def test_enabled_false_turns_detection_off(init_calls):
+    parallel.initialize_distributed(_dist(False), environ=TPU_SLICE_ENV)
+    parallel.initialize_distributed(_dist(False), environ={"FLEMING_COORDINATOR_ADDRESS": "h:1",
+                                                           "FLEMING_NUM_PROCESSES": "2", "FLEMING_PROCESS_ID": "0"})
+    assert init_calls == []
+
+
+def test_enabled_true_forces_initialise_without_detection(init_calls):
+    parallel.initialize_distributed(_dist(True), environ={})
+    assert init_calls == [{}]
+
+
+def test_gpu_cluster_keeps_the_fleming_contract(init_calls):
+    env = {"FLEMING_COORDINATOR_ADDRESS": "10.0.0.1:1234", "FLEMING_NUM_PROCESSES": "4",
+           "FLEMING_PROCESS_ID": "3", **TPU_SLICE_ENV}
+    parallel.initialize_distributed(_dist(), environ=env)
+    assert init_calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)]
+
+
+def test_tpu_vm_without_env_asks_the_metadata_server(monkeypatch):
+    asked = []
+
+    def metadata(key):
+        asked.append(key)
+        return "10.130.0.2,10.130.0.3"
+    monkeypatch.setattr(parallel, "_google_pci_device", lambda: False)  # a laptop, a GPU node
+    assert parallel.tpu_worker_count({}, metadata) == 1 and asked == []
+    monkeypatch.setattr(parallel, "_google_pci_device", lambda: True)
+    assert parallel.tpu_worker_count({}, metadata) == 2 and asked == ["worker-network-endpoints"]
+    assert parallel.tpu_worker_count({}, lambda key: "") == 1  # a GCE VM that is no TPU worker

@@ -270,6 +270,36 @@ def test_run_on_a_ready_vm_runs_on_all_workers_with_a_log_each(sh, tmp_path):
     assert os.path.isdir(tmp_path / "logs" / "sft")
 
 
+
+def test_readme_rl_command_starts_the_distributed_runtime_with_no_extra_flag(sh, monkeypatch):
+    """The README's stage-1 command on a v5p-32 (4 workers): the job that run.sh starts passes
+    no distributed flag, and its config initialises jax.distributed on a faked 4-worker slice."""
+    import jax
+    from absl import flags
+    from ml_collections import config_flags
+
+    from fleming_jax import parallel
+
+    args = [*LOC, "--accelerator_type=v5p-32", "--config=configs/rl_stage1.py:qwen2.5-7b",
+            "--workdir=gs://b/rl_stage1", "--", "--config.model.init_from=gs://b/sft/checkpoints",
+            "--config.mesh.fsdp=16"]
+    ssh_command = [c for c in sh.dry("run.sh", *args) if "ssh" in c][0]
+    job = shlex.split(next(a for a in ssh_command if a.startswith("--command=")).split("&&", 1)[1])
+    assert job[:2] == ["python3", "main.py"] and not any("distributed" in a for a in job)
+    argv = ["main.py", *(a for a in job[2:] if a.startswith("--config"))]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                    sys_argv=argv)
+    monkeypatch.chdir(ROOT)
+    flag_values(argv)
+    assert flag_values.config.model.init_from == "gs://b/sft/checkpoints"
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    workers = {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3", "TPU_WORKER_ID": "1"}
+    parallel.initialize_distributed(flag_values.config.distributed, environ=workers)
+    assert calls == [{}]
+
 DOWNLOAD = "python3 -m huggingface_hub.cli.hf download Qwen/Qwen2.5-7B-Instruct --local-dir ../models/q"
 
 
