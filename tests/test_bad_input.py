@@ -87,31 +87,26 @@ def sft_args(train):
     return ["--config=configs/sft.py", f"--config.data.train={train}", "--config.data.eval="]
 
 
-@pytest.mark.parametrize("case", ["rl_empty", "rl_no_usable_row", "sft_empty", "sft_content_null",
-                                  "sft_reply_beyond_seq_len"])
+@pytest.mark.parametrize("case", ["rl_empty", "distill_no_usable_row", "sft_empty", "sft_content_null"])
 def test_unusable_input_file_is_one_line_naming_it(toy_run, tmp_path, case):
     train = tmp_path / "train.jsonl"
     if case == "rl_empty":
         train.write_text("\n")
         expected = [f"config.data.train={train} is empty (no rows)", "configs/synthesize.py"]
-    elif case == "rl_no_usable_row":
+    elif case == "distill_no_usable_row":  # the QA reader RL uses too
         write_jsonl(str(train), [qa(0, answer="Z"), qa(1, answer=None), qa(2, answer=1)])
         expected = [f"config.data.train={train} has no usable row (kept 0 of 3 rows; dropped "
                     f"answer_not_in_options 3 (first at {train}:1))"]
     elif case == "sft_empty":
         train.write_text("")
         expected = [f"config.data.train={train} is empty (no rows)", "configs/distill.py"]
-    elif case == "sft_content_null":
+    else:
         write_jsonl(str(train), [chat(0, content=None)])
         expected = [f"config.data.train={train} has no usable row (kept 0 of 1 rows; dropped "
                     f"content_not_text 1 (first at {train}:1))"]
-    else:  # the user turn fills the packed row: no assistant token left to learn from
-        write_jsonl(str(train), [chat(i) | {"messages": [{"role": "user", "content": LONG[:400]},
-                                                         chat(i)["messages"][1]]} for i in range(3)])
-        expected = [f"config.data.train={train}: no chat has an assistant token within train.seq_len=32",
-                    "'truncated': 3, 'no_assistant_tokens': 3"]
-    args = rl_args(toy_run, train) if case.startswith("rl") else sft_args(train)
-    args += ["--config.train.seq_len=32"] if case == "sft_reply_beyond_seq_len" else []
+    args = {"rl": rl_args(toy_run, train), "sft": sft_args(train),
+            "distill": ["--config=configs/distill.py", f"--config.data.train={train}", "--config.data.validation="]
+            }[case.split("_")[0]]
     rc, _, err = run_main(*args, f"--workdir={tmp_path / 'run'}")
     assert_one_line_error(rc, err, "ValueError: ", *expected)
 
@@ -165,10 +160,10 @@ def test_rl_drops_and_counts_bad_records_and_trains(toy_run, tmp_path, monkeypat
            qa(14, question=None), qa(15, options=None, answer="")]
     write_jsonl(str(train), good[:3] + bad + good[3:])
     write_jsonl(str(held_out), [qa(20), qa(21, question=LONG)])
-    config = toy_config(toy_run, steps=2, prompts_per_step=2, group_size=2)
+    config = toy_config(toy_run, steps=1, prompts_per_step=2, group_size=2)
     config.data.update(train=str(train), eval=str(held_out))
     rows = rl.RLTrainer(config, str(tmp_path / "run")).train()
-    assert [r["step"] for r in rows] == [1, 2] and "eval_accuracy" in rows[-1]
+    assert [r["step"] for r in rows] == [1] and "eval_accuracy" in rows[-1]
     out = capsys.readouterr().out
     limit = 2048 - config.rl.max_new_tokens
     assert (f"[data] config.data.train={train}: kept 6 of 12 rows; dropped answer_not_in_options 3 (first at "
@@ -197,9 +192,9 @@ def test_sft_drops_bad_chats_rebuilds_a_stale_tokenizer_and_trains(tmp_path, cap
                         intermediate_size=64, vocab_size=512)
     config.train.update(seq_len=128, batch_size=8, log_every=1)
     config.data.update(train=str(train), eval="")
-    config.optimizer.total_steps = 2
+    config.optimizer.total_steps = 1
     rows = sft.Trainer(config, str(work)).train()
-    assert [r["step"] for r in rows] == [1, 2] and np.isfinite(rows[-1]["loss"])
+    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[-1]["loss"])
     out = capsys.readouterr().out
     assert (f"[data] config.data.train={train}: kept 40 of 45 rows; dropped content_not_text 1 (first at "
             f"{train}:21), message_not_role_content 1 (first at {train}:25), no_assistant_text 1 (first at "
@@ -216,6 +211,13 @@ def test_sft_drops_bad_chats_rebuilds_a_stale_tokenizer_and_trains(tmp_path, cap
     assert "was not built from these 10 texts" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no text to build a tokenizer from"):
         toklib.build_once([], str(tmp_path / "empty_tok"), 512)
+    # Chats whose user turn fills the packed row leave nothing to learn: refused, not a StopIteration.
+    write_jsonl(str(train), [chat(i) | {"messages": [{"role": "user", "content": LONG[:400]}, chat(i)["messages"][1]]}
+                             for i in range(3)])
+    config.train.seq_len = 32
+    with pytest.raises(ValueError, match=f"config.data.train={train}: no chat has an assistant token within "
+                                         r"train.seq_len=32 \(\{'truncated': 3, 'no_assistant_tokens': 3"):
+        sft.Trainer(config, str(tmp_path / "short"))
 
 
 # ------------------------------------------------------------------ eval: skip, count, write as it goes, stay inside
