@@ -73,5 +73,18 @@ def main(argv):
         sys.exit(1)
 
 
+def parse_flags(argv):
+    """absl's parser; an override of a key the config does not have (`--config.rl.group_sise=4`)
+    is one line too, not the traceback ml_collections raises it with."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        inner = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
+        message = " ".join(str(inner.args[0] if inner.args else inner).split())
+        print(f"UsageError: a --config override names a key the config does not have: {message}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
