@@ -173,6 +173,11 @@ def test_rl_drops_and_counts_bad_records_and_trains(toy_run, tmp_path, monkeypat
             f"{train}:4), empty_question 1 (first at {train}:8), missing_answer 1 (first at {train}:9), "
             f"prompt_over_{limit}_tokens 1 (first at {train}:7)") in out
     assert f"[data] config.data.eval={held_out}: kept 1 of 2 rows; dropped prompt_over_{limit}_tokens 1" in out
+    size = len(toklib.load(f"{toy_run}/tokenizer"))
+    config.model.vocab_size = size - 1  # a tokenizer the model cannot embed is refused before anything is built
+    with pytest.raises(ValueError, match=f"the tokenizer at {toy_run}/tokenizer has {size} tokens but the model's "
+                                         f"vocab_size is {size - 1}"):
+        rl.RLTrainer(config, str(tmp_path / "other"))
 
 
 def test_sft_drops_bad_chats_rebuilds_a_stale_tokenizer_and_trains(tmp_path, capsys):

@@ -104,7 +104,12 @@ class RLTrainer:
             raise FileNotFoundError(f"config.model.init_from={config.model.init_from} does not exist; "
                                     f"run `{config.init_from_producer}` first")
         self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
-        fits = fits_context(self.tokenizer, c.max_new_tokens, models.config_from(config.model).max_position_embeddings)
+        model_config = models.config_from(config.model)
+        if len(self.tokenizer) > model_config.vocab_size:
+            raise ValueError(f"the tokenizer at {config.tokenizer or config.model.hf_path} has {len(self.tokenizer)} "
+                             f"tokens but the model's vocab_size is {model_config.vocab_size}; use the tokenizer the "
+                             "starting model was trained with (config.tokenizer)")
+        fits = fits_context(self.tokenizer, c.max_new_tokens, model_config.max_position_embeddings)
         self.records = read_records(config.data.train, "data.train", config.data.producer, fits)
         if c.max_pool:  # a seeded subset bounds stage 2's scoring pass and stage 1's grading
             keep = np.random.default_rng(c.seed).permutation(len(self.records))[:c.max_pool]
