@@ -221,8 +221,9 @@ def markdown(results: dict) -> str:
 
 
 def run(config, workdir: str) -> dict:
-    """Task `eval`: writes `results.json`, `results.md` and `outputs/<benchmark>.jsonl`, all
-    rewritten as each benchmark finishes (a failure later keeps what was done)."""
+    """Task `eval`: writes `results.json`, `results.md` and `outputs/<output_name(benchmark)>.jsonl`,
+    rewritten as each benchmark finishes (a later failure keeps what was done; `pending` in
+    results.json names the benchmarks not yet evaluated)."""
     from fleming_jax import models
 
     e, main = config.eval, parallel.is_main_process()
@@ -257,6 +258,7 @@ def run(config, workdir: str) -> dict:
         results["benchmarks"][name] = summary | dict(reader=report, seconds=round(time.perf_counter() - t0, 2))
         keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length")
         results["macro"] = {k: macro_average({n: r[k] for n, r in results["benchmarks"].items()}) for k in keys}
+        results["pending"] = [n for n, _, _ in benchmarks[i + 1:]]
         if main:
             write_jsonl(os.path.join(workdir, "outputs", f"{output_name(name)}.jsonl"), outputs)
             with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -254,7 +254,7 @@ def test_eval_skips_over_long_questions_writes_each_benchmark_and_stays_in_its_w
     with pytest.raises(RuntimeError, match="third benchmark"):
         evaluate.run(config, str(work))
     results = json.loads((work / "results.json").read_text())
-    assert list(results["benchmarks"]) == ["/abs/evil", "../up"]  # written as each finished
+    assert list(results["benchmarks"]) == ["/abs/evil", "../up"] and results["pending"] == ["third"]
     too_long = f"prompt_over_{2048 - config.eval.max_new_tokens}_tokens"
     for r in results["benchmarks"].values():
         assert r["n"] == 2 and r["reader"]["dropped"] == {too_long: 1}
