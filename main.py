@@ -4,13 +4,26 @@ Any config field can be overridden on the command line, e.g.
 `--config.model.hf_path=/models/Qwen2.5-7B-Instruct`.
 """
 
+import glob
 import importlib
 import os
 import sys
 
-from absl import app, flags, logging
-from etils import epath
-from ml_collections import config_flags
+
+def _default_platforms() -> None:
+    """libtpu (installed for `task=plan`) prints TPU-init errors on a machine without a TPU: when
+    no TPU (/dev/accel*, /dev/vfio/<n>) and no NVIDIA GPU is present, JAX runs on CPU. An
+    explicit JAX_PLATFORMS always wins; TPU VMs and GPU nodes keep JAX's own choice."""
+    if "JAX_PLATFORMS" in os.environ:
+        return
+    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*")):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+_default_platforms()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from fleming_jax import config_check
 from fleming_jax.distill.teachers import TeacherError
@@ -28,14 +41,53 @@ TASKS = {
 }
 
 # What a task raises for bad input (a missing file, a bad value, an unreachable teacher):
-# printed as one line. Any other exception is a bug and keeps its traceback.
+# printed as one line (paths.StorageError is an OSError). Any other exception is a bug and
+# keeps its traceback.
 USER_ERRORS = (ValueError, OSError, FloatingPointError, TeacherError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:preset]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory, local or gs:// (default: runs/<task>).")
+flags.DEFINE_string("compile_cache", None,
+                    "Persistent XLA compilation cache directory, local or gs:// (default: config.compile_cache, "
+                    "else ~/.cache/fleming_jax/xla; 'none' turns it off). A restarted job reuses its programs.")
 flags.mark_flags_as_required(["config"])
+
+
+def compile_cache_dir(config) -> str | None:
+    """--compile_cache, else `config.compile_cache`, else a local directory; None when off."""
+    from fleming_jax import paths
+
+    chosen = FLAGS.compile_cache if FLAGS.compile_cache is not None else config.get("compile_cache")
+    if chosen is None or chosen == "":
+        chosen = os.path.join(paths.cache_root(), "xla")
+    return None if chosen.lower() == "none" else chosen
+
+
+def setup_compile_cache(directory: str | None) -> dict:
+    """Turns on JAX's persistent compilation cache in `directory` (every program is cached) and
+    returns counters of compile time and cache hits, filled as programs compile."""
+    import jax
+
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    stats = {"seconds": 0.0, "programs": 0, "hits": 0}
+
+    def on_duration(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":  # compiling or loading from the cache
+            stats["seconds"] += seconds
+            stats["programs"] += 1
+
+    def on_event(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            stats["hits"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    return stats
 
 
 def run_task(config, workdir: str):
@@ -49,7 +101,10 @@ def run_task(config, workdir: str):
         from fleming_jax import parallel
 
         parallel.initialize_distributed(config.get("distributed"))
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    from fleming_jax import paths
+
+    paths.check_bucket(workdir)  # a missing bucket or no access fails here, in one line
+    paths.makedirs(workdir)
     return getattr(importlib.import_module(module), function)(config, workdir)
 
 
@@ -63,14 +118,17 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", str(config.get("task")))
     logging.info("task=%s workdir=%s", config.get("task"), workdir)
+    cache = compile_cache_dir(config)
+    stats = setup_compile_cache(cache)
     try:
         run_task(config, workdir)
     except USER_ERRORS as e:
         if FLAGS.verbosity >= 1:
             raise
-        message = " ".join(str(e).split())  # one line, whatever the message's layout
-        print(f"{type(e).__name__}: {message} (--verbosity=1 shows the traceback)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message's layout
+    if stats["programs"]:
+        print(f"[main] XLA compilation {stats['seconds']:.1f} s for {stats['programs']} programs"
+              + (f", {stats['hits']} loaded from the cache in {cache}" if cache else ""), flush=True)
 
 
 def parse_flags(argv):
@@ -81,9 +139,7 @@ def parse_flags(argv):
     except (AttributeError, KeyError) as e:
         inner = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
         message = " ".join(str(inner.args[0] if inner.args else inner).split())
-        print(f"UsageError: a --config override names a key the config does not have: {message}",
-              file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: a --config override names a key the config does not have: {message}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,14 @@ def distributed() -> ml_collections.ConfigDict:
         num_processes=0, process_id=-1))
 
 
+def rollout() -> ml_collections.ConfigDict:
+    """The sampler's decode layout (`parallel.rollout_mesh`, `sampler.rollout_model`): the
+    policy is cast to `dtype` ("" = the model's compute dtype) and resharded once per RL step,
+    tensor parallel over `tensor` devices of a host (-1: as many as divide the host's devices
+    and the KV heads), data parallel over the rest."""
+    return ml_collections.ConfigDict(dict(tensor=-1, dtype=""))
+
+
 def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:
     """AdamW + warmup/cosine + global-norm clipping (fleming_jax.train.state.make_optimizer)."""
     return ml_collections.ConfigDict(dict(

@@ -34,6 +34,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.tokenizer = f"{SFT_RUN}/tokenizer" if tiny else ""  # "" = model.hf_path's tokenizer
     config.mesh = models.mesh_for(preset, target)
     config.distributed = models.distributed()
+    config.rollout = models.rollout()
     config.data = ml_collections.ConfigDict(dict(
         train=f"{DATA}/train.jsonl", eval=f"{DATA}/validation.jsonl",
         producer="python main.py --config=configs/synthesize.py --workdir=runs/synthesize"))

@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from fleming_jax import models, parallel
+from fleming_jax import models, parallel, paths
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data.records import QARecord, read_jsonl, write_jsonl
 from fleming_jax.evaluate import evaluate_records
@@ -40,13 +40,13 @@ def held_out_accuracy(config, stage: str, workdir: str, records: list[QARecord])
     """Greedy accuracy of a stage's model on the held-out questions; the per-question
     outputs go to `<workdir>/held_out/<stage>.jsonl` for inspection."""
     model_cfg = config.stages.sft.model.copy_and_resolve_references()  # the architecture all stages share
-    model_cfg.init_from = "" if stage == "init" else os.path.join(workdir, stage, "checkpoints")
+    model_cfg.init_from = "" if stage == "init" else paths.join(workdir, stage, "checkpoints")
     model, _ = models.build(model_cfg)
-    tokenizer = toklib.load(os.path.join(workdir, "sft", "tokenizer"))
+    tokenizer = toklib.load(paths.join(workdir, "sft", "tokenizer"))
     params = SamplingParams(temperature=0.0, max_new_tokens=config.demo.eval_max_new_tokens)
     result = evaluate_records(model, tokenizer, records, params)  # the tokenizer's stop tokens
     if parallel.is_main_process():
-        write_jsonl(os.path.join(workdir, "held_out", f"{stage}.jsonl"), result["outputs"])
+        write_jsonl(paths.join(workdir, "held_out", f"{stage}.jsonl"), result["outputs"])
     result.pop("outputs")
     return result
 
@@ -54,7 +54,7 @@ def held_out_accuracy(config, stage: str, workdir: str, records: list[QARecord])
 def wire(config, workdir: str) -> None:
     """Points each stage's inputs at the previous stages' folders under `workdir`, and hands
     `config.seed` to every training stage (model init, SFT data order, RL sampling)."""
-    s, at = config.stages, lambda *p: os.path.join(workdir, *p)
+    s, at = config.stages, lambda *p: paths.join(workdir, *p)
     s.sft.model.seed = s.sft.data.seed = s.rl_stage1.rl.seed = s.rl_stage2.rl.seed = config.seed
     s.distill.data.update(train=at("synthesize", "train.jsonl"), validation=at("synthesize", "validation.jsonl"))
     s.sft.data.update(train=at("distill", "train.jsonl"), eval=at("distill", "validation.jsonl"))
@@ -70,26 +70,26 @@ def run(config, workdir: str) -> dict:
     """Runs (or resumes) every stage, evaluates after each, writes the report."""
     config = config.copy_and_resolve_references()
     wire(config, workdir)
-    report_file = os.path.join(workdir, "report.json")
+    report_file = paths.join(workdir, "report.json")
     report = {"stages": {}, "held_out": {}}
-    if os.path.exists(report_file):
-        with open(report_file) as f:
-            report = json.load(f)
+    if paths.exists(report_file):
+        report = json.loads(paths.read_text(report_file))
     for i, name in enumerate(STAGES, 1):
-        stage_dir = os.path.join(workdir, name)
-        if os.path.exists(os.path.join(stage_dir, "DONE")):
+        stage_dir = paths.join(workdir, name)
+        if paths.exists(paths.join(stage_dir, "DONE")):
             print(f"[demo {i}/{len(STAGES)}] {name}: done already, skipped", flush=True)
             continue
         print(f"[demo {i}/{len(STAGES)}] {name} -> {stage_dir}", flush=True)
         start = time.perf_counter()
-        os.makedirs(stage_dir, exist_ok=True)
+        paths.makedirs(stage_dir)
         stage_runner(name)(config.stages[name], stage_dir)
         report["stages"][name] = {"seconds": round(time.perf_counter() - start, 1)}
         if name == "sft":  # the tokenizer exists now: evaluate the random init for reference
             report["held_out"]["init"] = evaluate_stage(config, "init", workdir)
         if name in EVALUATED:
             report["held_out"][name] = evaluate_stage(config, name, workdir)
-        open(os.path.join(stage_dir, "DONE"), "w").close()
+        if parallel.is_main_process():
+            paths.write_text(paths.join(stage_dir, "DONE"), "")
         save_report(report, workdir)
     save_report(report, workdir)
     print(format_table(report), flush=True)
@@ -97,7 +97,7 @@ def run(config, workdir: str) -> dict:
 
 
 def evaluate_stage(config, stage: str, workdir: str) -> dict:
-    rows = list(read_jsonl(os.path.join(workdir, "synthesize", "validation.jsonl")))
+    rows = list(read_jsonl(paths.join(workdir, "synthesize", "validation.jsonl")))
     records = [QARecord.from_dict(r) for r in rows][:config.demo.eval_size]
     start = time.perf_counter()
     result = held_out_accuracy(config, stage, workdir, records)
@@ -123,24 +123,22 @@ def save_report(report: dict, workdir: str) -> None:
     """report.json, report.md and the plots (process 0 only)."""
     if not parallel.is_main_process():
         return
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    paths.write_text(paths.join(workdir, "report.json"), json.dumps(report, indent=2))
     plots = make_plots(report, workdir)
     total = sum(s["seconds"] for s in report["stages"].values())
     evaluation = sum(r.get("seconds", 0.0) for r in report["held_out"].values())
     md = ["# fleming-jax demo report", "", format_table(report), "",
           f"Time: {total:.0f} s in the stages + {evaluation:.0f} s of held-out evaluation.", ""]
     md += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    paths.write_text(paths.join(workdir, "report.md"), "\n".join(md) + "\n")
 
 
 def rl_metrics(workdir: str) -> dict[str, list[dict]]:
     """metrics.jsonl rows of the RL stages, when they exist."""
     out = {}
     for stage in ("rl_stage1", "rl_stage2"):
-        file = os.path.join(workdir, stage, "metrics.jsonl")
-        if os.path.exists(file):
+        file = paths.join(workdir, stage, "metrics.jsonl")
+        if paths.exists(file):
             out[stage] = list(read_jsonl(file))
     return out
 
@@ -162,7 +160,7 @@ def make_plots(report: dict, workdir: str) -> list[str]:
         ax.set_ylim(0, 1)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(workdir, "accuracy.png"), dpi=110)
+        _savefig(fig, paths.join(workdir, "accuracy.png"))
         plt.close(fig)
         written.append("accuracy.png")
     runs = rl_metrics(workdir)
@@ -182,7 +180,16 @@ def make_plots(report: dict, workdir: str) -> list[str]:
             offset = steps[-1] if steps else offset
         axes[0].legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(workdir, "rl_curves.png"), dpi=110)
+        _savefig(fig, paths.join(workdir, "rl_curves.png"))
         plt.close(fig)
         written.append("rl_curves.png")
     return written
+
+
+def _savefig(fig, file: str) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    with paths.open_file(file, "wb") as f:
+        f.write(buf.getvalue())

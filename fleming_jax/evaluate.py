@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import re
 import time
 from typing import Callable, Mapping, Sequence
@@ -20,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from fleming_jax import parallel, rewards, sampler
+from fleming_jax import parallel, paths, rewards, sampler
 from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
 from fleming_jax.data.sources import Malformed
 
@@ -176,14 +175,14 @@ def load_tokenizer(config):
     if m.init_from and m.hf_path:
         raise ValueError(f"config.model.init_from={m.init_from} and config.model.hf_path={m.hf_path} are both set; "
                          "clear one (e.g. --config.model.init_from= to evaluate the HF model)")
-    if m.init_from and "://" not in m.init_from and not os.path.exists(m.init_from):
+    if m.init_from and not paths.exists(m.init_from):
         raise FileNotFoundError(f"config.model.init_from={m.init_from} does not exist; run "
                                 f"`{config.init_from_producer}` first, or evaluate another model with "
                                 "--config.model.init_from=<checkpoints> or --config.model.hf_path=<HF dir>")
     path = config.tokenizer or m.hf_path
     if not path:
         raise ValueError("config.tokenizer is empty and there is no config.model.hf_path to take it from")
-    if "://" not in path and not os.path.exists(path):
+    if not paths.is_hub_id(path) and not paths.exists(path):
         raise FileNotFoundError(f"config.tokenizer={path} does not exist; run `{config.tokenizer_producer}` "
                                 "first, or point --config.tokenizer at the model's tokenizer directory")
     tokenizer = toklib.load(path)
@@ -260,10 +259,8 @@ def run(config, workdir: str) -> dict:
         results["macro"] = {k: macro_average({n: r[k] for n, r in results["benchmarks"].items()}) for k in keys}
         results["pending"] = [n for n, _, _ in benchmarks[i + 1:]]
         if main:
-            write_jsonl(os.path.join(workdir, "outputs", f"{output_name(name)}.jsonl"), outputs)
-            with open(os.path.join(workdir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2)
-            with open(os.path.join(workdir, "results.md"), "w") as f:
-                f.write(markdown(results))
+            write_jsonl(paths.join(workdir, "outputs", f"{output_name(name)}.jsonl"), outputs)
+            paths.write_text(paths.join(workdir, "results.json"), json.dumps(results, indent=2))
+            paths.write_text(paths.join(workdir, "results.md"), markdown(results))
     log(f"results in {workdir}/results.json, results.md, outputs/\n{markdown(results)}")
     return results

@@ -7,6 +7,7 @@ degree is a config change (`config.mesh`), never a code change.
 
 from __future__ import annotations
 
+import collections
 import glob
 import math
 import os
@@ -63,6 +64,24 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     shape = mesh_shape(mesh_cfg, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def rollout_mesh(tensor: int, num_kv_heads: int, devices=None) -> jax.sharding.Mesh:
+    """The decode layout's mesh: tensor parallel over `tensor` devices of one host, data
+    parallel over the rest (the `fsdp` axis has size 1, so no weight is gathered per token).
+
+    `tensor=-1` takes the largest count that divides both the host's device count and the
+    KV heads (a v5p host's 4 chips for Qwen2.5-7B's 4 KV heads; 8 GPUs for Qwen3-32B's 8).
+    """
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
+    local = min(collections.Counter(d.process_index for d in devices).values())
+    if tensor == -1:
+        tensor = math.gcd(local, num_kv_heads)
+    if tensor < 1 or local % tensor:
+        raise ValueError(f"rollout.tensor={tensor} must divide the {local} devices of a host "
+                         "(tensor parallelism stays inside a host); -1 picks it")
+    grid = np.array(devices, dtype=object).reshape(len(devices) // tensor, 1, tensor)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(axes: tuple[str | None, ...]) -> P:

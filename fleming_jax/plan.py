@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 # Per-chip HBM (GiB) of the TPU generations a topology can name.
 TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
@@ -140,3 +141,88 @@ def run(config, workdir: str) -> dict:
 
     (epath.Path(workdir) / "plan.json").write_text(json.dumps(p, indent=2))
     return p
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4,
+               "f64": 8, "s64": 8, "u64": 8}
+
+
+def loop_collectives(hlo_text: str) -> dict[str, int]:
+    """Collectives inside the decode loop of a compiled sampler (the body of its `while` and
+    every computation that body calls): how many of each, and `all_gather_bytes`, the bytes
+    all-gathered per decoded token (weights gathered per token show up here in MiBs; the
+    sampler's own vocab-sharded reductions gather a few KiB)."""
+    computations, name = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name = head.group(1)
+            computations[name] = []
+        elif name is not None:
+            computations[name].append(line)
+    bodies = [m.group(1) for lines in computations.values() for line in lines
+              for m in [re.search(r"\bwhile\(.*body=%?([\w.\-]+)", line)] if m]
+    seen, todo, counts = set(), list(bodies), dict.fromkeys(COLLECTIVES + ("all_gather_bytes",), 0)
+    while todo:
+        comp = todo.pop()
+        if comp in seen or comp not in computations:
+            continue
+        seen.add(comp)
+        for line in computations[comp]:
+            todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line)
+            op = re.search(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", line)
+            if op:
+                counts[op.group(2)] += 1
+                if op.group(2) == "all-gather":  # the largest array of the result (async: a tuple)
+                    counts["all_gather_bytes"] += max(
+                        DTYPE_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                        for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", op.group(1)))
+    return counts
+
+
+def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int = 2,
+                prompt_len: int = 16, budget: int = 16) -> dict:
+    """Compiles the sampler (prefill + decode loop) for `config.model` on abstract shapes:
+    in the rollout layout (`parallel.rollout_mesh`, params in the compute dtype) or, with
+    `layout="train"`, on the training mesh with the master weights. Returns per-device
+    memory and the collectives per decoded token (see `loop_collectives`)."""
+    devices = _devices(config.plan)
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fleming_jax import models, parallel, sampler
+    from fleming_jax.models import qwen
+
+    model_config = models.config_from(config.model)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: qwen.create(model_config)))
+    if layout == "rollout":
+        mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads, devices)
+        dtype = config.rollout.dtype or model_config.compute_dtype
+    else:
+        mesh, dtype = parallel.make_mesh(config.mesh, devices), model_config.param_dtype
+    shardings = parallel.tree_shardings(abstract, mesh)
+    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, dtype, sharding=s)),
+                         abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    batch = parallel.batch_sharding(mesh, 2)
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = -(-prompts // parallel.batch_devices(mesh)) * parallel.batch_devices(mesh)
+    abstract_key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=batch),
+            jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=batch),
+            jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole),
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=whole),
+            jax.ShapeDtypeStruct(abstract_key.shape, abstract_key.dtype, sharding=whole))
+    params = sampler.SamplingParams(temperature=1.0, num_samples=samples, max_new_tokens=0)
+    with jax.set_mesh(mesh):
+        compiled = sampler._generate.lower(graphdef, state, *args, params=params, budget=budget,
+                                           cache_dtype=dtype).compile()
+    mem = compiled.memory_analysis()
+    return dict(model=config.model.preset, layout=layout, mesh=dict(mesh.shape), dtype=dtype,
+                device_kind=devices[0].device_kind, rows=rows * samples, cache_len=prompt_len + budget,
+                arguments_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+                output_bytes=mem.output_size_in_bytes,
+                per_token=loop_collectives(compiled.as_text()))

@@ -198,6 +198,29 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
                         lengths=shape(lengths), done=shape(done))
 
 
+_LAYOUTS: dict = {}  # (graphdef, mesh, dtype) -> the jitted cast + reshard, built once per run
+
+
+def rollout_model(model, mesh: jax.sharding.Mesh, dtype: str | None = None):
+    """The policy in the decode layout: its params cast to `dtype` (default: the model's
+    compute dtype, bf16 for the real presets) and resharded onto `mesh` (see
+    `parallel.rollout_mesh`) by one jitted program. Synced once per RL step, so the decode
+    loop reads weights where they are instead of gathering FSDP shards every token."""
+    graphdef, state = nnx.split(model)
+    dtype = dtype or model.config.compute_dtype
+    key = (graphdef, mesh, dtype)
+    if key not in _LAYOUTS:
+        # Cast in the training layout, gather each weight whole, then keep this device's part:
+        # the partitioner cannot map FSDP shards onto another mesh's tensor shards directly.
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        cast = lambda x: jax.lax.with_sharding_constraint(
+            x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, whole)
+        _LAYOUTS[key] = jax.jit(lambda s: jax.tree.map(cast, s),
+                                out_shardings=parallel.tree_shardings(state, mesh))
+    with jax.set_mesh(mesh):
+        return nnx.merge(graphdef, _LAYOUTS[key](state))
+
+
 def chat_prompts(tokenizer, chats: Sequence[Sequence[dict]]) -> list[list[int]]:
     """Token ids of each chat through the tokenizer's chat template, generation prompt on."""
     return [list(tokenizer.apply_chat_template(list(chat), tokenize=True, add_generation_prompt=True,

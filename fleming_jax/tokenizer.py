@@ -16,6 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
+from fleming_jax import paths
 from fleming_jax.data.records import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -70,8 +71,30 @@ def build(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT, chat_template=CHAT_TEMPLATE,
         model_max_length=1 << 20)
-    fast.save_pretrained(out_dir)
-    return load(out_dir)
+    if not paths.is_remote(out_dir):
+        fast.save_pretrained(out_dir)
+        return load(out_dir)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # every host loads its own copy; process 0 uploads
+        save(fast, tmp)
+        save(fast, out_dir)
+        return load(tmp)
+
+
+def save(tokenizer, out_dir: str) -> None:
+    """`tokenizer.save_pretrained` into a local or remote directory (remote: process 0 writes,
+    staged in a temporary local directory since transformers writes local files only)."""
+    from fleming_jax import parallel
+
+    if not paths.is_remote(out_dir):
+        tokenizer.save_pretrained(out_dir)
+    elif parallel.is_main_process():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            paths.upload_dir(tmp, out_dir)
 
 
 def build_once(texts: list[str], out_dir: str, vocab_size: int):
@@ -82,36 +105,36 @@ def build_once(texts: list[str], out_dir: str, vocab_size: int):
     for text in texts:
         digest.update(text.encode() + b"\0")
     fingerprint = {"texts_sha256": digest.hexdigest(), "texts": len(texts), "vocab_size": vocab_size}
-    file = os.path.join(out_dir, FINGERPRINT)
-    if os.path.isfile(file):
-        with open(file) as f:
-            if json.load(f) == fingerprint:
-                return load(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    file = paths.join(out_dir, FINGERPRINT)
+    if paths.exists(file) and json.loads(paths.read_text(file)) == fingerprint:
+        return load(out_dir)
+    if paths.exists(paths.join(out_dir, "tokenizer.json")):
         print(f"[tokenizer] {out_dir} was not built from these {len(texts)} texts at vocab_size={vocab_size}; "
               "rebuilding it", flush=True)
     tokenizer = build(texts, out_dir, vocab_size)
-    with open(file, "w") as f:
-        json.dump(fingerprint, f)
+    paths.write_text(file, json.dumps(fingerprint))
     return tokenizer
 
 
 def load(path: str):
-    """The HF tokenizer saved in the local directory `path` (never downloads); a BPE without
-    merges (what training on no text leaves) is refused."""
+    """The HF tokenizer in directory `path`: local, gs:// (copied to the local cache first) or a
+    hub id (`org/name`, resolved by `paths.local_dir`). A BPE without merges (what training on
+    no text leaves) is refused."""
     import transformers
 
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+    local = paths.local_dir(path, kind="tokenizer")
+    file = os.path.join(local, "tokenizer.json")
+    if not os.path.isfile(file) and not os.path.isfile(os.path.join(local, "tokenizer_config.json")):
         raise FileNotFoundError(f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); "
                                 "pass an HF model directory or one written by fleming_jax.tokenizer.build")
     if os.path.isfile(file):
         with open(file, encoding="utf-8") as f:
             model = json.load(f).get("model") or {}
         if model.get("type") == "BPE" and not model.get("merges"):
-            raise ValueError(f"{file}: a BPE tokenizer with no merges (built from no text?); delete {path} "
-                             "and rerun the sft task that builds it, or point config.tokenizer at a working one")
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            raise ValueError(f"{paths.join(path, 'tokenizer.json')}: a BPE tokenizer with no merges (built from no "
+                             f"text?); delete {path} and rerun the sft task that builds it, or point config.tokenizer "
+                             "at a working one")
+    return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
 def stop_ids(tokenizer) -> list[int]:

@@ -8,9 +8,9 @@ row never surfaces later as a crash at step 17 (and again at step 17 of every re
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
+from fleming_jax import paths
 from fleming_jax.data.records import QARecord
 from fleming_jax.data.sources import Malformed, SourceReport, check, load_rows
 
@@ -61,8 +61,7 @@ def read_chats(path: str, key: str, hint: str) -> list[dict]:
 
 
 def _read(path: str, key: str, hint: str, parse: Callable) -> list:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.{key}={path} does not exist; {hint}")
+    paths.require(path, f"config.{key}", hint)
     report, rows = SourceReport(path), []
     for where, row in load_rows(path):
         report.read += 1

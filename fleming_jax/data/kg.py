@@ -29,6 +29,8 @@ import random
 import re
 from typing import Any, Iterable
 
+from fleming_jax import paths
+
 
 @dataclasses.dataclass(frozen=True)
 class Entity:
@@ -105,13 +107,13 @@ class KG:
         """gzip JSON (never pickle): entities and edges."""
         data = {"entities": [dataclasses.astuple(e) for e in self.entities.values()],
                 "edges": [list(edge) for edge in self.edges()]}
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            json.dump(data, f)
+        with paths.open_file(path, "wb") as f:
+            f.write(gzip.compress(json.dumps(data).encode("utf-8")))
 
     @classmethod
     def load(cls, path: str) -> "KG":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            data = json.load(f)
+        with paths.open_file(path, "rb") as f:
+            data = json.loads(gzip.decompress(f.read()))
         kg = cls()
         for id, type, name in data["entities"]:
             kg.add_entity(id, type, name)
@@ -175,7 +177,7 @@ def load_hpo(hpo_dir: str | None = None, max_diseases: int | None = None, seed: 
     """Diseases (OMIM/ORPHA) with their phenotypes and annotation frequencies, disease genes,
     and the phenotype `is_a` hierarchy (the phenotypes used and all their ancestors).
     `max_diseases` keeps a seeded random subset of diseases with >= `min_phenotypes`."""
-    hpo_dir = hpo_dir or _hpo_data_dir()
+    hpo_dir = paths.local_dir(hpo_dir, kind="data") if hpo_dir else _hpo_data_dir()
     terms = _parse_obo(os.path.join(hpo_dir, "hp.obo"))
     names, phenotypes = {}, collections.defaultdict(dict)
     with open(os.path.join(hpo_dir, "phenotype.hpoa"), encoding="utf-8") as f:
@@ -236,7 +238,7 @@ def load_primekg(path: str, kg: KG | None = None) -> tuple[KG, collections.Count
     """PrimeKG `kg.csv` (x_id,x_type,x_name,x_source,relation,...,y_id,y_type,y_name,y_source)
     into `kg` (new if None); returns the graph and rows skipped by relation."""
     kg, skipped = kg or KG(), collections.Counter()
-    with open(path, encoding="utf-8", newline="") as f:
+    with paths.open_file(path) as f:
         rows = csv.DictReader(f)
         missing = {"x_id", "x_type", "x_name", "x_source", "relation", "y_id", "y_type", "y_name",
                    "y_source"} - set(rows.fieldnames or ())
@@ -261,7 +263,7 @@ def load_triples(path: str, kg: KG | None = None) -> KG:
     """A TSV with a header naming `head`, `relation`, `tail` and optionally `head_type`,
     `tail_type`, `head_name`, `tail_name` (ids double as names and type "entity" if absent)."""
     kg = kg or KG()
-    with open(path, encoding="utf-8", newline="") as f:
+    with paths.open_file(path) as f:
         rows = csv.DictReader(f, delimiter="\t")
         missing = {"head", "relation", "tail"} - set(rows.fieldnames or ())
         if missing:

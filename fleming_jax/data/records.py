@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Iterable, Iterator
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -67,7 +66,9 @@ def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
 
 def numbered_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, dict) for each non-blank line of a JSON-lines file."""
-    with open(path, encoding="utf-8") as f:
+    from fleming_jax import paths
+
+    with paths.open_file(path) as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -77,10 +78,11 @@ def numbered_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def write_jsonl(path: str, rows: Iterable[dict[str, Any] | QARecord]) -> int:
-    """Writes rows (dicts or records) as JSON lines; returns how many."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Writes rows (dicts or records) as JSON lines (local or gs://); returns how many."""
+    from fleming_jax import paths
+
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with paths.open_file(path, "w") as f:
         for row in rows:
             row = row.to_dict() if isinstance(row, QARecord) else row
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

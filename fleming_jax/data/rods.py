@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
 import time
 
+from fleming_jax import paths
 from fleming_jax.data import kg as kglib
 from fleming_jax.data import quality, sources, synthesis
 from fleming_jax.data.records import QARecord, write_jsonl
@@ -112,7 +112,7 @@ def run(config, workdir: str) -> dict:
     n_val = int(round(len(kept) * config.validation_fraction))
     splits = {"validation": kept[:n_val], "train": kept[n_val:]}
     for split, rows in splits.items():
-        write_jsonl(os.path.join(workdir, f"{split}.jsonl"), rows)
+        write_jsonl(paths.join(workdir, f"{split}.jsonl"), rows)
 
     report = {
         "sources": {n: r.to_dict() for n, r in reports.items()},
@@ -128,11 +128,9 @@ def run(config, workdir: str) -> dict:
         "splits": {k: len(v) for k, v in splits.items()},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    paths.write_text(paths.join(workdir, "report.json"), json.dumps(report, indent=1))
     markdown = to_markdown(report)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(markdown)
+    paths.write_text(paths.join(workdir, "report.md"), markdown)
     print(markdown, flush=True)
     _log(f"wrote {workdir}/train.jsonl, validation.jsonl, report.json, report.md")
     return report

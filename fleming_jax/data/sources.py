@@ -19,11 +19,11 @@ import collections
 import csv
 import dataclasses
 import json
-import os
 import re
 import string
 from typing import Any, Callable, Iterator
 
+from fleming_jax import paths
 from fleming_jax.data.records import QARecord, numbered_jsonl, read_jsonl
 
 LETTERS = string.ascii_uppercase
@@ -79,23 +79,22 @@ def load_rows(path: str, split: str = "train", data_dir: str | None = None
         ds = tfds.data_source(path[5:], split=split, data_dir=data_dir)
         for i in range(len(ds)):
             yield f"{path}[{split}] row {i}", _decode(ds[i])
-    elif os.path.isdir(path):
+    elif paths.path(path).is_dir():
         import datasets
 
-        ds = datasets.load_from_disk(path)
+        ds = datasets.load_from_disk(paths.local_dir(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"{path}: no split {split!r}; splits: {list(ds)} (set option split)")
             ds = ds[split]
         yield from ((f"{path} row {i}", row) for i, row in enumerate(ds))
-    elif not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file; point the source's path at a local "
+    elif not paths.exists(path):
+        raise FileNotFoundError(f"{path}: no such file; point the source's path at a local or gs:// "
                                 "file or dataset directory, or use hf:NAME / tfds:NAME")
     elif path.endswith(".jsonl"):
         yield from ((f"{path}:{number}", row) for number, row in numbered_jsonl(path))
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(paths.read_text(path))
         if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
             # PubMedQA style: {key: row}; the key becomes the row's `_key`.
             yield from ((f"{path} key {k}", {"_key": k, **v}) for k, v in data.items())
@@ -106,10 +105,12 @@ def load_rows(path: str, split: str = "train", data_dir: str | None = None
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        with paths.open_file(path, "rb") as f:
+            rows = pq.read_table(f).to_pylist()
+        for i, row in enumerate(rows):
             yield f"{path} row {i}", row
     elif path.endswith((".csv", ".tsv")):
-        with open(path, encoding="utf-8", newline="") as f:
+        with paths.open_file(path) as f:
             reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
             for row in reader:
                 yield f"{path}:{reader.line_num}", row

@@ -16,10 +16,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import time
 
-from fleming_jax import rewards
+from fleming_jax import paths, rewards
 from fleming_jax.data import inputs
 from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
 from fleming_jax.distill import teachers
@@ -131,10 +130,9 @@ def collect_chunk(records: list[QARecord], teacher: teachers.Teacher, cfg: Colle
 
 def read_log(path: str) -> list[dict]:
     """Outcomes already written; a last line cut short by a kill is dropped from the file."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = paths.read_text(path).split("\n")
     done = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -144,8 +142,7 @@ def read_log(path: str) -> list[dict]:
         except json.JSONDecodeError:
             if number < len(lines):  # a bad line that is not the unfinished last one
                 raise ValueError(f"{path}:{number}: not valid JSON; delete the line to resume") from None
-            with open(path, "w", encoding="utf-8") as f:  # the unfinished last line only
-                f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in done)
+            paths.write_text(path, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in done))  # drop it
     return done
 
 
@@ -157,15 +154,13 @@ def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConf
     todo = [r for r in records if r.id not in done]
     if done:
         progress(f"resuming {log_path}: {len(done)} records done, {len(todo)} to ask")
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     t0 = last_report = time.perf_counter()
-    with open(log_path, "a", encoding="utf-8") as log:
+    with paths.Appender(log_path) as log:
         for start in range(0, len(todo), cfg.chunk):
             for out in collect_chunk(todo[start:start + cfg.chunk], teacher, cfg):
                 log.write(json.dumps(out, ensure_ascii=False) + "\n")
                 done[out["id"]] = out
             log.flush()
-            os.fsync(log.fileno())
             n = min(start + cfg.chunk, len(todo))
             if time.perf_counter() - last_report > 10 or n == len(todo):  # a line per 10 s at most
                 last_report = time.perf_counter()
@@ -203,13 +198,12 @@ def run(config, workdir: str) -> dict:
     teacher = teachers.from_config(config.teacher, [r for rows in inputs.values() for r in rows])
     report = {}
     for split, rows in inputs.items():
-        log_path = os.path.join(workdir, "trajectories", f"{split}.jsonl")
+        log_path = paths.join(workdir, "trajectories", f"{split}.jsonl")
         resumed = len(read_log(log_path))
         outcomes = collect(rows, teacher, cfg, log_path, progress=lambda m: print(f"[distill:{split}] {m}", flush=True))
-        out = os.path.join(workdir, f"{split}.jsonl")
+        out = paths.join(workdir, f"{split}.jsonl")
         write_jsonl(out, [s for o in outcomes for s in o["sft"]])
         report[split] = summarize(outcomes, resumed) | {"output": out}
         print(f"[distill:{split}] {json.dumps(report[split])}", flush=True)
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    paths.write_text(paths.join(workdir, "report.json"), json.dumps(report, indent=1))
     return report

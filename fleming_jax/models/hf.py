@@ -21,7 +21,8 @@ from flax import nnx
 from etils import epath
 from safetensors.numpy import save as safetensors_bytes
 
-from fleming_jax import parallel
+from fleming_jax import parallel, paths
+from fleming_jax import tokenizer as toklib
 from fleming_jax.models import qwen
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -67,6 +68,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, path: str):
         self.path = path
+        path = paths.local_dir(path)  # gs:// and hub ids: a local copy to memory-map
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
@@ -168,8 +170,9 @@ def _read_header(file: str) -> tuple[dict, int]:
 
 
 def read_config(path: str, **overrides) -> qwen.QwenConfig:
-    """Our config from `path/config.json` (overrides such as dtype win)."""
-    file = os.path.join(path, "config.json")
+    """Our config from `path/config.json` (overrides such as dtype win); `path` may be local,
+    gs:// or a hub id."""
+    file = os.path.join(paths.local_dir(path), "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path}: no config.json (is this an HF model directory?)")
     with open(file) as f:
@@ -281,7 +284,7 @@ def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None
     out = epath.Path(out_dir)
     write = parallel.is_main_process()
     if write:
-        out.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(out_dir)
     dtype = dtype or config.param_dtype
     store_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     state = nnx.state(model, nnx.Param)
@@ -319,23 +322,11 @@ def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None
     if tokenizer is not None:
         hf_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-        _save_tokenizer(tokenizer, out)
+        toklib.save(tokenizer, str(out))
     _write_json(out / "config.json", hf_config)
     if generation_config is not None:
         _write_json(out / "generation_config.json", generation_config)
     return out_dir
-
-
-def _save_tokenizer(tokenizer, out: epath.Path) -> None:
-    """transformers writes to local disk only; stage there and copy for remote paths."""
-    if not str(out).startswith("gs://"):
-        tokenizer.save_pretrained(str(out))
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for file in tokenizer.save_pretrained(tmp):
-            epath.Path(file).copy(out / os.path.basename(file), overwrite=True)
 
 
 def _write_json(file: epath.Path, obj) -> None:
@@ -349,11 +340,7 @@ def export_task(config, workdir: str) -> str:
     from fleming_jax import models
 
     model, model_config = models.build(config.model)
-    tokenizer = None
-    if config.export.tokenizer:
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(config.export.tokenizer)
+    tokenizer = toklib.load(config.export.tokenizer) if config.export.tokenizer else None
     out_dir = config.export.out_dir or str(epath.Path(workdir) / "hf")
     save(model, model_config, out_dir, tokenizer=tokenizer, dtype=config.export.dtype or None,
          max_shard_bytes=config.export.max_shard_mb * 1024**2)

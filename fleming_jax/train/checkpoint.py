@@ -8,14 +8,13 @@ either, straight into the shardings of the given mesh.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fleming_jax import parallel
+from fleming_jax import parallel, paths
 from fleming_jax.models import qwen
 
 
@@ -23,7 +22,7 @@ def manager(workdir: str, keep: int, use_async: bool = True, **extra_handlers) -
     """A training run's checkpoints, `<workdir>/checkpoints/<step>/`: items `params` (a pure
     dict, what `restore_model` reads), `opt_state`, `meta` (JSON), plus `extra_handlers`."""
     return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        paths.absolute(paths.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async),
         item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler(), **extra_handlers})
@@ -31,7 +30,7 @@ def manager(workdir: str, keep: int, use_async: bool = True, **extra_handlers) -
 
 def save_params(path: str, model: qwen.Qwen) -> str:
     """Writes the model's parameters (a pure dict pytree) to `path`; returns `path`."""
-    path = os.path.abspath(path)
+    path = paths.absolute(path)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
     checkpointer.wait_until_finished()
@@ -40,14 +39,16 @@ def save_params(path: str, model: qwen.Qwen) -> str:
 
 def params_dir(path: str) -> str:
     """The params directory inside `path`: itself, or the newest step's `params` item."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()), reverse=True)
-    for step in steps:
-        candidate = os.path.join(path, str(step), "params")
-        if os.path.isdir(candidate):
-            return candidate
+    path = paths.absolute(path)
+    root = paths.path(path)
+    with paths.storage_errors(path):
+        if not root.is_dir():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        steps = sorted((int(d.name) for d in root.iterdir() if d.name.isdigit()), reverse=True)
+        for step in steps:
+            candidate = root / str(step) / "params"
+            if candidate.is_dir():
+                return str(candidate)
     return path
 
 
@@ -60,7 +61,8 @@ def restore_model(path: str, config: qwen.QwenConfig, mesh=None) -> qwen.Qwen:
         nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
     source = params_dir(path)
     checkpointer = ocp.StandardCheckpointer()
-    saved = _flat_shapes(checkpointer.metadata(source).item_metadata.tree)
+    with _no_step_metadata_warning():
+        saved = _flat_shapes(checkpointer.metadata(source).item_metadata.tree)
     wanted = _flat_shapes(nnx.to_pure_dict(target))
     if saved != wanted:
         diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
@@ -68,9 +70,28 @@ def restore_model(path: str, config: qwen.QwenConfig, mesh=None) -> qwen.Qwen:
             f"checkpoint {source} does not match the model config ({config.model_type}, "
             f"{config.num_layers} layers, hidden {config.hidden_size}): " + "; ".join(
                 f"{k}: saved {saved.get(k)}, config wants {wanted.get(k)}" for k in diff[:4]))
-    restored = checkpointer.restore(source, nnx.to_pure_dict(target))
+    with _no_step_metadata_warning():
+        restored = checkpointer.restore(source, nnx.to_pure_dict(target))
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+@contextlib.contextmanager
+def _no_step_metadata_warning():
+    """A training run's `<step>/params` item has no step-level _CHECKPOINT_METADATA of its own
+    (it sits one level up); orbax warns about that on every restore. Nothing is wrong: hide it."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.msg).startswith("Metadata file does not exist")
+
+    logger, drop = logging.getLogger("absl"), Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
+
+from fleming_jax import paths
 
 
 class MetricsWriter:
     """Appends one JSON row per logged step; only process 0 writes."""
 
     def __init__(self, workdir: str, main: bool):
-        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a") if main else None
+        self.file = paths.Appender(paths.join(workdir, "metrics.jsonl")) if main else None
         self.tb = None
         if main:
             try:
                 import tensorboardX
-                self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = tensorboardX.SummaryWriter(paths.join(workdir, "tensorboard"))
             except ImportError:
                 pass
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fleming_jax import models, parallel, rewards, sampler
+from fleming_jax import models, parallel, paths, rewards, sampler
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs, quality
 from fleming_jax.data.records import QARecord
@@ -100,9 +99,8 @@ class RLTrainer:
         if not (config.model.init_from or config.model.hf_path):
             raise ValueError(f"rl stage {c.stage} needs a starting model: --config.model.init_from=<checkpoints> "
                              "or --config.model.hf_path=<HF dir>")
-        if config.model.init_from and not os.path.exists(config.model.init_from):
-            raise FileNotFoundError(f"config.model.init_from={config.model.init_from} does not exist; "
-                                    f"run `{config.init_from_producer}` first")
+        if config.model.init_from:
+            paths.require(config.model.init_from, "config.model.init_from", f"run `{config.init_from_producer}` first")
         self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
         model_config = models.config_from(config.model)
         if len(self.tokenizer) > model_config.vocab_size:

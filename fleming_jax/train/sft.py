@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 
@@ -22,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fleming_jax import parallel
+from fleming_jax import parallel, paths
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs, pipeline
 from fleming_jax.train import checkpoint
@@ -58,7 +57,7 @@ def load_tokenizer(config, workdir: str, train_rows: list[dict]):
     if path:
         return toklib.load(path)
     texts = [m["content"] for row in train_rows for m in row["messages"]]
-    return toklib.build_once(texts, os.path.join(workdir, "tokenizer"), config.model.vocab_size)
+    return toklib.build_once(texts, paths.join(workdir, "tokenizer"), config.model.vocab_size)
 
 
 class _Snapshot:

@@ -1,0 +1,220 @@
+"""The tiny pipeline with every path on gs:// (a real GCS emulator, no mocks): sft -> rl_stage1
+(stopped by SIGTERM, resumed) -> rl_stage2 -> export -> eval, and storage errors in one line."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests import gcs  # noqa: F401  (sets the gcsfs switch before anything imports gcsfs)
+from configs import eval as eval_config
+from configs import export as export_config
+from configs import rl_stage1, rl_stage2
+from configs import sft as sft_config
+from fleming_jax import paths
+from fleming_jax import tokenizer as toklib
+from fleming_jax.data.records import write_jsonl
+from fleming_jax.distill import collect, teachers
+
+BUCKET = "fleming-test"
+ARCH = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+            vocab_size=1024)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The emulator with a bucket; gcsfs (via STORAGE_EMULATOR_HOST) and tensorstore (via
+    TENSORSTORE_GCS_HTTP_URL) point at it; local copies of gs:// dirs go to a temp cache."""
+    server = gcs.Emulator()
+    saved = {k: os.environ.get(k) for k in [*server.env, "FLEMING_JAX_CACHE"]}
+    os.environ.update(server.env, FLEMING_JAX_CACHE=str(tmp_path_factory.mktemp("cache")))
+    server.create_bucket(BUCKET)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _params(model):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _rl_config(module, init_from, **rl):
+    config = module.get_config("tiny")
+    config.model.update(ARCH, init_from=init_from)
+    config.tokenizer = f"gs://{BUCKET}/sft/tokenizer"
+    config.data.update(train=f"gs://{BUCKET}/data/train.jsonl", eval="")
+    config.rl.update(dict(prompts_per_step=2, group_size=4, max_new_tokens=8, grade_k=0, score_k=1, max_pool=8,
+                          sparsity_patience=1000) | rl)
+    config.checkpoint.every = 1
+    return config
+
+
+def test_pipeline_runs_with_every_path_on_gcs(emulator, kg_records, tmp_path, monkeypatch):
+    from fleming_jax import evaluate
+    from fleming_jax.models import hf
+    from fleming_jax.train import rl, sft
+
+    monkeypatch.chdir(tmp_path)  # nothing may appear here under a `gs:` name
+    g = f"gs://{BUCKET}"
+    records = kg_records[:40]
+    chats = [s for o in collect.collect_chunk(records, teachers.KGTeacher(records), collect.CollectConfig(k=1))
+             for s in o["sft"]]
+    write_jsonl(f"{g}/data/sft.jsonl", chats)
+    write_jsonl(f"{g}/data/train.jsonl", records[:32])
+    write_jsonl(f"{g}/data/validation.jsonl", records[32:])
+
+    # sft: 3 steps; the tokenizer is built from the chats into gs://…/sft/tokenizer
+    config = sft_config.get_config("tiny")
+    config.model.update(ARCH)
+    config.train.update(seq_len=384, batch_size=8, log_every=1, eval_every=1000)
+    config.data.update(train=f"{g}/data/sft.jsonl", eval="")
+    config.optimizer.update(total_steps=3, warmup_steps=1)
+    config.checkpoint.update(every=2, keep=2)
+    sft.run(config, f"{g}/sft")
+    assert paths.exists(f"{g}/sft/tokenizer/tokenizer.json")
+
+    # rl stage 1, 2 steps: uninterrupted, and stopped by SIGTERM after step 1 then resumed
+    full = rl.RLTrainer(_rl_config(rl_stage1, f"{g}/sft/checkpoints", steps=2), f"{g}/rl1_full")
+    full.train()
+    cut = rl.RLTrainer(_rl_config(rl_stage1, f"{g}/sft/checkpoints", steps=2), f"{g}/rl1")
+    rows = cut.train(on_step=lambda step: step == 1 and signal.raise_signal(signal.SIGTERM))
+    assert [r["step"] for r in rows] == [1]
+    resumed = rl.RLTrainer(_rl_config(rl_stage1, f"{g}/sft/checkpoints", steps=2), f"{g}/rl1")
+    assert [r["step"] for r in resumed.train()] == [2]
+    jax.tree.map(np.testing.assert_array_equal, _params(resumed.model()), _params(full.model()))
+
+    # rl stage 2, 1 step, from stage 1's gs:// checkpoints; then export and eval
+    rl.run(_rl_config(rl_stage2, f"{g}/rl1/checkpoints", steps=1), f"{g}/rl2")
+    config = export_config.get_config("tiny")
+    config.model.update(ARCH, init_from=f"{g}/rl2/checkpoints")
+    config.export.update(tokenizer=f"{g}/sft/tokenizer", out_dir=f"{g}/export/hf")
+    hf.export_task(config, f"{g}/export")
+    config = eval_config.get_config("tiny")
+    config.model.update(ARCH, init_from=f"{g}/rl2/checkpoints")
+    config.tokenizer = f"{g}/sft/tokenizer"
+    config.benchmarks = [dict(format="jsonl", path=f"{g}/data/validation.jsonl", name="held-out")]
+    config.eval.update(max_new_tokens=8, batch_size=8)
+    results = evaluate.run(config, f"{g}/eval")
+    assert results["benchmarks"]["held-out"]["n"] == 8
+
+    objects = set(emulator.objects(BUCKET))
+    steps = lambda run: sorted({int(o.split("/")[2]) for o in objects if o.startswith(f"{run}/checkpoints/")})
+    assert steps("sft") == [2, 3] and steps("rl1") == [1, 2] and steps("rl2") == [1]
+    for run, n in (("sft", 3), ("rl1", 2), ("rl2", 1)):
+        rows = [json.loads(line) for line in paths.read_text(f"{g}/{run}/metrics.jsonl").splitlines()]
+        assert [r["step"] for r in rows if "loss" in r or "reward_mean" in r][-n:] == list(range(1, n + 1)), run
+    assert {"eval/results.json", "eval/results.md", "eval/outputs/held-out.jsonl",
+            "export/hf/config.json", "export/hf/model.safetensors.index.json", "export/hf/tokenizer.json",
+            "sft/tokenizer/tokenizer.json"} <= objects
+    assert any(o.startswith("export/hf/model-") and o.endswith(".safetensors") for o in objects)
+
+    import transformers
+
+    local = paths.local_dir(f"{g}/export/hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(local)
+    assert model.config.num_hidden_layers == 2
+    from fleming_jax.models import config_from
+    from fleming_jax.train import checkpoint
+
+    stage2 = checkpoint.restore_model(f"{g}/rl2/checkpoints", config_from(config.model))
+    exported, _ = hf.load(f"{g}/export/hf")  # read back from gs:// (copied to the local cache)
+    jax.tree.map(np.testing.assert_array_equal, _params(exported), _params(stage2))
+    assert transformers.AutoTokenizer.from_pretrained(local).chat_template == toklib.CHAT_TEMPLATE
+    leaked = [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path) for n in dirs + files if n.startswith("gs:")]
+    assert not leaked and not os.path.exists("gs:")
+
+
+def test_storage_errors_are_one_line_and_name_the_path(emulator):
+    with pytest.raises(FileNotFoundError, match=r"config.data.train=gs://fleming-test/none.jsonl does not exist; "
+                                                r"run `python main.py --config=configs/synthesize.py"):
+        from fleming_jax.train import rl
+
+        rl.read_records(f"gs://{BUCKET}/none.jsonl", "data.train",
+                        "python main.py --config=configs/synthesize.py --workdir=runs/synthesize")
+
+
+def run_main(env, *args):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="", **env)
+    return subprocess.run([sys.executable, "main.py", "--config=configs/export.py", "--config.model.num_layers=1",
+                           "--compile_cache=none", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+class _Refusing:
+    """An HTTP endpoint answering as GCS does to a caller without credentials (401, GCS's
+    JSON error body), to see what a run without credentials prints."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _refuse(self):
+                body = json.dumps({"error": {"code": 401, "message": "Anonymous caller does not have "
+                                             "storage.objects.get access to the Google Cloud Storage object."}})
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            do_GET = do_POST = do_PUT = do_DELETE = _refuse
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_bad_buckets_and_credentials_fail_in_one_line(emulator, tmp_path):
+    # a bucket that does not exist: one line, nothing created (gcsfs's mkdir would create it)
+    result = run_main(emulator.env, "--workdir=gs://no-such-bucket/run")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: cannot access gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist or these "
+        "credentials cannot see it; fix the path, or create it (`gcloud storage buckets create gs://no-such-bucket`)")
+    assert "Traceback" not in result.stderr
+    assert "no-such-bucket" not in json.dumps(emulator.objects(BUCKET))
+    assert not paths.path("gs://no-such-bucket").exists()
+    # a missing input object in an existing bucket names the config key and its producer
+    result = run_main(emulator.env, f"--workdir=gs://{BUCKET}/export_bad",
+                      f"--config.model.init_from=gs://{BUCKET}/rl_stage2/checkpoints")
+    assert result.returncode != 0 and f"gs://{BUCKET}/rl_stage2/checkpoints" in result.stderr
+    # no credentials: GCS answers 401 to an anonymous caller
+    with _Refusing() as url:
+        result = run_main({"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url},
+                          f"--workdir=gs://{BUCKET}/run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot access gs://{BUCKET}") and "gcloud auth application-default login" in line
+
+
+def test_local_copies_follow_the_bucket(emulator):
+    """A gs:// directory read by a local-only library (tokenizers, safetensors memory maps) is
+    copied to the cache; a rewritten object (same size) is fetched again, pickles never are."""
+    d = f"gs://{BUCKET}/copies"
+    paths.write_text(f"{d}/config.json", "{1}")
+    paths.write_text(f"{d}/sub/a.txt", "a")
+    paths.write_text(f"{d}/pytorch_model.bin", "pickle")
+    local = paths.local_dir(d)
+    assert not paths.is_remote(local) and "gs:" not in local
+    assert open(os.path.join(local, "config.json")).read() == "{1}"
+    assert open(os.path.join(local, "sub", "a.txt")).read() == "a"
+    assert not os.path.exists(os.path.join(local, "pytorch_model.bin"))
+    paths.write_text(f"{d}/config.json", "{2}")
+    assert paths.local_dir(d) == local and open(os.path.join(local, "config.json")).read() == "{2}"
+    with pytest.raises(FileNotFoundError, match="gs://fleming-test/none does not exist"):
+        paths.local_dir(f"gs://{BUCKET}/none")

@@ -1,0 +1,91 @@
+"""The sampler's decode layout: the policy cast and resharded once per RL step, so the decode
+loop moves no weights per token (checked in the TPU compiler's HLO, libtpu AOT on this CPU)."""
+
+import importlib.util
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import models as presets
+from configs import rl_stage1
+from fleming_jax import models, parallel, plan, sampler
+from fleming_jax.sampler import SamplingParams
+
+PROMPTS = [[5, 17, 3], [9, 2, 44, 8, 1, 60, 7], [12]]
+MIB = 1024**2
+
+
+@pytest.fixture(scope="module")
+def fsdp_policy():
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1)))
+    cfg = presets.get("tiny")
+    cfg.update(num_layers=2, num_kv_heads=4, num_heads=8)
+    model, _ = models.build(cfg, mesh)
+    return model, mesh
+
+
+def test_rollout_mesh_keeps_tensor_parallelism_inside_a_host():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu not installed")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x4").devices
+    mesh = parallel.rollout_mesh(-1, 4, devices)  # Qwen2.5-7B: 4 KV heads; a v5p host: 4 chips
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 4}
+    for group in mesh.devices.reshape(-1, 4):
+        assert len({d.process_index for d in group}) == 1
+    assert dict(parallel.rollout_mesh(-1, 2, devices).shape) == {"data": 8, "fsdp": 1, "tensor": 2}
+    with pytest.raises(ValueError, match="rollout.tensor=8 must divide the 4 devices of a host"):
+        parallel.rollout_mesh(8, 8, devices)
+
+
+def test_rollout_layout_samples_what_the_training_layout_samples(fsdp_policy):
+    model, train_mesh = fsdp_policy
+    rollout_mesh = parallel.rollout_mesh(-1, model.config.num_kv_heads)
+    assert dict(rollout_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    params = SamplingParams(temperature=1.0, num_samples=2, max_new_tokens=12)
+    key = jax.random.key(3)
+    want = sampler.generate(model, PROMPTS, key, params, mesh=train_mesh)
+    got = sampler.generate(sampler.rollout_model(model, rollout_mesh, "float32"), PROMPTS, key, params,
+                           mesh=rollout_mesh)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.model_logprobs, want.model_logprobs, atol=2e-5)
+
+
+def test_bf16_rollout_copy_is_sharded_for_decoding_and_built_by_one_program(fsdp_policy):
+    model, _ = fsdp_policy
+    rollout_mesh = parallel.rollout_mesh(-1, model.config.num_kv_heads)
+    before = len(sampler._LAYOUTS)
+    copy = sampler.rollout_model(model, rollout_mesh, "bfloat16")
+    again = sampler.rollout_model(model, rollout_mesh, "bfloat16")
+    assert len(sampler._LAYOUTS) == before + 1  # one jitted cast + reshard, reused every step
+    q = nnx.state(again)["layers"]["q_proj"][...]
+    assert q.dtype == jax.numpy.bfloat16
+    assert q.sharding.spec == parallel.logical_to_spec(("layers", "embed", "heads", "head_dim"))
+    assert q.sharding.mesh.shape["fsdp"] == 1
+    source = nnx.state(model)["layers"]["q_proj"][...]
+    np.testing.assert_array_equal(np.asarray(q, np.float32),
+                                  np.asarray(source.astype(jax.numpy.bfloat16), np.float32))
+    assert source.dtype == jax.numpy.float32  # the master weights are untouched
+    del copy
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
+    """Qwen2.5-7B's shapes (2 of its 28 layers, to keep the compile short; each layer's
+    pattern is the same) on v5p:2x2x4. The training layout (FSDP over 16 chips) gathers every
+    weight every token; the rollout layout gathers only the sampler's few KiB."""
+    config = rl_stage1.get_config("qwen2.5-7b")
+    config.model.num_layers = 2
+    config.plan.topology = "v5p:2x2x4"
+    config.mesh.update(data=1, fsdp=16, tensor=1)
+    rollout = plan.decode_plan(config, "rollout")
+    train = plan.decode_plan(config, "train")
+    assert rollout["mesh"] == {"data": 4, "fsdp": 1, "tensor": 4} and rollout["dtype"] == "bfloat16"
+    assert rollout["per_token"]["all_gather_bytes"] < 1 * MIB, rollout
+    assert train["per_token"]["all_gather_bytes"] > 1000 * MIB, train
