@@ -61,6 +61,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         sparsity_patience=5,  # ...for this many consecutive steps
         eval_every=10, eval_size=64 if tiny else 512,
         reward=dict(accuracy=1.0, format=0.1),
+        # the KL reference (beta > 0): its own copy of the starting weights, bf16 (2 bytes a
+        # parameter, sharded like the params) or "float32" (exact, twice that)
+        reference_dtype="bfloat16",
         grpo=dict(loss_mode="clipped", advantage="std", eps_low=0.2, eps_high=0.28, beta=0.0,
                   entropy_coef=0.0, log_entropy=False, aggregation="token_mean",
                   loss_normalizer=96.0 if tiny else 4096.0),

@@ -125,10 +125,21 @@ def batch_devices(mesh: jax.sharding.Mesh) -> int:
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def global_batch(mesh: jax.sharding.Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Assembles each host's slice of the batch into global arrays sharded over `batch`."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-            for k, v in local.items()}
+def global_batch(mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray], whole: bool = False
+                 ) -> dict[str, jax.Array]:
+    """Global arrays sharded over `batch`, from NumPy rows: the one way SFT and RL feed a step.
+
+    whole=False: `batch` is this host's slice (SFT's per-host grain pipeline), and the global
+    batch is the hosts' slices stacked. whole=True: `batch` is the whole global batch, the
+    same on every host (an RL rollout batch); each host transfers only the rows its own
+    devices hold, so the global batch has exactly `batch`'s rows on any number of hosts.
+    """
+    def put(v: np.ndarray) -> jax.Array:
+        sharding = batch_sharding(mesh, v.ndim)
+        if whole:
+            return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
+        return jax.make_array_from_process_local_data(sharding, v)
+    return {k: put(np.asarray(v)) for k, v in batch.items()}
 
 
 def to_host(x: jax.Array) -> np.ndarray:

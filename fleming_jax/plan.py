@@ -1,5 +1,10 @@
 """`task=plan`: will a config fit? Compile its train step ahead of time and print memory.
 
+The step compiled is the task's own: the SFT loss for `sft`, the GRPO loss of `rl.grpo` for
+the RL stages (a microbatch of `train.batch_size` sequences of `train.seq_len` tokens whose
+last `rl.max_new_tokens` are the completion window). With `rl.grpo.beta > 0` the KL
+reference copy (`rl.reference_dtype`, sharded like the params) is counted per device too.
+
 Nothing is allocated: the step is lowered on abstract shapes with their shardings and
 compiled for the mesh, either on fake CPU devices (`plan.devices`) or, with libtpu
 installed, for a TPU slice described by `plan.topology` (e.g. "v5p:4x4x2").
@@ -49,7 +54,6 @@ def plan(config) -> dict:
 
     from fleming_jax import models, parallel
     from fleming_jax.models import qwen
-    from fleming_jax.train import sft
     from fleming_jax.train import state as train_state
 
     mesh = parallel.make_mesh(config.mesh, devices)
@@ -67,12 +71,7 @@ def plan(config) -> dict:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     placed = jax.tree.map(place, shardings, abstract)
     t = config.train
-    batch_sharding = parallel.batch_sharding(mesh)
-    shape = (t.batch_size, t.seq_len)
-    batch = dict(tokens=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-                 segments=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-                 loss_weights=jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding))
-    loss = lambda model, b: sft.sft_loss(model, b, chunk_size=t.logprob_chunk)
+    loss, batch, reference_dtype = task_loss(config, mesh)
     step = train_state.make_train_step(graphdef, tx, loss, t.grad_accum_steps, mesh, shardings)
     with jax.set_mesh(mesh):
         compiled = step.jitted.lower(placed, batch).compile()
@@ -81,23 +80,59 @@ def plan(config) -> dict:
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                    for x in jax.tree.leaves(tree))
 
+    reference_bytes = 0
+    if reference_dtype:  # the KL reference: every param again, in its own dtype and the same shards
+        itemsize = jnp.dtype(reference_dtype).itemsize
+        reference_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * itemsize
+                              for x in jax.tree.leaves(placed.params))
     mem = compiled.memory_analysis()
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     kind = devices[0].device_kind
     hbm = config.plan.hbm_gb * GIB or TPU_HBM_GIB.get(kind, 0) * GIB
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    peak += reference_bytes  # held beside the step for the whole run
     return dict(
-        model=config.model.preset, params=n_params, device_kind=kind, devices=len(devices),
+        task=config.task, loss="grpo" if config.task == "rl" else "sft", model=config.model.preset, params=n_params, device_kind=kind, devices=len(devices),
         mesh=dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, len(devices)))),
         batch_size=t.batch_size, seq_len=t.seq_len, grad_accum_steps=t.grad_accum_steps,
         compute_dtype=model_config.compute_dtype, remat=model_config.remat,
         params_bytes=per_device_bytes(placed.params),
-        optimizer_bytes=per_device_bytes(placed.opt_state),
+        optimizer_bytes=per_device_bytes(placed.opt_state), reference_bytes=reference_bytes,
+        reference_dtype=reference_dtype,
         arguments_bytes=mem.argument_size_in_bytes, outputs_bytes=mem.output_size_in_bytes,
         aliased_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         peak_bytes=peak, hbm_bytes=hbm, fits=None if not hbm else peak <= hbm,
         flops_per_step=train_flops(model_config, t.batch_size, t.seq_len),
     )
+
+
+def task_loss(config, mesh):
+    """(loss_fn, abstract microbatch, reference dtype or None) of the config's task."""
+    import jax
+    import jax.numpy as jnp
+
+    from fleming_jax import parallel
+    from fleming_jax.train import grpo, sft
+
+    t = config.train
+    sharding = parallel.batch_sharding(mesh)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
+    shape = (t.batch_size, t.seq_len)
+    batch = dict(tokens=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+                 segments=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding))
+    if config.task != "rl":
+        batch["loss_weights"] = spec(shape, jnp.float32)
+        return (lambda model, b: sft.sft_loss(model, b, chunk_size=t.logprob_chunk)), batch, None
+    c = config.rl
+    window = min(c.max_new_tokens, t.seq_len)
+    batch.update(completion_mask=spec((t.batch_size, window), jnp.float32),
+                 old_logprobs=spec((t.batch_size, window), jnp.float32), advantages=spec((t.batch_size,), jnp.float32))
+    if c.grpo.beta:
+        batch["ref_logprobs"] = spec((t.batch_size, window), jnp.float32)
+
+    def loss(model, b):
+        return grpo.grpo_loss(model, b, c.grpo, chunk_size=t.logprob_chunk)
+    return loss, batch, (c.reference_dtype if c.grpo.beta else None)
 
 
 def train_flops(c, batch_size: int, seq_len: int) -> float:
@@ -119,11 +154,14 @@ def format_plan(p: dict) -> str:
     rows = [
         ("model", f"{p['model']} ({p['params'] / 1e9:.2f}B params, {p['compute_dtype']} compute, remat={p['remat']})"),
         ("devices", f"{p['devices']} x {p['device_kind']}, mesh {p['mesh']}"),
-        ("step", f"batch {p['batch_size']} x {p['seq_len']} tokens, grad_accum {p['grad_accum_steps']}"),
+        ("step", f"{p['loss']} loss, batch {p['batch_size']} x {p['seq_len']} tokens, "
+                 f"grad_accum {p['grad_accum_steps']}"),
         ("params / device", gib(p["params_bytes"])),
         ("optimizer / device", gib(p["optimizer_bytes"])),
+        ("KL reference / device", f"{gib(p['reference_bytes'])} ({p['reference_dtype']} copy)" if p["reference_dtype"]
+         else "none (beta = 0)" if p["loss"] == "grpo" else "none (SFT)"),
         ("temporaries / device", gib(p["temp_bytes"]) + "  (activations, gradients, XLA buffers)"),
-        ("peak / device", gib(p["peak_bytes"]) + "  (arguments + outputs - donated + temporaries)"),
+        ("peak / device", gib(p["peak_bytes"]) + "  (arguments + outputs - donated + temporaries + reference)"),
         ("device memory", gib(p["hbm_bytes"]) if p["hbm_bytes"] else "unknown (set plan.hbm_gb)"),
         ("fits", {True: "yes", False: "NO", None: "?"}[p["fits"]]),
         ("FLOPs / step", f"{p['flops_per_step']:.3e} in all, "

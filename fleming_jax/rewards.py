@@ -5,13 +5,17 @@ term, against reward hacking). The reply format is the one in `fleming_jax.data.
 `<think>…</think>` then `<answer>X</answer>`.
 
 Strict by design, so a policy cannot collect accuracy by hedging:
-- accuracy needs exactly one `<answer>` and one `</answer>` in the whole completion, after
-  every think block has closed, with nothing but whitespace after it (the answer is the
-  last word; text between `</think>` and `<answer>` is allowed); an answer inside
-  `<think>`, under an unclosed `<think>`, followed by more text, or repeated (even with
-  the same letter) scores 0; a missing `<think>` costs only the format reward;
-- the answer must name one option: `B`, `(B)`, `B.`, `Answer: B`, `B. Aspirin` (the text must
-  be B's) or the exact text of one option; "A, C", "A or C", "A and C" score 0;
+- only what comes after the last `</think>` counts: a draft `<answer>` inside the reasoning
+  (or the model naming the tag there) neither pays nor costs accuracy (it costs the format
+  reward). That tail needs exactly one `<answer>` and one `</answer>`, with nothing but
+  whitespace after it (the answer is the last word; text between `</think>` and `<answer>`
+  is allowed); an answer only inside `<think>`, under an unclosed `<think>`, followed by
+  more text, or repeated after `</think>` scores 0 -- even repeated with the same letter
+  (our call: a policy must commit once, and paying repeats invites tag spam); a missing
+  `<think>` costs only the format reward;
+- the answer must name one option: `B`, `(B)`, `B.`, `Answer: B`, `B. Aspirin` or `Aspirin (B)`
+  (the text must be B's: `Heparin (C)` when C is Warfarin scores 0, our call) or the exact
+  text of one option; "A, C", "A or C", "A and C" score 0;
 - free-text answers (e.g. PubMedQA's yes/no/maybe) must equal the reference after
   normalisation (NFKC, case, punctuation, whitespace); "yes or no" scores 0.
 Tags are matched ASCII-case-insensitively when counting, so `<Answer>C</Answer>` still
@@ -40,6 +44,8 @@ _PREFIX_RE = re.compile(
     re.IGNORECASE)
 # One option letter, bare or bracketed, then an optional separator and maybe the option text.
 _LETTER_RE = re.compile(r"(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])(?!\w))\s*[.:)\-]?\s*(.*)", re.DOTALL)
+# Option text followed by its letter in brackets: "Aspirin (B)".
+_TEXT_LETTER_RE = re.compile(r"(.*?)\s*(?:\(([A-Za-z])\)|\[([A-Za-z])\])\s*\.?", re.DOTALL)
 _DECORATION = " \t\r\n*_`'\""
 
 
@@ -58,17 +64,24 @@ def _tags(completion: str) -> list[tuple[str, int, int]]:
 
 
 def _answer_text(completion: str) -> str | None:
-    """The text of the single answer block that follows all reasoning, else None."""
+    """The text of the single answer block after the last `</think>`, else None.
+
+    Only what follows the last `</think>` counts (a draft `<answer>` inside the reasoning,
+    or the model naming the tag there, is reasoning); there must be exactly one answer
+    block, no `<think>` reopened, and nothing but whitespace after `</answer>`. Without any
+    `</think>` the whole completion is the tail, and an unclosed `<think>` gives None.
+    """
     tags = _tags(completion)
-    answers = [t for t in tags if t[0] in (ANSWER_OPEN, ANSWER_CLOSE)]
+    closes = [t for t in tags if t[0] == THINK_CLOSE]
+    tail = [t for t in tags if t[1] >= closes[-1][2]] if closes else tags
+    if any(t[0] == THINK_OPEN for t in tail):
+        return None  # think reopened after the last close, or never closed
+    answers = [t for t in tail if t[0] in (ANSWER_OPEN, ANSWER_CLOSE)]
     if [t[0] for t in answers] != [ANSWER_OPEN, ANSWER_CLOSE]:
         return None  # missing, unclosed, reversed or repeated
     (_, _, start), (_, end, after) = answers
     if completion[after:].strip():
         return None  # the answer must be the last word: what follows could revise it
-    thinks = [t for t in tags if t[0] in (THINK_OPEN, THINK_CLOSE)]
-    if thinks and (thinks[-1][0] != THINK_CLOSE or thinks[-1][1] > start):
-        return None  # answer inside or before a think block, or think never closed
     text = completion[start:end]
     return text if len(text) <= MAX_ANSWER_CHARS else None
 
@@ -95,6 +108,10 @@ def _option_letter(text: str, options: Mapping[str, str]) -> str | None:
         rest = normalize(m.group(4))
         if letter in letters and (not rest or rest == letters[letter]):
             return letter
+    m = _TEXT_LETTER_RE.fullmatch(text)
+    if m and m.group(1).strip():
+        letter = (m.group(2) or m.group(3)).upper()
+        return letter if letter in letters and normalize(m.group(1)) == letters[letter] else None
     wanted = normalize(text)
     matches = [k for k, v in letters.items() if v and v == wanted]
     return matches[0] if len(matches) == 1 else None

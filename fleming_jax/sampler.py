@@ -92,9 +92,13 @@ def pick(key, logits, params: SamplingParams):
 def inverse_cdf_sample(key, logits):
     """One categorical draw per row from a single uniform number: the first token whose
     cumulative probability reaches it. Exact, and ~6x cheaper on CPU than Gumbel-max, which
-    needs a random number for every vocabulary entry."""
+    needs a random number for every vocabulary entry. `key`: one key, or one per row."""
     cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    u = jax.random.uniform(key, (logits.shape[0], 1), minval=jnp.finfo(jnp.float32).tiny)
+    tiny = jnp.finfo(jnp.float32).tiny
+    if key.ndim:  # one key per row (the engine: every sequence has its own stream)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (1,), minval=tiny))(key)
+    else:
+        u = jax.random.uniform(key, (logits.shape[0], 1), minval=tiny)
     return jnp.sum(cdf < u * cdf[:, -1:], axis=-1).astype(jnp.int32)
 
 

@@ -24,9 +24,16 @@ def test_group_advantages():
     np.testing.assert_allclose(grpo.group_advantages(rewards, "mean"),
                                [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [-0.75, -0.75, -0.75, 2.25]])
     std = np.sqrt(0.75 ** 2 * 3 + 2.25 ** 2) / 2  # population std of [0, 0, 0, 3]
-    np.testing.assert_allclose(grpo.group_advantages(rewards, "std", eps=1e-4),
+    np.testing.assert_allclose(grpo.group_advantages(rewards, "std_population", eps=1e-4),
                                [[0.5 / 0.5001, -0.5 / 0.5001, -0.5 / 0.5001, 0.5 / 0.5001], [0, 0, 0, 0],
                                 [-0.75 / (std + 1e-4)] * 3 + [2.25 / (std + 1e-4)]], rtol=1e-6)
+    # the default is the sample std (ddof=1), as TRL and verl: sqrt(4/3) smaller advantages at G=4
+    s01, s3 = np.sqrt(1 / 3), std * np.sqrt(4 / 3)
+    np.testing.assert_allclose(grpo.group_advantages(rewards, "std", eps=1e-4),
+                               [[0.5 / (s01 + 1e-4), -0.5 / (s01 + 1e-4), -0.5 / (s01 + 1e-4), 0.5 / (s01 + 1e-4)],
+                                [0, 0, 0, 0], [-0.75 / (s3 + 1e-4)] * 3 + [2.25 / (s3 + 1e-4)]], rtol=1e-6)
+    with pytest.raises(ValueError, match="rl.grpo.advantage='z'"):
+        grpo.group_advantages(rewards, "z")
 
 
 RATIOS = np.array([0.5, 1.0, 1.5])

@@ -60,6 +60,24 @@ def test_plan_7b_on_sixteen_fake_devices_prints_a_table(tmp_path):
     assert os.path.exists(tmp_path / "plan.json")
 
 
+@pytest.mark.parametrize("beta,dtype,share", [(0.0, "bfloat16", 0), (0.04, "bfloat16", 0.5), (0.04, "float32", 1)])
+def test_rl_plan_compiles_the_grpo_loss_and_counts_the_reference(beta, dtype, share):
+    from configs import rl_stage1
+
+    config = rl_stage1.get_config("tiny")
+    config.mesh.update(data=1, fsdp=8, tensor=1)
+    config.train.update(batch_size=8, seq_len=64)
+    config.rl.update(max_new_tokens=16, reference_dtype=dtype)
+    config.rl.grpo.beta = beta
+    p = plan.plan(config)
+    assert p["loss"] == "grpo" and p["reference_bytes"] == share * p["params_bytes"]
+    sft_plan = plan.plan(tiny_config(data=1, fsdp=8, tensor=1))
+    assert sft_plan["loss"] == "sft" and sft_plan["reference_bytes"] == 0
+    # a reference is held beside the step: it adds to the peak
+    assert (p["peak_bytes"] >= p["reference_bytes"] + p["params_bytes"] + p["optimizer_bytes"])
+    assert "KL reference / device" in plan.format_plan(p)
+
+
 def test_bad_device_count_is_explained():
     config = tiny_config(data=3, fsdp=1, tensor=1)
     with pytest.raises(ValueError, match="needs 3 devices but 8 are available"):

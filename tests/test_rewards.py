@@ -40,6 +40,10 @@ TABLE = [
     ("option text, case and punctuation", format_reply(R, "  ASPIRIN! "), MCQ, 1.1, 1, 1),
     ("wrong option text", format_reply(R, "Warfarin"), MCQ, 0.1, 0, 1),
     ("letter contradicts its text", format_reply(R, "B. Warfarin"), MCQ, 0.1, 0, 1),
+    # our call: option text then its own letter in brackets counts; a disagreement does not
+    ("text then its letter", format_reply(R, "Aspirin (B)"), MCQ, 1.1, 1, 1),
+    ("text then another option's letter", format_reply(R, "Heparin (C)"), MCQ, 0.1, 0, 1),
+    ("right text, wrong letter", format_reply(R, "Aspirin (C)"), MCQ, 0.1, 0, 1),
     ("text is not exactly an option", format_reply(R, "Aspirin 81 mg"), MCQ, 0.1, 0, 1),
     ("letter not among the options", format_reply(R, "E"), MCQ, 0.1, 0, 1),
     # Gaming: several options, hedges, answers in the wrong place, repeats.
@@ -51,9 +55,17 @@ TABLE = [
     ("two lines", format_reply(R, "B\nC"), MCQ, 0.1, 0, 1),
     ("all the letters", format_reply(R, "ABCD"), MCQ, 0.1, 0, 1),
     ("answer only inside think", f"<think>{R} <answer>B</answer></think>", MCQ, 0.0, 0, 0),
-    ("answer in think and outside", f"<think>{R}<answer>C</answer></think><answer>B</answer>",
-     MCQ, 0.0, 0, 0),
+    # Only what follows the last </think> counts: a draft answer inside the reasoning is
+    # reasoning (it costs the format reward, not accuracy).
+    ("draft answer in think, one final answer", f"<think>{R} Maybe <answer>C</answer>? No.</think>"
+     "<answer>B</answer>", MCQ, 1.0, 1, 0),
+    ("tag named in think, one final answer", f"<think>I must write <answer> and </answer> tags.</think>"
+     "\n<answer>B</answer>", MCQ, 1.0, 1, 0),
+    ("draft right in think, final wrong", f"<think><answer>B</answer></think><answer>C</answer>", MCQ, 0.0, 0, 0),
+    ("two final answers after think", f"<think>{R}</think><answer>B</answer><answer>C</answer>", MCQ, 0.0, 0, 0),
+    ("hedge after think", f"<think><answer>B</answer></think><answer>B or C</answer>", MCQ, 0.0, 0, 0),
     ("repeated with another letter", OK + "\n<answer>C</answer>", MCQ, 0.0, 0, 0),
+    # our call: the final tag repeated, even with the same letter, scores 0 (commit once)
     ("repeated with the same letter", OK + "\n<answer>B</answer>", MCQ, 0.0, 0, 0),
     ("repeat in other tag case", OK + "<ANSWER>C</ANSWER>", MCQ, 0.0, 0, 0),
     ("text after the answer", OK + "\nAnswer: C", MCQ, 0.0, 0, 0),

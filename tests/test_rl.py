@@ -95,8 +95,7 @@ def test_killed_run_resumes_exactly(toy_run, tmp_path, monkeypatch, stage):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert a["layers/q_proj"].sum() != params_of(models.build(model_cfg(str(toy_run)))[0])["layers/q_proj"].sum()
-    if stage == 2:
-        assert full.miner.state_dict() == resumed.miner.state_dict()
+    assert full.pool.state_dict() == resumed.pool.state_dict()
 
 
 def test_missing_inputs_name_the_command_that_makes_them(toy_run, tmp_path):
@@ -148,7 +147,7 @@ def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monke
     at the first step it is the rollout policy, so it matches the sampler's own log-probs."""
     monkeypatch.setattr(rewards, "score", lambda c, r, cfg=None: dict(reward=float(len(c) % 2), accuracy=0.0,
                                                                       format=0.0))
-    trainer = rl.RLTrainer(toy_config(toy_run, grpo=dict(beta=0.1)), str(tmp_path))
+    trainer = rl.RLTrainer(toy_config(toy_run, grpo=dict(beta=0.1), reference_dtype="float32"), str(tmp_path))
     seen = []
     trainer.update = lambda batch: seen.append(batch) or {}
     trainer.one_step(0)
@@ -166,8 +165,8 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(toy_run
     calls = iter(range(10_000))
     monkeypatch.setattr(rewards, "score", lambda c, r, cfg=None: (
         lambda x: dict(reward=x, accuracy=x, format=1.0))(float(int(r.id) % 2 == 0 and next(calls) % 2 == 0)))
-    trainer = rl.RLTrainer(toy_config(toy_run, prompts_per_step=4, dynamic_sampling=dynamic, max_refills=3),
-                           str(tmp_path))
+    trainer = rl.RLTrainer(toy_config(toy_run, 2, prompts_per_step=4, group_size=8, dynamic_sampling=dynamic,
+                                      max_refills=3), str(tmp_path))
     draws = iter([[1, 3, 5, 0], [2, 7, 9], [11, 4, 13], [6, 8]])
     asked = []
     trainer.pick = lambda n: asked.append(n) or next(draws)[:n] if dynamic else [1, 3, 5, 0]
@@ -182,6 +181,6 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(toy_run
     batch = seen[0]
     assert len(batch["advantages"]) == 32 and (batch["advantages"] != 0).sum() == 32
     assert row["zero_advantage_groups"] == pytest.approx(6 / 10)  # over all 10 groups sampled
-    sampled = [1, 3, 5, 0, 2, 7, 9, 11, 4, 6]  # every rollout reached the miner, G=8 tries each
-    np.testing.assert_array_equal(np.flatnonzero(trainer.miner.total), sorted(sampled))
-    assert set(trainer.miner.total[sampled]) == {8} and trainer.miner.correct[[1, 3, 5]].sum() == 0
+    sampled = [1, 3, 5, 0, 2, 7, 9, 11, 4, 6]  # every rollout reached the stage-2 pool, G=8 tries each
+    np.testing.assert_array_equal(np.flatnonzero(trainer.pool.total), sorted(sampled))
+    assert set(trainer.pool.total[sampled]) == {8} and trainer.pool.correct[[1, 3, 5]].sum() == 0

@@ -8,7 +8,9 @@ import pytest
 import torch
 import transformers
 
-from fleming_jax import parallel, sampler
+import functools
+
+from fleming_jax import engine, parallel, sampler
 from fleming_jax.models import hf
 from fleming_jax.sampler import SamplingParams
 from fleming_jax.train.logprobs import token_logprobs
@@ -21,13 +23,20 @@ def prompts(seed=0, lengths=PROMPT_LENGTHS):
     return [[int(t) for t in rng.integers(1, 128, n)] for n in lengths]
 
 
+# The static-batch sampler and the continuous-batching engine promise the same outputs; the
+# engine runs with fewer slots than sequences, so prompts wait for slots and slots are reused.
+GENERATORS = {"static": sampler.generate,
+              "engine": functools.partial(engine.generate, slots=2, chunk=5)}
+
+
 @pytest.fixture(scope="module")
 def qwen2(hf_dir):
     return hf.load(hf_dir("qwen2"))[0]
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
-def test_greedy_equals_transformers_generate(hf_dir, model_type):
+def test_greedy_equals_transformers_generate(hf_dir, model_type, generator):
     path = hf_dir(model_type)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     batch = prompts()
@@ -41,7 +50,7 @@ def test_greedy_equals_transformers_generate(hf_dir, model_type):
                                       max_new_tokens=64, min_new_tokens=64, pad_token_id=0,
                                       eos_token_id=None).numpy()[:, width:]
     model, _ = hf.load(path)
-    out = sampler.generate(model, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=64))
+    out = GENERATORS[generator](model, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=64))
     np.testing.assert_array_equal(out.tokens[:, 0], expected)
     assert (out.lengths == 64).all() and not out.done.any()
 
@@ -57,11 +66,12 @@ def full_sequences(batch, out):
     return ids, mask
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.3, 20)])
-def test_logprobs_of_own_tokens_equal_a_full_forward(qwen2, temperature, top_k):
+def test_logprobs_of_own_tokens_equal_a_full_forward(qwen2, temperature, top_k, generator):
     batch = prompts(1)
     params = SamplingParams(temperature=temperature, top_k=top_k, max_new_tokens=24)
-    out = sampler.generate(qwen2, batch, jax.random.key(3), params)
+    out = GENERATORS[generator](qwen2, batch, jax.random.key(3), params)
     ids, mask = full_sequences(batch, out)
     raw = np.asarray(token_logprobs(qwen2, jnp.asarray(ids), jnp.asarray(mask)))
     scaled = np.asarray(token_logprobs(qwen2, jnp.asarray(ids), jnp.asarray(mask), temperature=temperature))

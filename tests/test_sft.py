@@ -1,6 +1,7 @@
 """SFT: assistant-only loss, packing, exact resume (SIGTERM mid-run), and learning on
 KG-teacher trajectories with a small model."""
 
+import json
 import os
 import signal
 
@@ -136,6 +137,30 @@ def test_resume_after_sigterm_equals_the_uninterrupted_run(data, tmp_path):
     model = checkpoint.restore_model(str(tmp_path / "cut" / "checkpoints"), config_from(config.model))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))),
                  _params(full))
+
+
+def test_resume_walks_back_over_a_step_without_metadata(data, tmp_path, capsys):
+    from tests.test_rl_stages import corrupt
+
+    config = small_config(data[0])
+    config.optimizer.update(total_steps=3, warmup_steps=1)
+    config.checkpoint.update(every=1, keep=5)
+    full = sft.Trainer(config, str(tmp_path / "full"))
+    full.train()
+
+    def interrupt(step):
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)
+    sft.Trainer(config, str(tmp_path / "cut")).train(on_step=interrupt)
+    corrupt(tmp_path / "cut" / "checkpoints" / "2", "no_metadata")
+    capsys.readouterr()
+    resumed = sft.Trainer(config, str(tmp_path / "cut"))
+    assert [r["step"] for r in resumed.train()] == [2, 3]  # from step 1, the newest that restores
+    out = capsys.readouterr().out
+    assert "checkpoint step 2" in out and "does not restore" in out, out
+    jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(full))
+    with open(tmp_path / "cut" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
 
 
 def test_held_out_loss_falls_on_kg_teacher_trajectories(data, tmp_path):

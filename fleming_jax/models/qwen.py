@@ -134,17 +134,19 @@ class KVCache:
 
     One buffer per layer: a decode step then reads and writes each in place, where slicing a
     stacked [layers, ...] cache copies the layer's slice every token (seen in XLA:CPU's HLO).
-    All rows share one write position (`index`), which holds when prompts are left-padded
-    to a common length. `segment` is 0 for empty or padded slots and 1 for real tokens.
+    `index` is the slot the next token is written to: one scalar that all rows share (left-padded
+    prompts of a common length, the static-batch sampler), or one per row (continuous batching,
+    where each decode slot holds its own sequence). `segment` is 0 for empty or padded slots
+    and 1 for real tokens.
     """
 
     k: tuple[jax.Array, ...]  # per layer: [batch, max_len, kv_heads, head_dim]
     v: tuple[jax.Array, ...]
     segment: jax.Array  # [batch, max_len] int32
-    index: jax.Array  # int32 scalar: the slot the next token is written to
+    index: jax.Array  # int32, scalar or [batch]: the slot the next token is written to
 
     @classmethod
-    def zeros(cls, config: QwenConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def zeros(cls, config: QwenConfig, batch: int, max_len: int, dtype=None, per_row: bool = False) -> "KVCache":
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
         dtype = dtype or config.compute_dtype
         layers = range(config.num_layers)
@@ -152,7 +154,7 @@ class KVCache:
             k=tuple(jnp.zeros(shape, dtype) for _ in layers),
             v=tuple(jnp.zeros(shape, dtype) for _ in layers),
             segment=jnp.zeros((batch, max_len), jnp.int32),
-            index=jnp.zeros((), jnp.int32),
+            index=jnp.zeros((batch,) if per_row else (), jnp.int32),
         )
 
 
@@ -280,10 +282,10 @@ class Qwen(nnx.Module):
             q_slot = k_slot = jnp.arange(length)
             k_segment = attention_mask
         else:
-            q_slot = cache.index + jnp.arange(length)
+            q_slot = jnp.reshape(cache.index, (-1, 1)) + jnp.arange(length)
             k_slot = jnp.arange(cache.segment.shape[1])
-            k_segment = jax.lax.dynamic_update_slice(cache.segment, attention_mask, (0, cache.index))
-        allowed = ((k_slot[None, None, :] <= q_slot[None, :, None])
+            k_segment = write_at(cache.segment, attention_mask, cache.index)
+        allowed = ((k_slot[None, None, :] <= jnp.atleast_2d(q_slot)[:, :, None])
                    & (attention_mask[:, :, None] == k_segment[:, None, :])
                    & (attention_mask[:, :, None] > 0))  # [batch, q, k]
 
@@ -356,12 +358,15 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv is not None:
         k_cache, v_cache = kv
-        start = (0, index, 0, 0)
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        k = write_at(k_cache, k.astype(k_cache.dtype), index)
+        v = write_at(v_cache, v.astype(v_cache.dtype), index)
         kv = (k, v)
     b, t, heads, d = q.shape
     q = q.reshape(b, t, c.num_kv_heads, heads // c.num_kv_heads, d)
+    if kv is not None and t == 1 and jnp.ndim(index) == 1:
+        live = jnp.minimum(jnp.max(index) + 1, k.shape[1])  # slots any row has written
+        out = attend_live_blocks(q, k, v, allowed, live).reshape(b, t, heads, d)
+        return project("bthd,hde->bte", out, p["o_proj"]), kv
     keys, values = k.astype(q.dtype), v.astype(q.dtype)
 
     def attend(q_block, allowed_block):
@@ -381,6 +386,51 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
     else:
         out = attend(q, allowed).reshape(b, t, heads, d)
     return project("bthd,hde->bte", out, p["o_proj"]), kv
+
+
+def write_at(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """`update` [batch, t, ...] written into `buffer` [batch, slots, ...] from slot `index`:
+    one scalar for every row, or one slot per row."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(buffer, update, (0, index) + (0,) * (buffer.ndim - 2))
+    row = lambda b, u, i: jax.lax.dynamic_update_slice(b, u, (i,) + (0,) * (b.ndim - 1))
+    return jax.vmap(row)(buffer, update, index)
+
+
+ATTENTION_BLOCK = 128  # cache slots per block of length-aware decode attention
+
+
+def attend_live_blocks(q, k, v, allowed, live: jax.Array):
+    """One decode token's attention over the cache blocks that hold live tokens only.
+
+    q [b, 1, kv_heads, group, d]; k, v [b, slots, kv_heads, d]; allowed [b, 1, slots]; `live`
+    (traced) is how many leading slots any row uses. Blocks of ATTENTION_BLOCK slots are
+    visited in a loop that stops after the last live one, with a running (online) softmax, so
+    the cost follows the longest live sequence, not the cache size.
+    """
+    b, _, kvh, g, d = q.shape
+    slots, dtype = k.shape[1], q.dtype
+    size = min(ATTENTION_BLOCK, slots)
+    if slots % size:
+        raise ValueError(f"cache of {slots} slots is not a multiple of the attention block {size}")
+    q = q[:, 0].astype(jnp.float32) * (d ** -0.5)
+
+    def visit(i, carry):
+        best, total, acc = carry
+        take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i * size, size, axis)
+        keys, values, ok = take(k, 1).astype(jnp.float32), take(v, 1).astype(jnp.float32), take(allowed[:, 0], 1)
+        scores = jnp.einsum("bkgd,bskd->bkgs", q, keys)
+        ok = ok[:, None, None, :]
+        new_best = jnp.maximum(best, jnp.max(jnp.where(ok, scores, -jnp.inf), axis=-1))
+        probs = jnp.where(ok, jnp.exp(scores - new_best[..., None]), 0.0)
+        rescale = jnp.exp(best - new_best)
+        return (new_best, total * rescale + probs.sum(-1),
+                acc * rescale[..., None] + jnp.einsum("bkgs,bskd->bkgd", probs, values))
+
+    init = (jnp.full((b, kvh, g), -1e30, jnp.float32), jnp.zeros((b, kvh, g), jnp.float32),
+            jnp.zeros((b, kvh, g, d), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, (live + size - 1) // size, visit, init)
+    return (acc / jnp.maximum(total, 1e-30)[..., None]).astype(dtype)
 
 
 def rms_norm(x, scale, eps):

@@ -20,10 +20,12 @@ from fleming_jax.models import qwen
 
 def manager(workdir: str, keep: int, use_async: bool = True, **extra_handlers) -> ocp.CheckpointManager:
     """A training run's checkpoints, `<workdir>/checkpoints/<step>/`: items `params` (a pure
-    dict, what `restore_model` reads), `opt_state`, `meta` (JSON), plus `extra_handlers`."""
+    dict, what `restore_model` reads), `opt_state`, `meta` (JSON), plus `extra_handlers`.
+    Unfinished saves (orbax tmp directories of a killed run) are removed when it opens."""
     return ocp.CheckpointManager(
         paths.absolute(paths.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
+                                             cleanup_tmp_directories=True),
         item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler(), **extra_handlers})
 

@@ -1,4 +1,11 @@
-"""What the RL stages train on next: stage 1's difficulty balance and stage 2's miner.
+"""What the RL stages train on next: one prompt-pool interface, two implementations.
+
+A pool has `prepare(score)` (once at the start of a stage, not on resume; `score(indices,
+k)` samples k replies per question and says which were correct), `sample(rng, n)`,
+`observe(indices, correct)` (every rollout's outcomes), `state_dict`/`load_state_dict`
+(JSON, checkpointed with the run), `summary()` (for the logs), `levels(indices)` (how many
+drawn prompts were Easy / Moderate / Difficult) and `stops_on_plateau`.
+`GradedBlend` is stage 1, `Miner` is stage 2; `make_pool` picks one from the config.
 
 Stage 1 draws a configured blend of difficulty levels (the paper's stage-1 figure:
 Hard:Simple = 1:1 over Easy and Moderate items). Stage 2 keeps each question's pass rate
@@ -12,11 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fleming_jax.data import quality
 from fleming_jax.data.records import QARecord
+
+Score = Callable[[list[int], int], list[list[bool]]]
+LEVELS = quality.DIFFICULTIES  # ("Easy", "Moderate", "Difficult")
 
 UNGRADED = "Moderate"  # difficulty assumed for records the data stage did not grade
 
@@ -25,22 +36,92 @@ def difficulty(record: QARecord) -> str:
     return (record.meta or {}).get("difficulty") or UNGRADED
 
 
+def level_counts(levels: Sequence[str]) -> dict[str, int]:
+    """{"drawn_easy": n, "drawn_moderate": n, "drawn_difficult": n} for the per-step log."""
+    counts = Counter(levels)
+    return {f"drawn_{level.lower()}": counts.get(level, 0) for level in LEVELS}
+
+
 def balanced_batch(rng: np.random.Generator, records: Sequence[QARecord], n: int,
                    mix: dict[str, float]) -> list[int]:
     """n record indices whose difficulty levels follow `mix` (e.g. {"Easy": 1, "Moderate": 1});
     a level with no records gives its share to the others."""
-    by_level = {level: [i for i, r in enumerate(records) if difficulty(r) == level] for level in mix}
+    return balanced_draw(rng, [difficulty(r) for r in records], n, mix)
+
+
+def balanced_draw(rng: np.random.Generator, record_levels: Sequence[str], n: int,
+                  mix: dict[str, float]) -> list[int]:
+    """`balanced_batch` over each record's difficulty level."""
+    by_level = {level: [i for i, lvl in enumerate(record_levels) if lvl == level] for level in mix}
     levels = [lvl for lvl in mix if by_level[lvl] and mix[lvl] > 0]
     if not levels:
         raise ValueError(f"no records with difficulty in {sorted(mix)}; levels present: "
-                         f"{dict(Counter(difficulty(r) for r in records))}")
-    weights = np.array([mix[lvl] for lvl in levels], float)
-    counts = rng.multinomial(n, weights / weights.sum())
+                         f"{dict(Counter(record_levels))}; check rl.stage1_mix or grade the pool "
+                         "(rl.grade_k > 0)")
+    # Each level gets floor(n x share) slots; the remaining slots go to levels drawn by their
+    # fractional parts, so the blend holds in every batch (1:1 of 4 is 2 + 2) and on average.
+    shares = np.array([mix[lvl] for lvl in levels], float)
+    shares = n * shares / shares.sum()
+    counts = np.floor(shares).astype(int)
+    rest, frac = n - counts.sum(), shares - np.floor(shares)
+    if rest:
+        counts[rng.choice(len(levels), size=rest, replace=False, p=frac / frac.sum())] += 1
     picked = []
     for level, count in zip(levels, counts):
         pool = by_level[level]
         picked += list(rng.choice(pool, size=count, replace=count > len(pool)))
     return [int(i) for i in rng.permutation(picked)]
+
+
+class GradedBlend:
+    """Stage 1: draws `mix` over difficulty levels. Records the data stage did not grade are
+    graded at `prepare` by the starting policy's pass rate over `grade_k` tries
+    (`quality.grade`); the levels live in this pool's state, so a resumed run draws the
+    same prompts as an uninterrupted one."""
+
+    stops_on_plateau = True
+
+    def __init__(self, records: Sequence[QARecord], mix: dict[str, float], grade_k: int = 0,
+                 thresholds: tuple[float, float] = (0.8, 0.4)):
+        self.records, self.mix, self.grade_k, self.thresholds = records, dict(mix), grade_k, thresholds
+        self.level = [(r.meta or {}).get("difficulty") for r in records]  # None: not graded yet
+        self.pass_rate: list[float | None] = [(r.meta or {}).get("pass_rate") for r in records]
+
+    def prepare(self, score: Score) -> str | None:
+        todo = [i for i, level in enumerate(self.level) if level is None]
+        if not (self.grade_k and todo):
+            return None
+        graded = quality.grade([self.records[i] for i in todo], score(todo, self.grade_k), self.thresholds)
+        for i, record in zip(todo, graded):
+            self.level[i], self.pass_rate[i] = record.meta["difficulty"], record.meta["pass_rate"]
+        counts = Counter(self.level[i] for i in todo)
+        return f"graded {len(todo)} records by pass rate over {self.grade_k} tries: {dict(counts)}"
+
+    def levels(self) -> list[str]:
+        return [level or UNGRADED for level in self.level]
+
+    def sample(self, rng: np.random.Generator, n: int) -> list[int]:
+        return balanced_draw(rng, self.levels(), n, self.mix)
+
+    def observe(self, indices: Sequence[int], correct: Sequence[Sequence[bool]]) -> None:
+        pass  # the blend is fixed for the stage
+
+    def summary(self) -> dict[str, Any]:
+        counts = Counter(self.levels())
+        return {f"pool_{level.lower()}": counts.get(level, 0) for level in LEVELS}
+
+    def state_dict(self) -> dict[str, list]:
+        return {"difficulty": list(self.level), "pass_rate": list(self.pass_rate)}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        _check_size(state["difficulty"], self.records, "stage-1 pool")
+        self.level, self.pass_rate = list(state["difficulty"]), list(state["pass_rate"])
+
+
+def _check_size(saved: Sequence, records: Sequence, what: str) -> None:
+    if len(saved) != len(records):
+        raise ValueError(f"{what} state has {len(saved)} questions, the pool has {len(records)}: the "
+                         "checkpoint belongs to other data (check data.train and rl.max_pool)")
 
 
 @dataclasses.dataclass
@@ -54,12 +135,28 @@ class MinerConfig:
 
 
 class Miner:
-    """Per-question pass-rate statistics and stage-2 batch construction."""
+    """Stage 2: per-question pass-rate statistics and batch construction. `prepare` is the
+    scoring pass (`score_k` samples per question) that seeds the statistics."""
 
-    def __init__(self, records: Sequence[QARecord], config: MinerConfig):
-        self.records, self.config = records, config
+    stops_on_plateau = False
+
+    def __init__(self, records: Sequence[QARecord], config: MinerConfig, score_k: int = 0):
+        self.records, self.config, self.score_k = records, config, score_k
         self.correct = np.zeros(len(records), np.int64)
         self.total = np.zeros(len(records), np.int64)
+
+    def prepare(self, score: Score) -> str | None:
+        if not self.score_k:
+            return None
+        everything = list(range(len(self.records)))
+        self.observe(everything, score(everything, self.score_k))
+        return f"scored the pool: {self.summary()}"
+
+    def observe(self, indices: Sequence[int], correct: Sequence[Sequence[bool]]) -> None:
+        self.update(indices, correct)
+
+    def levels(self) -> list[str]:
+        return [difficulty(r) for r in self.records]
 
     def update(self, indices: Sequence[int], correct: Sequence[Sequence[bool]]) -> None:
         """Adds the outcomes of one rollout group per index."""
@@ -125,8 +222,17 @@ class Miner:
         return {"correct": self.correct.tolist(), "total": self.total.tolist()}
 
     def load_state_dict(self, state: dict[str, list[int]]) -> None:
-        if len(state["total"]) != len(self.records):
-            raise ValueError(f"miner state has {len(state['total'])} questions, the pool has "
-                             f"{len(self.records)}: the checkpoint belongs to other data")
+        _check_size(state["total"], self.records, "miner")
         self.correct = np.asarray(state["correct"], np.int64)
         self.total = np.asarray(state["total"], np.int64)
+
+
+def make_pool(records: Sequence[QARecord], rl_config) -> GradedBlend | Miner:
+    """The pool of `rl.stage`: 1 (graded blend) or 2 (miner)."""
+    c = rl_config
+    if c.stage == 1:
+        return GradedBlend(records, dict(c.stage1_mix), c.grade_k)
+    if c.stage == 2:
+        miner = MinerConfig(**{k: tuple(v) if k == "right_to_wrong" else v for k, v in c.miner.items()})
+        return Miner(records, miner, c.score_k)
+    raise ValueError(f"rl.stage={c.stage}; choose 1 (graded blend) or 2 (hard-sample miner)")

@@ -1,11 +1,15 @@
 """The RL stages (task `rl`): rollout -> reward -> GRPO update, stage 1 and stage 2.
 
-Per step: pick prompts (stage 1: a difficulty blend; stage 2: the hard-sample miner), sample
-G completions each with the sampler on the policy's own params, score them with the
-verifiable rewards, turn rewards into group advantages, then `mu` epochs of optimizer
-steps over minibatches of the rollout. Checkpoints hold params, optimizer state, the step,
-the NumPy RNG, the miner and the stage's counters; the rollout key is derived from the
-step, so a resumed run continues exactly as the uninterrupted one would.
+Per step: draw prompts from the stage's pool (`mining.make_pool`: stage 1's graded blend,
+stage 2's hard-sample miner), sample G completions each with the sampler on the policy's
+own params, score them with the verifiable rewards, turn rewards into group advantages,
+then `mu` epochs of optimizer steps over minibatches of the rollout. Every host builds the
+same rollout batch and feeds only its own rows (`parallel.global_batch(whole=True)`).
+With `beta > 0` the KL reference is its own copy of the starting weights
+(`rl.reference_dtype`, bf16 by default), never an alias of the donated train state.
+Checkpoints (`loop.Checkpoints`) hold params, optimizer state, the step, the NumPy RNG, the
+pool's state (stage-1 grades, stage-2 statistics) and the stage's counters; the rollout
+key is derived from the step, so a resumed run continues exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,22 +22,21 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from fleming_jax import models, parallel, paths, rewards, sampler
 from fleming_jax import tokenizer as toklib
-from fleming_jax.data import inputs, quality
+from fleming_jax.data import inputs
 from fleming_jax.data.records import QARecord
 from fleming_jax.evaluate import evaluate_records, fits_context, record_prompts
-from fleming_jax.train import checkpoint, grpo, mining
+from fleming_jax.train import grpo, loop, mining
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
-from fleming_jax.train.metrics import MetricsWriter
 
 
-# Random streams apart from the per-step rollout keys (fold_in(key, step)).
-GRADE_STREAM, SCORE_STREAM = 1 << 30, (1 << 30) + 1
+# The random stream of the pool's stage-start pass, apart from the per-step rollout keys
+# (fold_in(key, step)).
+PREPARE_STREAM = 1 << 30
 
 
 def read_records(path: str, key: str, producer: str, accept=None) -> list[QARecord]:
@@ -120,8 +123,8 @@ class RLTrainer:
         model, _ = models.build(config.model, self.mesh)
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
-        self.reference = self.state.params if c.grpo.beta else None  # frozen: the starting policy
         shardings = statelib.state_shardings(self.state, self.mesh)
+        self.reference = reference_copy(self.state.params, c.reference_dtype, shardings.params) if c.grpo.beta else None
         loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, c.grad_accum_steps, self.mesh,
                                                 shardings)
@@ -131,12 +134,11 @@ class RLTrainer:
         # the reference policy's log-probs over the batch's completion window
         self.ref_logprobs = lambda b: self._on_mesh(logprobs, self.reference, b["tokens"], b["segments"],
                                                     b["completion_mask"].shape[1])
-        self.miner = mining.Miner(self.records, mining.MinerConfig(
-            **{k: tuple(v) if k == "right_to_wrong" else v for k, v in c.miner.items()}))
+        self.pool = mining.make_pool(self.records, c)
         self.rng = np.random.default_rng(c.seed)
         self.key = jax.random.key(c.seed)
         self.sparse_steps = 0
-        self.manager = checkpoint.manager(workdir, config.checkpoint.keep)
+        self.ckpt = loop.Checkpoints(workdir, config.checkpoint.keep, shardings, self._log)
 
     def _on_mesh(self, fn, *args):
         with jax.set_mesh(self.mesh):
@@ -148,29 +150,17 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int):
-        meta = dict(step=step, rng=self.rng.bit_generator.state, miner=self.miner.state_dict(),
-                    sparse_steps=self.sparse_steps, stage=self.config.rl.stage,
-                    reference=self.config.model.init_from or self.config.model.hf_path)
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(self.state.params)),
-            opt_state=ocp.args.StandardSave(self.state.opt_state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.ckpt.save(step, self.state, dict(
+            rng=self.rng.bit_generator.state, pool=self.pool.state_dict(), sparse_steps=self.sparse_steps,
+            stage=self.config.rl.stage, reference=self.config.model.init_from or self.config.model.hf_path))
 
     def restore(self) -> int:
-        step = self.manager.latest_step()
-        if step is None:
-            return 0
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        got = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(nnx.to_pure_dict(abstract.params)),
-            opt_state=ocp.args.StandardRestore(abstract.opt_state), meta=ocp.args.JsonRestore()))
-        nnx.replace_by_pure_dict(self.state.params, got["params"])
-        self.state = statelib.TrainState(step=jnp.asarray(step, jnp.int32), params=self.state.params,
-                                         opt_state=got["opt_state"])
-        meta = got["meta"]
-        self.rng.bit_generator.state = meta["rng"]
-        self.miner.load_state_dict(meta["miner"])
-        self.sparse_steps = meta["sparse_steps"]
-        self._log(f"resumed from {self.manager.directory}/{step}")
+        step, self.state, got = self.ckpt.restore(self.state)
+        if got:
+            meta = got["meta"]
+            self.rng.bit_generator.state = meta["rng"]
+            self.pool.load_state_dict(meta["pool"])
+            self.sparse_steps = meta["sparse_steps"]
         return step
 
     # ------------------------------------------------------------------ rollouts
@@ -192,10 +182,11 @@ class RLTrainer:
                   for i, row in zip(indices, texts)]
         return out, scores
 
-    def score_pool(self, indices: list[int], k: int, key) -> list[list[bool]]:
+    def score_pool(self, indices: list[int], k: int) -> list[list[bool]]:
         """k samples per question, as many rows per sampler call as a training rollout has;
-        whether each was correct (for grading and mining)."""
+        whether each was correct (the pool's stage-start pass: grading or mining)."""
         c = self.config.rl
+        key = jax.random.fold_in(self.key, PREPARE_STREAM)
         per_call = max(1, c.prompts_per_step * c.group_size // k)
         outcomes = []
         for start in range(0, len(indices), per_call):
@@ -204,75 +195,49 @@ class RLTrainer:
             outcomes += [[s["accuracy"] == 1.0 for s in row] for row in scores]
         return outcomes
 
-    def prepare_pool(self):
-        """Stage 1: grade ungraded records by the starting policy's pass rate (when asked).
-        Stage 2: the scoring pass that seeds the miner. Skipped on resume."""
-        c = self.config.rl
-        everything = list(range(len(self.records)))
-        if c.stage == 1 and c.grade_k and any("difficulty" not in (r.meta or {}) for r in self.records):
-            outcomes = self.score_pool(everything, c.grade_k, jax.random.fold_in(self.key, GRADE_STREAM))
-            quality.grade(self.records, outcomes)
-            self._log(f"graded {len(self.records)} records by pass rate over {c.grade_k} tries")
-        if c.stage == 2:
-            self.miner.update(everything, self.score_pool(everything, c.score_k, jax.random.fold_in(self.key, SCORE_STREAM)))
-            self._log(f"scored the pool: {self.miner.summary()}")
-
     def pick(self, n: int) -> list[int]:
-        c = self.config.rl
-        if c.stage == 1:
-            return mining.balanced_batch(self.rng, self.records, n, dict(c.stage1_mix))
-        return self.miner.sample(self.rng, n)
+        return self.pool.sample(self.rng, n)
 
     # ------------------------------------------------------------------ loop
     def train(self, on_step=None) -> list[dict]:
         c = self.config.rl
         step = self.restore()
         if step == 0:
-            self.prepare_pool()
-        writer = MetricsWriter(self.workdir, self.main)
-        rows = []
-        with checkpoint.sigterm_flag() as stop:
-            try:
-                while step < c.steps and not stop:
-                    row = self.one_step(step)
-                    step += 1
-                    row["step"] = step
-                    if self.eval_records and (step % c.eval_every == 0 or step == c.steps):
-                        greedy = self.sampling(1, temperature=0.0)
-                        row["eval_accuracy"] = evaluate_records(self.model(), self.tokenizer, self.eval_records, greedy,
-                                                                self.stop_ids, mesh=self.mesh)["accuracy"]
-                    rows.append(row)
-                    writer.write({k: v for k, v in row.items() if not isinstance(v, list)})
-                    self._log(f"step {step}/{c.steps} reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
-                              f"len {row['completion_length']:.0f} zero-adv {row['zero_advantage_groups']:.2f}"
-                              + (f" eval {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
-                              + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)")
-                    plateau = c.stage == 1 and self.sparse_steps >= c.sparsity_patience
-                    if step % self.config.checkpoint.every == 0 or step == c.steps or plateau:
-                        self.save(step)
-                    if on_step:
-                        on_step(step)
-                    if plateau:
-                        self._log(f"reward sparsity above {c.sparsity_threshold} for {self.sparse_steps} steps: "
-                                  "stage 1 has plateaued, stopping")
-                        break
-                if stop:
-                    if self.manager.latest_step() != step:
-                        self.save(step)
-                    self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
-            finally:
-                self.manager.wait_until_finished()
-                writer.close()
-        return rows
+            message = self.pool.prepare(self.score_pool)
+            if message:
+                self._log(message)
+
+        def plateau(step):
+            if self.pool.stops_on_plateau and self.sparse_steps >= c.sparsity_patience:
+                return (f"reward sparsity above {c.sparsity_threshold} for {self.sparse_steps} steps: "
+                        f"stage {c.stage} has plateaued")
+        return loop.train_loop(start=step, total=c.steps, one_step=self.logged_step, save=self.save,
+                               every=self.config.checkpoint.every, ckpt=self.ckpt, workdir=self.workdir,
+                               log=self._log, on_step=on_step, stop_early=plateau)
+
+    def logged_step(self, step: int) -> dict:
+        c = self.config.rl
+        row = self.one_step(step)
+        if self.eval_records and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps):
+            greedy = self.sampling(1, temperature=0.0)
+            row["eval_accuracy"] = evaluate_records(self.model(), self.tokenizer, self.eval_records, greedy,
+                                                    self.stop_ids, mesh=self.mesh)["accuracy"]
+        self._log(f"step {step + 1}/{c.steps} reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
+                  f"len {row['completion_length']:.0f} zero-adv {row['zero_advantage_groups']:.2f} drawn E/M/D "
+                  f"{row['drawn_easy']}/{row['drawn_moderate']}/{row['drawn_difficult']}"
+                  + (f" kl {row['kl_ref']:.2e}" if "kl_ref" in row else "")
+                  + (f" eval {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+                  + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)")
+        return row
 
     def sample_groups(self, indices: list[int], key):
         """Rollout of `indices` -> (output, rewards [n, G], correct [n, G], format [n, G]); the
-        miner learns every outcome."""
+        pool observes every outcome."""
         out, scores = self.rollout(indices, key, self.config.rl.group_size)
         reward, accuracy, fmt = (np.array([[s[k] for s in row] for row in scores], float)
                                  for k in ("reward", "accuracy", "format"))
         correct = accuracy == 1.0
-        self.miner.update(indices, correct.tolist())
+        self.pool.observe(indices, correct.tolist())
         return out, reward, correct, fmt
 
     def one_step(self, step: int) -> dict:
@@ -305,22 +270,23 @@ class RLTrainer:
             rows = batch_rows(int(keep.sum()), c.group_size, c.prompts_per_step, multiple)
             batch = rollout_batch(prompts, out, advantages, keep, rows)
             if c.grpo.beta:
-                batch["ref_logprobs"] = parallel.to_host(self.ref_logprobs(parallel.global_batch(self.mesh, batch)))
+                ref = self.ref_logprobs(parallel.global_batch(self.mesh, batch, whole=True))
+                batch["ref_logprobs"] = parallel.to_host(ref)
             metrics = self.update(batch)
         t2 = time.perf_counter()
         lengths = out.lengths.astype(float)
-        row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-                   accuracy=float(correct.mean()), format=float(fmt.mean()),
-                   advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
-                   refills=refills, trained_groups=int(keep.sum()),
-                   completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
-                   stopped=float(out.done.mean()), time_generate=t1 - t0, time_update=t2 - t1, **metrics)
-        if c.stage == 2:
-            row.update(self.miner.summary())
-        return row
+        levels = self.pool.levels()
+        return dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
+                    accuracy=float(correct.mean()), format=float(fmt.mean()),
+                    advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
+                    refills=refills, trained_groups=int(keep.sum()),
+                    completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
+                    stopped=float(out.done.mean()), time_generate=t1 - t0, time_update=t2 - t1, **metrics,
+                    **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
 
     def update(self, batch: dict[str, np.ndarray]) -> dict:
-        """mu epochs over shuffled minibatches; each minibatch is one optimizer step."""
+        """mu epochs over shuffled minibatches; each minibatch is one optimizer step. Every
+        host holds the whole batch and feeds its own rows of each minibatch."""
         c = self.config.rl
         rows = len(batch["advantages"])
         if rows % c.minibatches:
@@ -332,17 +298,26 @@ class RLTrainer:
             order = self.rng.permutation(rows)
             for part in np.split(order, c.minibatches):
                 mini = {k: v[part] for k, v in batch.items()}
-                self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, mini))
+                self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, mini, whole=True))
                 loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
                 if not (np.isfinite(loss) and np.isfinite(grad_norm)):
                     raise FloatingPointError(
                         f"non-finite loss {loss} / grad norm {grad_norm}; nothing was saved after the last "
-                        f"good checkpoint in {self.manager.directory}. Lower optimizer.learning_rate or "
+                        f"good checkpoint in {self.ckpt.directory}. Lower optimizer.learning_rate or "
                         "check the data, then rerun to resume from it")
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
         return {k: v / count for k, v in sums.items()}
+
+
+def reference_copy(params, dtype: str, shardings):
+    """The KL reference: a copy of `params` in `dtype` ("bfloat16" or "float32") in their
+    shardings, in buffers of its own (the train step donates the state's)."""
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"rl.reference_dtype={dtype!r}; choose 'bfloat16' (half the memory) or 'float32'")
+    cast = jax.jit(lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), p), out_shardings=shardings)
+    return cast(params)
 
 
 def run(config, workdir: str) -> list[dict]:

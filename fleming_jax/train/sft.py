@@ -1,11 +1,10 @@
 """Supervised fine-tuning (the CoT cold start): the loss on assistant tokens, and the `sft`
 task that trains on the chats `distill` writes.
 
-Checkpoints (`<workdir>/checkpoints/<step>/`, an orbax CheckpointManager): `params` (a pure
-dict, what `checkpoint.restore_model` and `--config.model.init_from` read), `opt_state`,
-`data` (each host's grain iterator state) and `meta` (step). SFT draws no random numbers
+Checkpoints and the loop are `train/loop.py`'s, shared with RL: `params`, `opt_state`,
+`meta` (step) and `data` (each host's grain iterator state). SFT draws no random numbers
 after init (no dropout; the data order is the seeded pipeline's), so there is no RNG item.
-A rerun resumes from the newest checkpoint; SIGTERM saves one and exits.
+A rerun resumes from the newest checkpoint that restores; SIGTERM saves one and exits.
 """
 
 from __future__ import annotations
@@ -17,16 +16,13 @@ import time
 
 import grain
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from fleming_jax import parallel, paths
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs, pipeline
-from fleming_jax.train import checkpoint
+from fleming_jax.train import loop
 from fleming_jax.train import state as statelib
-from fleming_jax.train.metrics import MetricsWriter
 from fleming_jax.train.logprobs import token_logprobs
 
 
@@ -109,33 +105,16 @@ class Trainer:
                 return eval_jit(params, batch)
         self.eval_fn = eval_fn
         c = config.checkpoint
-        self.manager = checkpoint.manager(workdir, c.keep, c.use_async, data=grain.checkpoint.CheckpointHandler())
+        self.ckpt = loop.Checkpoints(workdir, c.keep, self.shardings, self._log, c.use_async,
+                                     data=grain.checkpoint.CheckpointHandler())
 
     # ------------------------------------------------------------------ checkpoints
-    def _abstract(self):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-
     def save(self, step: int, iterator):
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(self.state.params)),
-            opt_state=ocp.args.StandardSave(self.state.opt_state),
-            data=grain.checkpoint.CheckpointSave(_Snapshot(iterator)),
-            meta=ocp.args.JsonSave({"step": step})), force=True)
+        self.ckpt.save(step, self.state, {}, data=grain.checkpoint.CheckpointSave(_Snapshot(iterator)))
 
     def restore(self, iterator) -> int:
-        step = self.manager.latest_step()
-        if step is None:
-            return 0
-        abstract = self._abstract()
-        params = nnx.to_pure_dict(abstract.params)
-        got = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(abstract.opt_state),
-            data=grain.checkpoint.CheckpointRestore(iterator), meta=ocp.args.JsonRestore()))
-        nnx.replace_by_pure_dict(self.state.params, got["params"])
-        self.state = statelib.TrainState(
-            step=jax.device_put(np.int32(got["meta"]["step"]), self.shardings.step),
-            params=self.state.params, opt_state=got["opt_state"])
-        self._log(f"resumed from {self.manager.directory}/{step}")
+        step, self.state, _ = self.ckpt.restore(
+            self.state, lambda: dict(data=grain.checkpoint.CheckpointRestore(iterator)))
         return step
 
     # ------------------------------------------------------------------ loop
@@ -153,45 +132,32 @@ class Trainer:
     def train(self, on_step=None) -> list[dict]:
         """Trains to `optimizer.total_steps`; returns the metrics rows logged by this run.
         `on_step(step)` runs after each step (tests use it to interrupt a run)."""
-        t, c = self.config.train, self.config.checkpoint
+        t = self.config.train
         total = self.config.optimizer.total_steps
         iterator = iter(self.train_ds)
         step = self.restore(iterator)
-        writer = MetricsWriter(self.workdir, self.main)
-        rows, tokens, t0 = [], 0, time.perf_counter()
         self._log(f"{self.data_stats}; steps {step} -> {total}; {len(self.eval_data)} eval batches")
-        with checkpoint.sigterm_flag() as stop:
-            try:
-                while step < total and not stop:
-                    local = next(iterator)
-                    tokens += int((local["segments"] > 0).sum()) * jax.process_count()
-                    self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, local))
-                    step += 1
-                    last = step == total
-                    if step % t.log_every == 0 or last:
-                        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-                        elapsed = time.perf_counter() - t0
-                        row["tokens_per_s"] = tokens / elapsed
-                        if self.eval_data and (step % t.eval_every == 0 or last):
-                            row["eval_loss"] = self.evaluate()
-                        rows.append(row)
-                        writer.write(row)
-                        self._log(f"step {step}/{total} loss {row['loss']:.4f}"
-                                  + (f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
-                                  + f" {row['tokens_per_s']:,.0f} tok/s")
-                        tokens, t0 = 0, time.perf_counter()
-                    if step % c.every == 0 or last:
-                        self.save(step, iterator)
-                    if on_step:
-                        on_step(step)
-                if stop and step < total:
-                    if self.manager.latest_step() != step:
-                        self.save(step, iterator)
-                    self._log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
-            finally:
-                self.manager.wait_until_finished()
-                writer.close()
-        return rows
+        clock = dict(tokens=0, t0=time.perf_counter())
+
+        def one_step(step: int) -> dict | None:
+            local = next(iterator)  # this host's rows
+            clock["tokens"] += int((local["segments"] > 0).sum()) * jax.process_count()
+            self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, local))
+            done = step + 1
+            if done % t.log_every and done != total:
+                return None
+            row = {k: float(v) for k, v in metrics.items()}
+            row["tokens_per_s"] = clock["tokens"] / (time.perf_counter() - clock["t0"])
+            if self.eval_data and (done % t.eval_every == 0 or done == total):
+                row["eval_loss"] = self.evaluate()
+            self._log(f"step {done}/{total} loss {row['loss']:.4f}"
+                      + (f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                      + f" {row['tokens_per_s']:,.0f} tok/s")
+            clock.update(tokens=0, t0=time.perf_counter())
+            return row
+        return loop.train_loop(start=step, total=total, one_step=one_step, save=lambda s: self.save(s, iterator),
+                               every=self.config.checkpoint.every, ckpt=self.ckpt, workdir=self.workdir,
+                               log=self._log, on_step=on_step)
 
 
 def run(config, workdir: str) -> list[dict]:

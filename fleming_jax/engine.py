@@ -1,0 +1,215 @@
+"""Continuous batching for long, ragged rollouts: a fixed set of decode slots that finished
+sequences hand over to waiting ones.
+
+GRPO's replies have long-tailed lengths; a static batch decodes until its longest row stops,
+so most of its work goes to rows that have already finished. Here host-side scheduling runs
+three kinds of jitted program (JetStream's shape): `prefill` a bucket of prompts, `insert`
+their caches into free slots (G copies per prompt: a group shares one prefill), and `decode`
+up to `chunk` tokens in every slot. Each slot keeps its own cache position, a finished
+sequence frees its slot at the next chunk boundary, and attention visits only the cache
+blocks that hold live tokens (`qwen.attend_live_blocks`). Every sequence draws from its own
+random stream (the key folded with its sequence number, then each token's position), so the
+samples do not depend on how slots were scheduled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fleming_jax import parallel
+from fleming_jax.models.qwen import ATTENTION_BLOCK, KVCache
+from fleming_jax.sampler import CACHE_AXES, SampleOutput, SamplingParams, bucket, pick
+
+TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0}  # programs traced (tests count them)
+
+
+@flax.struct.dataclass
+class Slots:
+    """Every decode slot's sequence: its cache (one position per slot), the logits its next
+    token is drawn from, its random stream, how many tokens it has made, and its outputs."""
+
+    cache: KVCache
+    last_logits: jax.Array  # [slots, vocab] fp32
+    keys: jax.Array  # [slots] one PRNG key per sequence
+    steps: jax.Array  # [slots] tokens generated so far
+    done: jax.Array  # [slots] bool: stopped (stop token or budget), or empty
+    tokens: jax.Array  # [slots, budget]
+    logprobs: jax.Array  # [slots, budget] under the sampling distribution
+    model_logprobs: jax.Array  # [slots, budget] under the raw model
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+    constrain = lambda buffers: tuple(parallel.constrain(b, CACHE_AXES) for b in buffers)
+    return cache.replace(k=constrain(cache.k), v=constrain(cache.v))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "slots", "length", "budget", "cache_dtype"))
+def _empty(config, slots: int, length: int, budget: int, cache_dtype: str) -> Slots:
+    TRACES["empty"] += 1
+    cache = _constrain_cache(KVCache.zeros(config, slots, length, cache_dtype, per_row=True))
+    zeros = lambda dtype: jnp.zeros((slots, budget), dtype)
+    return Slots(cache=cache, last_logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
+                 keys=jax.random.split(jax.random.key(0), slots), steps=jnp.zeros((slots,), jnp.int32),
+                 done=jnp.ones((slots,), bool), tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32),
+                 model_logprobs=zeros(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
+def _prefill(graphdef, state, tokens, lengths, cache_dtype: str):
+    """Caches and next-token logits of right-padded prompts [rows, width] (`lengths` real)."""
+    TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    rows, width = tokens.shape
+    mask = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
+    cache = _constrain_cache(KVCache.zeros(model.config, rows, width, cache_dtype, per_row=True))
+    hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache, layers=model.layers.split())
+    last = hidden[jnp.arange(rows), lengths - 1]
+    return cache, model.logits(last)
+
+
+@functools.partial(jax.jit, static_argnames=("group",), donate_argnums=(0,))
+def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, keys, group: int) -> Slots:
+    """Each prefilled prompt's cache and logits into `group` slots (`slot_ids`, out-of-range
+    ids for padding rows are dropped); those slots start a fresh sequence."""
+    TRACES["insert"] += 1
+    copy = lambda x: jnp.repeat(x, group, axis=0)
+    width = prefilled.segment.shape[1]
+    put = lambda buffer, rows: buffer.at[slot_ids].set(rows, mode="drop")
+    put_prefix = lambda buffer, rows: buffer.at[slot_ids, :width].set(rows.astype(buffer.dtype), mode="drop")
+    cache = slots.cache
+    segment = jnp.zeros((len(slot_ids),) + cache.segment.shape[1:], jnp.int32).at[:, :width].set(copy(prefilled.segment))
+    cache = KVCache(k=tuple(put_prefix(b, copy(n)) for b, n in zip(cache.k, prefilled.k)),
+                    v=tuple(put_prefix(b, copy(n)) for b, n in zip(cache.v, prefilled.v)),
+                    segment=put(cache.segment, segment), index=put(cache.index, copy(lengths)))
+    n = len(slot_ids)
+    return Slots(cache=_constrain_cache(cache), last_logits=put(slots.last_logits, copy(logits)),
+                 keys=put(slots.keys, keys), steps=put(slots.steps, jnp.zeros((n,), jnp.int32)),
+                 done=put(slots.done, jnp.zeros((n,), bool)),
+                 tokens=put(slots.tokens, jnp.zeros((n,) + slots.tokens.shape[1:], jnp.int32)),
+                 logprobs=put(slots.logprobs, jnp.zeros((n,) + slots.logprobs.shape[1:], jnp.float32)),
+                 model_logprobs=put(slots.model_logprobs, jnp.zeros((n,) + slots.logprobs.shape[1:], jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnums=(2,))
+def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, params: SamplingParams) -> Slots:
+    """Up to `chunk` tokens in every unfinished slot (fewer when all finish first)."""
+    TRACES["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    layers = model.layers.split()
+    rows = jnp.arange(slots.steps.shape[0])
+    budget = slots.tokens.shape[1]
+
+    def step(carry):
+        i, s = carry
+        active = ~s.done
+        keys = jax.vmap(jax.random.fold_in)(s.keys, s.steps)
+        token, lp, raw = pick(keys, s.last_logits, params)
+        at = jnp.minimum(s.steps, budget - 1)
+        write = lambda buf, value: buf.at[rows, at].set(jnp.where(active, value, buf[rows, at]))
+        steps = s.steps + active
+        done = s.done | (active & (jnp.isin(token, stop_ids) | (steps >= max_new_tokens)))
+        index = s.cache.index
+        logits, cache = model(jnp.where(active, token, 0)[:, None], attention_mask=active[:, None].astype(jnp.int32),
+                              cache=s.cache, layers=layers)
+        cache = _constrain_cache(cache.replace(index=index + active))
+        last = jnp.where(active[:, None], logits[:, -1], s.last_logits)
+        return i + 1, Slots(cache=cache, last_logits=last, keys=s.keys, steps=steps, done=done,
+                            tokens=write(s.tokens, token), logprobs=write(s.logprobs, lp),
+                            model_logprobs=write(s.model_logprobs, raw))
+
+    _, slots = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1].done), step, (0, slots))
+    return slots
+
+
+def cache_length(prompt_width: int, budget: int) -> int:
+    """Cache slots per sequence: the prompt bucket + the budget, rounded up to whole attention
+    blocks (so the budget itself never doubles into a power-of-two bucket)."""
+    length = prompt_width + budget
+    return -(-length // ATTENTION_BLOCK) * ATTENTION_BLOCK if length > ATTENTION_BLOCK else length
+
+
+def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: SamplingParams,
+             stop_ids: Sequence[int] = (), slots: int = 64, chunk: int = 16, mesh=None,
+             cache_dtype: str | None = None, pad_id: int = 0) -> SampleOutput:
+    """`params.num_samples` completions of each prompt through `slots` decode slots (fewer
+    when fewer sequences are asked for; a power of two, so few programs are compiled); the same
+    SampleOutput as `sampler.generate`, and the same samples for any `slots` and `chunk`.
+    The cache holds slots x `cache_length` tokens.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompts")
+    config, group, budget = model.config, params.num_samples, params.max_new_tokens
+    longest = max(len(p) for p in prompts)
+    if longest + budget > config.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens + {budget} new tokens exceeds "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    width = bucket(longest)
+    length = cache_length(width, budget)
+    dp = 1 if mesh is None else parallel.batch_devices(mesh)
+    multiple = group * dp // math.gcd(group, dp)
+    n_slots = -(-min(slots, bucket(len(prompts) * group, minimum=1)) // multiple) * multiple
+    cache_dtype = cache_dtype or config.compute_dtype
+    graphdef, state = nnx.split(model)
+    stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    sequence_keys = jax.random.split(key, len(prompts) * group)  # sequence i*G+s draws from its own
+    run_params = dataclasses.replace(params, max_new_tokens=0)  # traced instead: not a compile key
+
+    out = {name: np.zeros((len(prompts), group, budget), dtype) for name, dtype in
+           (("tokens", np.int32), ("logprobs", np.float32), ("model_logprobs", np.float32))}
+    lengths = np.zeros((len(prompts), group), np.int32)
+    owner: list[tuple[int, int] | None] = [None] * n_slots
+    waiting = list(range(len(prompts)))
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        table = _empty(config, n_slots, length, budget, cache_dtype)
+        while waiting or any(o is not None for o in owner):
+            free = [s for s in range(n_slots) if owner[s] is None]
+            take = min(len(waiting), len(free) // group)
+            if take:
+                batch, waiting = waiting[:take], waiting[take:]
+                rows = bucket(take, minimum=1)
+                rows = -(-rows // dp) * dp
+                tokens = np.full((rows, width), pad_id, np.int32)
+                real = np.ones((rows,), np.int32)
+                for r, i in enumerate(batch):
+                    tokens[r, :len(prompts[i])] = prompts[i]
+                    real[r] = len(prompts[i])
+                cache, logits = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(real), cache_dtype=cache_dtype)
+                ids = np.full((rows * group,), n_slots, np.int32)  # out of range: dropped
+                seq = np.zeros((rows * group,), np.int32)
+                for r, i in enumerate(batch):
+                    for s in range(group):
+                        slot = free[r * group + s]
+                        ids[r * group + s], seq[r * group + s] = slot, i * group + s
+                        owner[slot] = (i, s)
+                table = _insert(table, cache, logits, jnp.asarray(real), jnp.asarray(ids),
+                                sequence_keys[jnp.asarray(seq)], group=group)
+            table = _decode(graphdef, state, table, stop, jnp.asarray(budget, jnp.int32), jnp.asarray(chunk, jnp.int32),
+                            params=run_params)
+            done = parallel.to_host(table.done)
+            finished = [s for s in range(n_slots) if owner[s] is not None and done[s]]
+            if finished:
+                host = {name: parallel.to_host(getattr(table, name)) for name in out}
+                steps = parallel.to_host(table.steps)
+                for s in finished:
+                    i, g = owner[s]
+                    for name in out:
+                        out[name][i, g] = host[name][s]
+                    lengths[i, g] = steps[s]
+                    owner[s] = None
+    last = np.take_along_axis(out["tokens"], np.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
+    stopped = (lengths > 0) & np.isin(last, list(stop_ids))
+    for name in out:  # nothing after the end of a sequence
+        out[name][np.arange(budget)[None, None, :] >= lengths[..., None]] = 0
+    return SampleOutput(tokens=out["tokens"], logprobs=out["logprobs"], model_logprobs=out["model_logprobs"],
+                        lengths=lengths, done=stopped)
+
