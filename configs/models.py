@@ -104,11 +104,13 @@ def distributed() -> ml_collections.ConfigDict:
 
 
 def rollout() -> ml_collections.ConfigDict:
-    """The sampler's decode layout (`parallel.rollout_mesh`, `sampler.rollout_model`): the
-    policy is cast to `dtype` ("" = the model's compute dtype) and resharded once per RL step,
-    tensor parallel over `tensor` devices of a host (-1: as many as divide the host's devices
-    and the KV heads), data parallel over the rest."""
-    return ml_collections.ConfigDict(dict(tensor=-1, dtype=""))
+    """How RL generates (`fleming_jax.engine`): the policy is cast to `dtype` ("" = the
+    model's compute dtype) and resharded once per update into the decode layout
+    (`parallel.rollout_mesh`: tensor parallel over `tensor` devices of a host, -1 = as many as
+    divide the host's devices and the KV heads; data parallel over the rest). `slots`
+    sequences decode at once (0 = a whole rollout, prompts_per_step x group_size); a finished
+    one hands its slot to the next every `chunk` tokens."""
+    return ml_collections.ConfigDict(dict(tensor=-1, dtype="", slots=0, chunk=16))
 
 
 def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:

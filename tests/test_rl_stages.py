@@ -216,7 +216,8 @@ def test_two_processes_equal_one_process_and_feed_the_configured_rows(toy_run, t
             assert a.keys() == b.keys()
             for k in a:
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
-        # Adam's m / sqrt(v) magnifies reduction-order noise where a gradient is ~0: measured
-        # 4e-7 at most, against 1.5e-2 that 3 steps at lr 5e-3 can move a weight
+        # Adam's m / sqrt(v) magnifies reduction-order noise where a gradient is ~0 (the decode
+        # layout's tensor-parallel sums run across processes in one run, inside one in the
+        # other): measured 4e-6 at most, against 1.5e-2 that 3 steps at lr 5e-3 can move a weight
         for name, value in params.items():
-            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=2e-6, err_msg=name)
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)

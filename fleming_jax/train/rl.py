@@ -1,9 +1,9 @@
 """The RL stages (task `rl`): rollout -> reward -> GRPO update, stage 1 and stage 2.
 
 Per step: draw prompts from the stage's pool (`mining.make_pool`: stage 1's graded blend,
-stage 2's hard-sample miner), sample G completions each with the sampler on the policy's
-own params, score them with the verifiable rewards, turn rewards into group advantages,
-then `mu` epochs of optimizer steps over minibatches of the rollout. Every host builds the
+stage 2's hard-sample miner), sample G completions each with the continuous-batching engine
+on the policy's decode copy (`policy`: cast and resharded once per update, `config.rollout`),
+score them with the verifiable rewards, turn rewards into group advantages, then `mu` epochs of optimizer steps over minibatches of the rollout. Every host builds the
 same rollout batch and feeds only its own rows (`parallel.global_batch(whole=True)`).
 With `beta > 0` the KL reference is its own copy of the starting weights
 (`rl.reference_dtype`, bf16 by default), never an alias of the donated train state.
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fleming_jax import models, parallel, paths, rewards, sampler
+from fleming_jax import engine, models, parallel, paths, rewards, sampler
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs
 from fleming_jax.data.records import QARecord
@@ -120,7 +120,9 @@ class RLTrainer:
         self.stop_ids = toklib.stop_ids(self.tokenizer)
         self.prompts = record_prompts(self.tokenizer, self.records)
         self.mesh = parallel.make_mesh(config.mesh)
-        model, _ = models.build(config.model, self.mesh)
+        model, model_config = models.build(config.model, self.mesh)
+        self.rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads)
+        self.decode_copy, self.sync_seconds = None, 0.0  # the policy in the decode layout
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
         shardings = statelib.state_shardings(self.state, self.mesh)
@@ -167,6 +169,16 @@ class RLTrainer:
     def model(self):
         return nnx.merge(self.graphdef, self.state.params)
 
+    def policy(self):
+        """The policy in the decode layout, re-synced (cast + reshard, one jitted program)
+        once after each update, not per sampler call."""
+        if self.decode_copy is None:
+            t0 = time.perf_counter()
+            self.decode_copy = sampler.rollout_model(self.model(), self.rollout_mesh, self.config.rollout.dtype or None)
+            jax.block_until_ready(nnx.state(self.decode_copy))
+            self.sync_seconds = time.perf_counter() - t0
+        return self.decode_copy
+
     def sampling(self, samples: int, temperature: float | None = None) -> sampler.SamplingParams:
         c = self.config.rl
         return sampler.SamplingParams(temperature=c.temperature if temperature is None else temperature,
@@ -174,9 +186,10 @@ class RLTrainer:
 
     def rollout(self, indices: list[int], key, samples: int):
         """Samples `samples` completions per prompt; returns (output, scores [n, g])."""
-        prompts = [self.prompts[i] for i in indices]
-        out = sampler.generate(self.model(), prompts, key, self.sampling(samples), stop_ids=self.stop_ids,
-                               mesh=self.mesh, pad_id=self.tokenizer.pad_token_id or 0)
+        prompts, r = [self.prompts[i] for i in indices], self.config.rollout
+        out = engine.generate(self.policy(), prompts, key, self.sampling(samples), stop_ids=self.stop_ids,
+                              slots=r.slots or self.config.rl.prompts_per_step * self.config.rl.group_size,
+                              chunk=r.chunk, mesh=self.rollout_mesh, pad_id=self.tokenizer.pad_token_id or 0)
         texts = sampler.completion_texts(self.tokenizer, out)
         scores = [[rewards.score(t, self.records[i], self.config.rl.reward) for t in row]
                   for i, row in zip(indices, texts)]
@@ -220,8 +233,8 @@ class RLTrainer:
         row = self.one_step(step)
         if self.eval_records and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps):
             greedy = self.sampling(1, temperature=0.0)
-            row["eval_accuracy"] = evaluate_records(self.model(), self.tokenizer, self.eval_records, greedy,
-                                                    self.stop_ids, mesh=self.mesh)["accuracy"]
+            row["eval_accuracy"] = evaluate_records(self.policy(), self.tokenizer, self.eval_records, greedy,
+                                                    self.stop_ids, mesh=self.rollout_mesh)["accuracy"]
         self._log(f"step {step + 1}/{c.steps} reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
                   f"len {row['completion_length']:.0f} zero-adv {row['zero_advantage_groups']:.2f} drawn E/M/D "
                   f"{row['drawn_easy']}/{row['drawn_moderate']}/{row['drawn_difficult']}"
@@ -243,7 +256,7 @@ class RLTrainer:
     def one_step(self, step: int) -> dict:
         c = self.config.rl
         key = jax.random.fold_in(self.key, step)
-        t0 = time.perf_counter()
+        t0, self.sync_seconds = time.perf_counter(), 0.0
         indices = self.pick(c.prompts_per_step)
         out, reward, correct, fmt = self.sample_groups(indices, key)
         zero = np.all(reward == reward[:, :1], axis=1)
@@ -281,7 +294,8 @@ class RLTrainer:
                     advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
                     refills=refills, trained_groups=int(keep.sum()),
                     completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
-                    stopped=float(out.done.mean()), time_generate=t1 - t0, time_update=t2 - t1, **metrics,
+                    stopped=float(out.done.mean()), time_generate=t1 - t0, time_update=t2 - t1,
+                    time_sync=self.sync_seconds, **metrics,
                     **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
 
     def update(self, batch: dict[str, np.ndarray]) -> dict:
@@ -299,6 +313,7 @@ class RLTrainer:
             for part in np.split(order, c.minibatches):
                 mini = {k: v[part] for k, v in batch.items()}
                 self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, mini, whole=True))
+                self.decode_copy = None  # the next rollout re-syncs
                 loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
                 if not (np.isfinite(loss) and np.isfinite(grad_norm)):
                     raise FloatingPointError(
