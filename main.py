@@ -25,6 +25,9 @@ _default_platforms()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fleming_jax import config_check
+from fleming_jax.distill.teachers import TeacherError
+
 # task name -> "module:function"; each function is `run(config, workdir)`.
 TASKS = {
     "export": "fleming_jax.models.hf:export_task",
@@ -36,6 +39,11 @@ TASKS = {
     "demo": "fleming_jax.demo:run",
     "eval": "fleming_jax.evaluate:run",
 }
+
+# What a task raises for bad input (a missing file, a bad value, an unreachable teacher):
+# printed as one line (paths.StorageError is an OSError). Any other exception is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, TeacherError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:preset]).",
@@ -87,6 +95,7 @@ def run_task(config, workdir: str):
     task = config.get("task")
     if task not in TASKS:
         raise app.UsageError(f"config.task={task!r} is not a task; tasks: {', '.join(TASKS)}")
+    config_check.check(config)
     module, function = TASKS[task].split(":")
     if task != "plan":  # plan compiles for fake or described devices, never joins a cluster
         from fleming_jax import parallel
@@ -111,16 +120,27 @@ def main(argv):
     logging.info("task=%s workdir=%s", config.get("task"), workdir)
     cache = compile_cache_dir(config)
     stats = setup_compile_cache(cache)
-    from fleming_jax import paths
-
     try:
         run_task(config, workdir)
-    except paths.StorageError as e:  # one line naming the path and what to do, not a deep traceback
-        sys.exit(f"error: {e}")
+    except USER_ERRORS as e:
+        if FLAGS.verbosity >= 1:
+            raise
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message's layout
     if stats["programs"]:
         print(f"[main] XLA compilation {stats['seconds']:.1f} s for {stats['programs']} programs"
               + (f", {stats['hits']} loaded from the cache in {cache}" if cache else ""), flush=True)
 
 
+def parse_flags(argv):
+    """absl's parser; an override of a key the config does not have (`--config.rl.group_sise=4`)
+    is one line too, not the traceback ml_collections raises it with."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        inner = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
+        message = " ".join(str(inner.args[0] if inner.args else inner).split())
+        sys.exit(f"error: a --config override names a key the config does not have: {message}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

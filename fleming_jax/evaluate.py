@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from fleming_jax import parallel, paths, rewards, sampler
 from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
+from fleming_jax.data.sources import Malformed
 
 # What PAPER.md states of the published results; it gives no other per-benchmark numbers.
 PUBLISHED = ("Published (arXiv 2509.15279; only these are stated): macro average over 9 benchmarks, "
@@ -31,6 +33,18 @@ PUBLISHED = ("Published (arXiv 2509.15279; only these are stated): macro average
 def record_prompts(tokenizer, records: Sequence[QARecord]) -> list[list[int]]:
     """Each record as one user message (no system prompt, as the paper evaluates)."""
     return sampler.chat_prompts(tokenizer, [[{"role": "user", "content": user_prompt(r)}] for r in records])
+
+
+def fits_context(tokenizer, max_new_tokens: int, max_len: int) -> Callable[[QARecord], None]:
+    """A reader check (`accept`): a record whose prompt plus `max_new_tokens` exceeds the
+    model's `max_len` positions cannot be sampled, so it is dropped at the door, counted as
+    `prompt_over_<max_len - max_new_tokens>_tokens`."""
+    limit = max_len - max_new_tokens
+
+    def accept(record: QARecord) -> None:
+        if len(record_prompts(tokenizer, [record])[0]) > limit:
+            raise Malformed(f"prompt_over_{limit}_tokens")
+    return accept
 
 
 # ---------------------------------------------------------------- the math (pure)
@@ -113,9 +127,11 @@ def evaluate_records(model, tokenizer, records: Sequence[QARecord], params: samp
 
 # ---------------------------------------------------------------- task `eval`
 
-def read_benchmarks(specs, limit: int = 0) -> list[tuple[str, list[QARecord], dict]]:
+def read_benchmarks(specs, limit: int = 0, accept: Callable[[QARecord], None] | None = None
+                    ) -> list[tuple[str, list[QARecord], dict]]:
     """(name, records, reader report) per `config.benchmarks` entry; a missing file names the
-    entry's config key and, where the entry says, the command that makes it."""
+    entry's config key and, where the entry says, the command that makes it. Questions that
+    fail `accept` (e.g. `fits_context`) are counted in the report, not evaluated."""
     from fleming_jax.data import sources
 
     out, names = [], set()
@@ -125,11 +141,12 @@ def read_benchmarks(specs, limit: int = 0) -> list[tuple[str, list[QARecord], di
         if not fmt or not path:
             raise ValueError(f"config.benchmarks[{i}]: needs `format` and `path`, got {spec}")
         name = spec.pop("name", None) or fmt
-        if name in names:
-            raise ValueError(f"config.benchmarks[{i}]: two benchmarks named {name!r}; give each a distinct `name`")
-        names.add(name)
+        if output_name(name) in names:
+            raise ValueError(f"config.benchmarks[{i}]: two benchmarks named {name!r} (output file "
+                             f"{output_name(name)}.jsonl); give each a distinct `name`")
+        names.add(output_name(name))
         try:
-            records, report = sources.read_source(fmt, path, name, **spec)
+            records, report = sources.read_source(fmt, path, name, accept=accept, **spec)
         except FileNotFoundError as e:
             hint = f"run `{producer}` first, or point" if producer else "point"
             raise FileNotFoundError(f"config.benchmarks[{i}] ({name}): {path} does not exist; {hint} "
@@ -141,9 +158,16 @@ def read_benchmarks(specs, limit: int = 0) -> list[tuple[str, list[QARecord], di
     return out
 
 
-def load_model(config, mesh):
-    """(model, tokenizer, label) for `config.model` and `config.tokenizer`, refusing a missing
-    checkpoint (naming its producer), an ambiguous source, or a tokenizer the model cannot embed."""
+def output_name(name: str) -> str:
+    """A benchmark's name as a file name inside `outputs/`: characters other than letters,
+    digits, `.`, `_` and `-` become `_` and leading dots go, so `../x` or `/abs` stay inside."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "benchmark"
+
+
+def load_tokenizer(config):
+    """(tokenizer, model config) for `config.model` and `config.tokenizer`, refusing a missing
+    checkpoint (naming its producer), an ambiguous source, or a tokenizer the model cannot embed.
+    Cheap: it runs before the benchmarks are read and the model is built."""
     from fleming_jax import models
     from fleming_jax import tokenizer as toklib
 
@@ -162,13 +186,12 @@ def load_model(config, mesh):
         raise FileNotFoundError(f"config.tokenizer={path} does not exist; run `{config.tokenizer_producer}` "
                                 "first, or point --config.tokenizer at the model's tokenizer directory")
     tokenizer = toklib.load(path)
-    vocab = models.config_from(m).vocab_size
-    if len(tokenizer) > vocab:
+    model_config = models.config_from(m)
+    if len(tokenizer) > model_config.vocab_size:
         raise ValueError(f"vocab mismatch: the tokenizer at {path} has {len(tokenizer)} tokens but the model's "
-                         f"vocab_size is {vocab}; evaluate with the tokenizer the model was trained with")
-    model, _ = models.build(m, mesh)
-    label = config.eval.model_name or m.init_from or m.hf_path or f"random {m.preset} (seed {m.seed})"
-    return model, tokenizer, label
+                         f"vocab_size is {model_config.vocab_size}; evaluate with the tokenizer the model was "
+                         "trained with")
+    return tokenizer, model_config
 
 
 def _pct(x: float) -> str:
@@ -197,14 +220,22 @@ def markdown(results: dict) -> str:
 
 
 def run(config, workdir: str) -> dict:
-    """Task `eval`: writes `results.json`, `results.md` and `outputs/<benchmark>.jsonl`."""
+    """Task `eval`: writes `results.json`, `results.md` and `outputs/<output_name(benchmark)>.jsonl`,
+    rewritten as each benchmark finishes (a later failure keeps what was done; `pending` in
+    results.json names the benchmarks not yet evaluated)."""
+    from fleming_jax import models
+
     e, main = config.eval, parallel.is_main_process()
     if e.samples > 1 and e.temperature == 0:
         raise ValueError(f"config.eval.samples={e.samples} with temperature 0 gives {e.samples} identical greedy "
                          "samples; set --config.eval.temperature (e.g. 0.6) or samples=1")
-    benchmarks = read_benchmarks(config.benchmarks, e.limit)
+    tokenizer, model_config = load_tokenizer(config)
+    accept = fits_context(tokenizer, e.max_new_tokens, model_config.max_position_embeddings)
+    benchmarks = read_benchmarks(config.benchmarks, e.limit, accept)
     mesh = parallel.make_mesh(config.mesh)
-    model, tokenizer, label = load_model(config, mesh)
+    model, _ = models.build(config.model, mesh)
+    m = config.model
+    label = e.model_name or m.init_from or m.hf_path or f"random {m.preset} (seed {m.seed})"
     params = sampler.SamplingParams(temperature=e.temperature, top_p=e.top_p, num_samples=e.samples,
                                     max_new_tokens=e.max_new_tokens)
     log = (lambda msg: print(f"[eval] {msg}", flush=True)) if main else (lambda msg: None)
@@ -212,6 +243,9 @@ def run(config, workdir: str) -> dict:
     results = dict(model=label, sampling=dataclasses.asdict(params), benchmarks={})
     for i, (name, records, report) in enumerate(benchmarks):
         t0 = time.perf_counter()
+        if report["dropped"]:
+            log(f"{name}: reader kept {report['kept']} of {report['read']}; dropped {report['dropped']} "
+                f"(first at {report['examples']})")
 
         def progress(done, total, rows, name=name, t0=t0):
             log(f"{name}: {done}/{total} questions, pass@1 {summarize(rows)['accuracy']:.3f} "
@@ -220,14 +254,13 @@ def run(config, workdir: str) -> dict:
         summary = evaluate_records(model, tokenizer, records, params, key=jax.random.fold_in(jax.random.key(e.seed), i),
                                    mesh=mesh, batch_size=e.batch_size, progress=progress)
         outputs = summary.pop("outputs")
-        if main:
-            write_jsonl(paths.join(workdir, "outputs", f"{name}.jsonl"), outputs)
         results["benchmarks"][name] = summary | dict(reader=report, seconds=round(time.perf_counter() - t0, 2))
-    keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length")
-    results["macro"] = {k: macro_average({n: r[k] for n, r in results["benchmarks"].items()}) for k in keys}
-    table = markdown(results)
-    if main:
-        paths.write_text(paths.join(workdir, "results.json"), json.dumps(results, indent=2))
-        paths.write_text(paths.join(workdir, "results.md"), table)
-        log(f"results in {workdir}/results.json, results.md, outputs/\n{table}")
+        keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length")
+        results["macro"] = {k: macro_average({n: r[k] for n, r in results["benchmarks"].items()}) for k in keys}
+        results["pending"] = [n for n, _, _ in benchmarks[i + 1:]]
+        if main:
+            write_jsonl(paths.join(workdir, "outputs", f"{output_name(name)}.jsonl"), outputs)
+            paths.write_text(paths.join(workdir, "results.json"), json.dumps(results, indent=2))
+            paths.write_text(paths.join(workdir, "results.md"), markdown(results))
+    log(f"results in {workdir}/results.json, results.md, outputs/\n{markdown(results)}")
     return results

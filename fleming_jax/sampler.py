@@ -166,9 +166,12 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     longest = max(len(p) for p in prompts)
     prompt_len = bucket(longest)
     budget = bucket(params.max_new_tokens)
-    if longest + budget > model.config.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds "
-                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    # Positions come from the real tokens (left padding has none), so what must fit is the
+    # longest prompt plus the requested budget, not the buckets the cache is sized by.
+    if longest + params.max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens={params.max_new_tokens} = "
+                         f"{longest + params.max_new_tokens} exceeds the model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens")
     dp = 1 if mesh is None else parallel.batch_devices(mesh)
     rows = bucket(len(prompts), minimum=1)
     rows = -(-rows // dp) * dp

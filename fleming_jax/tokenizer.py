@@ -8,6 +8,8 @@ Qwen-style special tokens and chat template, saved in HF format so `transformers
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from typing import Iterable
@@ -37,6 +39,7 @@ CHAT_TEMPLATE = (
 )
 
 _GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+FINGERPRINT = "fleming_fingerprint.json"  # what a built tokenizer was built from
 
 
 def build(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
@@ -60,6 +63,9 @@ def build(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    if not json.loads(tok.to_str())["model"]["merges"]:
+        raise ValueError(f"no text to build a tokenizer from (it would have no merges); nothing written "
+                         f"to {out_dir}")
     # The tags stay in decoded text (not "special"), but are always one token each.
     tok.add_tokens([AddedToken(t, normalized=False) for t in REPLY_TAGS])
     fast = transformers.PreTrainedTokenizerFast(
@@ -91,16 +97,43 @@ def save(tokenizer, out_dir: str) -> None:
             paths.upload_dir(tmp, out_dir)
 
 
+def build_once(texts: list[str], out_dir: str, vocab_size: int):
+    """`build`'s tokenizer for `texts`, reused from `out_dir` only when its fingerprint says it
+    was built from the same texts and vocab size; rebuilt otherwise (a directory left by a run
+    on other data, a killed build, an empty file). The fingerprint is written last."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    fingerprint = {"texts_sha256": digest.hexdigest(), "texts": len(texts), "vocab_size": vocab_size}
+    file = paths.join(out_dir, FINGERPRINT)
+    if paths.exists(file) and json.loads(paths.read_text(file)) == fingerprint:
+        return load(out_dir)
+    if paths.exists(paths.join(out_dir, "tokenizer.json")):
+        print(f"[tokenizer] {out_dir} was not built from these {len(texts)} texts at vocab_size={vocab_size}; "
+              "rebuilding it", flush=True)
+    tokenizer = build(texts, out_dir, vocab_size)
+    paths.write_text(file, json.dumps(fingerprint))
+    return tokenizer
+
+
 def load(path: str):
     """The HF tokenizer in directory `path`: local, gs:// (copied to the local cache first) or a
-    hub id (`org/name`, resolved by `paths.local_dir`)."""
+    hub id (`org/name`, resolved by `paths.local_dir`). A BPE without merges (what training on
+    no text leaves) is refused."""
     import transformers
 
     local = paths.local_dir(path, kind="tokenizer")
-    if not os.path.isfile(os.path.join(local, "tokenizer.json")) and not os.path.isfile(
-            os.path.join(local, "tokenizer_config.json")):
+    file = os.path.join(local, "tokenizer.json")
+    if not os.path.isfile(file) and not os.path.isfile(os.path.join(local, "tokenizer_config.json")):
         raise FileNotFoundError(f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); "
                                 "pass an HF model directory or one written by fleming_jax.tokenizer.build")
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            model = json.load(f).get("model") or {}
+        if model.get("type") == "BPE" and not model.get("merges"):
+            raise ValueError(f"{paths.join(path, 'tokenizer.json')}: a BPE tokenizer with no merges (built from no "
+                             f"text?); delete {path} and rerun the sft task that builds it, or point config.tokenizer "
+                             "at a working one")
     return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 

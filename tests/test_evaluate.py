@@ -137,7 +137,8 @@ def test_eval_task_writes_consistent_results(tiny_run, tmp_path, monkeypatch, ca
 
 
 def test_missing_inputs_and_mismatches_say_what_to_do(tiny_run, tmp_path):
-    config = eval_config.get_config("tiny")
+    config = task_config(tiny_run)
+    config.benchmarks = eval_config.get_config("tiny").benchmarks
     config.benchmarks[0]["path"] = str(tmp_path / "none.jsonl")
     with pytest.raises(FileNotFoundError, match=r"config.benchmarks\[0\] \(held-out\).*configs/synthesize.py"):
         evaluate.run(config, str(tmp_path))

@@ -98,13 +98,12 @@ def test_killed_run_resumes_exactly(toy_run, tmp_path, monkeypatch, stage):
     assert full.pool.state_dict() == resumed.pool.state_dict()
 
 
-def test_missing_inputs_name_the_command_that_makes_them(tmp_path):
-    config = rl_stage2.get_config("tiny")
+def test_missing_inputs_name_the_command_that_makes_them(toy_run, tmp_path):
+    config = toy_config(toy_run, stage=2)
     config.data.train = str(tmp_path / "none.jsonl")
     with pytest.raises(FileNotFoundError, match="configs/synthesize.py"):
         rl.RLTrainer(config, str(tmp_path))
-    write_jsonl(str(tmp_path / "train.jsonl"), [QARecord(id="1", source="t", question="q", answer="yes")])
-    config.data.update(train=str(tmp_path / "train.jsonl"), eval="")
+    config = rl_stage2.get_config("tiny")
     config.model.init_from = str(tmp_path / "no_checkpoints")
     with pytest.raises(FileNotFoundError, match="configs/rl_stage1.py"):
         rl.RLTrainer(config, str(tmp_path))

@@ -159,9 +159,13 @@ def test_sharded_output_equals_single_device(hf_dir, qwen2):
         np.testing.assert_allclose(many.model_logprobs, one.model_logprobs, atol=1e-4)
 
 
-def test_refuses_prompts_beyond_the_context(qwen2):
-    with pytest.raises(ValueError, match="exceeds max_position_embeddings=256"):
+def test_refuses_prompts_beyond_the_context_and_checks_the_real_budget(qwen2):
+    with pytest.raises(ValueError, match=r"longest prompt \(200 tokens\) \+ max_new_tokens=100 = 300 exceeds "
+                                         "the model's max_position_embeddings=256"):
         sampler.generate(qwen2, prompts(0, (200,)), jax.random.key(0), SamplingParams(max_new_tokens=100))
+    # 97 + 150 fits 256 although the buckets (128 + 256) do not: sampled, not refused
+    out = sampler.generate(qwen2, prompts(0, (97,)), jax.random.key(0), SamplingParams(max_new_tokens=150))
+    assert out.tokens.shape == (1, 1, 150)
     with pytest.raises(ValueError, match="no empty prompts"):
         sampler.generate(qwen2, [[]], jax.random.key(0), SamplingParams())
 

@@ -15,19 +15,16 @@ import numpy as np
 from fleming_jax import tokenizer as toklib
 
 
-def tokenize(rows: list[dict], tokenizer, seq_len: int, source: str = "") -> tuple[list[dict], dict]:
-    """SFT records -> {"tokens", "loss_weights"} examples, and counts of what was changed.
+def tokenize(rows: list[dict], tokenizer, seq_len: int) -> tuple[list[dict], dict]:
+    """SFT records (checked by `data.inputs.read_chats`) -> {"tokens", "loss_weights"}
+    examples, and counts of what was changed.
 
     An example longer than `seq_len` is cut to it (`truncated`); one left with no
     assistant token is dropped (`no_assistant_tokens`), naming nothing silently.
     """
     examples, stats = [], collections.Counter()
-    for number, row in enumerate(rows, 1):
-        messages = row.get("messages")
-        if not messages or any(set(m) - {"role", "content"} or "content" not in m for m in messages):
-            raise ValueError(f"{source}:{number}: an SFT record needs `messages`, a list of "
-                             "{role, content}")
-        ids, mask = toklib.encode_chat(tokenizer, messages)
+    for row in rows:
+        ids, mask = toklib.encode_chat(tokenizer, row["messages"])
         if len(ids) > seq_len:
             ids, mask = ids[:seq_len], mask[:seq_len]
             stats["truncated"] += 1

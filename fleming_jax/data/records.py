@@ -61,13 +61,18 @@ def user_prompt(record: QARecord) -> str:
 
 def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
     """Dicts from a JSON-lines file; a bad line raises naming the file and line number."""
+    return (row for _, row in numbered_jsonl(path))
+
+
+def numbered_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, dict) for each non-blank line of a JSON-lines file."""
     from fleming_jax import paths
 
     with paths.open_file(path) as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield number, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
 

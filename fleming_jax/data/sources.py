@@ -24,7 +24,7 @@ import string
 from typing import Any, Callable, Iterator
 
 from fleming_jax import paths
-from fleming_jax.data.records import QARecord, read_jsonl
+from fleming_jax.data.records import QARecord, numbered_jsonl, read_jsonl
 
 LETTERS = string.ascii_uppercase
 
@@ -55,6 +55,11 @@ class SourceReport:
     def to_dict(self) -> dict[str, Any]:
         return dict(read=self.read, kept=self.kept, dropped=dict(sorted(self.dropped.items())),
                     examples=self.examples)
+
+    def summary(self) -> str:
+        """One line: kept of read, then each reason's count and where it first occurred."""
+        dropped = ", ".join(f"{why} {n} (first at {self.examples[why]})" for why, n in sorted(self.dropped.items()))
+        return f"kept {self.kept} of {self.read} rows" + (f"; dropped {dropped}" if dropped else "")
 
 
 # ---------------------------------------------------------------- loading rows
@@ -87,7 +92,7 @@ def load_rows(path: str, split: str = "train", data_dir: str | None = None
         raise FileNotFoundError(f"{path}: no such file; point the source's path at a local or gs:// "
                                 "file or dataset directory, or use hf:NAME / tfds:NAME")
     elif path.endswith(".jsonl"):
-        yield from ((f"{path}:{i}", row) for i, row in enumerate(read_jsonl(path), 1))
+        yield from ((f"{path}:{number}", row) for number, row in numbered_jsonl(path))
     elif path.endswith(".json"):
         data = json.loads(paths.read_text(path))
         if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
@@ -307,16 +312,20 @@ READERS: dict[str, Callable[[dict, dict], QARecord]] = {
 # ---------------------------------------------------------------- the entry point
 
 def check(record: QARecord) -> QARecord:
-    """The checks every mapped record passes: a question, an answer, the answer among options."""
-    if not str(record.question).strip():
+    """The checks every mapped record passes: a question, an answer, the answer among options
+    (text everywhere: a null or a number is not an answer)."""
+    if not isinstance(record.question, str) or not record.question.strip():
         raise Malformed("empty_question")
-    if not str(record.answer).strip():
-        raise Malformed("missing_answer")
     if record.options is not None:
+        if not isinstance(record.options, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in record.options.items()):
+            raise Malformed("options_not_text")
         if len(record.options) < 2:
             raise Malformed("too_few_options")
-        if record.answer not in record.options:
+        if not isinstance(record.answer, str) or record.answer not in record.options:
             raise Malformed("answer_not_in_options")
+    elif not isinstance(record.answer, str) or not record.answer.strip():
+        raise Malformed("missing_answer")
     return record
 
 
@@ -326,10 +335,12 @@ def _load_graphs(path: str) -> dict[int, Any]:
             for i, g in enumerate(read_jsonl(path))}
 
 
-def read_source(format: str, path: str, name: str | None = None, **options
+def read_source(format: str, path: str, name: str | None = None,
+                accept: Callable[[QARecord], None] | None = None, **options
                 ) -> tuple[list[QARecord], SourceReport]:
     """Records of one source and its report; `name` (default: the format) is the record's
-    `source` and keys the report. Options: see the module docstring and each reader."""
+    `source` and keys the report. `accept(record)` may raise `Malformed` to drop a record
+    this run cannot use. Options: see the module docstring and each reader."""
     if format not in READERS:
         raise ValueError(f"unknown source format {format!r}; formats: {', '.join(READERS)}")
     name = name or format
@@ -347,6 +358,8 @@ def read_source(format: str, path: str, name: str | None = None, **options
             if not isinstance(row, dict):
                 raise Malformed("not_an_object")
             record = check(reader(row, dict(opts, _row=f"{name}-{row_number}")))
+            if accept:
+                accept(record)
         except Malformed as e:
             report.drop(e.reason, where)
             continue

@@ -19,7 +19,8 @@ import json
 import time
 
 from fleming_jax import paths, rewards
-from fleming_jax.data.records import QARecord, read_jsonl, user_prompt, write_jsonl
+from fleming_jax.data import inputs
+from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
 from fleming_jax.distill import teachers
 
 REASONS = ("empty", "wrong_answer", "bad_format", "too_short", "too_long")
@@ -181,15 +182,10 @@ def summarize(outcomes: list[dict], resumed: int) -> dict:
 
 
 def _read_records(path: str, key: str) -> list[QARecord]:
-    paths.require(path, f"config.data.{key}", "run `python main.py --config=configs/synthesize.py "
-                  f"--workdir=runs/synthesize` first, or point --config.data.{key} at a QA-record JSONL file")
-    rows = []
-    for number, d in enumerate(read_jsonl(path), 1):
-        try:
-            rows.append(QARecord.from_dict(d))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{number}: not a QA record ({e})") from None
-    return rows
+    """The checked QA records of `config.data.<key>` (see `fleming_jax.data.inputs`)."""
+    return inputs.read_records(path, f"data.{key}", (
+        "run `python main.py --config=configs/synthesize.py --workdir=runs/synthesize` first, or point "
+        f"--config.data.{key} at a QA-record JSONL file"))
 
 
 def run(config, workdir: str) -> dict:

@@ -91,7 +91,7 @@ class HttpTeacher(Teacher):
             raise ValueError(f"max_retries must be >= 0 and max_concurrency >= 1, got "
                              f"{self.max_retries} and {self.max_concurrency}")
         self.url = self.base_url.rstrip("/") + "/chat/completions"
-        self._key = self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
+        self._key = _read_key(self.api_key, self.api_key_env)
 
     def complete(self, messages: Chat, n: int = 1, temperature: float = 1.0,
                  max_tokens: int = 4096) -> list[str]:
@@ -147,6 +147,26 @@ class HttpTeacher(Teacher):
     def _redact(self, text: str) -> str:
         """Servers sometimes echo the key they refused; keep it out of our messages."""
         return text.replace(self._key, "***") if self._key else text
+
+
+def _read_key(api_key: str | None, api_key_env: str | None) -> str | None:
+    """The API key, surrounding whitespace stripped (a trailing newline from `$(cat key)` or a
+    secrets file is common); a key with spaces or control characters inside, which no HTTP
+    header can carry, is refused naming where it came from and never showing it."""
+    where = "api_key"
+    if not api_key and api_key_env:
+        where = f"the environment variable {api_key_env}"
+        api_key = os.environ.get(api_key_env)
+        if api_key is None:
+            raise ValueError(f"config.teacher.api_key_env={api_key_env}: the environment variable is not set; "
+                             "export it, or clear api_key_env for a server without a key")
+    key = (api_key or "").strip()
+    if api_key and not key:
+        raise ValueError(f"the API key in {where} is blank; set it, or leave it unset for a server without a key")
+    if any(not (32 < ord(c) < 127) for c in key):
+        raise ValueError(f"the API key in {where} has a space, a control character or a non-ASCII character "
+                         "inside it; an HTTP header cannot carry it: check how it was pasted or exported")
+    return key or None
 
 
 def _server_message(error: urllib.error.HTTPError) -> str:

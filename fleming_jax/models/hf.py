@@ -26,11 +26,11 @@ from fleming_jax import tokenizer as toklib
 from fleming_jax.models import qwen
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+SAFETENSORS_DTYPES = FLOAT_DTYPES | {
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+MAX_HEADER_BYTES = 100 * 1024**2  # the safetensors library's own bound
 
 # Our parameter -> (HF tensor name, True when HF stores it as a [out, in] linear weight).
 # Layer tensors are `model.layers.{i}.<name>`; our copies are stacked over i.
@@ -60,7 +60,11 @@ LINEAR_IN_AXES = {"o_proj": 2}
 
 
 class SafetensorsCheckpoint:
-    """Lazy, memory-mapped view of a directory's safetensors files (single or sharded)."""
+    """Lazy, memory-mapped view of a directory's safetensors files (single or sharded).
+
+    Nothing in a file is trusted: the index may name only files inside the directory, each
+    header is bounded and checked (known dtypes, offsets that match the shapes and lie inside
+    the file) before a byte of data is mapped, and every error names the file."""
 
     def __init__(self, path: str):
         self.path = path
@@ -68,9 +72,7 @@ class SafetensorsCheckpoint:
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = _shard_names(index)
         elif os.path.exists(single):
             files = ["model.safetensors"]
         else:
@@ -83,23 +85,29 @@ class SafetensorsCheckpoint:
                     "safe_serialization=True).")
             raise FileNotFoundError(
                 f"{path}: no model.safetensors or model.safetensors.index.json found")
-        self.tensors: dict[str, tuple[str, dict]] = {}
+        # name -> (file, entry, offset of the file's data section)
+        self.tensors: dict[str, tuple[str, dict, int]] = {}
         for name in files:
             file = os.path.join(path, name)
-            for key, entry in _read_header(file).items():
-                if key != "__metadata__":
-                    self.tensors[key] = (file, entry)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index}: names shard {name}, which is not in {path}; "
+                                        "download the missing shard or fix the index")
+            header, data_start = _read_header(file)
+            for key, entry in header.items():
+                self.tensors[key] = (file, entry, data_start)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)[1]["shape"])
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only memory map (no copy until it is used)."""
-        file, entry = self._entry(name)
-        header_len = struct.unpack("<Q", open(file, "rb").read(8))[0]
+        """The tensor as a read-only memory map (no copy until it is used); weights are floats."""
+        file, entry, data_start = self._entry(name)
+        if entry["dtype"] not in FLOAT_DTYPES:
+            raise ValueError(f"{file}: tensor {name!r} is {entry['dtype']}, not a float dtype "
+                             f"({', '.join(FLOAT_DTYPES)}); the file is corrupt or not this model's weights")
         start, end = entry["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        return np.memmap(file, dtype=dtype, mode="r", offset=8 + header_len + start,
+        dtype = FLOAT_DTYPES[entry["dtype"]]
+        return np.memmap(file, dtype=dtype, mode="r", offset=data_start + start,
                          shape=tuple(entry["shape"])) if end > start else np.zeros(entry["shape"], dtype)
 
     def _entry(self, name):
@@ -108,10 +116,57 @@ class SafetensorsCheckpoint:
         return self.tensors[name]
 
 
-def _read_header(file: str) -> dict:
+def _shard_names(index: str) -> list[str]:
+    """The shard files an index's weight_map names, each a plain name inside its directory."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a weight_map ({e}); re-download it") from None
+    for name in names:
+        norm = os.path.normpath(name) if isinstance(name, str) else ""
+        if not norm or os.path.isabs(norm) or norm.split(os.sep)[0] in ("..", ".") or norm != name:
+            raise ValueError(f"{index}: weight_map names shard {name!r}, which is not a file name inside the "
+                             "model directory; fix the index")
+    return names
+
+
+def _read_header(file: str) -> tuple[dict, int]:
+    """(tensor entries, data offset) of a safetensors file, checked against the file's size."""
+    size = os.path.getsize(file)
     with open(file, "rb") as f:
+        if size < 8:
+            raise ValueError(f"{file}: {size} bytes, too short for a safetensors file; re-download it")
         (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{file}: header length {n} is beyond the file ({size} bytes) or the "
+                             f"{MAX_HEADER_BYTES}-byte limit; the file is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the header is not a JSON object; the file is corrupt or not safetensors")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in SAFETENSORS_DTYPES:
+            hint = ("8-bit float weights are not supported: dequantize the checkpoint to bf16 first"
+                    if str(dtype).startswith("F8") else "known: " + ", ".join(SAFETENSORS_DTYPES))
+            raise ValueError(f"{file}: tensor {name!r} has dtype {dtype!r}; {hint}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"{file}: tensor {name!r} has a malformed shape {shape!r} or data_offsets {offsets!r}")
+        start, end = offsets
+        nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        if not 0 <= start <= end <= data_size or end - start != nbytes:
+            raise ValueError(f"{file}: tensor {name!r} ({dtype} {shape}, {nbytes} bytes) has data_offsets "
+                             f"[{start}, {end}] in a data section of {data_size} bytes; the file is truncated "
+                             "or corrupt: re-download it")
+    return header, 8 + n
 
 
 def read_config(path: str, **overrides) -> qwen.QwenConfig:
@@ -188,8 +243,8 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
         for n in hf_names:
             expected = hf_shape(path_key, layer_shape)
             if ckpt.shape(n) != expected:
-                raise ValueError(f"{path}: tensor {n!r} has shape {ckpt.shape(n)}, the config "
-                                 f"expects {expected}")
+                raise ValueError(f"{ckpt.tensors[n][0]}: tensor {n!r} has shape {ckpt.shape(n)}, the "
+                                 f"config expects {expected} (from {path}/config.json)")
 
         def shard(index: tuple[slice, ...]) -> np.ndarray:
             if not path_key.startswith("layers/"):

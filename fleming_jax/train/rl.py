@@ -26,8 +26,9 @@ from flax import nnx
 
 from fleming_jax import engine, models, parallel, paths, rewards, sampler
 from fleming_jax import tokenizer as toklib
-from fleming_jax.data.records import QARecord, read_jsonl
-from fleming_jax.evaluate import evaluate_records, record_prompts
+from fleming_jax.data import inputs
+from fleming_jax.data.records import QARecord
+from fleming_jax.evaluate import evaluate_records, fits_context, record_prompts
 from fleming_jax.train import grpo, loop, mining
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
@@ -38,9 +39,10 @@ from fleming_jax.train.logprobs import token_logprobs
 PREPARE_STREAM = 1 << 30
 
 
-def read_records(path: str, key: str, producer: str) -> list[QARecord]:
-    paths.require(path, f"config.{key}", f"run `{producer}` first, or point --config.{key} at a QA-record JSONL file")
-    return [QARecord.from_dict(d) for d in read_jsonl(path)]
+def read_records(path: str, key: str, producer: str, accept=None) -> list[QARecord]:
+    """The checked QA records of `config.<key>` (see `fleming_jax.data.inputs`)."""
+    return inputs.read_records(path, key, f"run `{producer}` first, or point --config.{key} at a "
+                               "QA-record JSONL file", accept)
 
 
 def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantages: np.ndarray,
@@ -97,18 +99,24 @@ class RLTrainer:
     def __init__(self, config, workdir: str):
         self.config, self.workdir, self.main = config, workdir, parallel.is_main_process()
         c = config.rl
-        self.records = read_records(config.data.train, "data.train", config.data.producer)
-        if c.max_pool:  # a seeded subset bounds stage 2's scoring pass and stage 1's grading
-            keep = np.random.default_rng(c.seed).permutation(len(self.records))[:c.max_pool]
-            self.records = [self.records[i] for i in sorted(keep)]
-        self.eval_records = (read_records(config.data.eval, "data.eval", config.data.producer)[:c.eval_size]
-                             if config.data.eval else [])
         if not (config.model.init_from or config.model.hf_path):
             raise ValueError(f"rl stage {c.stage} needs a starting model: --config.model.init_from=<checkpoints> "
                              "or --config.model.hf_path=<HF dir>")
         if config.model.init_from:
             paths.require(config.model.init_from, "config.model.init_from", f"run `{config.init_from_producer}` first")
         self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
+        model_config = models.config_from(config.model)
+        if len(self.tokenizer) > model_config.vocab_size:
+            raise ValueError(f"the tokenizer at {config.tokenizer or config.model.hf_path} has {len(self.tokenizer)} "
+                             f"tokens but the model's vocab_size is {model_config.vocab_size}; use the tokenizer the "
+                             "starting model was trained with (config.tokenizer)")
+        fits = fits_context(self.tokenizer, c.max_new_tokens, model_config.max_position_embeddings)
+        self.records = read_records(config.data.train, "data.train", config.data.producer, fits)
+        if c.max_pool:  # a seeded subset bounds stage 2's scoring pass and stage 1's grading
+            keep = np.random.default_rng(c.seed).permutation(len(self.records))[:c.max_pool]
+            self.records = [self.records[i] for i in sorted(keep)]
+        self.eval_records = (read_records(config.data.eval, "data.eval", config.data.producer, fits)[:c.eval_size]
+                             if config.data.eval else [])
         self.stop_ids = toklib.stop_ids(self.tokenizer)
         self.prompts = record_prompts(self.tokenizer, self.records)
         self.mesh = parallel.make_mesh(config.mesh)

@@ -20,8 +20,7 @@ from flax import nnx
 
 from fleming_jax import parallel, paths
 from fleming_jax import tokenizer as toklib
-from fleming_jax.data import pipeline
-from fleming_jax.data.records import read_jsonl
+from fleming_jax.data import inputs, pipeline
 from fleming_jax.train import loop
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
@@ -39,23 +38,22 @@ def sft_loss(model, batch, chunk_size: int = 256):
 
 
 def read_chats(path: str, key: str) -> list[dict]:
-    paths.require(path, f"config.data.{key}", "run `python main.py --config=configs/distill.py "
-                  "--workdir=runs/distill` first (it writes train.jsonl and validation.jsonl), or point "
-                  f"--config.data.{key} at an SFT JSONL file of {{id, messages, meta}} records")
-    return list(read_jsonl(path))
+    """The checked chats of `config.data.<key>` (see `fleming_jax.data.inputs`)."""
+    return inputs.read_chats(path, f"data.{key}", (
+        "run `python main.py --config=configs/distill.py --workdir=runs/distill` first (it writes "
+        f"train.jsonl and validation.jsonl), or point --config.data.{key} at an SFT JSONL file of "
+        "{id, messages, meta} records"))
 
 
 def load_tokenizer(config, workdir: str, train_rows: list[dict]):
     """`config.tokenizer` if set, else the HF model's own, else the small offline BPE built
-    from the training chats (once, into `<workdir>/tokenizer`, reused on resume)."""
+    from the training chats into `<workdir>/tokenizer` (reused on resume: same chats, same
+    fingerprint; rebuilt when the chats or the vocab size changed)."""
     path = config.tokenizer or config.model.hf_path
     if path:
         return toklib.load(path)
-    built = paths.join(workdir, "tokenizer")
-    if paths.exists(paths.join(built, "tokenizer.json")):
-        return toklib.load(built)
-    texts = (m["content"] for row in train_rows for m in row["messages"])
-    return toklib.build(texts, built, vocab_size=config.model.vocab_size)
+    texts = [m["content"] for row in train_rows for m in row["messages"]]
+    return toklib.build_once(texts, paths.join(workdir, "tokenizer"), config.model.vocab_size)
 
 
 class _Snapshot:
@@ -82,8 +80,11 @@ class Trainer:
         if len(self.tokenizer) > config.model.vocab_size and not config.model.hf_path:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but config.model.vocab_size "
                              f"is {config.model.vocab_size}")
-        examples, self.data_stats = pipeline.tokenize(train_rows, self.tokenizer, t.seq_len, config.data.train)
-        eval_examples, _ = pipeline.tokenize(eval_rows, self.tokenizer, t.seq_len, config.data.eval)
+        examples, self.data_stats = pipeline.tokenize(train_rows, self.tokenizer, t.seq_len)
+        if not examples:
+            raise ValueError(f"config.data.train={config.data.train}: no chat has an assistant token within "
+                             f"train.seq_len={t.seq_len} ({self.data_stats}); raise --config.train.seq_len")
+        eval_examples, _ = pipeline.tokenize(eval_rows, self.tokenizer, t.seq_len)
         pid, count = jax.process_index(), jax.process_count()
         self.train_ds = pipeline.train_dataset(examples, t.seq_len, t.batch_size, config.data.seed, pid, count)
         self.eval_data = pipeline.eval_batches(eval_examples, t.seq_len, t.batch_size, pid, count)
