@@ -22,11 +22,13 @@ from configs import distill, export, rl_stage1, rl_stage2, sft, synthesize
 # 1's learning rate: its mined pool is skewed toward the letters the policy under-picks, and
 # at 1e-4 it over-corrected that prior in a trial (held-out 0.45 -> 0.31; 0.32 with the
 # paper's mean-only advantages) where 3e-5 kept stage 1's accuracy.
+# The ci budget does not grade either: its 6-step SFT model solves nothing, so every question
+# would grade Difficult and stage 1's Easy:Moderate blend would have nothing to draw.
 BUDGETS = {
     "full": dict(diseases=40, questions=3000, sft_steps=260, rl1_steps=24, rl2_steps=12, eval_size=150,
                  new_tokens=128, eval_new_tokens=160, rl1_pool=0, grade_k=0, rl2_pool=256, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
     "ci": dict(diseases=40, questions=300, sft_steps=6, rl1_steps=2, rl2_steps=2, eval_size=8, new_tokens=24,
-               eval_new_tokens=24, rl1_pool=32, grade_k=2, rl2_pool=32, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
+               eval_new_tokens=24, rl1_pool=32, grade_k=0, rl2_pool=32, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
 }
 
 
