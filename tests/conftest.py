@@ -8,6 +8,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs (several processes, whole pipelines); "
+                                       "the README's test command leaves them out, .ci/run runs them after it")
+
 TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
                rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},

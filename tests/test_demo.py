@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_demo_pipeline_connects_every_stage(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     command = [sys.executable, "main.py", "--config=configs/demo.py:ci", f"--workdir={tmp_path}"]

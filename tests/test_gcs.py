@@ -54,6 +54,7 @@ def _rl_config(module, init_from, **rl):
     return config
 
 
+@pytest.mark.slow
 def test_pipeline_runs_with_every_path_on_gcs(emulator, kg_records, tmp_path, monkeypatch):
     from fleming_jax import evaluate
     from fleming_jax.models import hf

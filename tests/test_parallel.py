@@ -199,6 +199,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -65,7 +65,7 @@ def test_toy_task_is_learned(toy_run, tmp_path, monkeypatch):
         assert len(f.readlines()) == 30
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_killed_run_resumes_exactly(toy_run, tmp_path, monkeypatch, stage):
     monkeypatch.setattr(rewards, "score", toy_score)
     picked = {}

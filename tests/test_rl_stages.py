@@ -111,6 +111,7 @@ def corrupt(step_dir, how: str):
         raise ValueError(how)
 
 
+@pytest.mark.slow
 def test_resume_walks_back_over_corrupt_checkpoints(toy_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, 2, steps=4, group_size=8)
@@ -189,6 +190,7 @@ def _flat(tree, prefix=""):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_feed_the_configured_rows(toy_run, tmp_path, monkeypatch):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)

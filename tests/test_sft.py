@@ -139,6 +139,7 @@ def test_resume_after_sigterm_equals_the_uninterrupted_run(data, tmp_path):
                  _params(full))
 
 
+@pytest.mark.slow
 def test_resume_walks_back_over_a_step_without_metadata(data, tmp_path, capsys):
     from tests.test_rl_stages import corrupt
 
