@@ -65,6 +65,18 @@ def test_toy_task_is_learned(toy_run, tmp_path, monkeypatch):
         assert len(f.readlines()) == 30
 
 
+class Killed(Exception):
+    """Stands for a kill between steps (the run gets no chance to save)."""
+
+
+def kill_at(n: int):
+    """An `on_step` that kills the run after step n."""
+    def on_step(step):
+        if step == n:
+            raise Killed
+    return on_step
+
+
 @pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_killed_run_resumes_exactly(toy_run, tmp_path, monkeypatch, stage):
     monkeypatch.setattr(rewards, "score", toy_score)
@@ -78,16 +90,9 @@ def test_killed_run_resumes_exactly(toy_run, tmp_path, monkeypatch, stage):
     full = record_picks(rl.RLTrainer(toy_config(toy_run, stage), str(tmp_path / "full")), "full")
     full.train()
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_4(step):
-        if step == 4:
-            raise Killed
-
     first = record_picks(rl.RLTrainer(toy_config(toy_run, stage), str(tmp_path / "split")), "split")
     with pytest.raises(Killed):
-        first.train(on_step=kill_at_4)
+        first.train(on_step=kill_at(4))
     resumed = record_picks(rl.RLTrainer(toy_config(toy_run, stage), str(tmp_path / "split")), "split")
     resumed.train()
     assert picked["split"] == picked["full"]  # the same prompts, in the same order, after resuming

@@ -3,6 +3,7 @@ kill, the walk back over corrupt checkpoints, and 2 processes x 4 devices = 1 x 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from fleming_jax import models, parallel, rewards
 from fleming_jax.train import rl
 from tests.test_hf import params_of
 from tests.test_parallel import ROOT, free_port
-from tests.test_rl import model_cfg, toy_config, toy_run, toy_score  # noqa: F401 (toy_run is a fixture)
+from tests.test_rl import Killed, kill_at, model_cfg, toy_config, toy_run, toy_score  # noqa: F401 (toy_run is a fixture)
 
 
 def test_kl_to_the_reference_grows_from_zero_over_real_updates(toy_run, tmp_path, monkeypatch):
@@ -67,14 +68,8 @@ def test_stage1_grades_then_draws_easy_and_moderate_1_to_1_and_resumes_the_same(
     for step in picks["full"]:
         assert sorted(levels[i] for i in step) == ["Easy", "Easy", "Moderate", "Moderate"]
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_2(step):
-        if step == 2:
-            raise Killed
     with pytest.raises(Killed):
-        trainer("split").train(on_step=kill_at_2)
+        trainer("split").train(on_step=kill_at(2))
 
     def must_not_grade(indices, k):
         raise AssertionError("a resumed run must take its grades from the checkpoint")
@@ -119,14 +114,8 @@ def test_resume_walks_back_over_corrupt_checkpoints(toy_run, tmp_path, monkeypat
     full = rl.RLTrainer(config, str(tmp_path / "full"))
     full.train()
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_4(step):
-        if step == 4:
-            raise Killed
     with pytest.raises(Killed):
-        rl.RLTrainer(config, str(tmp_path / "cut")).train(on_step=kill_at_4)
+        rl.RLTrainer(config, str(tmp_path / "cut")).train(on_step=kill_at(4))
     ckpts = tmp_path / "cut" / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["2", "3", "4"]
     corrupt(ckpts / "4", "empty")
@@ -223,3 +212,31 @@ def test_two_processes_equal_one_process_and_feed_the_configured_rows(toy_run, t
         # other): measured 4e-6 at most, against 1.5e-2 that 3 steps at lr 5e-3 can move a weight
         for name, value in params.items():
             np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sigkill_mid_run_resumes_bit_exact(toy_run, tmp_path, stage):
+    """A real kill -9 of a running RL process (async checkpoint saves may be in flight), then
+    the same command again: the params equal an uninterrupted run's bit for bit."""
+    def worker(name):
+        command = [sys.executable, "-m", "tests.rl_kill_worker", str(toy_run), str(tmp_path / name), str(stage),
+                   str(tmp_path / f"{name}.npz")]
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    killed = worker("cut")
+    for line in killed.stdout:
+        if "step 3/5" in line:  # step 3's save has just been started
+            killed.send_signal(signal.SIGKILL)
+            break
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    assert not (tmp_path / "cut.npz").exists()
+    for name in ("cut", "full"):
+        run = worker(name)
+        log = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, log[-3000:]
+        if name == "cut":
+            assert "resumed from" in log, log[-3000:]
+    cut, full = np.load(tmp_path / "cut.npz"), np.load(tmp_path / "full.npz")
+    for name in full.files:
+        np.testing.assert_array_equal(cut[name], full[name], err_msg=name)
