@@ -25,7 +25,7 @@ _default_platforms()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fleming_jax import config_check
+from fleming_jax import config_check, preemption
 from fleming_jax.distill.teachers import TeacherError
 
 # task name -> "module:function"; each function is `run(config, workdir)`.
@@ -121,7 +121,13 @@ def main(argv):
     cache = compile_cache_dir(config)
     stats = setup_compile_cache(cache)
     try:
-        run_task(config, workdir)
+        with preemption.listening():
+            run_task(config, workdir)
+    except preemption.Preempted as e:
+        # Every host got here at the same check and saved what there was: exit 0, so the
+        # job's runner (tpu/run.sh) starts the same command again and it resumes.
+        print(f"[main] preempted ({e}); exit 0: rerun the same command to resume", flush=True)
+        return
     except USER_ERRORS as e:
         if FLAGS.verbosity >= 1:
             raise

@@ -9,7 +9,8 @@ up to `chunk` tokens in every slot. Each slot keeps its own cache position, a fi
 sequence frees its slot at the next chunk boundary, and attention visits only the cache
 blocks that hold live tokens (`qwen.attend_live_blocks`). Every sequence draws from its own
 random stream (the key folded with its sequence number, then each token's position), so the
-samples do not depend on how slots were scheduled.
+samples do not depend on how slots were scheduled. A preemption (`fleming_jax.preemption`) is
+checked between chunks, so a long rollout stops within one chunk of a SIGTERM on any host.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fleming_jax import parallel
+from fleming_jax import parallel, preemption
 from fleming_jax.models.qwen import ATTENTION_BLOCK, KVCache
 from fleming_jax.sampler import CACHE_AXES, SampleOutput, SamplingParams, bucket, pick
 
@@ -195,6 +196,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
                                 sequence_keys[jnp.asarray(seq)], group=group)
             table = _decode(graphdef, state, table, stop, jnp.asarray(budget, jnp.int32), jnp.asarray(chunk, jnp.int32),
                             params=run_params)
+            preemption.check("a rollout")  # between chunks: every host stops at the same one
             done = parallel.to_host(table.done)
             finished = [s for s in range(n_slots) if owner[s] is not None and done[s]]
             if finished:

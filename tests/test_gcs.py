@@ -15,7 +15,7 @@ from configs import eval as eval_config
 from configs import export as export_config
 from configs import rl_stage1, rl_stage2
 from configs import sft as sft_config
-from fleming_jax import paths
+from fleming_jax import paths, preemption
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data.records import write_jsonl
 from fleming_jax.distill import collect, teachers
@@ -83,8 +83,9 @@ def test_pipeline_runs_with_every_path_on_gcs(emulator, kg_records, tmp_path, mo
     full = rl.RLTrainer(_rl_config(rl_stage1, f"{g}/sft/checkpoints", steps=2), f"{g}/rl1_full")
     full.train()
     cut = rl.RLTrainer(_rl_config(rl_stage1, f"{g}/sft/checkpoints", steps=2), f"{g}/rl1")
-    rows = cut.train(on_step=lambda step: step == 1 and signal.raise_signal(signal.SIGTERM))
-    assert [r["step"] for r in rows] == [1]
+    with pytest.raises(preemption.Preempted):
+        cut.train(on_step=lambda step: step == 1 and signal.raise_signal(signal.SIGTERM))
+    assert [json.loads(line)["step"] for line in paths.read_text(f"{g}/rl1/metrics.jsonl").splitlines()] == [1]
     resumed = rl.RLTrainer(_rl_config(rl_stage1, f"{g}/sft/checkpoints", steps=2), f"{g}/rl1")
     assert [r["step"] for r in resumed.train()] == [2]
     jax.tree.map(np.testing.assert_array_equal, _params(resumed.model()), _params(full.model()))

@@ -152,10 +152,15 @@ def multihost_config(root):
     return config
 
 
-def multihost_run(root, workdir):
-    """3 real RL steps with beta > 0 and dynamic sampling; (rows, params, rows seen per step)."""
+def multihost_run(root, workdir, signal_step=None):
+    """3 real RL steps with beta > 0 and dynamic sampling; (rows, params, rows seen per step).
+    `signal_step=n`: this process gets SIGTERM as step n's first rollout starts."""
     rewards.score = toy_score  # in this process only (a worker, or under monkeypatch)
     trainer = rl.RLTrainer(multihost_config(root), workdir)
+    if signal_step:
+        from tests.test_preemption import signal_in_step
+
+        signal_in_step(trainer, signal_step)
     seen = []
     step_fn, ref_logprobs = trainer.step_fn, trainer.ref_logprobs
 
@@ -179,18 +184,35 @@ def _flat(tree, prefix=""):
     return out
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_and_feed_the_configured_rows(toy_run, tmp_path, monkeypatch):
+def launch(root, tmp_path, workdir, mode="run"):
+    """2 worker processes x 4 devices in `workdir`; returns their logs (both must exit 0)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_rl_worker", str(port), str(i), "2",
-                               str(toy_run), str(tmp_path / f"out{i}.npz")], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    monkeypatch.setattr(rewards, "score", toy_score)
-    rows, params, seen = multihost_run(str(toy_run), str(tmp_path / "single"))
+                               str(root), str(tmp_path / workdir), str(tmp_path / f"{workdir}{i}.npz"), mode],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    return procs
+
+
+def finish(procs):
+    logs = []
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-3000:]
+        logs.append(out)
+    return logs
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_and_stop_together_on_one_sigterm(toy_run, tmp_path, monkeypatch):
+    """2 processes x 4 devices = 1 x 8 with the configured rows; then SIGTERM to process 1
+    alone as step 2's rollout starts: both stop at the same decode chunk, save step 1 and exit
+    0, and rerunning resumes to the uninterrupted 2-process run's params and metrics."""
+    procs = launch(toy_run, tmp_path, "mh")
+    monkeypatch.setattr(rewards, "score", toy_score)
+    rows, params, seen = multihost_run(str(toy_run), str(tmp_path / "single"))
+    finish(procs)
     config = multihost_config(str(toy_run))
     assert seen and all(kind in ("update", "reference") for kind, *_ in seen)
     c = config.rl
@@ -201,7 +223,7 @@ def test_two_processes_equal_one_process_and_feed_the_configured_rows(toy_run, t
         expected = rl.batch_rows(row["trained_groups"], c.group_size, c.prompts_per_step, 8)
         assert ref_rows == tokens == other == expected <= c.prompts_per_step * c.group_size, (seen, rows)
     for i in range(2):
-        got = np.load(tmp_path / f"out{i}.npz", allow_pickle=True)
+        got = np.load(tmp_path / f"mh{i}.npz", allow_pickle=True)
         assert [tuple(s) for s in got["seen"].tolist()] == [tuple(s) for s in seen]
         for a, b in zip(got["rows"].tolist(), rows):
             assert a.keys() == b.keys()
@@ -212,6 +234,20 @@ def test_two_processes_equal_one_process_and_feed_the_configured_rows(toy_run, t
         # other): measured 4e-6 at most, against 1.5e-2 that 3 steps at lr 5e-3 can move a weight
         for name, value in params.items():
             np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+    logs = finish(launch(toy_run, tmp_path, "mh_cut", "sigterm"))
+    assert "preempted at" in logs[0] and "preempted at" in logs[1], logs  # process 0 was never signalled
+    assert "SIGTERM during a rollout: saved step 1" in logs[0], logs[0][-3000:]
+    assert [p.name for p in (tmp_path / "mh_cut" / "checkpoints").iterdir()] == ["1"]
+    assert not (tmp_path / "mh_cut0.npz").exists()
+    logs = finish(launch(toy_run, tmp_path, "mh_cut"))
+    assert "resumed from" in logs[0], logs[0][-3000:]
+    uninterrupted = np.load(tmp_path / "mh0.npz", allow_pickle=True)
+    for i in range(2):
+        got = np.load(tmp_path / f"mh_cut{i}.npz", allow_pickle=True)
+        assert got["rows"].tolist() == uninterrupted["rows"].tolist()[1:]
+        for name in params:
+            np.testing.assert_array_equal(got[name], uninterrupted[name], err_msg=name)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import sft as sft_config
+from fleming_jax import preemption
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import pipeline
 from fleming_jax.data.records import write_jsonl
@@ -126,7 +127,10 @@ def test_resume_after_sigterm_equals_the_uninterrupted_run(data, tmp_path):
         if step == 3:
             signal.raise_signal(signal.SIGTERM)
     first = sft.Trainer(config, str(tmp_path / "cut"))
-    assert [r["step"] for r in first.train(on_step=interrupt)] == [1, 2, 3]
+    with pytest.raises(preemption.Preempted):  # main.py exits 0 on it
+        first.train(on_step=interrupt)
+    with open(tmp_path / "cut" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2", "3"]
     resumed = sft.Trainer(config, str(tmp_path / "cut"))
     rows = resumed.train()
@@ -152,7 +156,8 @@ def test_resume_walks_back_over_a_step_without_metadata(data, tmp_path, capsys):
     def interrupt(step):
         if step == 2:
             signal.raise_signal(signal.SIGTERM)
-    sft.Trainer(config, str(tmp_path / "cut")).train(on_step=interrupt)
+    with pytest.raises(preemption.Preempted):
+        sft.Trainer(config, str(tmp_path / "cut")).train(on_step=interrupt)
     corrupt(tmp_path / "cut" / "checkpoints" / "2", "no_metadata")
     capsys.readouterr()
     resumed = sft.Trainer(config, str(tmp_path / "cut"))

@@ -16,12 +16,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import time
 
-from fleming_jax import paths, rewards
+from fleming_jax import paths, preemption, rewards
 from fleming_jax.data import inputs
 from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
 from fleming_jax.distill import teachers
+from fleming_jax.progress import Progress
 
 REASONS = ("empty", "wrong_answer", "bad_format", "too_short", "too_long")
 
@@ -154,17 +154,15 @@ def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConf
     todo = [r for r in records if r.id not in done]
     if done:
         progress(f"resuming {log_path}: {len(done)} records done, {len(todo)} to ask")
-    t0 = last_report = time.perf_counter()
+    shown = Progress(len(todo), "records asked", progress)
     with paths.Appender(log_path) as log:
         for start in range(0, len(todo), cfg.chunk):
+            preemption.check("distillation")  # the log holds every finished chunk: a rerun asks the rest
             for out in collect_chunk(todo[start:start + cfg.chunk], teacher, cfg):
                 log.write(json.dumps(out, ensure_ascii=False) + "\n")
                 done[out["id"]] = out
             log.flush()
-            n = min(start + cfg.chunk, len(todo))
-            if time.perf_counter() - last_report > 10 or n == len(todo):  # a line per 10 s at most
-                last_report = time.perf_counter()
-                progress(f"{n}/{len(todo)} records asked ({n / (last_report - t0):.1f}/s)")
+            shown.update(min(start + cfg.chunk, len(todo)))
     return [done[r.id] for r in records if r.id in done]
 
 

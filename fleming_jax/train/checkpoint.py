@@ -8,7 +8,6 @@ either, straight into the shardings of the given mesh.
 from __future__ import annotations
 
 import contextlib
-import signal
 
 import jax
 import orbax.checkpoint as ocp
@@ -99,15 +98,3 @@ def _no_step_metadata_warning():
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
-
-
-@contextlib.contextmanager
-def sigterm_flag():
-    """Yields a list that becomes non-empty when SIGTERM arrives (a TPU preemption), so a
-    training loop can save a checkpoint and exit at the next step boundary."""
-    stop: list[bool] = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, previous)

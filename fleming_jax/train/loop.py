@@ -9,9 +9,10 @@ that does not (truncated array file, missing metadata, empty directory) is moved
 `<workdir>/checkpoints_skipped/` with one line saying why, never deleted, so a good step is
 never overwritten and the run continues as the uninterrupted one would.
 
-`train_loop` is the skeleton around a trainer's `one_step`: SIGTERM saves at the next step
-boundary and exits, periodic saves, metrics rows (`metrics.jsonl` without the rows a
-resumed run repeats), `on_step`, an early stop.
+`train_loop` is the skeleton around a trainer's `one_step`: periodic saves, metrics rows
+(`metrics.jsonl` without the rows a resumed run repeats), `on_step`, an early stop, and
+preemption: when any host got SIGTERM (`fleming_jax.preemption`), every host saves the last
+finished step and `Preempted` goes up to `main.py`, which exits 0.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fleming_jax import parallel, paths
+from fleming_jax import parallel, paths, preemption
 from fleming_jax.train import checkpoint
 from fleming_jax.train import state as statelib
 from fleming_jax.train.metrics import MetricsWriter
@@ -94,16 +95,26 @@ def train_loop(*, start: int, total: int, one_step: Callable[[int], dict | None]
     """Runs `one_step(step)` from `start` to `total`; returns the rows it logged.
 
     `one_step` returns a metrics row (written with its `step`) or None (not a logging
-    step). A checkpoint is saved every `every` steps, at `total`, at an early stop
-    (`stop_early(step)` returns the reason) and on SIGTERM; `on_step(step)` runs after each
-    step (tests use it to interrupt a run).
+    step); it may raise `Preempted` from its checks only before it changes the checkpointed
+    state (RL: during the rollout), so the state is still the last finished step's. A
+    checkpoint is saved every `every` steps, at `total`, at an early stop (`stop_early(step)`
+    returns the reason) and on preemption, which then raises `Preempted` on every host;
+    `on_step(step)` runs after each step (tests use it to interrupt a run).
     """
     writer = MetricsWriter(workdir, parallel.is_main_process(), resume_step=start)
     rows, step = [], start
-    with checkpoint.sigterm_flag() as stop:
+    with preemption.listening():
         try:
-            while step < total and not stop:
-                row = one_step(step)
+            while step < total:
+                try:
+                    preemption.check(f"step {step + 1}")
+                    row = one_step(step)
+                except preemption.Preempted as e:
+                    if ckpt.latest_step() != step:
+                        save(step)
+                    ckpt.wait()
+                    log(f"{e}: saved step {step}, exiting; rerun the same command to resume")
+                    raise
                 step += 1
                 if row is not None:
                     row = {"step": step, **row}
@@ -117,12 +128,7 @@ def train_loop(*, start: int, total: int, one_step: Callable[[int], dict | None]
                 if reason:
                     log(f"{reason}: stopping at step {step}")
                     break
-            if stop and step < total:
-                if ckpt.latest_step() != step:
-                    save(step)
-                log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
         finally:
             ckpt.wait()
             writer.close()
     return rows
-

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fleming_jax import engine, models, parallel, paths, rewards, sampler
+from fleming_jax import engine, models, parallel, paths, preemption, progress, rewards, sampler
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs
 from fleming_jax.data.records import QARecord
@@ -140,6 +140,7 @@ class RLTrainer:
         self.rng = np.random.default_rng(c.seed)
         self.key = jax.random.key(c.seed)
         self.sparse_steps = 0
+        self.started = (0, time.perf_counter())  # (first step, when) of this run, for the ETA
         self.ckpt = loop.Checkpoints(workdir, config.checkpoint.keep, shardings, self._log)
 
     def _on_mesh(self, fn, *args):
@@ -153,17 +154,26 @@ class RLTrainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int):
         self.ckpt.save(step, self.state, dict(
-            rng=self.rng.bit_generator.state, pool=self.pool.state_dict(), sparse_steps=self.sparse_steps,
-            stage=self.config.rl.stage, reference=self.config.model.init_from or self.config.model.hf_path))
+            self.host_state(), stage=self.config.rl.stage,
+            reference=self.config.model.init_from or self.config.model.hf_path))
 
-    def restore(self) -> int:
+    def restore(self) -> int | None:
+        """The step resumed from, or None when there is no checkpoint (a step-0 checkpoint,
+        saved when preempted in the first step, already holds the pool's stage-start pass)."""
         step, self.state, got = self.ckpt.restore(self.state)
-        if got:
-            meta = got["meta"]
-            self.rng.bit_generator.state = meta["rng"]
-            self.pool.load_state_dict(meta["pool"])
-            self.sparse_steps = meta["sparse_steps"]
+        if not got:
+            return None
+        self.load_host_state(got["meta"])
         return step
+
+    def host_state(self) -> dict:
+        """What a checkpoint holds besides the arrays: the RNG, the pool, the counters."""
+        return dict(rng=self.rng.bit_generator.state, pool=self.pool.state_dict(), sparse_steps=self.sparse_steps)
+
+    def load_host_state(self, meta: dict) -> None:
+        self.rng.bit_generator.state = meta["rng"]
+        self.pool.load_state_dict(meta["pool"])
+        self.sparse_steps = meta["sparse_steps"]
 
     # ------------------------------------------------------------------ rollouts
     def model(self):
@@ -197,15 +207,32 @@ class RLTrainer:
 
     def score_pool(self, indices: list[int], k: int) -> list[list[bool]]:
         """k samples per question, as many rows per sampler call as a training rollout has;
-        whether each was correct (the pool's stage-start pass: grading or mining)."""
+        whether each was correct (the pool's stage-start pass: grading or mining). When
+        preempted, the chunks already scored are kept in `<workdir>/pool_pass.json` (process 0
+        writes it: a multi-host workdir is shared storage) and a rerun of the same pass starts
+        after them; each chunk's key depends only on its start, so the outcomes are the same."""
         c = self.config.rl
         key = jax.random.fold_in(self.key, PREPARE_STREAM)
         per_call = max(1, c.prompts_per_step * c.group_size // k)
-        outcomes = []
-        for start in range(0, len(indices), per_call):
-            chunk = indices[start:start + per_call]
-            _, scores = self.rollout(chunk, jax.random.fold_in(key, start), k)
-            outcomes += [[s["accuracy"] == 1.0 for s in row] for row in scores]
+        saved_file = paths.join(self.workdir, "pool_pass.json")
+        which = dict(indices=list(indices), k=k, per_call=per_call)
+        saved = json.loads(paths.read_text(saved_file)) if paths.exists(saved_file) else {}
+        outcomes = saved["outcomes"] if all(saved.get(n) == v for n, v in which.items()) else []
+        if outcomes:
+            self._log(f"pool pass: {len(outcomes)}/{len(indices)} questions scored before the preemption, "
+                      f"read from {saved_file}")
+        shown = progress.Progress(len(indices), f"questions scored x {k}", self._log, start=len(outcomes))
+        try:
+            for start in range(len(outcomes), len(indices), per_call):
+                chunk = indices[start:start + per_call]
+                _, scores = self.rollout(chunk, jax.random.fold_in(key, start), k)
+                outcomes += [[s["accuracy"] == 1.0 for s in row] for row in scores]
+                shown.update(len(outcomes))
+        except preemption.Preempted:
+            if self.main:
+                paths.write_text(saved_file, json.dumps(dict(which, outcomes=outcomes)))
+            self._log(f"pool pass preempted: {len(outcomes)}/{len(indices)} questions scored, kept in {saved_file}")
+            raise
         return outcomes
 
     def pick(self, n: int) -> list[int]:
@@ -214,33 +241,41 @@ class RLTrainer:
     # ------------------------------------------------------------------ loop
     def train(self, on_step=None) -> list[dict]:
         c = self.config.rl
-        step = self.restore()
-        if step == 0:
-            message = self.pool.prepare(self.score_pool)
-            if message:
-                self._log(message)
+        with preemption.listening():  # from the stage-start pass on
+            step = self.restore()
+            if step is None:
+                step = 0
+                message = self.pool.prepare(self.score_pool)
+                if message:
+                    self._log(message)
+            self.started = (step, time.perf_counter())
 
-        def plateau(step):
-            if self.pool.stops_on_plateau and self.sparse_steps >= c.sparsity_patience:
-                return (f"reward sparsity above {c.sparsity_threshold} for {self.sparse_steps} steps: "
-                        f"stage {c.stage} has plateaued")
-        return loop.train_loop(start=step, total=c.steps, one_step=self.logged_step, save=self.save,
-                               every=self.config.checkpoint.every, ckpt=self.ckpt, workdir=self.workdir,
-                               log=self._log, on_step=on_step, stop_early=plateau)
+            def plateau(step):
+                if self.pool.stops_on_plateau and self.sparse_steps >= c.sparsity_patience:
+                    return (f"reward sparsity above {c.sparsity_threshold} for {self.sparse_steps} steps: "
+                            f"stage {c.stage} has plateaued")
+            return loop.train_loop(start=step, total=c.steps, one_step=self.logged_step, save=self.save,
+                                   every=self.config.checkpoint.every, ckpt=self.ckpt, workdir=self.workdir,
+                                   log=self._log, on_step=on_step, stop_early=plateau)
 
     def logged_step(self, step: int) -> dict:
         c = self.config.rl
         row = self.one_step(step)
         if self.eval_records and ((step + 1) % c.eval_every == 0 or step + 1 == c.steps):
             greedy = self.sampling(1, temperature=0.0)
-            row["eval_accuracy"] = evaluate_records(self.policy(), self.tokenizer, self.eval_records, greedy,
-                                                    self.stop_ids, mesh=self.rollout_mesh)["accuracy"]
+            try:
+                row["eval_accuracy"] = evaluate_records(self.policy(), self.tokenizer, self.eval_records, greedy,
+                                                        self.stop_ids, mesh=self.rollout_mesh)["accuracy"]
+            except preemption.Preempted:
+                pass  # the step itself is done: train_loop saves it at the next check
+        first, t0 = self.started
+        left = progress.eta(step + 1 - first, c.steps - first, time.perf_counter() - t0)
         self._log(f"step {step + 1}/{c.steps} reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} "
                   f"len {row['completion_length']:.0f} zero-adv {row['zero_advantage_groups']:.2f} drawn E/M/D "
                   f"{row['drawn_easy']}/{row['drawn_moderate']}/{row['drawn_difficult']}"
                   + (f" kl {row['kl_ref']:.2e}" if "kl_ref" in row else "")
                   + (f" eval {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
-                  + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)")
+                  + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)" + (f" {left}" if left else ""))
         return row
 
     def sample_groups(self, indices: list[int], key):
@@ -254,6 +289,17 @@ class RLTrainer:
         return out, reward, correct, fmt
 
     def one_step(self, step: int) -> dict:
+        """One RL step; preempted during its rollout, it puts the host state back as it was at
+        the step's start (nothing else has changed yet), so the checkpoint saved then resumes
+        exactly as the uninterrupted run."""
+        boundary = self.host_state()
+        try:
+            return self._one_step(step)
+        except preemption.Preempted:
+            self.load_host_state(boundary)
+            raise
+
+    def _one_step(self, step: int) -> dict:
         c = self.config.rl
         key = jax.random.fold_in(self.key, step)
         t0, self.sync_seconds = time.perf_counter(), 0.0
