@@ -20,8 +20,9 @@ import time
 
 from fleming_jax import paths, rewards
 from fleming_jax.data import inputs
-from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
+from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.distill import teachers
+from fleming_jax.prompts import user_prompt
 
 REASONS = ("empty", "wrong_answer", "bad_format", "too_short", "too_long")
 
