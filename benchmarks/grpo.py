@@ -42,7 +42,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fleming_jax.data.records import QARecord, user_prompt  # noqa: E402
+from fleming_jax.data.records import QARecord  # noqa: E402
+from fleming_jax.prompts import user_prompt  # noqa: E402
 
 SHAPE = dict(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
              num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
@@ -96,8 +97,8 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
     from configs import rl_stage1
     from fleming_jax import rewards, sampler
     from fleming_jax import tokenizer as toklib
-    from fleming_jax.evaluate import record_prompts
     from fleming_jax.models import hf
+    from fleming_jax.prompts import completion_texts, record_prompts
     from fleming_jax.train import grpo, rl
     from fleming_jax.train import state as statelib
 
@@ -122,7 +123,7 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
         assert out.lengths.min() == new_tokens
         t["old log-probs"] = 0.0  # out.model_logprobs: the sampler's own
         start = time.perf_counter()
-        texts = sampler.completion_texts(tok, out)
+        texts = completion_texts(tok, out)
         t0 = time.perf_counter()
         reward = np.array([[rewards.score(x, r, c.reward)["reward"] for x in row]
                            for r, row in zip(records, texts)])

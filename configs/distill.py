@@ -23,7 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.max_records = 0  # per split; 0 = all
     config.teacher = ml_collections.ConfigDict(dict(
         kind="kg",  # "kg" (offline, synthesised questions only), "http" (OpenAI-compatible) or
-        # "local" (an HF model directory run by our sampler: hf_path, dtype)
+        # "local" (an HF model directory run by our engine: hf_path, dtype)
         base_url="", model="", api_key_env="", max_concurrency=8, timeout_s=600.0, max_retries=5,
         hf_path="", dtype=""))
     config.collect = ml_collections.ConfigDict(dict(

@@ -57,7 +57,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         temperature=0.0,  # 0 = greedy
         top_p=1.0,
         max_new_tokens=96 if tiny else 4096,
-        batch_size=64,  # questions per sampler call (each with k samples)
+        batch_size=64,  # questions per engine call (each with k samples, one decode slot per sample)
         limit=0,  # at most this many questions per benchmark (0 = all)
         seed=0,
         model_name="",  # the table's row label (default: the checkpoint path)

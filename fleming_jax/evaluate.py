@@ -1,4 +1,4 @@
-"""Closed-ended accuracy of a model on QA records, through the sampler and the reward code.
+"""Closed-ended accuracy of a model on QA records, through the engine and the reward code.
 
 `evaluate_records` is the library call (the RL stages' held-out curve, the demo): records in,
 summary dict out, no files. `run` is task `eval`: any checkpoint on any set of benchmark
@@ -19,20 +19,16 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from fleming_jax import parallel, paths, rewards, sampler
-from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
+from fleming_jax import engine, parallel, paths, rewards, sampler
+from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.data.sources import Malformed
+from fleming_jax.prompts import completion_texts, record_prompts
 
 # What PAPER.md states of the published results; it gives no other per-benchmark numbers.
 PUBLISHED = ("Published (arXiv 2509.15279; only these are stated): macro average over 9 benchmarks, "
              "Fleming-R1-7B 63.4 (base 55.4, +cold start 58.5, +stage 1 61.2) and Fleming-R1-32B 75.4 "
              "(base 72.9, +cold start 74.5); Fleming-R1-32B on MedXpertQA 30.33. Avg above is over the "
              "benchmarks of this run, comparable only when they are the paper's nine.")
-
-
-def record_prompts(tokenizer, records: Sequence[QARecord]) -> list[list[int]]:
-    """Each record as one user message (no system prompt, as the paper evaluates)."""
-    return sampler.chat_prompts(tokenizer, [[{"role": "user", "content": user_prompt(r)}] for r in records])
 
 
 def fits_context(tokenizer, max_new_tokens: int, max_len: int) -> Callable[[QARecord], None]:
@@ -92,14 +88,17 @@ def summarize(rows: Sequence[dict]) -> dict:
                 mean_length=float(np.mean([n for r in rows for n in r["lengths"]])))
 
 
-# ---------------------------------------------------------------- through the sampler
+# ---------------------------------------------------------------- through the engine
 
 def sample_texts(model, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams,
                  stop_ids: Sequence[int], key, mesh=None) -> tuple[list[list[str]], np.ndarray]:
-    """(completions [records][k], lengths [records, k]) for one batch of records."""
-    out = sampler.generate(model, record_prompts(tokenizer, records), key, params, stop_ids=stop_ids, mesh=mesh,
-                           pad_id=tokenizer.pad_token_id or 0)
-    return sampler.completion_texts(tokenizer, out), out.lengths
+    """(completions [records][k], lengths [records, k]) for one batch of records, every
+    sequence in a decode slot of its own (as many slots as the batch's power-of-two row
+    bucket holds, so batch sizes share programs)."""
+    slots = sampler.bucket(len(records), minimum=1) * params.num_samples
+    out = engine.generate(model, record_prompts(tokenizer, records), key, params, stop_ids=stop_ids, slots=slots,
+                          mesh=mesh, pad_id=tokenizer.pad_token_id or 0)
+    return completion_texts(tokenizer, out), out.lengths
 
 
 def evaluate_records(model, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams | None = None,

@@ -223,25 +223,3 @@ def rollout_model(model, mesh: jax.sharding.Mesh, dtype: str | None = None):
                                 out_shardings=parallel.tree_shardings(state, mesh))
     with jax.set_mesh(mesh):
         return nnx.merge(graphdef, _LAYOUTS[key](state))
-
-
-def chat_prompts(tokenizer, chats: Sequence[Sequence[dict]]) -> list[list[int]]:
-    """Token ids of each chat through the tokenizer's chat template, generation prompt on."""
-    return [list(tokenizer.apply_chat_template(list(chat), tokenize=True, add_generation_prompt=True,
-                                               return_dict=True)["input_ids"]) for chat in chats]
-
-
-def completion_texts(tokenizer, out: SampleOutput) -> list[list[str]]:
-    """Decoded samples without their stop token, [prompts][samples]."""
-    return [[tokenizer.decode(t[:n - int(d)]) for t, n, d in zip(tokens, lengths, done)]
-            for tokens, lengths, done in zip(out.tokens, out.lengths, out.done)]
-
-
-def sample_chat(model, tokenizer, chats: Sequence[Sequence[dict]], key: jax.Array, params: SamplingParams,
-                stop_ids: Sequence[int], mesh=None) -> list[list[str]]:
-    """Text in, text out: each chat (e.g. one user message, no system prompt) through the
-    chat template, `num_samples` decoded replies each. Evaluation, rollouts and the local
-    teacher share it."""
-    out = generate(model, chat_prompts(tokenizer, chats), key, params, stop_ids=stop_ids, mesh=mesh,
-                   pad_id=tokenizer.pad_token_id or 0)
-    return completion_texts(tokenizer, out)

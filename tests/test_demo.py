@@ -35,10 +35,11 @@ def test_demo_pipeline_connects_every_stage(tmp_path):
 
 def assert_export_answers_like_our_sampler(workdir, max_new_tokens):
     """The exported model, in transformers with the exported tokenizer, writes the same
-    greedy text for a held-out question as our sampler did on the final checkpoint."""
+    greedy text for a held-out question as our evaluation did on the final checkpoint."""
     import torch
 
-    from fleming_jax.data.records import QARecord, read_jsonl, user_prompt
+    from fleming_jax.data.records import QARecord, read_jsonl
+    from fleming_jax.prompts import user_prompt
 
     ours = next(iter(read_jsonl(str(workdir / "held_out" / "rl_stage2.jsonl"))))
     record = next(QARecord.from_dict(r) for r in read_jsonl(str(workdir / "synthesize" / "validation.jsonl"))

@@ -13,8 +13,9 @@ import threading
 import time
 
 from fleming_jax import rewards
-from fleming_jax.data.records import QARecord, format_reply, read_jsonl, user_prompt, write_jsonl
+from fleming_jax.data.records import QARecord, format_reply, read_jsonl, write_jsonl
 from fleming_jax.distill import collect, teachers
+from fleming_jax.prompts import user_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Insulin"}

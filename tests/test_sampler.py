@@ -177,28 +177,3 @@ def test_bfloat16_cache_stays_close_to_float32(qwen2):
     bf16 = sampler.generate(qwen2, batch, jax.random.key(0), params, cache_dtype="bfloat16")
     np.testing.assert_array_equal(bf16.tokens[:, :, :4], f32.tokens[:, :, :4])
     np.testing.assert_allclose(bf16.model_logprobs[:, :, :4], f32.model_logprobs[:, :, :4], atol=0.1)
-
-
-def test_text_in_text_out_matches_transformers_and_serves_as_a_teacher(tmp_path):
-    from fleming_jax import tokenizer as toklib
-    from fleming_jax.distill.teachers import LocalTeacher
-    from tests.conftest import make_hf_model
-
-    tok = toklib.build([f"patient {i} has fever and rash; answer {i % 4}" for i in range(300)], str(tmp_path),
-                       vocab_size=320)
-    reference = make_hf_model("qwen2", False, vocab_size=320)
-    reference.save_pretrained(tmp_path)
-    chats = [[{"role": "user", "content": "patient 3 has fever"}], [{"role": "user", "content": "rash?"}]]
-    teacher = LocalTeacher.from_hf(str(tmp_path))
-    ours = teacher.complete_many(chats, n=2, temperature=0.0, max_tokens=12)
-    for chat, replies in zip(chats, ours):
-        ids = torch.tensor([tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True,
-                                                    return_dict=True)["input_ids"]])
-        with torch.no_grad():
-            out = reference.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=toklib.stop_ids(tok))[0, ids.shape[1]:].tolist()
-        stops = [i for i, t in enumerate(out) if t in toklib.stop_ids(tok)]
-        expected = tok.decode(out[:stops[0]] if stops else out)
-        assert replies == [expected, expected]
-    sampled = teacher.complete_many(chats, n=3, temperature=1.0, max_tokens=12)
-    assert [len(r) for r in sampled] == [3, 3] and sampled != teacher.complete_many(chats, n=3, max_tokens=12)

@@ -1,7 +1,8 @@
 """The QA record every reader produces, and the one place the reply format is defined.
 
-A model's reply is `<think>…</think>` followed by `<answer>X</answer>`; the prompt
-templates here and the answer extraction in `fleming_jax.rewards` both use these tags.
+A model's reply is `<think>…</think>` followed by `<answer>X</answer>`; `format_reply`
+here, the prompt that asks for it (`fleming_jax.prompts.user_prompt`) and the answer
+extraction in `fleming_jax.rewards` all use these tags.
 """
 
 from __future__ import annotations
@@ -43,20 +44,6 @@ class QARecord:
 def format_reply(reasoning: str, answer: str) -> str:
     """A reply in the format the rewards verify."""
     return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
-
-
-def user_prompt(record: QARecord) -> str:
-    """The single user message a model sees for a record (no system prompt, as the paper)."""
-    lines = [record.question.strip()]
-    if record.options:
-        lines.append("")
-        lines += [f"{letter}. {text}" for letter, text in record.options.items()]
-        what = "the letter of the correct option"
-    else:
-        what = "the short final answer"
-    lines += ["", f"Think step by step inside {THINK_OPEN}{THINK_CLOSE}, then give {what} "
-                  f"inside {ANSWER_OPEN}{ANSWER_CLOSE}."]
-    return "\n".join(lines)
 
 
 def read_jsonl(path: str) -> Iterator[dict[str, Any]]:

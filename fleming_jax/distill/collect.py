@@ -19,9 +19,10 @@ import json
 
 from fleming_jax import paths, preemption, rewards
 from fleming_jax.data import inputs
-from fleming_jax.data.records import QARecord, user_prompt, write_jsonl
+from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.distill import teachers
 from fleming_jax.progress import Progress
+from fleming_jax.prompts import user_prompt
 
 REASONS = ("empty", "wrong_answer", "bad_format", "too_short", "too_long")
 

@@ -3,8 +3,8 @@
 `Teacher.complete(messages, n, temperature, max_tokens)` returns n completions for one chat;
 `complete_many` runs many chats, at most `max_concurrency` at a time, in order. Backends:
 `HttpTeacher` (any OpenAI-compatible `/v1/chat/completions`: vLLM, SGLang, hosted APIs),
-`KGTeacher` (offline: reasoning along a synthesised question's knowledge-graph path).
-A local fleming_jax model teacher (the sampler) plugs in here with the same interface.
+`KGTeacher` (offline: reasoning along a synthesised question's knowledge-graph path),
+`LocalTeacher` (a fleming_jax model generating through the engine, `prompts.sample_chat`).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class KGTeacher(Teacher):
     """
 
     def __init__(self, records):
-        from fleming_jax.data.records import user_prompt
+        from fleming_jax.prompts import user_prompt
 
         self._records = {user_prompt(r): r for r in records}
         self._lengths = sorted({len(k) for k in self._records}, reverse=True)
@@ -254,8 +254,8 @@ def from_config(cfg, records=()) -> Teacher:
 
 
 class LocalTeacher(Teacher):
-    """A fleming_jax model (any HF checkpoint we import) generating through our sampler,
-    a batch of chats at a time."""
+    """A fleming_jax model (any HF checkpoint we import) generating through our engine
+    (`prompts.sample_chat`), `batch_size` chats at a time, each sample in a decode slot."""
 
     def __init__(self, model, tokenizer, seed: int = 0, batch_size: int = 32, mesh=None):
         from fleming_jax import tokenizer as toklib
@@ -279,13 +279,13 @@ class LocalTeacher(Teacher):
                       max_tokens: int = 4096) -> list[list[str]]:
         import jax
 
-        from fleming_jax import sampler
+        from fleming_jax import prompts, sampler
 
         params = sampler.SamplingParams(temperature=temperature, num_samples=n, max_new_tokens=max_tokens)
         texts = []
         for start in range(0, len(chats), self.batch_size):
             key = jax.random.fold_in(jax.random.key(self.seed), self.calls)  # fresh draws per call
             self.calls += 1
-            texts += sampler.sample_chat(self.model, self.tokenizer, chats[start:start + self.batch_size], key,
-                                         params, self.stop_ids, self.mesh)
+            texts += prompts.sample_chat(self.model, self.tokenizer, chats[start:start + self.batch_size], key,
+                                         params, self.stop_ids, slots=self.batch_size * n, mesh=self.mesh)
         return texts

@@ -28,7 +28,8 @@ from fleming_jax import engine, models, parallel, paths, preemption, progress, r
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs
 from fleming_jax.data.records import QARecord
-from fleming_jax.evaluate import evaluate_records, fits_context, record_prompts
+from fleming_jax.evaluate import evaluate_records, fits_context
+from fleming_jax.prompts import completion_texts, record_prompts
 from fleming_jax.train import grpo, loop, mining
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
@@ -200,7 +201,7 @@ class RLTrainer:
         out = engine.generate(self.policy(), prompts, key, self.sampling(samples), stop_ids=self.stop_ids,
                               slots=r.slots or self.config.rl.prompts_per_step * self.config.rl.group_size,
                               chunk=r.chunk, mesh=self.rollout_mesh, pad_id=self.tokenizer.pad_token_id or 0)
-        texts = sampler.completion_texts(self.tokenizer, out)
+        texts = completion_texts(self.tokenizer, out)
         scores = [[rewards.score(t, self.records[i], self.config.rl.reward) for t in row]
                   for i, row in zip(indices, texts)]
         return out, scores
