@@ -64,6 +64,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # the KL reference (beta > 0): its own copy of the starting weights, bf16 (2 bytes a
         # parameter, sharded like the params) or "float32" (exact, twice that)
         reference_dtype="bfloat16",
+        # Rollout/trainer mismatch (the engine decodes in its own layout and dtype; mismatch_*
+        # metrics measure it every step). recompute_old_logprobs: the trainer's own log-probs
+        # of the rollout (one extra forward) as pi_old; needed for mu > 1 or minibatches > 1
+        # when the rollout's numerics differ (bf16 decode). tis_cap: truncated importance
+        # sampling, each token's policy term x min(pi_trainer / pi_rollout, tis_cap) (0: off;
+        # ~2 when the mismatch metrics show a far share above ~1e-3); it recomputes pi_old.
+        recompute_old_logprobs=False,
+        tis_cap=0.0,
         grpo=dict(loss_mode="clipped", advantage="std", eps_low=0.2, eps_high=0.28, beta=0.0,
                   entropy_coef=0.0, log_entropy=False, aggregation="token_mean",
                   loss_normalizer=96.0 if tiny else 4096.0),

@@ -45,6 +45,7 @@ RULES = {
     "rl.score_k": (lambda v: v >= 0, "must be >= 0"),
     "rl.sparsity_threshold": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "rl.sparsity_patience": (lambda v: v >= 1, _AT_LEAST_1),
+    "rl.tis_cap": (lambda v: v == 0 or v >= 1, "must be 0 (off) or >= 1 (the largest importance weight, e.g. 2)"),
     "rl.grpo.eps_low": (lambda v: v >= 0, "must be >= 0"),
     "rl.grpo.eps_high": (lambda v: v >= 0, "must be >= 0"),
     "rl.grpo.beta": (lambda v: v >= 0, "must be >= 0"),

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from fleming_jax import engine, parallel, paths, rewards, sampler
+from fleming_jax.progress import eta
 from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.data.sources import Malformed
 from fleming_jax.prompts import completion_texts, record_prompts
@@ -231,8 +232,11 @@ def run(config, workdir: str) -> dict:
     tokenizer, model_config = load_tokenizer(config)
     accept = fits_context(tokenizer, e.max_new_tokens, model_config.max_position_embeddings)
     benchmarks = read_benchmarks(config.benchmarks, e.limit, accept)
-    mesh = parallel.make_mesh(config.mesh)
-    model, _ = models.build(config.model, mesh)
+    # Built on the configured mesh (an FSDP import shards as it reads), then decoded in the
+    # rollout layout: tensor parallel inside a host, so no weight is gathered per token.
+    model, model_config = models.build(config.model, parallel.make_mesh(config.mesh))
+    mesh = parallel.rollout_mesh(-1, model_config.num_kv_heads)
+    model = sampler.rollout_model(model, mesh)
     m = config.model
     label = e.model_name or m.init_from or m.hf_path or f"random {m.preset} (seed {m.seed})"
     params = sampler.SamplingParams(temperature=e.temperature, top_p=e.top_p, num_samples=e.samples,
@@ -247,8 +251,9 @@ def run(config, workdir: str) -> dict:
                 f"(first at {report['examples']})")
 
         def progress(done, total, rows, name=name, t0=t0):
+            left = eta(done, total, time.perf_counter() - t0)
             log(f"{name}: {done}/{total} questions, pass@1 {summarize(rows)['accuracy']:.3f} "
-                f"({time.perf_counter() - t0:.1f}s)")
+                f"({time.perf_counter() - t0:.1f}s{', ' + left if left else ''})")
 
         summary = evaluate_records(model, tokenizer, records, params, key=jax.random.fold_in(jax.random.key(e.seed), i),
                                    mesh=mesh, batch_size=e.batch_size, progress=progress)

@@ -39,7 +39,11 @@ class Emulator:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise RuntimeError("fake-gcs-server did not start")
                 time.sleep(0.1)
-        self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url}
+        # tensorstore looks for credentials (a file, then the GCE metadata server) and logs an
+        # ERROR when it finds neither, as on any machine without them; an emulator takes a
+        # fixed token. On a TPU/GCE VM it uses the VM's service account and logs nothing.
+        self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
 
     def create_bucket(self, name: str) -> str:
         request = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",

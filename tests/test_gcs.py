@@ -220,3 +220,17 @@ def test_local_copies_follow_the_bucket(emulator):
     assert paths.local_dir(d) == local and open(os.path.join(local, "config.json")).read() == "{2}"
     with pytest.raises(FileNotFoundError, match="gs://fleming-test/none does not exist"):
         paths.local_dir(f"gs://{BUCKET}/none")
+
+
+@pytest.mark.slow
+def test_an_unreachable_endpoint_fails_in_one_line_after_the_retries(tmp_path):
+    """Nothing listens at the storage endpoint (a network that drops GCS): gcsfs retries with
+    backoff (~1 min), then the run stops with one line naming the path, not a traceback."""
+    from tests.test_parallel import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on
+    result = run_main({"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url}, f"--workdir=gs://{BUCKET}/run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot access gs://{BUCKET}/run (") and line.endswith(
+        f"check the network and that gs://{BUCKET} is reachable (`gcloud storage ls gs://{BUCKET}`)"), line

@@ -145,3 +145,58 @@ def test_completion_window_equals_the_full_sequence(last):
     np.testing.assert_allclose(loss(params, window), loss(params, full), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, window)), jax.tree.leaves(jax.grad(loss)(params, full))):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_mismatch_metrics_and_tis_weights_by_hand():
+    trainer = jnp.log(jnp.array([[0.6, 0.1, 0.9]]))
+    rollout = jnp.log(jnp.array([[0.2, 0.3, 0.9]]))  # ratios pi_t / pi_r = 3, 1/3, 1
+    metrics, weights = grpo.mismatch_terms(trainer, rollout, tis_cap=2.0)
+    np.testing.assert_allclose(weights, [[2.0, 1 / 3, 1.0]], rtol=1e-6)  # min(ratio, 2)
+    np.testing.assert_allclose(metrics["mismatch_abs"], [[np.log(3), np.log(3), 0]], rtol=1e-6, atol=1e-7)
+    # k3 of KL(rollout || trainer) on the rollout's tokens: r - 1 - log r
+    np.testing.assert_allclose(metrics["mismatch_k3"], [[2 - np.log(3), 1 / 3 - 1 + np.log(3), 0]], rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_array_equal(metrics["mismatch_far"], [[1, 1, 0]])  # outside [1/2, 2]
+    _, off = grpo.mismatch_terms(trainer, rollout)
+    np.testing.assert_array_equal(off, np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_tis_weights_the_policy_term_and_changes_nothing_without_mismatch(aggregation):
+    """At an update's first step (pi = pi_old = the trainer) the clipped term is -A per token;
+    TIS makes it -A min(pi_old / pi_rollout, C). With equal rollout log-probs it is a no-op."""
+    model, _ = models.build(small_model_cfg())
+    graphdef, params = nnx.split(model, nnx.Param)
+    data = global_batch_for_test()
+    tokens, segments = jnp.asarray(data["tokens"]), jnp.asarray(data["segments"])
+    mask = jnp.asarray(data["loss_weights"])
+    own = token_logprobs(model, tokens, segments)
+    ratios = np.exp(np.random.default_rng(0).normal(0, 0.8, own.shape)).astype(np.float32)
+    adv = jnp.linspace(-1, 1, tokens.shape[0])
+    batch = dict(tokens=tokens, segments=segments, completion_mask=mask, advantages=adv, old_logprobs=own)
+    c = cfg(aggregation=aggregation)
+
+    def loss(p, b, cap):
+        num, den, metrics = grpo.grpo_loss(nnx.merge(graphdef, p), b, c, tis_cap=cap)
+        return num / den, metrics
+
+    skewed = dict(batch, rollout_logprobs=own - jnp.log(ratios))
+    got, metrics = loss(params, skewed, 2.0)
+    per_token = -np.asarray(adv)[:, None] * np.minimum(ratios, 2.0) * np.asarray(mask)
+    if aggregation == "token_mean":
+        want = per_token.sum() / np.asarray(mask).sum()
+    else:
+        rows = np.asarray(mask).sum(1) > 0
+        want = (per_token.sum(1)[rows] / np.asarray(mask).sum(1)[rows]).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    m = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(metrics["mismatch_abs"], np.abs(np.log(ratios))[m].mean(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["mismatch_max"], np.abs(np.log(ratios))[m].max(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["mismatch_far"], (np.abs(np.log(ratios)) > np.log(2))[m].mean(), rtol=1e-5)
+
+    same = dict(batch, rollout_logprobs=own)
+    (a, ma), (b, _) = loss(params, same, 2.0), loss(params, batch, 0.0)
+    assert a == b and float(ma["mismatch_abs"]) == 0.0
+    for x, y in zip(jax.tree.leaves(jax.grad(lambda p: loss(p, same, 2.0)[0])(params)),
+                    jax.tree.leaves(jax.grad(lambda p: loss(p, batch, 0.0)[0])(params))):
+        np.testing.assert_array_equal(x, y)

@@ -9,6 +9,12 @@ Two objectives (`loss_mode`):
   estimator, minus an optional entropy bonus.
 Aggregation returns (numerator, denominator) so that gradient accumulation in
 `train.state.make_train_step` reproduces the full-batch loss exactly.
+
+Rollout/trainer mismatch: the engine samples in its own layout and dtype (bf16 by default),
+so its log-probs of the sampled tokens differ from the trainer's. `mismatch_*` metrics
+measure it per token; truncated importance sampling (TIS, `tis_cap` > 0) weights each
+token's policy term by min(pi_trainer_old / pi_rollout, C) to correct the off-policy
+sampling it causes.
 """
 
 from __future__ import annotations
@@ -39,10 +45,27 @@ def group_advantages(rewards: jax.Array, mode: str = "std", eps: float = 1e-4) -
     raise ValueError(f"rl.grpo.advantage={mode!r}; choose one of {ADVANTAGES}")
 
 
-def token_terms(logp, old_logp, advantages, cfg, ref_logp=None, entropy=None):
+MISMATCH_RANGE = 2.0  # a token's trainer/rollout probability ratio outside [1/2, 2] counts as far
+
+
+def mismatch_terms(trainer_logp, rollout_logp, tis_cap: float = 0.0):
+    """Per-token maps of how far the rollout's log-probs are from the trainer's (same tokens,
+    same weights, the rollout's layout and dtype), and the TIS weights min(ratio, tis_cap)
+    (ones when tis_cap is 0)."""
+    diff = jax.lax.stop_gradient(trainer_logp - rollout_logp)
+    far = jnp.abs(diff) > jnp.log(max(tis_cap, MISMATCH_RANGE))
+    # k3 estimate of KL(rollout || trainer) from the rollout's samples: r - 1 - log r, r = pi_t / pi_r
+    metrics = dict(mismatch_abs=jnp.abs(diff), mismatch_k3=jnp.exp(diff) - 1 - diff,
+                   mismatch_far=far.astype(jnp.float32))
+    weights = jnp.minimum(jnp.exp(diff), tis_cap) if tis_cap else jnp.ones_like(diff)
+    return metrics, weights
+
+
+def token_terms(logp, old_logp, advantages, cfg, ref_logp=None, entropy=None, tis_weights=None):
     """Per-token loss [B, T] and per-token metric maps, for completion tokens of B sequences.
 
-    advantages: [B] (one per sequence, broadcast over its tokens).
+    advantages: [B] (one per sequence, broadcast over its tokens); tis_weights [B, T]
+    multiply the policy term (not the KL or entropy terms).
     """
     adv = advantages[:, None]
     ratio = jnp.exp(logp - old_logp)
@@ -54,13 +77,16 @@ def token_terms(logp, old_logp, advantages, cfg, ref_logp=None, entropy=None):
         loss = -jnp.minimum(ratio * adv, clipped * adv)
         metrics["clip_low"] = ((ratio < 1 - cfg.eps_low) & (adv < 0)).astype(jnp.float32)
         metrics["clip_high"] = ((ratio > 1 + cfg.eps_high) & (adv > 0)).astype(jnp.float32)
+    else:
+        raise ValueError(f"loss_mode {cfg.loss_mode!r}; choose 'paper' or 'clipped'")
+    if tis_weights is not None:
+        loss = loss * tis_weights
+    if cfg.loss_mode == "clipped":
         if cfg.beta:
             log_ref_ratio = ref_logp - logp
             kl = jnp.exp(log_ref_ratio) - log_ref_ratio - 1  # k3: unbiased, always >= 0
             loss = loss + cfg.beta * kl
             metrics["kl_ref"] = kl
-    else:
-        raise ValueError(f"loss_mode {cfg.loss_mode!r}; choose 'paper' or 'clipped'")
     if cfg.entropy_coef and entropy is not None:
         loss = loss - cfg.entropy_coef * entropy
     # k3 estimate of KL(pi_old || pi): how far the update has moved from the rollout policy
@@ -90,23 +116,31 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normalizer: floa
     raise ValueError(f"aggregation {mode!r}; choose one of {AGGREGATIONS}")
 
 
-def grpo_loss(model, batch, cfg, chunk_size: int = 256):
+def grpo_loss(model, batch, cfg, chunk_size: int = 256, tis_cap: float = 0.0):
     """The loss the train step differentiates: (numerator, denominator, metric sums).
 
     batch: tokens/segments [B, T] (prompt + completion, left-padded), advantages [B], and the
     per-token arrays completion_mask, old_logprobs (and ref_logprobs when cfg.beta > 0) as
     [B, C] over the last C positions (the completion window; C = T is the whole sequence).
-    Only the window is unembedded.
+    Only the window is unembedded. With `rollout_logprobs` in the batch, old_logprobs are the
+    trainer's own (recomputed before the update) and the mismatch is old vs rollout; without,
+    old_logprobs are the rollout's and the mismatch is measured against the current policy
+    (exact at an update's first optimizer step, where the trainer has not moved yet).
     """
     want_entropy = bool(cfg.entropy_coef) or cfg.log_entropy
     mask = batch["completion_mask"]
     out = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size,
                          with_entropy=want_entropy, last=mask.shape[1])
     logp, entropy = out if want_entropy else (out, None)
-    loss, token_metrics = token_terms(logp, batch["old_logprobs"], batch["advantages"], cfg,
-                                      batch.get("ref_logprobs"), entropy)
+    old = batch["old_logprobs"]
+    trainer_old, rollout = (old, batch["rollout_logprobs"]) if "rollout_logprobs" in batch else (logp, old)
+    mismatch, weights = mismatch_terms(trainer_old, rollout, tis_cap)
+    loss, token_metrics = token_terms(logp, old, batch["advantages"], cfg, batch.get("ref_logprobs"), entropy,
+                                      weights if tis_cap else None)
+    token_metrics |= mismatch
     num, den = aggregate(loss, mask, cfg.aggregation, cfg.loss_normalizer)
     tokens = jnp.maximum(mask.sum(), 1.0)
     # Token means per microbatch; the train step averages them over microbatches.
     metrics = {k: (jax.lax.stop_gradient(v) * mask).sum() / tokens for k, v in token_metrics.items()}
+    metrics["mismatch_max"] = (mismatch["mismatch_abs"] * mask).max()  # per microbatch (mean over them)
     return num, den, metrics

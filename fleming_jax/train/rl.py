@@ -128,15 +128,17 @@ class RLTrainer:
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
         shardings = statelib.state_shardings(self.state, self.mesh)
         self.reference = reference_copy(self.state.params, c.reference_dtype, shardings.params) if c.grpo.beta else None
-        loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk)
+        loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk, tis_cap=c.tis_cap)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, c.grad_accum_steps, self.mesh,
                                                 shardings)
         logprobs = jax.jit(lambda p, tokens, segments, last: token_logprobs(
             nnx.merge(self.graphdef, p), tokens, segments, chunk_size=c.logprob_chunk, last=last),
             static_argnums=3)
-        # the reference policy's log-probs over the batch's completion window
-        self.ref_logprobs = lambda b: self._on_mesh(logprobs, self.reference, b["tokens"], b["segments"],
-                                                    b["completion_mask"].shape[1])
+        # log-probs of `params` over a (global) batch's completion window: the reference
+        # policy's for the KL, the trainer's own for recompute_old_logprobs / TIS
+        self.logprobs_of = lambda params, b: self._on_mesh(logprobs, params, b["tokens"], b["segments"],
+                                                           b["completion_mask"].shape[1])
+        self.ref_logprobs = lambda b: self.logprobs_of(self.reference, b)
         self.pool = mining.make_pool(self.records, c)
         self.rng = np.random.default_rng(c.seed)
         self.key = jax.random.key(c.seed)
@@ -275,6 +277,7 @@ class RLTrainer:
                   f"len {row['completion_length']:.0f} zero-adv {row['zero_advantage_groups']:.2f} drawn E/M/D "
                   f"{row['drawn_easy']}/{row['drawn_moderate']}/{row['drawn_difficult']}"
                   + (f" kl {row['kl_ref']:.2e}" if "kl_ref" in row else "")
+                  + (f" mismatch {row['mismatch_abs']:.1e}" if "mismatch_abs" in row else "")
                   + (f" eval {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
                   + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)" + (f" {left}" if left else ""))
         return row
@@ -332,6 +335,10 @@ class RLTrainer:
             if c.grpo.beta:
                 ref = self.ref_logprobs(parallel.global_batch(self.mesh, batch, whole=True))
                 batch["ref_logprobs"] = parallel.to_host(ref)
+            if c.recompute_old_logprobs or c.tis_cap:
+                own = self.logprobs_of(self.state.params, parallel.global_batch(self.mesh, batch, whole=True))
+                batch["rollout_logprobs"] = batch["old_logprobs"]
+                batch["old_logprobs"] = parallel.to_host(own) * batch["completion_mask"]
             metrics = self.update(batch)
         t2 = time.perf_counter()
         lengths = out.lengths.astype(float)
@@ -354,7 +361,7 @@ class RLTrainer:
             raise ValueError(f"prompts_per_step x group_size = {rows} rows do not split into "
                              f"rl.minibatches={c.minibatches}")
         sums: dict[str, float] = {}
-        count = 0
+        count, first = 0, {}
         for _ in range(c.mu):
             order = self.rng.permutation(rows)
             for part in np.split(order, c.minibatches):
@@ -369,8 +376,10 @@ class RLTrainer:
                         "check the data, then rerun to resume from it")
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                first = first or {k: float(v) for k, v in metrics.items() if k.startswith("mismatch_")}
                 count += 1
-        return {k: v / count for k, v in sums.items()}
+        # the mismatch as the first optimizer step saw it (later ones have moved the trainer)
+        return {k: v / count for k, v in sums.items()} | first
 
 
 def reference_copy(params, dtype: str, shardings):
