@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from fleming_jax import engine, parallel, paths, rewards, sampler
-from fleming_jax.progress import eta
 from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.data.sources import Malformed
+from fleming_jax.progress import eta
 from fleming_jax.prompts import completion_texts, record_prompts
 
 # What PAPER.md states of the published results; it gives no other per-benchmark numbers.
@@ -234,7 +234,7 @@ def run(config, workdir: str) -> dict:
     benchmarks = read_benchmarks(config.benchmarks, e.limit, accept)
     # Built on the configured mesh (an FSDP import shards as it reads), then decoded in the
     # rollout layout: tensor parallel inside a host, so no weight is gathered per token.
-    model, model_config = models.build(config.model, parallel.make_mesh(config.mesh))
+    model, _ = models.build(config.model, parallel.make_mesh(config.mesh))
     mesh = parallel.rollout_mesh(-1, model_config.num_kv_heads)
     model = sampler.rollout_model(model, mesh)
     m = config.model

@@ -143,7 +143,6 @@ class RLTrainer:
         self.rng = np.random.default_rng(c.seed)
         self.key = jax.random.key(c.seed)
         self.sparse_steps = 0
-        self.started = (0, time.perf_counter())  # (first step, when) of this run, for the ETA
         self.ckpt = loop.Checkpoints(workdir, config.checkpoint.keep, shardings, self._log)
 
     def _on_mesh(self, fn, *args):
@@ -251,7 +250,7 @@ class RLTrainer:
                 message = self.pool.prepare(self.score_pool)
                 if message:
                     self._log(message)
-            self.started = (step, time.perf_counter())
+            self.started = (step, time.perf_counter())  # (first step, when) of this run, for the ETA
 
             def plateau(step):
                 if self.pool.stops_on_plateau and self.sparse_steps >= c.sparsity_patience:
@@ -332,11 +331,12 @@ class RLTrainer:
             multiple = c.minibatches * c.grad_accum_steps * parallel.batch_devices(self.mesh)
             rows = batch_rows(int(keep.sum()), c.group_size, c.prompts_per_step, multiple)
             batch = rollout_batch(prompts, out, advantages, keep, rows)
+            recompute = c.recompute_old_logprobs or c.tis_cap
+            on_mesh = parallel.global_batch(self.mesh, batch, whole=True) if c.grpo.beta or recompute else None
             if c.grpo.beta:
-                ref = self.ref_logprobs(parallel.global_batch(self.mesh, batch, whole=True))
-                batch["ref_logprobs"] = parallel.to_host(ref)
-            if c.recompute_old_logprobs or c.tis_cap:
-                own = self.logprobs_of(self.state.params, parallel.global_batch(self.mesh, batch, whole=True))
+                batch["ref_logprobs"] = parallel.to_host(self.ref_logprobs(on_mesh))
+            if recompute:
+                own = self.logprobs_of(self.state.params, on_mesh)
                 batch["rollout_logprobs"] = batch["old_logprobs"]
                 batch["old_logprobs"] = parallel.to_host(own) * batch["completion_mask"]
             metrics = self.update(batch)
