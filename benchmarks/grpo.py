@@ -1,15 +1,21 @@
 """One GRPO step: fleming-jax vs TRL's `GRPOTrainer` (PyTorch, CPU), with a phase breakdown.
 
-One step = generate G=8 completions for each of 8 QA prompts (128 new tokens each, no
-early stop, temperature 1.0), score them with `fleming_jax.rewards.score`, group
-advantages, and one optimizer step (AdamW, clipped token-mean GRPO loss, no KL) on the
-64 sequences. Both sides start from the same ~100M-parameter Qwen2-shaped model with random
+One step = generate G=8 completions for each of 8 QA prompts (temperature 1.0, budget 256
+new tokens), score them with `fleming_jax.rewards.score`, group advantages, and one optimizer
+step (AdamW, clipped token-mean GRPO loss, no KL) on the 64 sequences. Reply lengths are
+long-tailed by default, as RL replies are: a reply ends at any of `vocab x 4 / budget` fixed
+stop tokens (`benchmarks/rollout.py`'s set; the random model's next-token distribution is
+nearly uniform, so lengths are geometric with a mean of about a quarter of the budget,
+capped), on both sides (TRL gets them as the model's `eos_token_id` list, so it masks after
+them too). `--lengths equal`: no early stop, every reply runs to the budget. Both sides start from the same ~100M-parameter Qwen2-shaped model with random
 weights (built with transformers, saved, loaded into ours with `hf.load`) and the same
 tokenizer (`fleming_jax.tokenizer.build`, saved beside it). Each side runs one warm-up step
-(ours compiles there: compilation is excluded) and then one timed step.
+and then one timed step (ours: the warm-up is the same step from the same state, so it
+compiles every shape the timed step runs; compilation is excluded).
 
 Phases:
-- generation: ours `sampler.generate`; TRL `transformers.generate` (its `_generate_single_turn`).
+- generation: ours `engine.generate` (continuous batching, every sequence in flight); TRL
+  `transformers.generate` (its `_generate_single_turn`) on the 64 rows at once.
 - old log-probs: ours none (the sampler returns the rollout's log-probs); TRL skips its own
   forward when generation and optimizer steps are aligned (this config), so both are ~0.
 - scoring: the reward calls. other rollout work: decoding, chat template / tokenization,
@@ -22,7 +28,7 @@ Rewards are all 0 with random weights (no group has signal); both sides still do
 update (ours keeps the zero-advantage groups here).
 
 pip install -r benchmarks/requirements.txt   # trl
-python benchmarks/grpo.py [--prompts 8] [--group 8] [--new_tokens 128] [--grad_accum 4]
+python benchmarks/grpo.py [--prompts 8] [--group 8] [--new_tokens 256] [--grad_accum 4] [--lengths equal]
 
 Takes 10-20 minutes on 2 CPU cores (two steps per side); the sides run one after the other,
 so other jobs on the machine skew the ratio.
@@ -42,6 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.rollout import long_tail_stops  # noqa: E402
 from fleming_jax.data.records import QARecord  # noqa: E402
 from fleming_jax.prompts import user_prompt  # noqa: E402
 
@@ -89,13 +96,14 @@ def build_checkpoint(path: str, records: list[QARecord]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum: int) -> dict[str, float]:
+def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum: int,
+         stops: list[int]) -> dict[str, float]:
     """Seconds per phase of our second (post-compilation) GRPO step."""
     from flax import nnx
 
     from configs import models as presets
     from configs import rl_stage1
-    from fleming_jax import rewards, sampler
+    from fleming_jax import engine, rewards, sampler
     from fleming_jax import tokenizer as toklib
     from fleming_jax.models import hf
     from fleming_jax.prompts import completion_texts, record_prompts
@@ -117,10 +125,11 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
     def one_step(ts, key):
         t = {}
         start = time.perf_counter()
-        out = sampler.generate(nnx.merge(graphdef, ts.params), prompts, key, params,
-                               stop_ids=(), pad_id=tok.pad_token_id or 0)  # no stop: all new_tokens
+        out = engine.generate(nnx.merge(graphdef, ts.params), prompts, key, params,
+                              stop_ids=stops + (toklib.stop_ids(tok) if stops else []),
+                              slots=len(prompts) * group, pad_id=tok.pad_token_id or 0)
         t["generation"] = time.perf_counter() - start
-        assert out.lengths.min() == new_tokens
+        assert stops or out.lengths.min() == new_tokens
         t["old log-probs"] = 0.0  # out.model_logprobs: the sampler's own
         start = time.perf_counter()
         texts = completion_texts(tok, out)
@@ -136,17 +145,19 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
         ts, metrics = step_fn(ts, batch)
         float(metrics["loss"])  # waits for the step
         t["update"] = time.perf_counter() - start
-        return ts, t, batch["tokens"].shape
+        return ts, t, batch["tokens"].shape, out.lengths
 
-    ts, _, _ = one_step(ts, jax.random.key(0))  # warm-up: compiles the sampler and the train step
-    _, times, shape = one_step(ts, jax.random.key(1))
-    print(f"ours: train batch {shape[0]} x {shape[1]} tokens (prompt and completion rounded up to powers of "
-          "two; only the completion window is unembedded); "
+    fresh = jax.tree.map(jnp.copy, ts)  # the train step donates its state
+    one_step(ts, jax.random.key(1))  # warm-up: the same step, so it compiles every shape the timed one runs
+    _, times, shape, lengths = one_step(fresh, jax.random.key(1))
+    print(f"ours: reply lengths mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, max {lengths.max()}, "
+          f"{np.mean(lengths == new_tokens):.0%} at the budget; train batch {shape[0]} x {shape[1]} tokens; "
           + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()), flush=True)
     return times
 
 
-def trl_side(path: str, records: list[QARecord], group: int, new_tokens: int, accum: int) -> dict[str, float]:
+def trl_side(path: str, records: list[QARecord], group: int, new_tokens: int, accum: int,
+             stops: list[int]) -> dict[str, float]:
     """Seconds per phase of TRL's second GRPO step, from timers wrapped around its methods."""
     import datasets
     import torch
@@ -193,12 +204,14 @@ def trl_side(path: str, records: list[QARecord], group: int, new_tokens: int, ac
             output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
             num_generations=group, per_device_train_batch_size=len(records) * group // accum,
             gradient_accumulation_steps=accum, max_completion_length=new_tokens,
-            generation_kwargs={"min_new_tokens": new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
+            generation_kwargs=None if stops else {"min_new_tokens": new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
             loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group",
             learning_rate=1e-6, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
             max_steps=2, logging_strategy="no", save_strategy="no", report_to="none",
             disable_tqdm=True, log_completions=False, shuffle_dataset=False, seed=0)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if stops:  # GRPOTrainer stops and masks at the model's eos ids (and the tokenizer's)
+            model.generation_config.eos_token_id = stops
         tok = transformers.AutoTokenizer.from_pretrained(path)
         trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
                                   processing_class=tok, callbacks=[StepClock()])
@@ -221,18 +234,21 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=256, help="the generation budget")
     parser.add_argument("--grad_accum", type=int, default=4, help="microbatches of the one optimizer step")
+    parser.add_argument("--lengths", choices=("long_tailed", "equal"), default="long_tailed")
     args = parser.parse_args()
     records = make_records(args.prompts)
     with tempfile.TemporaryDirectory() as path:
         n_params = build_checkpoint(path, records)
-        work = (path, records, args.group, args.new_tokens, args.grad_accum)
+        stops = (long_tail_stops(SHAPE["vocab_size"], args.new_tokens, np.random.default_rng(0))
+                 if args.lengths == "long_tailed" else [])
+        work = (path, records, args.group, args.new_tokens, args.grad_accum, stops)
         rows = {"fleming-jax": ours(*work), "trl": trl_side(*work)}
     a, b = rows["fleming-jax"], rows["trl"]
     total_a, total_b = sum(a.values()), sum(b.values())
     print(f"{n_params / 1e6:.0f}M-param Qwen2 shape (fp32), {args.prompts} prompts x G={args.group} x "
-          f"{args.new_tokens} new tokens, update in {args.grad_accum} microbatches, {os.cpu_count()} CPU cores; "
+          f"{args.new_tokens} new tokens ({args.lengths.replace('_', '-')} lengths), update in {args.grad_accum} microbatches, {os.cpu_count()} CPU cores; "
           "seconds of the step after one warm-up")
     print(f"| {'phase':<20} | fleming-jax | trl (torch) | trl / ours |")
     print(f"|{'-' * 22}|-------------|-------------|------------|")

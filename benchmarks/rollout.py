@@ -36,6 +36,13 @@ SHAPE = dict(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidd
              max_position_embeddings=4096)
 
 
+def long_tail_stops(vocab: int, budget: int, rng: np.random.Generator) -> list[int]:
+    """`vocab x 4 / budget` random token ids (never 0-2): with a random model's nearly uniform
+    next-token distribution, a reply stops at each step with probability ~4 / budget, so lengths
+    are geometric with a mean of about a quarter of the budget, capped at the budget."""
+    return sorted(map(int, rng.choice(np.arange(3, vocab), vocab * 4 // budget, replace=False)))
+
+
 def useful_lengths(tokens: np.ndarray, budget: int, stop: list[int]) -> np.ndarray:
     """Tokens up to and including the first stop token (the whole budget when none)."""
     hit = np.isin(tokens, stop)
@@ -60,8 +67,7 @@ def main():
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(3, SHAPE["vocab_size"], rng.integers(args.prompt // 2, args.prompt + 1))))
                for _ in range(args.prompts)]
-    stop = sorted(map(int, rng.choice(np.arange(3, SHAPE["vocab_size"]), SHAPE["vocab_size"] * 4 // args.budget,
-                                      replace=False)))
+    stop = long_tail_stops(SHAPE["vocab_size"], args.budget, rng)
     with tempfile.TemporaryDirectory() as path:
         reference.save_pretrained(path)
         model, _ = hf.load(path)

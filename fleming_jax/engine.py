@@ -29,8 +29,9 @@ from flax import nnx
 
 from fleming_jax import parallel, preemption
 from fleming_jax.models.qwen import ATTENTION_BLOCK, KVCache
-from fleming_jax.sampler import CACHE_AXES, SampleOutput, SamplingParams, bucket, pick
+from fleming_jax.sampler import SampleOutput, SamplingParams, bucket, pick
 
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # each layer's cache buffer
 TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0}  # programs traced (tests count them)
 
 
@@ -57,7 +58,7 @@ def _constrain_cache(cache: KVCache) -> KVCache:
 @functools.partial(jax.jit, static_argnames=("config", "slots", "length", "budget", "cache_dtype"))
 def _empty(config, slots: int, length: int, budget: int, cache_dtype: str) -> Slots:
     TRACES["empty"] += 1
-    cache = _constrain_cache(KVCache.zeros(config, slots, length, cache_dtype, per_row=True))
+    cache = _constrain_cache(KVCache.zeros(config, slots, length, cache_dtype))
     zeros = lambda dtype: jnp.zeros((slots, budget), dtype)
     return Slots(cache=cache, last_logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
                  keys=jax.random.split(jax.random.key(0), slots), steps=jnp.zeros((slots,), jnp.int32),
@@ -72,7 +73,7 @@ def _prefill(graphdef, state, tokens, lengths, cache_dtype: str):
     model = nnx.merge(graphdef, state)
     rows, width = tokens.shape
     mask = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
-    cache = _constrain_cache(KVCache.zeros(model.config, rows, width, cache_dtype, per_row=True))
+    cache = _constrain_cache(KVCache.zeros(model.config, rows, width, cache_dtype))
     hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache, layers=model.layers.split())
     last = hidden[jnp.arange(rows), lengths - 1]
     return cache, model.logits(last)
@@ -144,7 +145,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
              cache_dtype: str | None = None, pad_id: int = 0) -> SampleOutput:
     """`params.num_samples` completions of each prompt through `slots` decode slots (fewer
     when fewer sequences are asked for; a power of two, so few programs are compiled); the same
-    SampleOutput as `sampler.generate`, and the same samples for any `slots` and `chunk`.
+    SampleOutput for any `slots` and `chunk` (the same samples, too).
     The cache holds slots x `cache_length` tokens.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -152,8 +153,9 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     config, group, budget = model.config, params.num_samples, params.max_new_tokens
     longest = max(len(p) for p in prompts)
     if longest + budget > config.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens + {budget} new tokens exceeds "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens={budget} = {longest + budget} "
+                         f"exceeds the model's max_position_embeddings={config.max_position_embeddings}; shorten "
+                         "the prompt or lower max_new_tokens")
     width = bucket(longest)
     length = cache_length(width, budget)
     dp = 1 if mesh is None else parallel.batch_devices(mesh)

@@ -223,16 +223,18 @@ def loop_collectives(hlo_text: str) -> dict[str, int]:
 
 def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int = 2,
                 prompt_len: int = 16, budget: int = 16) -> dict:
-    """Compiles the sampler (prefill + decode loop) for `config.model` on abstract shapes:
-    in the rollout layout (`parallel.rollout_mesh`, params in the compute dtype) or, with
+    """Compiles the rollout engine's decode program (`engine._decode`: a chunk of tokens in
+    every slot, `prompts x samples` slots) for `config.model` on abstract shapes: in the
+    rollout layout (`parallel.rollout_mesh`, params in the compute dtype) or, with
     `layout="train"`, on the training mesh with the master weights. Returns per-device
-    memory and the collectives per decoded token (see `loop_collectives`)."""
+    memory (the arguments hold the weights and the slots' KV cache, `cache_bytes` of it) and
+    the collectives per decoded token (see `loop_collectives`)."""
     devices = _devices(config.plan)
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from fleming_jax import models, parallel, sampler
+    from fleming_jax import engine, models, parallel, sampler
     from fleming_jax.models import qwen
 
     model_config = models.config_from(config.model)
@@ -245,22 +247,24 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
     shardings = parallel.tree_shardings(abstract, mesh)
     state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, dtype, sharding=s)),
                          abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    batch = parallel.batch_sharding(mesh, 2)
+    dp = parallel.batch_devices(mesh)
+    slots = -(-prompts * samples // dp) * dp
+    length = engine.cache_length(prompt_len, budget)
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rows = -(-prompts // parallel.batch_devices(mesh)) * parallel.batch_devices(mesh)
-    abstract_key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=batch),
-            jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=batch),
-            jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole),
-            jax.ShapeDtypeStruct((), jnp.int32, sharding=whole),
-            jax.ShapeDtypeStruct(abstract_key.shape, abstract_key.dtype, sharding=whole))
-    params = sampler.SamplingParams(temperature=1.0, num_samples=samples, max_new_tokens=0)
     with jax.set_mesh(mesh):
-        compiled = sampler._generate.lower(graphdef, state, *args, params=params, budget=budget,
-                                           cache_dtype=dtype).compile()
+        empty = engine._empty.lower(model_config, slots=slots, length=length, budget=budget,
+                                    cache_dtype=dtype).compile()  # the slots' shapes and layout
+        table = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             empty.out_info, empty.output_shardings)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+        params = sampler.SamplingParams(temperature=1.0, num_samples=samples, max_new_tokens=0)
+        compiled = engine._decode.lower(graphdef, state, table, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole),
+                                        scalar, scalar, params=params).compile()
     mem = compiled.memory_analysis()
+    shard_bytes = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
     return dict(model=config.model.preset, layout=layout, mesh=dict(mesh.shape), dtype=dtype,
-                device_kind=devices[0].device_kind, rows=rows * samples, cache_len=prompt_len + budget,
+                device_kind=devices[0].device_kind, rows=slots, cache_len=length,
+                cache_bytes=sum(map(shard_bytes, table.cache.k + table.cache.v)),
                 arguments_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
                 output_bytes=mem.output_size_in_bytes,
                 per_token=loop_collectives(compiled.as_text()))

@@ -1,8 +1,7 @@
 """Text <-> tokens around generation: the one place a QA record becomes the prompt a model
 sees, a chat becomes token ids, and sampled token ids become text.
 
-The generators take token ids and return token ids (`engine.generate`; the static
-`sampler.generate`). RL rollouts, evaluation and distillation (its prompts and the local
+The generator takes token ids and returns token ids (`engine.generate`). RL rollouts, evaluation and distillation (its prompts and the local
 teacher) all template here, so a question is asked the same way wherever it is sampled,
 and another engine can replace `engine.generate` behind `sample_chat` without touching them.
 jax is imported only by `sample_chat`: collecting from an HTTP teacher needs none.

@@ -1,17 +1,12 @@
-"""Batched generation with a KV cache: one jitted prefill + `while_loop` decode.
+"""What every generator shares: how tokens are picked (greedy, temperature, top-k, top-p),
+what a generation returns (`SampleOutput`), and the policy's decode layout (`rollout_model`).
 
-GRPO spends most of its time here. Shapes are static per bucket (batch, prompt length and
-generation budget are rounded up to powers of two), so a run compiles a handful of
-programs; the number of new tokens is a traced value, so any budget inside a bucket reuses
-the program. The prefill runs once per prompt; its cache is then repeated for the
-`num_samples` completions of each prompt (GRPO's group).
+The generator itself is the continuous-batching engine (`fleming_jax.engine`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +14,8 @@ import numpy as np
 from flax import nnx
 
 from fleming_jax import parallel
-from fleming_jax.models.qwen import KVCache
 
 MIN_BUCKET = 16
-CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # each layer's buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,106 +93,6 @@ def inverse_cdf_sample(key, logits):
     else:
         u = jax.random.uniform(key, (logits.shape[0], 1), minval=tiny)
     return jnp.sum(cdf < u * cdf[:, -1:], axis=-1).astype(jnp.int32)
-
-
-TRACES = {"generate": 0}  # how many programs were traced (tests count compilations)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "budget", "cache_dtype"))
-def _generate(graphdef, state, prompts, prompt_mask, stop_ids, max_new_tokens, key,
-              params: SamplingParams, budget: int, cache_dtype: str):
-    TRACES["generate"] += 1
-    model = nnx.merge(graphdef, state)
-    config = model.config
-    batch, prompt_len = prompts.shape
-    cache = KVCache.zeros(config, batch, prompt_len + budget, cache_dtype)
-    constrain = lambda buffers: tuple(parallel.constrain(b, CACHE_AXES) for b in buffers)
-    cache = cache.replace(k=constrain(cache.k), v=constrain(cache.v))
-    layers = model.layers.split()  # once, outside the decode loop (see Layers.split)
-    logits, cache = model(prompts, attention_mask=prompt_mask, cache=cache, layers=layers)
-    last = logits[:, -1]  # left padding: every row's last prompt token is at the end
-    n = params.num_samples
-    if n > 1:  # the group's samples share one prefill
-        cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
-        last = jnp.repeat(last, n, axis=0)
-    rows = batch * n
-    out = dict(tokens=jnp.zeros((rows, budget), jnp.int32),
-               logprobs=jnp.zeros((rows, budget), jnp.float32),
-               model_logprobs=jnp.zeros((rows, budget), jnp.float32))
-
-    def not_finished(carry):
-        step, done = carry[0], carry[1]
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def decode(carry):
-        step, done, lengths, last, cache, out, key = carry
-        key, sub = jax.random.split(key)
-        token, lp, raw = pick(sub, last, params)
-        live = ~done
-        token = jnp.where(live, token, 0)
-        out = dict(tokens=out["tokens"].at[:, step].set(token),
-                   logprobs=out["logprobs"].at[:, step].set(jnp.where(live, lp, 0.0)),
-                   model_logprobs=out["model_logprobs"].at[:, step].set(jnp.where(live, raw, 0.0)))
-        lengths = lengths + live
-        done = done | (live & jnp.isin(token, stop_ids))
-        logits, cache = model(token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=cache,
-                              layers=layers)
-        return step + 1, done, lengths, logits[:, -1], cache, out, key
-
-    init = (jnp.zeros((), jnp.int32), jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.int32),
-            last, cache, out, key)
-    _, done, lengths, _, _, out, _ = jax.lax.while_loop(not_finished, decode, init)
-    return out, lengths, done
-
-
-def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: SamplingParams,
-             stop_ids: Sequence[int] = (), mesh=None, cache_dtype: str | None = None,
-             pad_id: int = 0) -> SampleOutput:
-    """Samples `params.num_samples` completions for each prompt (token id lists).
-
-    Prompts are left-padded to a power-of-two length; the batch is padded to a power of two
-    (and to a multiple of the mesh's data-parallel size) with dummy rows that are dropped.
-    Same key, same output; the mesh does not change the output.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and no empty prompts")
-    longest = max(len(p) for p in prompts)
-    prompt_len = bucket(longest)
-    budget = bucket(params.max_new_tokens)
-    # Positions come from the real tokens (left padding has none), so what must fit is the
-    # longest prompt plus the requested budget, not the buckets the cache is sized by.
-    if longest + params.max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens={params.max_new_tokens} = "
-                         f"{longest + params.max_new_tokens} exceeds the model's max_position_embeddings="
-                         f"{model.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens")
-    dp = 1 if mesh is None else parallel.batch_devices(mesh)
-    rows = bucket(len(prompts), minimum=1)
-    rows = -(-rows // dp) * dp
-    tokens = np.full((rows, prompt_len), pad_id, np.int32)
-    mask = np.zeros((rows, prompt_len), np.int32)
-    for i in range(rows):
-        p = prompts[i] if i < len(prompts) else prompts[0]  # dummy rows repeat prompt 0
-        tokens[i, prompt_len - len(p):] = p
-        mask[i, prompt_len - len(p):] = 1
-    graphdef, state = nnx.split(model)
-    args = (jnp.asarray(tokens), jnp.asarray(mask))
-    if mesh is not None:
-        args = tuple(jax.device_put(a, parallel.batch_sharding(mesh)) for a in args)
-    call = functools.partial(
-        _generate, graphdef, state, *args, jnp.asarray(list(stop_ids) or [-1], jnp.int32),
-        jnp.asarray(params.max_new_tokens, jnp.int32), key,
-        params=dataclasses.replace(params, max_new_tokens=0),  # traced above: not a compile key
-        budget=budget, cache_dtype=cache_dtype or model.config.compute_dtype)
-    if mesh is None:
-        out, lengths, done = call()
-    else:
-        with jax.set_mesh(mesh):
-            out, lengths, done = call()
-    n, g, b = params.num_samples, params.max_new_tokens, len(prompts)
-    shape = lambda x: parallel.to_host(x).reshape(rows, n, *x.shape[1:])[:b]
-    return SampleOutput(tokens=shape(out["tokens"])[..., :g], logprobs=shape(out["logprobs"])[..., :g],
-                        model_logprobs=shape(out["model_logprobs"])[..., :g],
-                        lengths=shape(lengths), done=shape(done))
 
 
 _LAYOUTS: dict = {}  # (graphdef, mesh, dtype) -> the jitted cast + reshard, built once per run

@@ -60,7 +60,7 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
 
 
 def test_cache_is_sized_by_the_budget_not_a_power_of_two_bucket():
-    assert engine.cache_length(32, 1100) == 1152  # the static sampler's: 32 + bucket(1100) = 2080
+    assert engine.cache_length(32, 1100) == 1152  # not 32 + bucket(1100) = 2080
     assert engine.cache_length(16, 40) == 56
     assert engine.cache_length(512, 4096) == 4608
 

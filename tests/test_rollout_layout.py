@@ -1,4 +1,4 @@
-"""The sampler's decode layout: the policy cast and resharded once per RL step, so the decode
+"""The decode layout: the policy cast and resharded once per RL step, so the engine's decode
 loop moves no weights per token (checked in the TPU compiler's HLO, libtpu AOT on this CPU)."""
 
 import importlib.util
@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs import models as presets
 from configs import rl_stage1
-from fleming_jax import models, parallel, plan, sampler
+from fleming_jax import engine, models, parallel, plan, sampler
 from fleming_jax.sampler import SamplingParams
 
 PROMPTS = [[5, 17, 3], [9, 2, 44, 8, 1, 60, 7], [12]]
@@ -50,9 +50,9 @@ def test_rollout_layout_samples_what_the_training_layout_samples(fsdp_policy):
     assert dict(rollout_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
     params = SamplingParams(temperature=1.0, num_samples=2, max_new_tokens=12)
     key = jax.random.key(3)
-    want = sampler.generate(model, PROMPTS, key, params, mesh=train_mesh)
-    got = sampler.generate(sampler.rollout_model(model, rollout_mesh, "float32"), PROMPTS, key, params,
-                           mesh=rollout_mesh)
+    want = engine.generate(model, PROMPTS, key, params, mesh=train_mesh)
+    got = engine.generate(sampler.rollout_model(model, rollout_mesh, "float32"), PROMPTS, key, params,
+                          mesh=rollout_mesh)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.model_logprobs, want.model_logprobs, atol=2e-5)
 
@@ -78,14 +78,19 @@ def test_bf16_rollout_copy_is_sharded_for_decoding_and_built_by_one_program(fsdp
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
     """Qwen2.5-7B's shapes (2 of its 28 layers, to keep the compile short; each layer's
-    pattern is the same) on v5p:2x2x4. The training layout (FSDP over 16 chips) gathers every
-    weight every token; the rollout layout gathers only the sampler's few KiB."""
+    pattern is the same) on v5p:2x2x4, the engine's decode program. The training layout (FSDP
+    over 16 chips) gathers every weight every token; the rollout layout gathers only the
+    sampler's few KiB, and (a real rollout's slots: 64 prompts x G 8, 512 + 4,096 tokens) holds
+    no copy of the KV cache: a per-row cache write that the TPU compiler lowers into a loop in
+    another layout made it copy every cache buffer twice per token (temporaries 2.4x the cache)."""
     config = rl_stage1.get_config("qwen2.5-7b")
     config.model.num_layers = 2
     config.plan.topology = "v5p:2x2x4"
     config.mesh.update(data=1, fsdp=16, tensor=1)
-    rollout = plan.decode_plan(config, "rollout")
+    rollout = plan.decode_plan(config, "rollout", prompts=64, samples=8, prompt_len=512, budget=4096)
     train = plan.decode_plan(config, "train")
     assert rollout["mesh"] == {"data": 4, "fsdp": 1, "tensor": 4} and rollout["dtype"] == "bfloat16"
     assert rollout["per_token"]["all_gather_bytes"] < 1 * MIB, rollout
+    assert rollout["cache_bytes"] == 2 * 2 * 128 * 4608 * 1 * 128 * 2  # K, V x 2 layers, 128 slots a chip
+    assert rollout["temp_bytes"] < rollout["cache_bytes"], rollout  # was 2.4x
     assert train["per_token"]["all_gather_bytes"] > 1000 * MIB, train

@@ -1,4 +1,5 @@
-"""The jitted sampler against transformers.generate, its own log-probs, and its controls."""
+"""Generation (the rollout engine) against transformers.generate, its own log-probs, and the
+sampling controls."""
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +24,8 @@ def prompts(seed=0, lengths=PROMPT_LENGTHS):
     return [[int(t) for t in rng.integers(1, 128, n)] for n in lengths]
 
 
-# The static-batch sampler and the continuous-batching engine promise the same outputs; the
-# engine runs with fewer slots than sequences, so prompts wait for slots and slots are reused.
-GENERATORS = {"static": sampler.generate,
-              "engine": functools.partial(engine.generate, slots=2, chunk=5)}
+# Fewer slots than sequences: prompts wait for slots, slots are reused mid-run.
+generate = functools.partial(engine.generate, slots=2, chunk=5)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +33,8 @@ def qwen2(hf_dir):
     return hf.load(hf_dir("qwen2"))[0]
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
-def test_greedy_equals_transformers_generate(hf_dir, model_type, generator):
+def test_greedy_equals_transformers_generate(hf_dir, model_type):
     path = hf_dir(model_type)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     batch = prompts()
@@ -50,7 +48,7 @@ def test_greedy_equals_transformers_generate(hf_dir, model_type, generator):
                                       max_new_tokens=64, min_new_tokens=64, pad_token_id=0,
                                       eos_token_id=None).numpy()[:, width:]
     model, _ = hf.load(path)
-    out = GENERATORS[generator](model, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=64))
+    out = generate(model, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=64))
     np.testing.assert_array_equal(out.tokens[:, 0], expected)
     assert (out.lengths == 64).all() and not out.done.any()
 
@@ -66,12 +64,11 @@ def full_sequences(batch, out):
     return ids, mask
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.3, 20)])
-def test_logprobs_of_own_tokens_equal_a_full_forward(qwen2, temperature, top_k, generator):
+def test_logprobs_of_own_tokens_equal_a_full_forward(qwen2, temperature, top_k):
     batch = prompts(1)
     params = SamplingParams(temperature=temperature, top_k=top_k, max_new_tokens=24)
-    out = GENERATORS[generator](qwen2, batch, jax.random.key(3), params)
+    out = generate(qwen2, batch, jax.random.key(3), params)
     ids, mask = full_sequences(batch, out)
     raw = np.asarray(token_logprobs(qwen2, jnp.asarray(ids), jnp.asarray(mask)))
     scaled = np.asarray(token_logprobs(qwen2, jnp.asarray(ids), jnp.asarray(mask), temperature=temperature))
@@ -86,9 +83,9 @@ def test_logprobs_of_own_tokens_equal_a_full_forward(qwen2, temperature, top_k, 
 
 def test_top_k_one_and_tiny_temperature_equal_greedy(qwen2):
     batch = prompts(2)
-    greedy = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32))
-    top1 = sampler.generate(qwen2, batch, jax.random.key(1), SamplingParams(top_k=1, max_new_tokens=32))
-    cold = sampler.generate(qwen2, batch, jax.random.key(2), SamplingParams(temperature=1e-4, max_new_tokens=32))
+    greedy = generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32))
+    top1 = generate(qwen2, batch, jax.random.key(1), SamplingParams(top_k=1, max_new_tokens=32))
+    cold = generate(qwen2, batch, jax.random.key(2), SamplingParams(temperature=1e-4, max_new_tokens=32))
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
     np.testing.assert_array_equal(cold.tokens, greedy.tokens)
     np.testing.assert_allclose(top1.logprobs, 0.0, atol=1e-6)  # one token holds all the mass
@@ -108,26 +105,26 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_keys_control_randomness_and_groups_share_the_prefill(qwen2):
     batch = prompts(3)
     params = SamplingParams(temperature=1.0, num_samples=4, max_new_tokens=16)
-    a = sampler.generate(qwen2, batch, jax.random.key(5), params)
-    b = sampler.generate(qwen2, batch, jax.random.key(5), params)
-    c = sampler.generate(qwen2, batch, jax.random.key(6), params)
+    a = generate(qwen2, batch, jax.random.key(5), params)
+    b = generate(qwen2, batch, jax.random.key(5), params)
+    c = generate(qwen2, batch, jax.random.key(6), params)
     assert a.tokens.shape == (4, 4, 16)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert (a.tokens != c.tokens).any()
     assert len({tuple(s) for s in a.tokens[0]}) > 1  # the group's samples differ
-    greedy = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, num_samples=3,
+    greedy = generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, num_samples=3,
                                                                             max_new_tokens=16))
-    one = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=16))
+    one = generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=16))
     for s in range(3):
         np.testing.assert_array_equal(greedy.tokens[:, s], one.tokens[:, 0])
 
 
 def test_stop_tokens_end_a_row_and_pad_after(qwen2):
     batch = prompts(4)
-    free = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32))
+    free = generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32))
     stop = int(free.tokens[0, 0, 6])  # row 0 emits this at step 6 (maybe earlier too)
     first = int(np.argmax(free.tokens[0, 0] == stop))
-    out = sampler.generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32),
+    out = generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32),
                            stop_ids=[stop])
     assert out.done[0, 0] and out.lengths[0, 0] == first + 1
     np.testing.assert_array_equal(out.tokens[0, 0, :first + 1], free.tokens[0, 0, :first + 1])
@@ -137,43 +134,33 @@ def test_stop_tokens_end_a_row_and_pad_after(qwen2):
         assert out.lengths[i, 0] == (hits[0] + 1 if len(hits) else 32)
 
 
-def test_buckets_bound_the_number_of_compilations(qwen2):
-    before = sampler.TRACES["generate"]
-    for lengths, new in [((3, 7), 20), ((9, 14, 2), 30), ((16,), 17), ((1, 4), 32)]:
-        # prompts <= 16 tokens and budgets in (16, 32]: one bucket; batches pad to 2 or 4 rows
-        sampler.generate(qwen2, prompts(5, lengths), jax.random.key(0), SamplingParams(max_new_tokens=new))
-    assert sampler.TRACES["generate"] - before == 2  # batch buckets 2 and 4
-    sampler.generate(qwen2, prompts(5, (17, 3)), jax.random.key(0), SamplingParams(max_new_tokens=20))
-    assert sampler.TRACES["generate"] - before == 3  # a 32-token prompt bucket
-
-
 def test_sharded_output_equals_single_device(hf_dir, qwen2):
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
     sharded, _ = hf.load(hf_dir("qwen2"), mesh=mesh)
     batch = prompts(6)
     for params in [SamplingParams(temperature=0, max_new_tokens=24),
                    SamplingParams(temperature=1.0, top_p=0.9, num_samples=2, max_new_tokens=24)]:
-        one = sampler.generate(qwen2, batch, jax.random.key(9), params)
-        many = sampler.generate(sharded, batch, jax.random.key(9), params, mesh=mesh)
+        one = generate(qwen2, batch, jax.random.key(9), params)
+        many = generate(sharded, batch, jax.random.key(9), params, mesh=mesh)
         np.testing.assert_array_equal(many.tokens, one.tokens)
         np.testing.assert_allclose(many.model_logprobs, one.model_logprobs, atol=1e-4)
 
 
 def test_refuses_prompts_beyond_the_context_and_checks_the_real_budget(qwen2):
     with pytest.raises(ValueError, match=r"longest prompt \(200 tokens\) \+ max_new_tokens=100 = 300 exceeds "
-                                         "the model's max_position_embeddings=256"):
-        sampler.generate(qwen2, prompts(0, (200,)), jax.random.key(0), SamplingParams(max_new_tokens=100))
-    # 97 + 150 fits 256 although the buckets (128 + 256) do not: sampled, not refused
-    out = sampler.generate(qwen2, prompts(0, (97,)), jax.random.key(0), SamplingParams(max_new_tokens=150))
+                                         "the model's max_position_embeddings=256; shorten the prompt"):
+        generate(qwen2, prompts(0, (200,)), jax.random.key(0), SamplingParams(max_new_tokens=100))
+    # 97 + 150 fits 256 although the prompt bucket + budget (128 + 150) does not: sampled, not refused
+    out = generate(qwen2, prompts(0, (97,)), jax.random.key(0), SamplingParams(max_new_tokens=150))
     assert out.tokens.shape == (1, 1, 150)
     with pytest.raises(ValueError, match="no empty prompts"):
-        sampler.generate(qwen2, [[]], jax.random.key(0), SamplingParams())
+        generate(qwen2, [[]], jax.random.key(0), SamplingParams())
 
 
 def test_bfloat16_cache_stays_close_to_float32(qwen2):
     batch = prompts(7)
     params = SamplingParams(temperature=0, max_new_tokens=8)
-    f32 = sampler.generate(qwen2, batch, jax.random.key(0), params)
-    bf16 = sampler.generate(qwen2, batch, jax.random.key(0), params, cache_dtype="bfloat16")
+    f32 = generate(qwen2, batch, jax.random.key(0), params)
+    bf16 = generate(qwen2, batch, jax.random.key(0), params, cache_dtype="bfloat16")
     np.testing.assert_array_equal(bf16.tokens[:, :, :4], f32.tokens[:, :, :4])
     np.testing.assert_allclose(bf16.model_logprobs[:, :, :4], f32.model_logprobs[:, :, :4], atol=0.1)

@@ -134,19 +134,18 @@ class KVCache:
 
     One buffer per layer: a decode step then reads and writes each in place, where slicing a
     stacked [layers, ...] cache copies the layer's slice every token (seen in XLA:CPU's HLO).
-    `index` is the slot the next token is written to: one scalar that all rows share (left-padded
-    prompts of a common length, the static-batch sampler), or one per row (continuous batching,
-    where each decode slot holds its own sequence). `segment` is 0 for empty or padded slots
-    and 1 for real tokens.
+    `index` [batch] is the slot each row writes its next token to: rows advance on their own
+    (continuous batching: each decode slot holds its own sequence). `segment` is 0 for empty or
+    padded slots and 1 for real tokens.
     """
 
     k: tuple[jax.Array, ...]  # per layer: [batch, max_len, kv_heads, head_dim]
     v: tuple[jax.Array, ...]
     segment: jax.Array  # [batch, max_len] int32
-    index: jax.Array  # int32, scalar or [batch]: the slot the next token is written to
+    index: jax.Array  # [batch] int32: the slot each row's next token is written to
 
     @classmethod
-    def zeros(cls, config: QwenConfig, batch: int, max_len: int, dtype=None, per_row: bool = False) -> "KVCache":
+    def zeros(cls, config: QwenConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
         dtype = dtype or config.compute_dtype
         layers = range(config.num_layers)
@@ -154,7 +153,7 @@ class KVCache:
             k=tuple(jnp.zeros(shape, dtype) for _ in layers),
             v=tuple(jnp.zeros(shape, dtype) for _ in layers),
             segment=jnp.zeros((batch, max_len), jnp.int32),
-            index=jnp.zeros((batch,) if per_row else (), jnp.int32),
+            index=jnp.zeros((batch,), jnp.int32),
         )
 
 
@@ -363,7 +362,7 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
         kv = (k, v)
     b, t, heads, d = q.shape
     q = q.reshape(b, t, c.num_kv_heads, heads // c.num_kv_heads, d)
-    if kv is not None and t == 1 and jnp.ndim(index) == 1:
+    if kv is not None and t == 1:
         live = jnp.minimum(jnp.max(index) + 1, k.shape[1])  # slots any row has written
         out = attend_live_blocks(q, k, v, allowed, live).reshape(b, t, heads, d)
         return project("bthd,hde->bte", out, p["o_proj"]), kv
@@ -389,10 +388,10 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
 
 
 def write_at(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
-    """`update` [batch, t, ...] written into `buffer` [batch, slots, ...] from slot `index`:
-    one scalar for every row, or one slot per row."""
-    if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(buffer, update, (0, index) + (0,) * (buffer.ndim - 2))
+    """`update` [batch, t, ...] written into `buffer` [batch, slots, ...] from each row's slot
+    `index` [batch]."""
+    if update.shape[1] == 1:  # a decode step: one scatter of each row's token
+        return buffer.at[jnp.arange(buffer.shape[0]), index].set(update[:, 0], mode="drop")
     row = lambda b, u, i: jax.lax.dynamic_update_slice(b, u, (i,) + (0,) * (b.ndim - 1))
     return jax.vmap(row)(buffer, update, index)
 
