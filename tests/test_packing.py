@@ -1,6 +1,8 @@
 """Packed RL update batches: the packing by hand, its balance, and the same loss and gradient
 as one sequence per row on a real tiny model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,11 @@ def test_build_and_unpack_by_hand():
     # one sequence per row: rows as wide as the longest prompt's bucket + the longest reply's
     assert packing.row_length(seqs, 0) == sampler.bucket(3) + sampler.bucket(3)
     assert packing.row_length(seqs, -1) == sampler.bucket(6) and packing.row_length(seqs, 64) == 64
+    long_prompt = packing.Sequences([np.ones(20, np.int32)], np.ones((1, 60), np.int32), np.array([40]),
+                                    np.zeros(1, np.float32), {})
+    assert packing.row_length(long_prompt, 0) == 32 + 64 and packing.row_length(long_prompt, -1) == 64
+    narrower = dataclasses.replace(long_prompt, lengths=np.array([60]))  # 80 tokens: 32 + 64 < 128
+    assert packing.row_length(narrower, 0) == packing.row_length(narrower, -1) == 32 + 64
 
 
 def long_tailed(n, seed=0, budget=512):
@@ -91,8 +98,8 @@ def test_tokens_per_update_on_the_rollout_benchmark_lengths():
     packed = packing.tokens_per_update(prompts, replies, -1)
     print(f"replies mean {replies.mean():.0f} median {np.median(replies):.0f}; padded {padded}; packed {packed}")
     assert padded["loss_tokens"] == packed["loss_tokens"]
-    assert packed["processed"] * 2.5 < padded["processed"]  # measured 49152 vs 147456
-    assert packed["unembedded"] * 2 < padded["unembedded"]  # 49152 vs 131072
+    assert packed["processed"] * 3 < padded["processed"]  # measured 46080 vs 147456
+    assert packed["unembedded"] * 3 < padded["unembedded"]  # 40960 vs 131072
 
 
 # ------------------------------------------------------------------ the same loss on a real model

@@ -8,9 +8,10 @@ sequence's completion length, so each sequence's shares sum to 1), `advantages` 
 sequence's, per token), `old_logprobs` and, when present, `rollout_logprobs` and
 `ref_logprobs`. Only those K positions are unembedded.
 
-`rl.pack_length` picks the layout: 0 puts one sequence in each row (the padded layout);
--1 packs rows of the power of two that holds the longest sequence; N packs rows of N tokens
-(grown to that power of two when a sequence is longer). Packing is balanced: sequences,
+`rl.pack_length` picks the layout: 0 puts one sequence in each row (the padded layout, as
+wide as the longest prompt's power-of-two bucket plus the longest reply's); -1 packs rows of
+the power of two that holds the longest sequence (or of the padded width when narrower); N
+packs rows of N tokens (wider when a sequence needs it). Packing is balanced: sequences,
 longest first, go to the least-loaded row, so rows (and the data-parallel shards and
 gradient-accumulation microbatches made of them) carry about the same tokens. A sequence is
 never split, so each aggregation's (numerator, denominator) is the padded layout's.
@@ -63,13 +64,15 @@ class Sequences:
 
 
 def row_length(seqs: Sequences, pack_length: int) -> int:
-    """Tokens per row. Unpacked (0): the power of two that holds the longest prompt plus the
-    one that holds the longest completion (a row of the padded layout). Packed: the power of
-    two that holds the longest sequence, or `pack_length` when that is longer."""
+    """Tokens per row. One sequence per row (0): the power of two that holds the longest
+    prompt plus the one that holds the longest reply. Packed (-1): the narrower of that and
+    the power of two that holds the longest sequence, so packing never takes more tokens than
+    one sequence per row; `pack_length` when that is longer."""
+    longest_prompt = max([len(p) for p in seqs.prompts] or [1])
+    padded = sampler.bucket(longest_prompt) + sampler.bucket(int(np.max(seqs.lengths, initial=1)))
     if pack_length == 0:
-        longest_prompt = max([len(p) for p in seqs.prompts] or [1])
-        return sampler.bucket(longest_prompt) + sampler.bucket(int(np.max(seqs.lengths, initial=1)))
-    return max(sampler.bucket(int(np.max(seqs.sizes, initial=1))), pack_length)
+        return padded
+    return max(min(padded, sampler.bucket(int(np.max(seqs.sizes, initial=1)))), pack_length)
 
 
 def row_count(needed: int, multiple: int) -> int:
