@@ -50,9 +50,9 @@ def read_records(path: str, key: str, producer: str, accept=None) -> list[QAReco
 
 def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantages: np.ndarray,
                   keep: np.ndarray, rows: int, pack_length: int = 0) -> dict[str, np.ndarray]:
-    """The groups in `keep` of a rollout as one update batch (`train.packing`'s format) of
-    `rows` rows (a multiple of them when they do not hold it): one sequence per row
-    (`pack_length` 0) or packed."""
+    """The groups in `keep` of a rollout as one update batch (`train.packing`'s format): one
+    sequence per row (`pack_length` 0) or packed, in `rows` rows (or a multiple of `rows` when
+    those do not hold the sequences)."""
     seqs = packing.Sequences.from_rollout(prompts, out, advantages, keep)
     length = packing.row_length(seqs, pack_length)
     return packing.build(seqs, packing.assign(seqs.sizes, length, rows, pack_length != 0), length)
@@ -298,7 +298,7 @@ class RLTrainer:
         if keep.any():
             seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep)
             recompute = c.recompute_old_logprobs or c.tis_cap
-            if c.grpo.beta or recompute:  # one forward over the whole rollout, packed as the update is
+            if c.grpo.beta or recompute:  # one forward over the whole rollout, in the update's layout
                 length = packing.row_length(seqs, c.pack_length)
                 rows = packing.assign(seqs.sizes, length, parallel.batch_devices(self.mesh), c.pack_length != 0)
                 on_mesh = parallel.global_batch(self.mesh, packing.build(seqs, rows, length), whole=True)
