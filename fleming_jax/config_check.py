@@ -45,6 +45,9 @@ RULES = {
     "rl.score_k": (lambda v: v >= 0, "must be >= 0"),
     "rl.sparsity_threshold": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "rl.sparsity_patience": (lambda v: v >= 1, _AT_LEAST_1),
+    "rl.pack_length": (lambda v: v in (-1, 0) or (v >= 16 and v & (v - 1) == 0),
+                       "must be -1 (pack rows of the power of two that holds the longest sequence), 0 (one "
+                       "sequence per row) or a power of two >= 16 (the row length)"),
     "rl.tis_cap": (lambda v: v == 0 or v >= 1, "must be 0 (off) or >= 1 (the largest importance weight, e.g. 2)"),
     "rl.grpo.eps_low": (lambda v: v >= 0, "must be >= 0"),
     "rl.grpo.eps_high": (lambda v: v >= 0, "must be >= 0"),

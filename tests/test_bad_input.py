@@ -69,6 +69,9 @@ def chat(i, **message):
     (["--config=configs/sft.py", "--config.train.batch_size=6", "--config.train.grad_accum_steps=4"],
      "config.train.batch_size=6 is not divisible by config.train.grad_accum_steps=4"),
     (["--config=configs/eval.py", "--config.eval.samples=0"], "config.eval.samples=0: must be >= 1"),
+    (["--config=configs/rl_stage1.py", "--config.rl.pack_length=100"],
+     "config.rl.pack_length=100: must be -1 (pack rows of the power of two that holds the longest sequence), 0 "
+     "(one sequence per row) or a power of two >= 16 (the row length)"),
     (["--config=configs/rl_stage1.py", "--config.rl.group_sise=4"],
      "a --config override names a key the config does not have: 'group_sise' Did you mean "
      '"group_size" instead of "group_sise"?'),

@@ -114,7 +114,7 @@ def test_missing_inputs_name_the_command_that_makes_them(toy_run, tmp_path):
         rl.RLTrainer(config, str(tmp_path))
 
 
-def test_rollout_batch_keeps_groups_and_narrows_to_the_longest_kept_completion():
+def test_rollout_batch_keeps_groups_one_sequence_per_row_or_packed():
     from fleming_jax import sampler
     g, budget = 2, 64
     tokens = np.arange(3 * g * budget, dtype=np.int32).reshape(3, g, budget) + 100
@@ -124,43 +124,45 @@ def test_rollout_batch_keeps_groups_and_narrows_to_the_longest_kept_completion()
                                lengths=lengths, done=np.ones((3, g), bool))
     prompts = [[1, 2, 3], [4, 5], [6]]
     keep = np.array([False, True, True])
-    batch = rl.rollout_batch(prompts, out, np.array([[9, 9], [1, -1], [2, -2]], np.float32), keep, rows=6)
-    p, window = sampler.bucket(3), sampler.bucket(5)  # longest kept completion: 5 (group 0's 40 is dropped)
-    assert batch["tokens"].shape == batch["segments"].shape == (6, p + window)
-    assert batch["completion_mask"].shape == batch["old_logprobs"].shape == (6, window)
-    # row 0: prompt [4, 5] right-aligned in the prompt bucket, then group 1 sample 0's 5 tokens
-    np.testing.assert_array_equal(batch["tokens"][0, p - 2:p + 5], [4, 5, *tokens[1, 0, :5]])
-    assert batch["tokens"][0, :p - 2].sum() == 0 and batch["tokens"][0, p + 5:].sum() == 0
+    advantages = np.array([[9, 9], [1, -1], [2, -2]], np.float32)
+    batch = rl.rollout_batch(prompts, out, advantages, keep, rows=6)
+    p, window = sampler.bucket(2), sampler.bucket(5)  # longest kept completion: 5 (group 0's 40 is dropped)
+    assert batch["tokens"].shape == batch["segments"].shape == (6, p + window)  # one sequence per row
+    assert batch["completion_mask"].shape == batch["old_logprobs"].shape == batch["targets"].shape == (6, window)
+    # row 0: group 1 sample 0, prompt [4, 5] then its 5 tokens; its loss at positions 2..6
+    np.testing.assert_array_equal(batch["tokens"][0, :7], [4, 5, *tokens[1, 0, :5]])
+    assert batch["tokens"][0, 7:].sum() == 0
+    np.testing.assert_array_equal(batch["targets"][0, :5], np.arange(2, 7))
     np.testing.assert_array_equal(batch["completion_mask"][0], [1] * 5 + [0] * (window - 5))
     assert batch["segments"][0].sum() == 7 and batch["old_logprobs"][0].sum() == -2.5
-    np.testing.assert_array_equal(batch["advantages"], [1, -1, 2, -2, 0, 0])
+    np.testing.assert_array_equal(batch["advantages"][:, 0], [1, -1, 2, -2, 0, 0])
+    np.testing.assert_array_equal(batch["advantages"][0], [1] * 5 + [0] * (window - 5))
     assert batch["completion_mask"][4:].sum() == 0 and batch["segments"][4:].sum() == 0  # padding rows
-    np.testing.assert_array_equal(batch["tokens"][3, p - 1:p + 4], [6, *tokens[2, 1, :4]])
-
-
-@pytest.mark.parametrize("kept,total,multiple,rows", [
-    (1, 16, 1, 8), (3, 16, 1, 32), (5, 16, 1, 64), (16, 16, 1, 128), (0, 16, 1, 8),
-    (1, 16, 16, 16),  # rounded up to what minibatches x accumulation x devices divide
-    (3, 3, 8, 24),    # never more than all the groups' rows
-])
-def test_batch_rows(kept, total, multiple, rows):
-    assert rl.batch_rows(kept, 8, total, multiple) == rows
+    np.testing.assert_array_equal(batch["tokens"][3, :5], [6, *tokens[2, 1, :4]])
+    packed = rl.rollout_batch(prompts, out, advantages, keep, rows=2, pack_length=-1)
+    assert packed["tokens"].shape == (2, 16)  # 7 + 4 + 2 + 5 tokens in two rows of 16
+    assert packed["completion_mask"].sum() == 12 and sorted(packed["segments"].max(1)) == [2, 2]
 
 
 def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monkeypatch):
-    """With beta > 0 the frozen reference is scored on the update batch's completion window;
+    """With beta > 0 the frozen reference scores each sequence's completion (in packed rows);
     at the first step it is the rollout policy, so it matches the sampler's own log-probs."""
     monkeypatch.setattr(rewards, "score", lambda c, r, cfg=None: dict(reward=float(len(c) % 2), accuracy=0.0,
                                                                       format=0.0))
     trainer = rl.RLTrainer(toy_config(toy_run, grpo=dict(beta=0.1), reference_dtype="float32"), str(tmp_path))
     seen = []
-    trainer.update = lambda batch: seen.append(batch) or {}
+    trainer.update = lambda seqs: seen.append(seqs) or {}
     trainer.one_step(0)
-    batch = seen[0]
-    assert batch["ref_logprobs"].shape == batch["completion_mask"].shape
-    mask = batch["completion_mask"] > 0
-    assert mask.sum() > 0
-    np.testing.assert_allclose(batch["ref_logprobs"][mask], batch["old_logprobs"][mask], atol=2e-5)
+    seqs = seen[0]
+    ref, old = seqs.per_token["ref_logprobs"], seqs.per_token["old_logprobs"]
+    assert ref.shape == old.shape == seqs.completions.shape
+    mask = completion_mask(seqs)
+    assert mask.sum() > 0 and np.all(ref[~mask] == 0) and np.all(ref[mask] < 0)
+    np.testing.assert_allclose(ref[mask], old[mask], atol=2e-5)
+
+
+def completion_mask(seqs):
+    return np.arange(seqs.completions.shape[1])[None] < seqs.lengths[:, None]
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -176,15 +178,14 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(toy_run
     asked = []
     trainer.pick = lambda n: asked.append(n) or next(draws)[:n] if dynamic else [1, 3, 5, 0]
     seen = []
-    trainer.update = lambda batch: seen.append(batch) or {}
+    trainer.update = lambda seqs: seen.append(seqs) or {}
     row = trainer.one_step(0)
     if not dynamic:
         assert row["refills"] == 0 and row["trained_groups"] == 1
-        assert (seen[0]["advantages"] != 0).sum() == 8
+        assert len(seen[0]) == 8 and (seen[0].advantages != 0).sum() == 8
         return
     assert asked == [4, 3, 2, 1] and row["refills"] == 3 and row["trained_groups"] == 4
-    batch = seen[0]
-    assert len(batch["advantages"]) == 32 and (batch["advantages"] != 0).sum() == 32
+    assert len(seen[0]) == 32 and (seen[0].advantages != 0).sum() == 32
     assert row["zero_advantage_groups"] == pytest.approx(6 / 10)  # over all 10 groups sampled
     sampled = [1, 3, 5, 0, 2, 7, 9, 11, 4, 6]  # every rollout reached the stage-2 pool, G=8 tries each
     np.testing.assert_array_equal(np.flatnonzero(trainer.pool.total), sorted(sampled))
@@ -201,11 +202,11 @@ def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, 
     config.rollout.dtype = dtype
     trainer = rl.RLTrainer(config, str(tmp_path))
     seen, update = [], trainer.update
-    trainer.update = lambda batch: seen.append(batch) or update(batch)
+    trainer.update = lambda seqs: seen.append(seqs) or update(seqs)
     row = trainer.one_step(0)
-    batch = seen[0]
-    mask = batch["completion_mask"] > 0
-    gap = np.abs(batch["old_logprobs"] - batch["rollout_logprobs"])[mask]
+    seqs = seen[0]
+    mask = completion_mask(seqs)
+    gap = np.abs(seqs.per_token["old_logprobs"] - seqs.per_token["rollout_logprobs"])[mask]
     print(dtype, "mismatch", {k: v for k, v in row.items() if k.startswith("mismatch")})
     np.testing.assert_allclose(row["mismatch_abs"], gap.mean(), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(row["mismatch_max"], gap.max(), rtol=1e-4, atol=1e-7)
@@ -213,3 +214,38 @@ def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, 
         assert row["mismatch_max"] < 1e-4 and row["mismatch_far"] == 0
     else:
         assert row["mismatch_abs"] > 1e-4  # measured 3.3e-4 (max 1.1e-3) on this toy model
+
+
+@pytest.mark.parametrize("changes", [
+    dict(minibatches=2),  # 2 optimizer steps over 16 of the 32 sequences each (8 devices: 8 rows at least)
+    dict(grpo=dict(beta=0.04, aggregation="sequence_mean"), reference_dtype="float32", recompute_old_logprobs=True,
+         grad_accum_steps=2),
+])
+def test_packed_update_equals_one_sequence_per_row(toy_run, tmp_path, monkeypatch, changes):
+    """One real RL step (rollout, reference and recomputed log-probs, optimizer steps) with
+    rows of 256 tokens (2 sequences each) and with one sequence per row: the same loss,
+    gradient norm and params, from fewer tokens."""
+    monkeypatch.setattr(rewards, "score", toy_score)
+    got = {}
+    for pack_length in (0, 256):
+        config = toy_config(toy_run, steps=1, pack_length=pack_length, drop_zero_advantage_groups=False, **changes)
+        # Adam's first step is lr * g / (|g| + eps): where a gradient is ~0 (|g| ~ eps) it turns
+        # reduction-order noise into visible steps (measured 2e-4 with eps 1e-8, 1.5e-6 with
+        # 1e-4, against steps of up to lr = 2e-2)
+        config.optimizer.eps = 1e-4
+        trainer = rl.RLTrainer(config, str(tmp_path / str(pack_length)))
+        shapes, step_fn = [], trainer.step_fn
+        trainer.step_fn = lambda state, batch: shapes.append(batch["tokens"].shape) or step_fn(state, batch)
+        row = trainer.one_step(0)
+        got[pack_length] = row, params_of(trainer.model()), shapes
+    (padded, padded_params, padded_shapes), (packed, packed_params, packed_shapes) = got[0], got[256]
+    print("update batches: one sequence per row", padded_shapes, "packed", packed_shapes)
+    assert padded["trained_groups"] == packed["trained_groups"] > 0
+    assert len(set(packed_shapes)) == 1 and packed_shapes[0][1] == 256
+    assert packed_shapes[0][0] < padded_shapes[0][0] and np.prod(packed_shapes[0]) < np.prod(padded_shapes[0])
+    for k in ("loss", "grad_norm") + (("kl_ref",) if "grpo" in changes else ()):
+        np.testing.assert_allclose(packed[k], padded[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for name in padded_params:
+        np.testing.assert_allclose(packed_params[name], padded_params[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    start = params_of(models.build(model_cfg(str(toy_run)))[0])
+    assert not np.allclose(packed_params["layers/q_proj"], start["layers/q_proj"])

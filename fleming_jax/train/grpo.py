@@ -64,10 +64,11 @@ def mismatch_terms(trainer_logp, rollout_logp, tis_cap: float = 0.0):
 def token_terms(logp, old_logp, advantages, cfg, ref_logp=None, entropy=None, tis_weights=None):
     """Per-token loss [B, T] and per-token metric maps, for completion tokens of B sequences.
 
-    advantages: [B] (one per sequence, broadcast over its tokens); tis_weights [B, T]
-    multiply the policy term (not the KL or entropy terms).
+    advantages: [B] (one per row, broadcast over its tokens) or [B, T] (per token: packed
+    rows hold several sequences); tis_weights [B, T] multiply the policy term (not the KL
+    or entropy terms).
     """
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.ndim == 1 else advantages
     ratio = jnp.exp(logp - old_logp)
     metrics = {}
     if cfg.loss_mode == "paper":
@@ -96,19 +97,25 @@ def token_terms(logp, old_logp, advantages, cfg, ref_logp=None, entropy=None, ti
     return loss, metrics
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normalizer: float = 1.0):
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normalizer: float = 1.0, share=None):
     """(numerator, denominator) of the batch loss over masked tokens.
 
     sequence_mean: mean over sequences of each sequence's token mean (GRPO);
     token_mean: mean over all tokens of the batch (DAPO);
     sequence_sum: each sequence's token sum / `normalizer`, mean over sequences
     (normalizer 1 is the paper's sum of log-probs; the max completion length is Dr.GRPO).
+    `share` [B, T]: each token's 1 / (its sequence's token count), so a sequence's shares
+    sum to 1 wherever its tokens sit (packed rows hold several); without it each row with a
+    masked token is one sequence.
     """
     mask = mask.astype(per_token.dtype)
-    n_seq = (mask.sum(axis=-1) > 0).sum().astype(per_token.dtype)  # padding rows do not count
-    sums = (per_token * mask).sum(axis=-1)
+    if share is None:
+        share = mask / jnp.maximum(mask.sum(axis=-1, keepdims=True), 1.0)
+    share = share.astype(per_token.dtype) * mask
+    n_seq = share.sum()  # sequences with a token (padding has none)
+    sums = (per_token * mask).sum(axis=-1)  # row sums first: the same order in any row width
     if mode == "sequence_mean":
-        return (sums / jnp.maximum(mask.sum(axis=-1), 1.0)).sum(), n_seq
+        return (per_token * share).sum(axis=-1).sum(), n_seq
     if mode == "token_mean":
         return sums.sum(), mask.sum()
     if mode == "sequence_sum":
@@ -119,18 +126,21 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normalizer: floa
 def grpo_loss(model, batch, cfg, chunk_size: int = 256, tis_cap: float = 0.0):
     """The loss the train step differentiates: (numerator, denominator, metric sums).
 
-    batch: tokens/segments [B, T] (prompt + completion, left-padded), advantages [B], and the
-    per-token arrays completion_mask, old_logprobs (and ref_logprobs when cfg.beta > 0) as
-    [B, C] over the last C positions (the completion window; C = T is the whole sequence).
-    Only the window is unembedded. With `rollout_logprobs` in the batch, old_logprobs are the
-    trainer's own (recomputed before the update) and the mismatch is old vs rollout; without,
-    old_logprobs are the rollout's and the mismatch is measured against the current policy
-    (exact at an update's first optimizer step, where the trainer has not moved yet).
+    batch: tokens/segments [B, T] (segment ids: one sequence per row, or several packed, see
+    `train.packing`) and per-token arrays [B, K] over the scored positions: completion_mask,
+    old_logprobs (and ref_logprobs when cfg.beta > 0), advantages ([B, K], or [B] with one
+    sequence per row), token_share (optional, see `aggregate`). `targets` [B, K] are the
+    positions scored; without it they are the last K (a completion window; K = T is the
+    whole sequence). Only scored positions are unembedded. With `rollout_logprobs` in the
+    batch, old_logprobs are the trainer's own (recomputed before the update) and the
+    mismatch is old vs rollout; without, old_logprobs are the rollout's and the mismatch is
+    measured against the current policy (exact at an update's first optimizer step, where
+    the trainer has not moved yet).
     """
     want_entropy = bool(cfg.entropy_coef) or cfg.log_entropy
     mask = batch["completion_mask"]
     out = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size,
-                         with_entropy=want_entropy, last=mask.shape[1])
+                         with_entropy=want_entropy, last=mask.shape[1], at=batch.get("targets"))
     logp, entropy = out if want_entropy else (out, None)
     old = batch["old_logprobs"]
     trainer_old, rollout = (old, batch["rollout_logprobs"]) if "rollout_logprobs" in batch else (logp, old)
@@ -138,7 +148,7 @@ def grpo_loss(model, batch, cfg, chunk_size: int = 256, tis_cap: float = 0.0):
     loss, token_metrics = token_terms(logp, old, batch["advantages"], cfg, batch.get("ref_logprobs"), entropy,
                                       weights if tis_cap else None)
     token_metrics |= mismatch
-    num, den = aggregate(loss, mask, cfg.aggregation, cfg.loss_normalizer)
+    num, den = aggregate(loss, mask, cfg.aggregation, cfg.loss_normalizer, batch.get("token_share"))
     tokens = jnp.maximum(mask.sum(), 1.0)
     # Token means per microbatch; the train step averages them over microbatches.
     metrics = {k: (jax.lax.stop_gradient(v) * mask).sum() / tokens for k, v in token_metrics.items()}

@@ -14,18 +14,26 @@ from fleming_jax.models.qwen import project
 
 
 def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: int = 256,
-                   temperature: float = 1.0, with_entropy: bool = False, last: int | None = None):
+                   temperature: float = 1.0, with_entropy: bool = False, last: int | None = None,
+                   at: jax.Array | None = None):
     """`out[:, t] = log p(tokens[:, t] | tokens[:, :t])` for t >= 1; `out[:, 0] = 0`.
 
     With `with_entropy`, also returns the entropy of each predictive distribution, aligned
     the same way. `temperature` divides the logits (the sampling distribution's log-probs).
-    With `last`, only the last `last` positions are scored and `out` is [B, last], aligned
-    with `tokens[:, -last:]`: a completion window skips the unembedding of the prompt.
+    `last` or `at` unembed only some positions (the completions', not the prompts'): with
+    `last`, the last `last`, and `out` is [B, last], aligned with `tokens[:, -last:]` (a
+    completion window); with `at` [B, K] (positions >= 1; others give values to be masked),
+    those positions, and `out[:, k]` is the log-prob of `tokens[:, at[:, k]]` (the scored
+    tokens of packed rows); `at` overrides `last`.
     """
     hidden, _ = model.hidden_states(tokens, attention_mask, positions)
-    width = tokens.shape[1]
-    skip = 0 if last is None else width - min(last, width)  # unscored leading positions
-    h, targets = hidden[:, max(skip - 1, 0):-1], tokens[:, max(skip, 1):]
+    if at is not None:
+        h = jnp.take_along_axis(hidden, jnp.maximum(at - 1, 0)[..., None], axis=1)
+        targets, skip = jnp.take_along_axis(tokens, at, axis=1), 1
+    else:
+        width = tokens.shape[1]
+        skip = 0 if last is None else width - min(last, width)  # unscored leading positions
+        h, targets = hidden[:, max(skip - 1, 0):-1], tokens[:, max(skip, 1):]
     batch, length = targets.shape
     chunk = max(1, min(chunk_size, length))
     n_chunks = -(-length // chunk)

@@ -3,8 +3,10 @@
 Per step: draw prompts from the stage's pool (`mining.make_pool`: stage 1's graded blend,
 stage 2's hard-sample miner), sample G completions each with the continuous-batching engine
 on the policy's decode copy (`policy`: cast and resharded once per update, `config.rollout`),
-score them with the verifiable rewards, turn rewards into group advantages, then `mu` epochs of optimizer steps over minibatches of the rollout. Every host builds the
-same rollout batch and feeds only its own rows (`parallel.global_batch(whole=True)`).
+score them with the verifiable rewards, turn rewards into group advantages, then `mu`
+epochs of optimizer steps over minibatches of the rollout's sequences, each packed into rows
+(`train.packing`, `rl.pack_length`). Every host builds the same batches and feeds only its
+own rows (`parallel.global_batch(whole=True)`).
 With `beta > 0` the KL reference is its own copy of the starting weights
 (`rl.reference_dtype`, bf16 by default), never an alias of the donated train state.
 Checkpoints (`loop.Checkpoints`) hold params, optimizer state, the step, the NumPy RNG, the
@@ -30,7 +32,7 @@ from fleming_jax.data import inputs
 from fleming_jax.data.records import QARecord
 from fleming_jax.evaluate import evaluate_records, fits_context
 from fleming_jax.prompts import completion_texts, record_prompts
-from fleming_jax.train import grpo, loop, mining
+from fleming_jax.train import grpo, loop, mining, packing
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
 
@@ -47,51 +49,19 @@ def read_records(path: str, key: str, producer: str, accept=None) -> list[QAReco
 
 
 def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantages: np.ndarray,
-                  keep: np.ndarray, rows: int) -> dict[str, np.ndarray]:
-    """The train batch of a rollout: tokens/segments [rows, P + C] (each prompt right-aligned
-    in the prompt bucket P, its completion after it), the completion window's mask and
-    rollout log-probs [rows, C], and advantages [rows]; groups not in `keep` are left out
-    and the batch is padded to `rows` with masked dummy rows.
-
-    C is the power of two that holds the longest kept completion (replies that stop early
-    make a narrower batch), so a run compiles a few update programs.
-    """
-    n, g, budget = out.tokens.shape
-    prompt_width = sampler.bucket(max(map(len, prompts)))
-    longest = int(out.lengths[keep].max()) if keep.any() else 1
-    window = min(sampler.bucket(longest), sampler.bucket(budget))
-    batch = dict(tokens=np.zeros((rows, prompt_width + window), np.int32),
-                 segments=np.zeros((rows, prompt_width + window), np.int32),
-                 completion_mask=np.zeros((rows, window), np.float32),
-                 old_logprobs=np.zeros((rows, window), np.float32), advantages=np.zeros((rows,), np.float32))
-    r = 0
-    for i in np.flatnonzero(keep):
-        p = prompts[i]
-        for s in range(g):
-            length = int(out.lengths[i, s])
-            batch["tokens"][r, prompt_width - len(p):prompt_width] = p
-            batch["tokens"][r, prompt_width:prompt_width + length] = out.tokens[i, s, :length]
-            batch["segments"][r, prompt_width - len(p):prompt_width + length] = 1
-            batch["completion_mask"][r, :length] = 1
-            batch["old_logprobs"][r, :length] = out.model_logprobs[i, s, :length]
-            batch["advantages"][r] = advantages[i, s]
-            r += 1
-    return batch
+                  keep: np.ndarray, rows: int, pack_length: int = 0) -> dict[str, np.ndarray]:
+    """The groups in `keep` of a rollout as one update batch (`train.packing`'s format): one
+    sequence per row (`pack_length` 0) or packed, in `rows` rows (or a multiple of `rows` when
+    those do not hold the sequences)."""
+    seqs = packing.Sequences.from_rollout(prompts, out, advantages, keep)
+    length = packing.row_length(seqs, pack_length)
+    return packing.build(seqs, packing.assign(seqs.sizes, length, rows, pack_length != 0), length)
 
 
 def concat_outputs(a: sampler.SampleOutput, b: sampler.SampleOutput) -> sampler.SampleOutput:
     """Two rollouts' outputs (same sampling budget) as one, prompts of `a` first."""
     return sampler.SampleOutput(*(np.concatenate([getattr(a, f.name), getattr(b, f.name)])
                                   for f in dataclasses.fields(sampler.SampleOutput)))
-
-
-def batch_rows(kept_groups: int, group_size: int, total_groups: int, multiple: int) -> int:
-    """Rows of the update batch for `kept_groups` groups: the kept groups rounded up to a
-    power of two (a few compiled shapes, little padding), made a multiple of `multiple`
-    (minibatches x grad accumulation x batch devices), at most all the groups' rows."""
-    total = total_groups * group_size
-    rows = -(-sampler.bucket(kept_groups, minimum=1) * group_size // multiple) * multiple
-    return min(rows, total) if total % multiple == 0 else rows
 
 
 class RLTrainer:
@@ -131,13 +101,12 @@ class RLTrainer:
         loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk, tis_cap=c.tis_cap)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, c.grad_accum_steps, self.mesh,
                                                 shardings)
-        logprobs = jax.jit(lambda p, tokens, segments, last: token_logprobs(
-            nnx.merge(self.graphdef, p), tokens, segments, chunk_size=c.logprob_chunk, last=last),
-            static_argnums=3)
-        # log-probs of `params` over a (global) batch's completion window: the reference
+        logprobs = jax.jit(lambda p, tokens, segments, targets: token_logprobs(
+            nnx.merge(self.graphdef, p), tokens, segments, chunk_size=c.logprob_chunk, at=targets))
+        # log-probs of `params` at a (global) batch's scored positions: the reference
         # policy's for the KL, the trainer's own for recompute_old_logprobs / TIS
         self.logprobs_of = lambda params, b: self._on_mesh(logprobs, params, b["tokens"], b["segments"],
-                                                           b["completion_mask"].shape[1])
+                                                           b["targets"])
         self.ref_logprobs = lambda b: self.logprobs_of(self.reference, b)
         self.pool = mining.make_pool(self.records, c)
         self.rng = np.random.default_rng(c.seed)
@@ -327,19 +296,19 @@ class RLTrainer:
         t1 = time.perf_counter()
         metrics = {}
         if keep.any():
-            prompts = [self.prompts[i] for i in indices]
-            multiple = c.minibatches * c.grad_accum_steps * parallel.batch_devices(self.mesh)
-            rows = batch_rows(int(keep.sum()), c.group_size, c.prompts_per_step, multiple)
-            batch = rollout_batch(prompts, out, advantages, keep, rows)
+            seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep)
             recompute = c.recompute_old_logprobs or c.tis_cap
-            on_mesh = parallel.global_batch(self.mesh, batch, whole=True) if c.grpo.beta or recompute else None
-            if c.grpo.beta:
-                batch["ref_logprobs"] = parallel.to_host(self.ref_logprobs(on_mesh))
-            if recompute:
-                own = self.logprobs_of(self.state.params, on_mesh)
-                batch["rollout_logprobs"] = batch["old_logprobs"]
-                batch["old_logprobs"] = parallel.to_host(own) * batch["completion_mask"]
-            metrics = self.update(batch)
+            if c.grpo.beta or recompute:  # one forward over the whole rollout, in the update's layout
+                length = packing.row_length(seqs, c.pack_length)
+                rows = packing.assign(seqs.sizes, length, parallel.batch_devices(self.mesh), c.pack_length != 0)
+                on_mesh = parallel.global_batch(self.mesh, packing.build(seqs, rows, length), whole=True)
+                if c.grpo.beta:
+                    seqs.per_token["ref_logprobs"] = packing.unpack(seqs, rows, parallel.to_host(
+                        self.ref_logprobs(on_mesh)))
+                if recompute:
+                    own = packing.unpack(seqs, rows, parallel.to_host(self.logprobs_of(self.state.params, on_mesh)))
+                    seqs.per_token.update(rollout_logprobs=seqs.per_token["old_logprobs"], old_logprobs=own)
+            metrics = self.update(seqs)
         t2 = time.perf_counter()
         lengths = out.lengths.astype(float)
         levels = self.pool.levels()
@@ -352,32 +321,34 @@ class RLTrainer:
                     time_sync=self.sync_seconds, **metrics,
                     **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
 
-    def update(self, batch: dict[str, np.ndarray]) -> dict:
-        """mu epochs over shuffled minibatches; each minibatch is one optimizer step. Every
-        host holds the whole batch and feeds its own rows of each minibatch."""
+    def update(self, seqs: packing.Sequences) -> dict:
+        """mu epochs, each over the sequences shuffled into `rl.minibatches` minibatches; each
+        minibatch is laid into rows (`rl.pack_length`) and is one optimizer step. All of an
+        update's minibatches have the same shape. Every host builds the same rows and feeds
+        its own."""
         c = self.config.rl
-        rows = len(batch["advantages"])
-        if rows % c.minibatches:
-            raise ValueError(f"prompts_per_step x group_size = {rows} rows do not split into "
-                             f"rl.minibatches={c.minibatches}")
+        parts = [part for _ in range(c.mu) for part in np.array_split(self.rng.permutation(len(seqs)), c.minibatches)
+                 if len(part)]  # (fewer sequences than minibatches: fewer steps)
+        length = packing.row_length(seqs, c.pack_length)
+        multiple = c.grad_accum_steps * parallel.batch_devices(self.mesh)
+        laid = packing.minibatch_rows(seqs, parts, length, multiple, c.pack_length != 0)
+        scored = max(packing.width(seqs, rows) for rows in laid)
         sums: dict[str, float] = {}
         count, first = 0, {}
-        for _ in range(c.mu):
-            order = self.rng.permutation(rows)
-            for part in np.split(order, c.minibatches):
-                mini = {k: v[part] for k, v in batch.items()}
-                self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, mini, whole=True))
-                self.decode_copy = None  # the next rollout re-syncs
-                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-                if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss} / grad norm {grad_norm}; nothing was saved after the last "
-                        f"good checkpoint in {self.ckpt.directory}. Lower optimizer.learning_rate or "
-                        "check the data, then rerun to resume from it")
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                first = first or {k: float(v) for k, v in metrics.items() if k.startswith("mismatch_")}
-                count += 1
+        for rows in laid:
+            mini = packing.build(seqs, rows, length, scored)
+            self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, mini, whole=True))
+            self.decode_copy = None  # the next rollout re-syncs
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                raise FloatingPointError(
+                    f"non-finite loss {loss} / grad norm {grad_norm}; nothing was saved after the last "
+                    f"good checkpoint in {self.ckpt.directory}. Lower optimizer.learning_rate or "
+                    "check the data, then rerun to resume from it")
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            first = first or {k: float(v) for k, v in metrics.items() if k.startswith("mismatch_")}
+            count += 1
         # the mismatch as the first optimizer step saw it (later ones have moved the trainer)
         return {k: v / count for k, v in sums.items()} | first
 

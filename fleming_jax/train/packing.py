@@ -1,0 +1,187 @@
+"""The RL update's batches: a rollout's (prompt + completion) sequences laid into rows.
+
+One batch format serves both layouts (see `grpo.grpo_loss`): tokens/segments [R, L], each
+sequence contiguous in one row under its own segment id (1, 2, … within the row, 0 after the
+last), and per-token arrays [R, K] over the positions that carry a loss: `targets` (the
+position in the row of each scored token), `completion_mask`, `token_share` (1 / the
+sequence's completion length, so each sequence's shares sum to 1), `advantages` (the
+sequence's, per token), `old_logprobs` and, when present, `rollout_logprobs` and
+`ref_logprobs`. Only those K positions are unembedded.
+
+`rl.pack_length` picks the layout: 0 puts one sequence in each row (the padded layout, as
+wide as the longest prompt's power-of-two bucket plus the longest reply's); -1 packs rows of
+the power of two that holds the longest sequence (or of the padded width when narrower); N
+packs rows of N tokens (wider when a sequence needs it). Packing is balanced: sequences,
+longest first, go to the least-loaded row, so rows (and the data-parallel shards and
+gradient-accumulation microbatches made of them) carry about the same tokens. A sequence is
+never split, so each aggregation's (numerator, denominator) is the padded layout's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+
+from fleming_jax import sampler
+
+
+@dataclasses.dataclass
+class Sequences:
+    """A rollout's kept sequences: prompt tokens, completion tokens [N, budget] (the first
+    `lengths[i]` real), advantages [N], and per-token arrays [N, budget] aligned with the
+    completions (old_logprobs; rollout_logprobs and ref_logprobs when computed)."""
+
+    prompts: list[np.ndarray]
+    completions: np.ndarray
+    lengths: np.ndarray
+    advantages: np.ndarray
+    per_token: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Tokens of each sequence (prompt + completion)."""
+        return np.array([len(p) for p in self.prompts], np.int64) + self.lengths
+
+    @classmethod
+    def from_rollout(cls, prompts: list[list[int]], out: sampler.SampleOutput, advantages: np.ndarray,
+                     keep: np.ndarray) -> "Sequences":
+        """The sequences of the groups in `keep`, group by group; old_logprobs are the
+        rollout's own (`out.model_logprobs`)."""
+        groups = np.flatnonzero(keep)
+        g = out.tokens.shape[1]
+        take = lambda x: x[groups].reshape(len(groups) * g, *x.shape[2:])
+        lengths = take(out.lengths).astype(np.int64)
+        mask = np.arange(out.tokens.shape[2])[None] < lengths[:, None]
+        return cls(prompts=[np.asarray(prompts[i], np.int32) for i in groups for _ in range(g)],
+                   completions=take(out.tokens).astype(np.int32), lengths=lengths,
+                   advantages=take(advantages).astype(np.float32),
+                   per_token=dict(old_logprobs=np.where(mask, take(out.model_logprobs), 0).astype(np.float32)))
+
+
+def row_length(seqs: Sequences, pack_length: int) -> int:
+    """Tokens per row. One sequence per row (0): the power of two that holds the longest
+    prompt plus the one that holds the longest reply. Packed (-1): the narrower of that and
+    the power of two that holds the longest sequence, so packing never takes more tokens than
+    one sequence per row; `pack_length` when that is longer."""
+    longest_prompt = max([len(p) for p in seqs.prompts] or [1])
+    padded = sampler.bucket(longest_prompt) + sampler.bucket(int(np.max(seqs.lengths, initial=1)))
+    if pack_length == 0:
+        return padded
+    return max(min(padded, sampler.bucket(int(np.max(seqs.sizes, initial=1)))), pack_length)
+
+
+def row_count(needed: int, multiple: int) -> int:
+    """`needed` rows rounded up to a multiple of `multiple` (minibatch x accumulation x batch
+    devices), counted in units of `multiple` that take the values 1..8, then four steps a
+    doubling (10, 12, 14, 16, 20, …): a run compiles a few shapes, and padding stays < 25%."""
+    units = max(1, -(-needed // multiple))
+    if units > 8:
+        step = 1 << (units.bit_length() - 3)
+        units = -(-units // step) * step
+    return units * multiple
+
+
+def assign(sizes: np.ndarray, length: int, multiple: int, packed: bool = True) -> list[list[int]]:
+    """Rows of sequence indices (a multiple of `multiple` rows, the last ones maybe empty).
+
+    Unpacked: one sequence per row, in order. Packed: the fewest rows (of `row_count`'s
+    sizes) that hold every sequence when each, longest first, goes to the least-loaded row
+    (then row loads differ by at most one sequence unless rows are full)."""
+    sizes = np.asarray(sizes)
+    if not packed:
+        return [[i] for i in range(len(sizes))] + [[] for _ in range(row_count(len(sizes), multiple) - len(sizes))]
+    if len(sizes) and sizes.max() > length:
+        raise ValueError(f"a sequence of {sizes.max()} tokens does not fit rows of {length}")
+    order = np.argsort(-sizes, kind="stable")
+    count = row_count(-(-int(sizes.sum()) // length), multiple)
+    while True:
+        rows: list[list[int]] = [[] for _ in range(count)]
+        loads = [(0, r) for r in range(count)]
+        for i in order:
+            load, r = heapq.heappop(loads)
+            if load + sizes[i] > length:
+                break  # the least-loaded row is full: every row is; take more rows
+            rows[r].append(int(i))
+            heapq.heappush(loads, (load + int(sizes[i]), r))
+        else:
+            return rows
+        count = row_count(count + 1, multiple)
+
+
+def width(seqs: Sequences, rows: list[list[int]]) -> int:
+    """Scored positions per row: the power of two that holds any row's completion tokens."""
+    return sampler.bucket(max([int(seqs.lengths[row].sum()) for row in rows if row] or [1]))
+
+
+def _placements(seqs: Sequences, rows: list[list[int]]):
+    """(row, sequence, first token in the row, first scored column) of every placed sequence."""
+    for r, row in enumerate(rows):
+        start = column = 0
+        for i in row:
+            yield r, i, start, column
+            start += len(seqs.prompts[i]) + int(seqs.lengths[i])
+            column += int(seqs.lengths[i])
+
+
+def build(seqs: Sequences, rows: list[list[int]], length: int, scored: int | None = None) -> dict[str, np.ndarray]:
+    """The batch of `rows` (see the module doc): [len(rows), length] tokens and segments,
+    [len(rows), scored] per-token arrays (`scored` defaults to `width(seqs, rows)`)."""
+    n_rows, scored = len(rows), scored or width(seqs, rows)
+    batch = dict(tokens=np.zeros((n_rows, length), np.int32), segments=np.zeros((n_rows, length), np.int32),
+                 targets=np.zeros((n_rows, scored), np.int32))
+    for name in ("completion_mask", "token_share", "advantages", *seqs.per_token):
+        batch[name] = np.zeros((n_rows, scored), np.float32)
+    segment = {}
+    for r, i, start, column in _placements(seqs, rows):
+        prompt, c = seqs.prompts[i], int(seqs.lengths[i])
+        p = len(prompt)
+        segment[r] = segment.get(r, 0) + 1
+        batch["tokens"][r, start:start + p] = prompt
+        batch["tokens"][r, start + p:start + p + c] = seqs.completions[i, :c]
+        batch["segments"][r, start:start + p + c] = segment[r]
+        cols = slice(column, column + c)
+        batch["targets"][r, cols] = np.arange(start + p, start + p + c)
+        batch["completion_mask"][r, cols] = 1.0
+        batch["token_share"][r, cols] = np.float32(1.0) / np.float32(max(c, 1))
+        batch["advantages"][r, cols] = seqs.advantages[i]
+        for name, values in seqs.per_token.items():
+            batch[name][r, cols] = values[i, :c]
+    return batch
+
+
+def unpack(seqs: Sequences, rows: list[list[int]], values: np.ndarray) -> np.ndarray:
+    """Per-token values [R, K] of a batch built from `rows` -> [N, budget] per sequence (0
+    after each completion)."""
+    out = np.zeros(seqs.completions.shape, np.float32)
+    for r, i, _, column in _placements(seqs, rows):
+        c = int(seqs.lengths[i])
+        out[i, :c] = values[r, column:column + c]
+    return out
+
+
+def minibatch_rows(seqs: Sequences, parts: list[np.ndarray], length: int, multiple: int, packed: bool):
+    """Rows of each part (sequence indices into `seqs`), all padded with empty rows to the
+    same count, so every minibatch of an update compiles one shape."""
+    sizes = seqs.sizes
+    laid = [[[int(part[j]) for j in row] for row in assign(sizes[part], length, multiple, packed)] for part in parts]
+    most = max(map(len, laid))
+    return [rows + [[] for _ in range(most - len(rows))] for rows in laid]
+
+
+def tokens_per_update(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, pack_length: int,
+                      multiple: int = 1) -> dict[str, int]:
+    """What one update batch of these sequences costs: tokens processed (rows x row length),
+    positions unembedded (rows x scored width) and tokens that carry a loss."""
+    n = len(completion_lengths)
+    seqs = Sequences(prompts=[np.zeros(p, np.int32) for p in prompt_lengths],
+                     completions=np.zeros((n, 1), np.int32), lengths=np.asarray(completion_lengths, np.int64),
+                     advantages=np.zeros(n, np.float32), per_token={})
+    length = row_length(seqs, pack_length)
+    rows = assign(seqs.sizes, length, multiple, packed=pack_length != 0)
+    return dict(rows=len(rows), row_length=length, processed=len(rows) * length,
+                unembedded=len(rows) * width(seqs, rows), loss_tokens=int(seqs.lengths.sum()))

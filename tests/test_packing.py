@@ -1,0 +1,194 @@
+"""Packed RL update batches: the packing by hand, its balance, and the same loss and gradient
+as one sequence per row on a real tiny model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fleming_jax import models, sampler
+from fleming_jax.train import grpo, packing
+from fleming_jax.train import state as statelib
+from fleming_jax.train.logprobs import token_logprobs
+from tests.test_grpo import cfg
+from tests.test_parallel import small_model_cfg
+
+
+def hand_sequences():
+    return packing.Sequences(
+        prompts=[np.array([1, 2, 3]), np.array([4, 5]), np.array([6])],
+        completions=np.array([[10, 11, 0, 0], [12, 13, 14, 0], [15, 0, 0, 0]], np.int32),
+        lengths=np.array([2, 3, 1]), advantages=np.array([0.5, -1.0, 2.0], np.float32),
+        per_token=dict(old_logprobs=-np.array([[1, 2, 0, 0], [3, 4, 5, 0], [6, 0, 0, 0]], np.float32)))
+
+
+def test_build_and_unpack_by_hand():
+    seqs = hand_sequences()
+    batch = packing.build(seqs, [[0, 2], [1], []], length=12)
+    scored = sampler.bucket(3)  # the most completion tokens in a row: 3
+    assert batch["tokens"].shape == batch["segments"].shape == (3, 12)
+    assert all(batch[k].shape == (3, scored) for k in ("targets", "completion_mask", "token_share", "advantages",
+                                                       "old_logprobs"))
+    np.testing.assert_array_equal(batch["tokens"][0, :8], [1, 2, 3, 10, 11, 6, 15, 0])
+    np.testing.assert_array_equal(batch["segments"][0, :8], [1, 1, 1, 1, 1, 2, 2, 0])  # a segment per sequence
+    np.testing.assert_array_equal(batch["targets"][0, :3], [3, 4, 6])  # where the completions' tokens sit
+    np.testing.assert_array_equal(batch["completion_mask"][0, :4], [1, 1, 1, 0])
+    np.testing.assert_allclose(batch["token_share"][0, :4], [0.5, 0.5, 1, 0])  # 1 / the sequence's length
+    np.testing.assert_array_equal(batch["advantages"][0, :4], [0.5, 0.5, 2.0, 0])
+    np.testing.assert_array_equal(batch["old_logprobs"][0, :4], [-1, -2, -6, 0])
+    np.testing.assert_array_equal(batch["tokens"][1, :6], [4, 5, 12, 13, 14, 0])
+    np.testing.assert_array_equal(batch["targets"][1, :3], [2, 3, 4])
+    np.testing.assert_allclose(batch["token_share"][1].sum(), 1.0)
+    assert batch["segments"][2].sum() == batch["completion_mask"][2].sum() == 0  # an empty row
+    np.testing.assert_array_equal(packing.unpack(seqs, [[0, 2], [1], []], batch["old_logprobs"]),
+                                  seqs.per_token["old_logprobs"])
+    # one sequence per row: rows as wide as the longest prompt's bucket + the longest reply's
+    assert packing.row_length(seqs, 0) == sampler.bucket(3) + sampler.bucket(3)
+    assert packing.row_length(seqs, -1) == sampler.bucket(6) and packing.row_length(seqs, 64) == 64
+    long_prompt = packing.Sequences([np.ones(20, np.int32)], np.ones((1, 60), np.int32), np.array([40]),
+                                    np.zeros(1, np.float32), {})
+    assert packing.row_length(long_prompt, 0) == 32 + 64 and packing.row_length(long_prompt, -1) == 64
+    narrower = dataclasses.replace(long_prompt, lengths=np.array([60]))  # 80 tokens: 32 + 64 < 128
+    assert packing.row_length(narrower, 0) == packing.row_length(narrower, -1) == 32 + 64
+
+
+def long_tailed(n, seed=0, budget=512):
+    rng = np.random.default_rng(seed)
+    prompts = np.repeat(rng.integers(32, 65, n // 8), 8)
+    return prompts, np.minimum(rng.geometric(4 / budget, n), budget)
+
+
+@pytest.mark.parametrize("accum,devices", [(1, 1), (2, 4)])
+def test_packing_is_complete_unsplit_and_balanced_over_shards_and_microbatches(accum, devices):
+    prompts, replies = long_tailed(256)
+    sizes = prompts + replies
+    length = sampler.bucket(int(sizes.max()))
+    rows = packing.assign(sizes, length, accum * devices)
+    assert sorted(i for row in rows for i in row) == list(range(len(sizes)))  # each sequence once, whole
+    loads = np.array([sizes[row].sum() for row in rows])
+    assert loads.max() <= length and len(rows) % (accum * devices) == 0
+    assert loads.max() - loads.min() <= sizes.max()  # rows within one sequence of each other
+    assert len(rows) == packing.row_count(-(-int(sizes.sum()) // length), accum * devices)  # fewest rows
+    # the shards and microbatches the train step makes of the rows (microbatch i: rows i, i+n, …;
+    # then contiguous blocks per device) carry about the same tokens
+    cells = np.asarray(statelib.microbatches(dict(x=jnp.asarray(loads)), accum)["x"]).reshape(accum, devices, -1)
+    per_cell = cells.sum(-1)
+    print("tokens per cell", per_cell.ravel(), "of", sizes.sum())
+    assert per_cell.max() - per_cell.min() <= sizes.max()
+    assert per_cell.min() >= 0.9 * per_cell.mean()
+    # one sequence per row
+    flat = packing.assign(sizes, length, 8, packed=False)
+    assert [r for r in flat if r] == [[i] for i in range(len(sizes))] and len(flat) % 8 == 0
+
+
+@pytest.mark.parametrize("needed,multiple,rows", [(1, 1, 1), (8, 1, 8), (9, 1, 10), (17, 1, 20), (33, 1, 40),
+                                                  (3, 8, 8), (72, 8, 80), (0, 4, 4)])
+def test_row_count(needed, multiple, rows):
+    assert packing.row_count(needed, multiple) == rows
+
+
+def test_tokens_per_update_on_the_rollout_benchmark_lengths():
+    """32 prompts x 8 replies of geometric length (mean ~118, budget 512): what an update
+    processes with one sequence per row, and packed."""
+    prompts, replies = long_tailed(256, seed=2)
+    padded = packing.tokens_per_update(prompts, replies, 0)
+    packed = packing.tokens_per_update(prompts, replies, -1)
+    print(f"replies mean {replies.mean():.0f} median {np.median(replies):.0f}; padded {padded}; packed {packed}")
+    assert padded["loss_tokens"] == packed["loss_tokens"]
+    assert packed["processed"] * 3 < padded["processed"]  # measured 46080 vs 147456
+    assert packed["unembedded"] * 3 < padded["unembedded"]  # 40960 vs 131072
+
+
+# ------------------------------------------------------------------ the same loss on a real model
+def ragged_rollout(vocab, seed=0):
+    """3 prompts x G=4 of ragged prompt and reply lengths, group 1 dropped."""
+    rng = np.random.default_rng(seed)
+    n, g, budget = 3, 4, 24
+    prompts = [list(rng.integers(1, vocab, k)) for k in (3, 9, 5)]
+    lengths = np.array([[1, 24, 7, 3], [5, 5, 5, 5], [12, 2, 19, 9]])
+    out = sampler.SampleOutput(tokens=rng.integers(1, vocab, (n, g, budget)).astype(np.int32),
+                               logprobs=np.zeros((n, g, budget), np.float32),
+                               model_logprobs=np.zeros((n, g, budget), np.float32), lengths=lengths,
+                               done=np.ones((n, g), bool))
+    advantages = rng.normal(size=(n, g)).astype(np.float32)
+    return packing.Sequences.from_rollout(prompts, out, advantages, np.array([True, False, True]))
+
+
+def layout(seqs, pack_length, multiple=2):
+    length = packing.row_length(seqs, pack_length)
+    rows = packing.assign(seqs.sizes, length, multiple, packed=pack_length != 0)
+    return rows, length
+
+
+def logprobs_at(model, seqs, pack_length):
+    """Each sequence's log-probs under `model`, computed in the given layout."""
+    rows, length = layout(seqs, pack_length)
+    b = packing.build(seqs, rows, length)
+    out = token_logprobs(model, jnp.asarray(b["tokens"]), jnp.asarray(b["segments"]), chunk_size=8,
+                         at=jnp.asarray(b["targets"]))
+    return packing.unpack(seqs, rows, np.asarray(out))
+
+
+def loss_and_grads(graphdef, params, batch, c, accum, tis_cap):
+    """Σnumerator / Σdenominator over `accum` microbatches, as the train step computes it."""
+    def micro(p, mb):
+        num, den, _ = grpo.grpo_loss(nnx.merge(graphdef, p), mb, c, chunk_size=8, tis_cap=tis_cap)
+        return num, den
+    num, den, grads = 0.0, 0.0, None
+    for i in range(accum):
+        mb = jax.tree.map(lambda x: jnp.asarray(x)[i], statelib.microbatches(batch, accum))
+        (n, d), g = jax.value_and_grad(micro, has_aux=True)(params, mb)
+        num, den = num + n, den + d
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    return num / den, jax.tree.map(lambda x: x / den, grads)
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+@pytest.mark.parametrize("beta,entropy_coef,tis_cap", [(0.0, 0.0, 0.0), (0.1, 0.01, 2.0)])
+def test_packed_equals_one_sequence_per_row(aggregation, beta, entropy_coef, tis_cap):
+    """fp32, ragged lengths, gradient accumulation over 2 microbatches: the packed batch gives
+    the padded batch's loss and gradient, the KL reference, TIS and entropy terms included
+    (reference and trainer log-probs computed in each layout, as the RL step does)."""
+    model, _ = models.build(small_model_cfg(seed=3))
+    reference, _ = models.build(small_model_cfg(seed=4))
+    graphdef, params = nnx.split(model, nnx.Param)
+    seqs = ragged_rollout(256)
+    own = logprobs_at(model, seqs, 0)
+    rng = np.random.default_rng(1)
+    mask = np.arange(seqs.completions.shape[1])[None] < seqs.lengths[:, None]
+    # pi_old a little off the current policy (ratios on both sides of the clip range), the
+    # rollout's log-probs further off (TIS weights both sides of 1)
+    seqs.per_token["old_logprobs"] = np.where(mask, own + rng.normal(0, 0.2, own.shape), 0).astype(np.float32)
+    seqs.per_token["rollout_logprobs"] = np.where(mask, own + rng.normal(0, 0.5, own.shape), 0).astype(np.float32)
+    c = cfg(aggregation=aggregation, beta=beta, entropy_coef=entropy_coef, loss_normalizer=24.0)
+    results = {}
+    for pack_length in (0, -1):
+        if beta:
+            seqs.per_token["ref_logprobs"] = logprobs_at(reference, seqs, pack_length)
+        rows, length = layout(seqs, pack_length)
+        batch = packing.build(seqs, rows, length)
+        results[pack_length] = (batch["tokens"].size,) + loss_and_grads(graphdef, params, batch, c, 2, tis_cap)
+    (padded_tokens, padded_loss, padded_grads), (packed_tokens, packed_loss, packed_grads) = results[0], results[-1]
+    assert packed_tokens < padded_tokens / 2, (packed_tokens, padded_tokens)  # 128 vs 320 here
+    assert np.isfinite(float(padded_loss)) and abs(float(padded_loss)) > 1e-3  # a finite, non-zero loss
+    np.testing.assert_allclose(packed_loss, padded_loss, rtol=1e-5, atol=1e-7)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(padded_grads))
+    assert scale > 1e-4
+    for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(padded_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_scoring_at_positions_equals_the_completion_window():
+    """`at` = the last K positions gives `last=K`'s log-probs and entropies."""
+    model, _ = models.build(small_model_cfg())
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 256, (3, 16)), jnp.int32)
+    segments = jnp.ones((3, 16), jnp.int32).at[1, :4].set(0)
+    at = jnp.broadcast_to(jnp.arange(10, 16), (3, 6))
+    a = token_logprobs(model, tokens, segments, chunk_size=4, with_entropy=True, last=6)
+    b = token_logprobs(model, tokens, segments, chunk_size=4, with_entropy=True, at=at)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-6)
