@@ -21,14 +21,17 @@ Phases:
 - scoring: the reward calls. other rollout work: decoding, chat template / tokenization,
   advantages, padding into the train batch.
 - update: forward + backward + clipping + AdamW (ours: one call of the jitted train step on
-  the `rl.rollout_batch` batch; TRL: the rest of the Trainer's step). Both accumulate
-  gradients over 4 microbatches of 16 sequences (all 64 in one microbatch needs ~27 GB
-  here); TRL's gradient checkpointing (on by default) is off, as ours has no remat.
+  the `rl.rollout_batch` batch, packed as RL packs it, `rl.pack_length` -1: the 64 sequences
+  laid into as few rows as hold them, balanced over the microbatches; `--pack_length 0`: one
+  sequence per row; TRL: the rest of the Trainer's step, one padded row per sequence). Both
+  accumulate gradients over 4 microbatches (all 64 sequences in one needs ~27 GB here);
+  TRL's gradient checkpointing (on by default) is off, as ours has no remat.
 Rewards are all 0 with random weights (no group has signal); both sides still do the full
 update (ours keeps the zero-advantage groups here).
 
 pip install -r benchmarks/requirements.txt   # trl
 python benchmarks/grpo.py [--prompts 8] [--group 8] [--new_tokens 256] [--grad_accum 4] [--lengths equal]
+                          [--pack_length 0]
 
 Takes 10-20 minutes on 2 CPU cores (two steps per side); the sides run one after the other,
 so other jobs on the machine skew the ratio.
@@ -97,7 +100,7 @@ def build_checkpoint(path: str, records: list[QARecord]) -> int:
 
 
 def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum: int,
-         stops: list[int]) -> dict[str, float]:
+         stops: list[int], pack_length: int) -> dict[str, float]:
     """Seconds per phase of our second (post-compilation) GRPO step."""
     from flax import nnx
 
@@ -111,6 +114,7 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
     from fleming_jax.train import state as statelib
 
     c = rl_stage1.get_config().rl  # our GRPO defaults: clipped 0.2/0.28, token mean, no KL
+    c.pack_length = pack_length
     tok = toklib.load(path)
     prompts = record_prompts(tok, records)
     model, _ = hf.load(path)
@@ -138,7 +142,7 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
                            for r, row in zip(records, texts)])
         t1 = time.perf_counter()
         advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
-        batch = rl.rollout_batch(prompts, out, advantages, np.ones(len(prompts), bool), len(prompts) * group)
+        batch = rl.rollout_batch(prompts, out, advantages, np.ones(len(prompts), bool), accum, c.pack_length)
         t["scoring"] = t1 - t0
         t["other rollout work"] = time.perf_counter() - start - t["scoring"]
         start = time.perf_counter()
@@ -151,7 +155,8 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
     one_step(ts, jax.random.key(1))  # warm-up: the same step, so it compiles every shape the timed one runs
     _, times, shape, lengths = one_step(fresh, jax.random.key(1))
     print(f"ours: reply lengths mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, max {lengths.max()}, "
-          f"{np.mean(lengths == new_tokens):.0%} at the budget; train batch {shape[0]} x {shape[1]} tokens; "
+          f"{np.mean(lengths == new_tokens):.0%} at the budget; train batch {shape[0]} x {shape[1]} tokens "
+          f"({int(lengths.sum())} with a loss); "
           + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()), flush=True)
     return times
 
@@ -237,6 +242,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256, help="the generation budget")
     parser.add_argument("--grad_accum", type=int, default=4, help="microbatches of the one optimizer step")
     parser.add_argument("--lengths", choices=("long_tailed", "equal"), default="long_tailed")
+    parser.add_argument("--pack_length", type=int, default=-1, help="ours: rl.pack_length (0: one sequence a row)")
     args = parser.parse_args()
     records = make_records(args.prompts)
     with tempfile.TemporaryDirectory() as path:
@@ -244,7 +250,7 @@ def main():
         stops = (long_tail_stops(SHAPE["vocab_size"], args.new_tokens, np.random.default_rng(0))
                  if args.lengths == "long_tailed" else [])
         work = (path, records, args.group, args.new_tokens, args.grad_accum, stops)
-        rows = {"fleming-jax": ours(*work), "trl": trl_side(*work)}
+        rows = {"fleming-jax": ours(*work, args.pack_length), "trl": trl_side(*work)}
     a, b = rows["fleming-jax"], rows["trl"]
     total_a, total_b = sum(a.values()), sum(b.values())
     print(f"{n_params / 1e6:.0f}M-param Qwen2 shape (fp32), {args.prompts} prompts x G={args.group} x "
