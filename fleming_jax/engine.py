@@ -102,12 +102,18 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, keys, g
                  model_logprobs=put(slots.model_logprobs, jnp.zeros((n,) + slots.logprobs.shape[1:], jnp.float32)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnums=(2,))
-def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, params: SamplingParams) -> Slots:
-    """Up to `chunk` tokens in every unfinished slot (fewer when all finish first)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "split_layers"), donate_argnums=(2,))
+def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, params: SamplingParams,
+            split_layers: bool) -> Slots:
+    """Up to `chunk` tokens in every unfinished slot (fewer when all finish first).
+
+    `split_layers`: slice each layer's weights out of the stacked arrays once, before the
+    loop. XLA:CPU needs it (it would copy every slice every token); the TPU compiler fuses the
+    slices into the matmuls, where splitting first would hold a second copy of the weights
+    (15 GiB a chip for Qwen3-32B), so there each step slices in place."""
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
-    layers = model.layers.split()
+    layers = model.layers.split() if split_layers else None
     rows = jnp.arange(slots.steps.shape[0])
     budget = slots.tokens.shape[1]
 
@@ -166,6 +172,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     sequence_keys = jax.random.split(key, len(prompts) * group)  # sequence i*G+s draws from its own
     run_params = dataclasses.replace(params, max_new_tokens=0)  # traced instead: not a compile key
+    split_layers = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform == "cpu"
 
     out = {name: np.zeros((len(prompts), group, budget), dtype) for name, dtype in
            (("tokens", np.int32), ("logprobs", np.float32), ("model_logprobs", np.float32))}
@@ -197,7 +204,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
                 table = _insert(table, cache, logits, jnp.asarray(real), jnp.asarray(ids),
                                 sequence_keys[jnp.asarray(seq)], group=group)
             table = _decode(graphdef, state, table, stop, jnp.asarray(budget, jnp.int32), jnp.asarray(chunk, jnp.int32),
-                            params=run_params)
+                            params=run_params, split_layers=split_layers)
             preemption.check("a rollout")  # between chunks: every host stops at the same one
             done = parallel.to_host(table.done)
             finished = [s for s in range(n_slots) if owner[s] is not None and done[s]]

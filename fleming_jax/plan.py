@@ -259,7 +259,8 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
         params = sampler.SamplingParams(temperature=1.0, num_samples=samples, max_new_tokens=0)
         compiled = engine._decode.lower(graphdef, state, table, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole),
-                                        scalar, scalar, params=params).compile()
+                                        scalar, scalar, params=params,
+                                        split_layers=devices[0].platform == "cpu").compile()
     mem = compiled.memory_analysis()
     shard_bytes = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
     return dict(model=config.model.preset, layout=layout, mesh=dict(mesh.shape), dtype=dtype,

@@ -81,8 +81,10 @@ def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
     pattern is the same) on v5p:2x2x4, the engine's decode program. The training layout (FSDP
     over 16 chips) gathers every weight every token; the rollout layout gathers only the
     sampler's few KiB, and (a real rollout's slots: 64 prompts x G 8, 512 + 4,096 tokens) holds
-    no copy of the KV cache: a per-row cache write that the TPU compiler lowers into a loop in
-    another layout made it copy every cache buffer twice per token (temporaries 2.4x the cache)."""
+    no copy of the KV cache (a per-row cache write that the TPU compiler lowered into a loop in
+    another layout made it copy every cache buffer twice per token: temporaries 2.4x the cache)
+    and no second copy of the weights (splitting the stacked layers before the decode loop,
+    which XLA:CPU needs, held one: temporaries half the cache at 2 layers)."""
     config = rl_stage1.get_config("qwen2.5-7b")
     config.model.num_layers = 2
     config.plan.topology = "v5p:2x2x4"
@@ -92,5 +94,6 @@ def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
     assert rollout["mesh"] == {"data": 4, "fsdp": 1, "tensor": 4} and rollout["dtype"] == "bfloat16"
     assert rollout["per_token"]["all_gather_bytes"] < 1 * MIB, rollout
     assert rollout["cache_bytes"] == 2 * 2 * 128 * 4608 * 1 * 128 * 2  # K, V x 2 layers, 128 slots a chip
-    assert rollout["temp_bytes"] < rollout["cache_bytes"], rollout  # was 2.4x
+    # no copy of the cache (was 2.4x it) nor of the weights (the layers split once per call)
+    assert rollout["temp_bytes"] < rollout["cache_bytes"] / 4, rollout
     assert train["per_token"]["all_gather_bytes"] > 1000 * MIB, train
