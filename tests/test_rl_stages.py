@@ -229,7 +229,10 @@ def test_two_processes_equal_one_process_and_stop_together_on_one_sigterm(toy_ru
         for a, b in zip(got["rows"].tolist(), rows):
             assert a.keys() == b.keys()
             for k in a:
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+                # fp32 rollouts: the mismatch metrics are rounding noise (~1e-7 a token), and the
+                # 2-process run sums in another order
+                atol = 1e-5 if k.startswith("mismatch_") else 1e-7
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=atol, err_msg=k)
         # Adam's m / sqrt(v) magnifies reduction-order noise where a gradient is ~0 (the decode
         # layout's tensor-parallel sums run across processes in one run, inside one in the
         # other): measured 4e-6 at most, against 1.5e-2 that 3 steps at lr 5e-3 can move a weight
