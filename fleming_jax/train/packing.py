@@ -113,6 +113,13 @@ def assign(sizes: np.ndarray, length: int, multiple: int, packed: bool = True) -
         count = row_count(count + 1, multiple)
 
 
+def lay_out(seqs: Sequences, pack_length: int, multiple: int) -> tuple[list[list[int]], int]:
+    """(rows of sequence indices, row length) of all of `seqs` under `rl.pack_length`, the
+    row count a multiple of `multiple`."""
+    length = row_length(seqs, pack_length)
+    return assign(seqs.sizes, length, multiple, packed=pack_length != 0), length
+
+
 def width(seqs: Sequences, rows: list[list[int]]) -> int:
     """Scored positions per row: the power of two that holds any row's completion tokens."""
     return sampler.bucket(max([int(seqs.lengths[row].sum()) for row in rows if row] or [1]))
@@ -181,7 +188,6 @@ def tokens_per_update(prompt_lengths: np.ndarray, completion_lengths: np.ndarray
     seqs = Sequences(prompts=[np.zeros(p, np.int32) for p in prompt_lengths],
                      completions=np.zeros((n, 1), np.int32), lengths=np.asarray(completion_lengths, np.int64),
                      advantages=np.zeros(n, np.float32), per_token={})
-    length = row_length(seqs, pack_length)
-    rows = assign(seqs.sizes, length, multiple, packed=pack_length != 0)
+    rows, length = lay_out(seqs, pack_length, multiple)
     return dict(rows=len(rows), row_length=length, processed=len(rows) * length,
                 unembedded=len(rows) * width(seqs, rows), loss_tokens=int(seqs.lengths.sum()))

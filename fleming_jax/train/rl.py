@@ -54,8 +54,7 @@ def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantage
     sequence per row (`pack_length` 0) or packed, in `rows` rows (or a multiple of `rows` when
     those do not hold the sequences)."""
     seqs = packing.Sequences.from_rollout(prompts, out, advantages, keep)
-    length = packing.row_length(seqs, pack_length)
-    return packing.build(seqs, packing.assign(seqs.sizes, length, rows, pack_length != 0), length)
+    return packing.build(seqs, *packing.lay_out(seqs, pack_length, rows))
 
 
 def concat_outputs(a: sampler.SampleOutput, b: sampler.SampleOutput) -> sampler.SampleOutput:
@@ -299,8 +298,7 @@ class RLTrainer:
             seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep)
             recompute = c.recompute_old_logprobs or c.tis_cap
             if c.grpo.beta or recompute:  # one forward over the whole rollout, in the update's layout
-                length = packing.row_length(seqs, c.pack_length)
-                rows = packing.assign(seqs.sizes, length, parallel.batch_devices(self.mesh), c.pack_length != 0)
+                rows, length = packing.lay_out(seqs, c.pack_length, parallel.batch_devices(self.mesh))
                 on_mesh = parallel.global_batch(self.mesh, packing.build(seqs, rows, length), whole=True)
                 if c.grpo.beta:
                     seqs.per_token["ref_logprobs"] = packing.unpack(seqs, rows, parallel.to_host(
