@@ -1,6 +1,7 @@
 """SFT train-step throughput: our jitted step vs a plain PyTorch/transformers step.
 
 python benchmarks/sft.py [--preset tiny --batch 8 --seq 256 --steps 10]
+python benchmarks/sft.py --preset 100m   # the ~100M Qwen2-shaped model of benchmarks/rollout.py
 
 Same model (random init from the preset), same batch of tokens, AdamW, fp32, on this CPU.
 MFU is against a measured fp32 matmul peak of this machine. Prints a table and, last,
@@ -90,9 +91,23 @@ def peer(model_cfg, batch, steps):
     return (time.perf_counter() - t) / steps, loss
 
 
+def hundred_million():
+    """`config.model` of the ~100M model the rollout and GRPO benchmarks use."""
+    import json
+    import tempfile
+
+    from benchmarks.rollout import SHAPE
+    from configs import models as presets
+
+    file = os.path.join(tempfile.mkdtemp(), "config.json")
+    with open(file, "w") as f:
+        json.dump(dict(SHAPE, model_type="qwen2", rms_norm_eps=1e-6), f)
+    return presets.get(file)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", help="a configs/models.py preset, or 100m")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
@@ -100,7 +115,7 @@ def main():
     from configs import models as presets
     from fleming_jax.models import config_from
 
-    model_cfg = presets.get(args.preset)
+    model_cfg = presets.get(args.preset) if args.preset != "100m" else hundred_million()
     cfg = config_from(model_cfg)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)

@@ -147,6 +147,29 @@ def test_completion_window_equals_the_full_sequence(last):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [8, 32])
+def test_chunked_logprobs_gradient_equals_full_logits(chunk_size):
+    """Several chunks (logits recomputed in the backward pass) and one chunk (kept) give the
+    value and gradient of log_softmax over the model's full logits."""
+    model, _ = models.build(small_model_cfg())
+    graphdef, params = nnx.split(model, nnx.Param)
+    data = global_batch_for_test(length=32)
+    tokens, segments = jnp.asarray(data["tokens"]), jnp.asarray(data["segments"])
+    weights = jnp.asarray(data["loss_weights"])[:, 1:]
+
+    def ours(p):
+        lp = token_logprobs(nnx.merge(graphdef, p), tokens, segments, chunk_size=chunk_size)
+        return jnp.sum(lp[:, 1:] * weights)
+
+    def reference(p):
+        logp = jax.nn.log_softmax(nnx.merge(graphdef, p)(tokens, attention_mask=segments)[:, :-1], axis=-1)
+        return jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0] * weights)
+
+    np.testing.assert_allclose(ours(params), reference(params), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.grad(ours)(params)), jax.tree.leaves(jax.grad(reference)(params))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_mismatch_metrics_and_tis_weights_by_hand():
     trainer = jnp.log(jnp.array([[0.6, 0.1, 0.9]]))
     rollout = jnp.log(jnp.array([[0.2, 0.3, 0.9]]))  # ratios pi_t / pi_r = 3, 1/3, 1

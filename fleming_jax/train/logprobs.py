@@ -2,7 +2,7 @@
 
 A 152k vocabulary makes `[batch, length, vocab]` fp32 logits the largest tensor of a step;
 here only `[batch, chunk, vocab]` exists at a time, and the backward pass recomputes each
-chunk's logits instead of storing them.
+chunk's logits instead of storing them (unless there is only one chunk).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: in
     t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, n_chunks, chunk).swapaxes(0, 1)
     unembed = model.unembedding().astype(hidden.dtype)
 
-    @jax.checkpoint
     def one_chunk(args):
         h_chunk, t_chunk = args
         logits = project("bce,ev->bcv", h_chunk, unembed, jnp.float32) / temperature
@@ -51,7 +50,10 @@ def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: in
         entropy = log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
         return picked, entropy
 
-    picked, entropy = jax.lax.map(one_chunk, (h, t))
+    # Several chunks: recompute each chunk's logits in the backward pass (only one chunk's
+    # logits live at a time). One chunk: its logits exist whole in the forward pass anyway and
+    # their backward runs first, so keeping them costs no extra peak and saves a matmul.
+    picked, entropy = jax.lax.map(jax.checkpoint(one_chunk) if n_chunks > 1 else one_chunk, (h, t))
     unchunk = lambda x: jnp.pad(x.swapaxes(0, 1).reshape(batch, -1)[:, :length], ((0, 0), (int(skip == 0), 0)))
     if with_entropy:
         return unchunk(picked), unchunk(entropy)
