@@ -37,9 +37,11 @@ def _timed(fn) -> float:
 
 
 def flops_per_step(cfg, params: int, tokens: int, seq: int) -> float:
-    """6 x params x tokens (matmuls, forward + backward) + causal attention scores/values."""
+    """6 x matmul params x tokens (forward + backward) + causal attention scores/values. An
+    untied input embedding is a table lookup, not a matmul: it is not counted."""
+    matmul_params = params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
     attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq  # per token, fwd+bwd, causal half
-    return 6 * params * tokens + attention * tokens
+    return 6 * matmul_params * tokens + attention * tokens
 
 
 def ours(model_cfg, batch, steps):
