@@ -94,7 +94,7 @@ def peer(model_cfg, batch, steps):
 
 
 def hundred_million():
-    """`config.model` of the ~100M model the rollout and GRPO benchmarks use."""
+    """`config.model` of benchmarks/rollout.py's ~100M model (untied embeddings)."""
     import json
     import tempfile
 
