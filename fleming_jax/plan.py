@@ -138,14 +138,16 @@ def task_loss(config, mesh):
 def train_flops(c, batch_size: int, seq_len: int) -> float:
     """Matmul FLOPs of one forward+backward step (XLA's own count sees a scanned layer
     once, so it is not used): 6 x weights x tokens, plus attention scores and values
-    (12 x layers x heads x head_dim x seq_len per token), plus one more forward under
-    full rematerialisation."""
+    (12 x layers x heads x head_dim x the keys a query scores, per token: about half of
+    seq_len, as query blocks skip the keys after them), plus one more forward under full
+    rematerialisation."""
     from fleming_jax.models import qwen
 
     weights = sum(math.prod(s) for s in qwen.layer_param_shapes(c).values())
     weights += c.hidden_size * c.vocab_size  # the output projection
     tokens = batch_size * seq_len
-    flops = 6.0 * weights * tokens + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len * tokens
+    keys = qwen.keys_per_query(seq_len, c.attention_chunk)
+    flops = 6.0 * weights * tokens + 12.0 * c.num_layers * c.num_heads * c.head_dim * keys * tokens
     return flops * (4 / 3 if c.remat == "full" else 1.0)
 
 

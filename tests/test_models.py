@@ -127,22 +127,32 @@ def test_bfloat16_compute_stays_close_to_float32(hf_dir):
     assert (a[real].argmax(-1) == b[real].argmax(-1)).mean() > 0.9
 
 
-def test_blocked_attention_equals_full_attention_with_gradients(hf_dir):
+@pytest.mark.parametrize("chunk, query_block", [(4, 64), (64, 5)])
+def test_blocked_attention_equals_full_attention_with_gradients(hf_dir, monkeypatch, chunk, query_block):
+    """Query blocks (each scoring only the keys up to its end) give full attention's logits
+    and gradients: blocks of `attention_chunk` recomputed in the backward (12 tokens > 4),
+    and blocks of QUERY_BLOCK for shorter sequences (5, 5 and 2 queries), on left-padded
+    rows and a packed row of two segments."""
     import jax
     from flax import nnx
 
+    from fleming_jax.models import qwen
+
     path = hf_dir("qwen2")
     ids, mask = padded_batch(length=12)
-    full, _ = hf.load(path, attention_chunk=64)
-    blocked, _ = hf.load(path, attention_chunk=4)  # 12 tokens: 3 blocks of queries
+    mask[0] = [1] * 5 + [2] * 7
+    full, _ = hf.load(path, attention_chunk=64)  # 12 tokens: one block, all keys
+    blocked, _ = hf.load(path, attention_chunk=chunk)
 
     def loss_and_grads(model):
         graphdef, params = nnx.split(model, nnx.Param)
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-                                 * jnp.asarray(mask)[..., None]) * 1e-3
+                                 * (jnp.asarray(mask) > 0)[..., None]) * 1e-3
         return jax.value_and_grad(loss)(params)
 
-    (a, ga), (b, gb) = loss_and_grads(full), loss_and_grads(blocked)
+    a, ga = loss_and_grads(full)
+    monkeypatch.setattr(qwen, "QUERY_BLOCK", query_block)
+    b, gb = loss_and_grads(blocked)
     np.testing.assert_allclose(a, b, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, atol=1e-5)
