@@ -23,7 +23,9 @@ Phases:
 - update: forward + backward + clipping + AdamW (ours: one call of the jitted train step on
   the `rl.rollout_batch` batch, packed as RL packs it, `rl.pack_length` -1: the 64 sequences
   laid into as few rows as hold them, balanced over the microbatches; `--pack_length 0`: one
-  sequence per row; TRL: the rest of the Trainer's step, one padded row per sequence). Both
+  sequence per row; `--share_prompts`: a group's replies in a row after one copy of their
+  prompt, `rl.share_prompts`, RL's default, off here as the README's table predates it;
+  TRL: the rest of the Trainer's step, one padded row per sequence). Both
   accumulate gradients over 4 microbatches (all 64 sequences in one needs ~27 GB here);
   TRL's gradient checkpointing (on by default) is off, as ours has no remat.
 Rewards are all 0 with random weights (no group has signal); both sides still do the full
@@ -31,7 +33,7 @@ update (ours keeps the zero-advantage groups here).
 
 pip install -r benchmarks/requirements.txt   # trl
 python benchmarks/grpo.py [--prompts 8] [--group 8] [--new_tokens 256] [--grad_accum 4] [--lengths equal]
-                          [--pack_length 0]
+                          [--pack_length 0] [--share_prompts]
 
 Takes 10-20 minutes on 2 CPU cores (two steps per side); the sides run one after the other,
 so other jobs on the machine skew the ratio.
@@ -100,7 +102,7 @@ def build_checkpoint(path: str, records: list[QARecord]) -> int:
 
 
 def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum: int,
-         stops: list[int], pack_length: int) -> dict[str, float]:
+         stops: list[int], pack_length: int, share_prompts: bool) -> dict[str, float]:
     """Seconds per phase of our second (post-compilation) GRPO step."""
     from flax import nnx
 
@@ -114,7 +116,7 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
     from fleming_jax.train import state as statelib
 
     c = rl_stage1.get_config().rl  # our GRPO defaults: clipped 0.2/0.28, token mean, no KL
-    c.pack_length = pack_length
+    c.pack_length, c.share_prompts = pack_length, share_prompts
     tok = toklib.load(path)
     prompts = record_prompts(tok, records)
     model, _ = hf.load(path)
@@ -142,7 +144,8 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
                            for r, row in zip(records, texts)])
         t1 = time.perf_counter()
         advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
-        batch = rl.rollout_batch(prompts, out, advantages, np.ones(len(prompts), bool), accum, c.pack_length)
+        batch = rl.rollout_batch(prompts, out, advantages, np.ones(len(prompts), bool), accum, c.pack_length,
+                                 c.share_prompts)
         t["scoring"] = t1 - t0
         t["other rollout work"] = time.perf_counter() - start - t["scoring"]
         start = time.perf_counter()
@@ -243,6 +246,7 @@ def main():
     parser.add_argument("--grad_accum", type=int, default=4, help="microbatches of the one optimizer step")
     parser.add_argument("--lengths", choices=("long_tailed", "equal"), default="long_tailed")
     parser.add_argument("--pack_length", type=int, default=-1, help="ours: rl.pack_length (0: one sequence a row)")
+    parser.add_argument("--share_prompts", action="store_true", help="ours: rl.share_prompts")
     args = parser.parse_args()
     records = make_records(args.prompts)
     with tempfile.TemporaryDirectory() as path:
@@ -250,7 +254,7 @@ def main():
         stops = (long_tail_stops(SHAPE["vocab_size"], args.new_tokens, np.random.default_rng(0))
                  if args.lengths == "long_tailed" else [])
         work = (path, records, args.group, args.new_tokens, args.grad_accum, stops)
-        rows = {"fleming-jax": ours(*work, args.pack_length), "trl": trl_side(*work)}
+        rows = {"fleming-jax": ours(*work, args.pack_length, args.share_prompts), "trl": trl_side(*work)}
     a, b = rows["fleming-jax"], rows["trl"]
     total_a, total_b = sum(a.values()), sum(b.values())
     print(f"{n_params / 1e6:.0f}M-param Qwen2 shape (fp32), {args.prompts} prompts x G={args.group} x "

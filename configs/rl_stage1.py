@@ -53,7 +53,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # loss and gradient as one sequence per row, ~3x fewer tokens on long-tailed replies).
         # -1: rows of the power of two that holds the longest prompt + reply; N (a power of
         # two): rows of N tokens (longer if a sequence needs it); 0: one sequence per row.
-        pack_length=-1,
+        # tiny: 512 holds a prompt and ~5 replies, so shared prompts pay (demo-like 16 x 8
+        # update 8.4 s at -1 unshared, 5.0 s at 512 shared, 6.5 s at 1024 shared, on 2 cores).
+        pack_length=512 if tiny else -1,
+        # Packed rows: the replies of one group in a row follow a single copy of their prompt
+        # (each runs once per row instead of once per reply); the same loss and gradient.
+        share_prompts=True,
         drop_zero_advantage_groups=True,  # groups whose rewards are all equal teach nothing
         dynamic_sampling=False,  # DAPO: refill dropped groups with fresh prompts...
         max_refills=2,  # ...for at most this many extra rollout rounds per step

@@ -28,13 +28,17 @@ def hand_sequences():
 def test_build_and_unpack_by_hand():
     seqs = hand_sequences()
     batch = packing.build(seqs, [[0, 2], [1], []], length=12)
-    scored = sampler.bucket(3)  # the most completion tokens in a row: 3
+    scored = min(sampler.bucket(3), 12)  # the most completion tokens in a row (3), at most the row length
     assert batch["tokens"].shape == batch["segments"].shape == (3, 12)
     assert all(batch[k].shape == (3, scored) for k in ("targets", "completion_mask", "token_share", "advantages",
                                                        "old_logprobs"))
     np.testing.assert_array_equal(batch["tokens"][0, :8], [1, 2, 3, 10, 11, 6, 15, 0])
-    np.testing.assert_array_equal(batch["segments"][0, :8], [1, 1, 1, 1, 1, 2, 2, 0])  # a segment per sequence
+    # a segment per prompt and per reply; a reply also sees its prompt's segment (`prefixes`)
+    np.testing.assert_array_equal(batch["segments"][0, :8], [1, 1, 1, 2, 2, 3, 4, 0])
+    np.testing.assert_array_equal(batch["prefixes"][0, :8], [0, 0, 0, 1, 1, 0, 3, 0])
+    np.testing.assert_array_equal(batch["positions"][0, :8], [0, 1, 2, 3, 4, 0, 1, 0])
     np.testing.assert_array_equal(batch["targets"][0, :3], [3, 4, 6])  # where the completions' tokens sit
+    np.testing.assert_array_equal(batch["sources"][0, :3], [2, 3, 5])  # the positions that predict them
     np.testing.assert_array_equal(batch["completion_mask"][0, :4], [1, 1, 1, 0])
     np.testing.assert_allclose(batch["token_share"][0, :4], [0.5, 0.5, 1, 0])  # 1 / the sequence's length
     np.testing.assert_array_equal(batch["advantages"][0, :4], [0.5, 0.5, 2.0, 0])
@@ -45,6 +49,21 @@ def test_build_and_unpack_by_hand():
     assert batch["segments"][2].sum() == batch["completion_mask"][2].sum() == 0  # an empty row
     np.testing.assert_array_equal(packing.unpack(seqs, [[0, 2], [1], []], batch["old_logprobs"]),
                                   seqs.per_token["old_logprobs"])
+    # shared prompts: the two replies of group 0 follow one copy of its prompt
+    shared = dataclasses.replace(seqs, prompts=[seqs.prompts[0], seqs.prompts[0], seqs.prompts[2]],
+                                 groups=np.array([0, 0, 1]), share_prompts=True)
+    rows, _ = packing.lay_out(shared, 16, 1)
+    assert rows == [[0, 1, 2]]
+    b = packing.build(shared, rows, 16)
+    np.testing.assert_array_equal(b["tokens"][0, :11], [1, 2, 3, 10, 11, 12, 13, 14, 6, 15, 0])
+    np.testing.assert_array_equal(b["segments"][0, :11], [1, 1, 1, 2, 2, 3, 3, 3, 4, 5, 0])
+    np.testing.assert_array_equal(b["prefixes"][0, :11], [0, 0, 0, 1, 1, 1, 1, 1, 0, 4, 0])
+    np.testing.assert_array_equal(b["positions"][0, :11], [0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 0])
+    np.testing.assert_array_equal(b["targets"][0, :6], [3, 4, 5, 6, 7, 9])
+    np.testing.assert_array_equal(b["sources"][0, :6], [2, 3, 2, 5, 6, 8])  # reply 2 starts from the prompt
+    # a reply costs its prompt too only in a row without its group's prompt
+    assert packing.assign([5, 6, 2], 16, 1, prompts=[3, 3, 1], groups=[0, 0, 1]) == [[1, 0, 2]]  # 10 tokens
+    assert packing.assign([5, 6, 2], 7, 1, prompts=[3, 3, 1], groups=[0, 0, 1]) == [[1], [0, 2]]  # 6 | 5 + 2
     # one sequence per row: rows as wide as the longest prompt's bucket + the longest reply's
     assert packing.row_length(seqs, 0) == sampler.bucket(3) + sampler.bucket(3)
     assert packing.row_length(seqs, -1) == sampler.bucket(6) and packing.row_length(seqs, 64) == 64
@@ -118,17 +137,15 @@ def ragged_rollout(vocab, seed=0):
 
 
 def layout(seqs, pack_length, multiple=2):
-    length = packing.row_length(seqs, pack_length)
-    rows = packing.assign(seqs.sizes, length, multiple, packed=pack_length != 0)
-    return rows, length
+    return packing.lay_out(seqs, pack_length, multiple)
 
 
 def logprobs_at(model, seqs, pack_length):
     """Each sequence's log-probs under `model`, computed in the given layout."""
     rows, length = layout(seqs, pack_length)
-    b = packing.build(seqs, rows, length)
-    out = token_logprobs(model, jnp.asarray(b["tokens"]), jnp.asarray(b["segments"]), chunk_size=8,
-                         at=jnp.asarray(b["targets"]))
+    b = {k: jnp.asarray(v) for k, v in packing.build(seqs, rows, length).items()}
+    out = token_logprobs(model, b["tokens"], b["segments"], b["positions"], chunk_size=8, at=b["targets"],
+                         sources=b["sources"], prefixes=b["prefixes"])
     return packing.unpack(seqs, rows, np.asarray(out))
 
 
@@ -149,9 +166,11 @@ def loss_and_grads(graphdef, params, batch, c, accum, tis_cap):
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
 @pytest.mark.parametrize("beta,entropy_coef,tis_cap", [(0.0, 0.0, 0.0), (0.1, 0.01, 2.0)])
 def test_packed_equals_one_sequence_per_row(aggregation, beta, entropy_coef, tis_cap):
-    """fp32, ragged lengths, gradient accumulation over 2 microbatches: the packed batch gives
-    the padded batch's loss and gradient, the KL reference, TIS and entropy terms included
-    (reference and trainer log-probs computed in each layout, as the RL step does)."""
+    """fp32, ragged lengths, gradient accumulation over 2 microbatches: packed batches (rows of
+    the longest sequence's bucket, alone or with shared prompts, and rows of 64 with shared
+    prompts: whole groups after one prompt) give the padded batch's loss and gradient, the KL
+    reference, TIS and entropy terms included (reference and trainer log-probs computed in
+    each layout, as the RL step does)."""
     model, _ = models.build(small_model_cfg(seed=3))
     reference, _ = models.build(small_model_cfg(seed=4))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -165,20 +184,26 @@ def test_packed_equals_one_sequence_per_row(aggregation, beta, entropy_coef, tis
     seqs.per_token["rollout_logprobs"] = np.where(mask, own + rng.normal(0, 0.5, own.shape), 0).astype(np.float32)
     c = cfg(aggregation=aggregation, beta=beta, entropy_coef=entropy_coef, loss_normalizer=24.0)
     results = {}
-    for pack_length in (0, -1):
+    for pack_length, share in ((0, False), (-1, False), (-1, True), (64, True)):
+        seqs.share_prompts = share
         if beta:
             seqs.per_token["ref_logprobs"] = logprobs_at(reference, seqs, pack_length)
         rows, length = layout(seqs, pack_length)
         batch = packing.build(seqs, rows, length)
-        results[pack_length] = (batch["tokens"].size,) + loss_and_grads(graphdef, params, batch, c, 2, tis_cap)
-    (padded_tokens, padded_loss, padded_grads), (packed_tokens, packed_loss, packed_grads) = results[0], results[-1]
-    assert packed_tokens < padded_tokens / 2, (packed_tokens, padded_tokens)  # 128 vs 320 here
+        results[pack_length, share] = (int((batch["segments"] > 0).sum()),) + loss_and_grads(
+            graphdef, params, batch, c, 2, tis_cap)
+    padded_tokens, padded_loss, padded_grads = results[0, False]
     assert np.isfinite(float(padded_loss)) and abs(float(padded_loss)) > 1e-3  # a finite, non-zero loss
-    np.testing.assert_allclose(packed_loss, padded_loss, rtol=1e-5, atol=1e-7)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(padded_grads))
     assert scale > 1e-4
-    for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(padded_grads)):
-        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-5)
+    tokens = {k: v[0] for k, v in results.items()}
+    print("tokens in rows", tokens)  # 2 groups of 4, prompts of 3 and 5, 77 reply tokens: 109 / 109 / 98 / 85
+    assert tokens[-1, True] < tokens[-1, False] == tokens[0, False] == 109
+    assert tokens[64, True] == 3 + 5 + 77  # each prompt once
+    for key, (_, loss, grads) in results.items():
+        np.testing.assert_allclose(loss, padded_loss, rtol=1e-5, atol=1e-7, err_msg=str(key))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(padded_grads)):
+            np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-5, err_msg=str(key))
 
 
 def test_scoring_at_positions_equals_the_completion_window():

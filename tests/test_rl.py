@@ -134,14 +134,18 @@ def test_rollout_batch_keeps_groups_one_sequence_per_row_or_packed():
     assert batch["tokens"][0, 7:].sum() == 0
     np.testing.assert_array_equal(batch["targets"][0, :5], np.arange(2, 7))
     np.testing.assert_array_equal(batch["completion_mask"][0], [1] * 5 + [0] * (window - 5))
-    assert batch["segments"][0].sum() == 7 and batch["old_logprobs"][0].sum() == -2.5
+    np.testing.assert_array_equal(batch["segments"][0, :8], [1, 1, 2, 2, 2, 2, 2, 0])  # prompt, reply
+    assert batch["old_logprobs"][0].sum() == -2.5
     np.testing.assert_array_equal(batch["advantages"][:, 0], [1, -1, 2, -2, 0, 0])
     np.testing.assert_array_equal(batch["advantages"][0], [1] * 5 + [0] * (window - 5))
     assert batch["completion_mask"][4:].sum() == 0 and batch["segments"][4:].sum() == 0  # padding rows
     np.testing.assert_array_equal(batch["tokens"][3, :5], [6, *tokens[2, 1, :4]])
     packed = rl.rollout_batch(prompts, out, advantages, keep, rows=2, pack_length=-1)
     assert packed["tokens"].shape == (2, 16)  # 7 + 4 + 2 + 5 tokens in two rows of 16
-    assert packed["completion_mask"].sum() == 12 and sorted(packed["segments"].max(1)) == [2, 2]
+    assert packed["completion_mask"].sum() == 12 and sorted(packed["segments"].max(1)) == [4, 4]
+    shared = rl.rollout_batch(prompts, out, advantages, keep, rows=2, pack_length=-1, share_prompts=True)
+    assert (shared["segments"] > 0).sum() == 18 - 2 - 1  # each kept group's prompt once
+    assert shared["completion_mask"].sum() == 12
 
 
 def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monkeypatch):
@@ -223,8 +227,8 @@ def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, 
 ])
 def test_packed_update_equals_one_sequence_per_row(toy_run, tmp_path, monkeypatch, changes):
     """One real RL step (rollout, reference and recomputed log-probs, optimizer steps) with
-    rows of 256 tokens (2 sequences each) and with one sequence per row: the same loss,
-    gradient norm and params, from fewer tokens."""
+    rows of 256 tokens (several sequences each, replies after their group's one prompt) and
+    with one sequence per row: the same loss, gradient norm and params, from fewer tokens."""
     monkeypatch.setattr(rewards, "score", toy_score)
     got = {}
     for pack_length in (0, 256):

@@ -255,12 +255,15 @@ class Qwen(nnx.Module):
         w = self.unembedding().astype(self.config.compute_dtype)
         return project("...e,ev->...v", hidden, w, jnp.float32)
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None):
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None,
+                      prefixes=None):
         """Final-norm hidden states [batch, length, embed] (and the updated cache).
 
         Without a cache the layers run as a scan over the stacked weights (one compiled
         block, for training). With a cache they are unrolled over per-layer weights and
         cache buffers; `layers` (from `Layers.split()`) passes weights already split.
+        `prefixes` [batch, length] (no cache): for each token, another segment it also attends
+        to (0: none), e.g. the prompt that several replies packed after it share.
         """
         c = self.config
         if attention_mask is None:
@@ -284,9 +287,13 @@ class Qwen(nnx.Module):
             q_slot = jnp.reshape(cache.index, (-1, 1)) + jnp.arange(length)
             k_slot = jnp.arange(cache.segment.shape[1])
             k_segment = write_at(cache.segment, attention_mask, cache.index)
+        same = attention_mask[:, :, None] == k_segment[:, None, :]
+        if prefixes is not None:
+            if cache is not None:
+                raise ValueError("prefixes are for calls without a cache")
+            same |= (prefixes[:, :, None] > 0) & (prefixes[:, :, None] == k_segment[:, None, :])
         allowed = ((k_slot[None, None, :] <= jnp.atleast_2d(q_slot)[:, :, None])
-                   & (attention_mask[:, :, None] == k_segment[:, None, :])
-                   & (attention_mask[:, :, None] > 0))  # [batch, q, k]
+                   & same & (attention_mask[:, :, None] > 0))  # [batch, q, k]
 
         def block(x, p, kv=None):
             p = jax.tree.map(lambda w: w.astype(c.compute_dtype), p)

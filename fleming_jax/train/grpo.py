@@ -127,7 +127,8 @@ def grpo_loss(model, batch, cfg, chunk_size: int = 256, tis_cap: float = 0.0):
     """The loss the train step differentiates: (numerator, denominator, metric sums).
 
     batch: tokens/segments [B, T] (segment ids: one sequence per row, or several packed, see
-    `train.packing`) and per-token arrays [B, K] over the scored positions: completion_mask,
+    `train.packing`, with its positions, prefixes and sources when it has them) and per-token
+    arrays [B, K] over the scored positions: completion_mask,
     old_logprobs (and ref_logprobs when cfg.beta > 0), advantages ([B, K], or [B] with one
     sequence per row), token_share (optional, see `aggregate`). `targets` [B, K] are the
     positions scored; without it they are the last K (a completion window; K = T is the
@@ -139,8 +140,9 @@ def grpo_loss(model, batch, cfg, chunk_size: int = 256, tis_cap: float = 0.0):
     """
     want_entropy = bool(cfg.entropy_coef) or cfg.log_entropy
     mask = batch["completion_mask"]
-    out = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size,
-                         with_entropy=want_entropy, last=mask.shape[1], at=batch.get("targets"))
+    out = token_logprobs(model, batch["tokens"], batch["segments"], batch.get("positions"), chunk_size=chunk_size,
+                         with_entropy=want_entropy, last=mask.shape[1], at=batch.get("targets"),
+                         sources=batch.get("sources"), prefixes=batch.get("prefixes"))
     logp, entropy = out if want_entropy else (out, None)
     old = batch["old_logprobs"]
     trainer_old, rollout = (old, batch["rollout_logprobs"]) if "rollout_logprobs" in batch else (logp, old)

@@ -15,7 +15,7 @@ from fleming_jax.models.qwen import project
 
 def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: int = 256,
                    temperature: float = 1.0, with_entropy: bool = False, last: int | None = None,
-                   at: jax.Array | None = None):
+                   at: jax.Array | None = None, sources: jax.Array | None = None, prefixes=None):
     """`out[:, t] = log p(tokens[:, t] | tokens[:, :t])` for t >= 1; `out[:, 0] = 0`.
 
     With `with_entropy`, also returns the entropy of each predictive distribution, aligned
@@ -24,11 +24,14 @@ def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: in
     `last`, the last `last`, and `out` is [B, last], aligned with `tokens[:, -last:]` (a
     completion window); with `at` [B, K] (positions >= 1; others give values to be masked),
     those positions, and `out[:, k]` is the log-prob of `tokens[:, at[:, k]]` (the scored
-    tokens of packed rows); `at` overrides `last`.
+    tokens of packed rows); `at` overrides `last`. `sources` [B, K] are the positions whose
+    hidden states predict `at`'s tokens (default `at - 1`; a reply packed after a shared prompt
+    continues from the prompt's last token); `prefixes` go to the model (`hidden_states`).
     """
-    hidden, _ = model.hidden_states(tokens, attention_mask, positions)
+    hidden, _ = model.hidden_states(tokens, attention_mask, positions, prefixes=prefixes)
     if at is not None:
-        h = jnp.take_along_axis(hidden, jnp.maximum(at - 1, 0)[..., None], axis=1)
+        sources = jnp.maximum(at - 1, 0) if sources is None else sources
+        h = jnp.take_along_axis(hidden, sources[..., None], axis=1)
         targets, skip = jnp.take_along_axis(tokens, at, axis=1), 1
     else:
         width = tokens.shape[1]

@@ -49,11 +49,11 @@ def read_records(path: str, key: str, producer: str, accept=None) -> list[QAReco
 
 
 def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantages: np.ndarray,
-                  keep: np.ndarray, rows: int, pack_length: int = 0) -> dict[str, np.ndarray]:
+                  keep: np.ndarray, rows: int, pack_length: int = 0, share_prompts: bool = False) -> dict[str, np.ndarray]:
     """The groups in `keep` of a rollout as one update batch (`train.packing`'s format): one
-    sequence per row (`pack_length` 0) or packed, in `rows` rows (or a multiple of `rows` when
-    those do not hold the sequences)."""
-    seqs = packing.Sequences.from_rollout(prompts, out, advantages, keep)
+    sequence per row (`pack_length` 0) or packed (with shared prompts or not), in `rows` rows
+    (or a multiple of `rows` when those do not hold the sequences)."""
+    seqs = packing.Sequences.from_rollout(prompts, out, advantages, keep, share_prompts)
     return packing.build(seqs, *packing.lay_out(seqs, pack_length, rows))
 
 
@@ -100,12 +100,13 @@ class RLTrainer:
         loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk, tis_cap=c.tis_cap)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, c.grad_accum_steps, self.mesh,
                                                 shardings)
-        logprobs = jax.jit(lambda p, tokens, segments, targets: token_logprobs(
-            nnx.merge(self.graphdef, p), tokens, segments, chunk_size=c.logprob_chunk, at=targets))
+        logprobs = jax.jit(lambda p, b: token_logprobs(
+            nnx.merge(self.graphdef, p), b["tokens"], b["segments"], b["positions"], chunk_size=c.logprob_chunk,
+            at=b["targets"], sources=b["sources"], prefixes=b["prefixes"]))
+        layout = ("tokens", "segments", "positions", "prefixes", "targets", "sources")
         # log-probs of `params` at a (global) batch's scored positions: the reference
         # policy's for the KL, the trainer's own for recompute_old_logprobs / TIS
-        self.logprobs_of = lambda params, b: self._on_mesh(logprobs, params, b["tokens"], b["segments"],
-                                                           b["targets"])
+        self.logprobs_of = lambda params, b: self._on_mesh(logprobs, params, {k: b[k] for k in layout})
         self.ref_logprobs = lambda b: self.logprobs_of(self.reference, b)
         self.pool = mining.make_pool(self.records, c)
         self.rng = np.random.default_rng(c.seed)
@@ -295,7 +296,8 @@ class RLTrainer:
         t1 = time.perf_counter()
         metrics = {}
         if keep.any():
-            seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep)
+            seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep,
+                                                  share_prompts=c.share_prompts)
             recompute = c.recompute_old_logprobs or c.tis_cap
             if c.grpo.beta or recompute:  # one forward over the whole rollout, in the update's layout
                 rows, length = packing.lay_out(seqs, c.pack_length, parallel.batch_devices(self.mesh))
@@ -330,7 +332,7 @@ class RLTrainer:
         length = packing.row_length(seqs, c.pack_length)
         multiple = c.grad_accum_steps * parallel.batch_devices(self.mesh)
         laid = packing.minibatch_rows(seqs, parts, length, multiple, c.pack_length != 0)
-        scored = max(packing.width(seqs, rows) for rows in laid)
+        scored = max(packing.width(seqs, rows, length) for rows in laid)
         sums: dict[str, float] = {}
         count, first = 0, {}
         for rows in laid:
