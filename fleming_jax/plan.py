@@ -139,8 +139,8 @@ def train_flops(c, batch_size: int, seq_len: int) -> float:
     """Matmul FLOPs of one forward+backward step (XLA's own count sees a scanned layer
     once, so it is not used): 6 x weights x tokens, plus attention scores and values
     (12 x layers x heads x head_dim x the keys a query scores, per token: about half of
-    seq_len, as query blocks skip the keys after them), plus one more forward under full
-    rematerialisation."""
+    seq_len up to `attention_chunk`, where query blocks skip the keys after them, all of it
+    above), plus one more forward under full rematerialisation."""
     from fleming_jax.models import qwen
 
     weights = sum(math.prod(s) for s in qwen.layer_param_shapes(c).values())

@@ -129,10 +129,10 @@ def test_bfloat16_compute_stays_close_to_float32(hf_dir):
 
 @pytest.mark.parametrize("chunk, query_block", [(4, 64), (64, 5)])
 def test_blocked_attention_equals_full_attention_with_gradients(hf_dir, monkeypatch, chunk, query_block):
-    """Query blocks (each scoring only the keys up to its end) give full attention's logits
-    and gradients: blocks of `attention_chunk` recomputed in the backward (12 tokens > 4),
-    and blocks of QUERY_BLOCK for shorter sequences (5, 5 and 2 queries), on left-padded
-    rows and a packed row of two segments."""
+    """Query blocks give full attention's logits and gradients: blocks of `attention_chunk`
+    recomputed in the backward (12 tokens > 4), and blocks of QUERY_BLOCK that score only the
+    keys up to their end for shorter sequences (5, 5 and 2 queries), on left-padded rows and
+    a packed row of two segments."""
     import jax
     from flax import nnx
 

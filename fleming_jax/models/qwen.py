@@ -387,29 +387,39 @@ QUERY_BLOCK = 64  # queries per block of `causal_attention` on sequences up to a
 def causal_attention(q, keys, values, allowed, chunk: int):
     """Attention of a sequence over itself, one block of queries at a time.
 
-    q [b, t, kv_heads, group, d]; keys, values [b, t, kv_heads, d]; allowed [b, t, t]. The
-    block of queries [start, end) scores keys [0, end) only: causality masks the later ones,
-    so about half of the full [t, t] product is skipped. Sequences longer than `chunk` use
-    blocks of `chunk` queries, each recomputed in the backward pass, so only one block's
-    scores exist at a time; shorter ones use blocks of QUERY_BLOCK, kept for the backward.
+    q [b, t, kv_heads, group, d]; keys, values [b, t, kv_heads, d]; allowed [b, t, t].
+    Sequences longer than `chunk` (a multiple of it) go a block of `chunk` queries at a time
+    over all keys in a loop, each block recomputed in the backward pass, so only one block's
+    scores exist at once. Shorter ones use blocks of QUERY_BLOCK queries that score only the
+    keys up to their end (causality masks the rest): about half of the [t, t] product. (The
+    same skipping on long sequences, as a Python loop of recomputed blocks, raised the
+    7B/4096-token plan's peak by 8 GiB: XLA kept several blocks' scores alive.)
     """
     b, t = q.shape[:2]
-    size = chunk if t > chunk else QUERY_BLOCK
     # Heads first ([b, kv_heads, (group,) t, d]): each block is then a plain batched matmul
     # (on XLA:CPU the [b, t, heads, d] layout ran the whole attention ~1.5x slower).
     q, keys, values = q.transpose(0, 2, 3, 1, 4), keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
-    block = functools.partial(_attend, scores_spec="bkgtd,bksd->bkgts", out_spec="bkgts,bksd->bkgtd")
-    if t > chunk:
-        block = jax.checkpoint(block)
-    outs = [block(q[:, :, :, s:s + size], keys[:, :, :s + size], values[:, :, :s + size],
-                  allowed[:, None, None, s:s + size, :s + size]) for s in range(0, t, size)]
-    return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4)
+    attend = functools.partial(_attend, scores_spec="bkgtd,bksd->bkgts", out_spec="bkgts,bksd->bkgtd")
+    if t > chunk and t % chunk == 0:
+        n = t // chunk
+        q_blocks = jnp.moveaxis(q.reshape(*q.shape[:3], n, chunk, q.shape[-1]), 3, 0)
+        allowed_blocks = jnp.moveaxis(allowed.reshape(b, n, chunk, t), 1, 0)
+        out = jax.lax.map(jax.checkpoint(lambda a: attend(a[0], keys, values, a[1][:, None, None])),
+                          (q_blocks, allowed_blocks))
+        out = jnp.moveaxis(out, 0, 3).reshape(q.shape)
+    else:
+        size = QUERY_BLOCK
+        out = jnp.concatenate([attend(q[:, :, :, s:s + size], keys[:, :, :s + size], values[:, :, :s + size],
+                                      allowed[:, None, None, s:s + size, :s + size]) for s in range(0, t, size)],
+                              axis=3)
+    return out.transpose(0, 3, 1, 2, 4)
 
 
 def keys_per_query(t: int, chunk: int) -> float:
     """Mean keys each query of a `t`-token sequence scores in `causal_attention` (FLOP counts)."""
-    size = chunk if t > chunk else QUERY_BLOCK
-    return sum(min(size, t - s) * min(s + size, t) for s in range(0, t, size)) / t
+    if t > chunk and t % chunk == 0:
+        return float(t)
+    return sum(min(QUERY_BLOCK, t - s) * min(s + QUERY_BLOCK, t) for s in range(0, t, QUERY_BLOCK)) / t
 
 
 def _attend(q, keys, values, allowed, scores_spec: str, out_spec: str):
