@@ -400,7 +400,7 @@ def causal_attention(q, keys, values, allowed, chunk: int):
     # (on XLA:CPU the [b, t, heads, d] layout ran the whole attention ~1.5x slower).
     q, keys, values = q.transpose(0, 2, 3, 1, 4), keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
     attend = functools.partial(_attend, scores_spec="bkgtd,bksd->bkgts", out_spec="bkgts,bksd->bkgtd")
-    if t > chunk and t % chunk == 0:
+    if _recomputed_blocks(t, chunk):
         n = t // chunk
         q_blocks = jnp.moveaxis(q.reshape(*q.shape[:3], n, chunk, q.shape[-1]), 3, 0)
         allowed_blocks = jnp.moveaxis(allowed.reshape(b, n, chunk, t), 1, 0)
@@ -415,9 +415,14 @@ def causal_attention(q, keys, values, allowed, chunk: int):
     return out.transpose(0, 3, 1, 2, 4)
 
 
+def _recomputed_blocks(t: int, chunk: int) -> bool:
+    """Whether `causal_attention` runs a `t`-token sequence in recomputed blocks of `chunk`."""
+    return t > chunk and t % chunk == 0
+
+
 def keys_per_query(t: int, chunk: int) -> float:
     """Mean keys each query of a `t`-token sequence scores in `causal_attention` (FLOP counts)."""
-    if t > chunk and t % chunk == 0:
+    if _recomputed_blocks(t, chunk):
         return float(t)
     return sum(min(QUERY_BLOCK, t - s) * min(s + QUERY_BLOCK, t) for s in range(0, t, QUERY_BLOCK)) / t
 

@@ -19,9 +19,9 @@ gradient-accumulation microbatches made of them) carry about the same tokens. A 
 never split, so each aggregation's (numerator, denominator) is the padded layout's.
 
 With `rl.share_prompts` (packed layouts), the replies of one group that land in one row
-follow a single copy of their prompt: a group's replies are laid in runs that fit a row,
-each run one prompt and its replies, so the update runs each prompt once per run instead of
-once per reply (G = 8 replies of a prompt as long as a reply: ~44% fewer tokens).
+follow a single copy of their prompt: packing puts a reply after its group's prompt where a
+row holds it and has room, so the update runs each prompt about once per row it reaches
+instead of once per reply.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def assign(sizes: np.ndarray, length: int, multiple: int, packed: bool = True, p
     if len(sizes) and sizes.max() > length:
         raise ValueError(f"a sequence of {sizes.max()} tokens does not fit rows of {length}")
     shared = groups is not None
-    groups = np.unique(groups, return_inverse=True)[1] if shared else np.arange(len(sizes))
+    groups = np.unique(groups, return_inverse=True)[1] if shared else np.zeros(len(sizes), np.int64)
     prompts = np.asarray(prompts, np.int64) if shared else np.zeros_like(sizes)
     tokens = sizes.sum() - prompts.sum() + prompts[np.unique(groups, return_index=True)[1]].sum()  # a prompt a group
     order = np.argsort(-sizes, kind="stable")
