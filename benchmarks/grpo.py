@@ -23,8 +23,8 @@ Phases:
 - update: forward + backward + clipping + AdamW (ours: one call of the jitted train step on
   the `rl.rollout_batch` batch, packed as RL packs it, `rl.pack_length` -1: the 64 sequences
   laid into as few rows as hold them, balanced over the microbatches; `--pack_length 0`: one
-  sequence per row; `--share_prompts`: a group's replies in a row after one copy of their
-  prompt, `rl.share_prompts`, RL's default, off here as the README's table predates it;
+  sequence per row; a group's replies share one copy of their prompt in a row, as RL's
+  default `rl.share_prompts` lays them (`--no-share_prompts`: each reply after its own copy);
   TRL: the rest of the Trainer's step, one padded row per sequence). Both
   accumulate gradients over 4 microbatches (all 64 sequences in one needs ~27 GB here);
   TRL's gradient checkpointing (on by default) is off, as ours has no remat.
@@ -33,7 +33,7 @@ update (ours keeps the zero-advantage groups here).
 
 pip install -r benchmarks/requirements.txt   # trl
 python benchmarks/grpo.py [--prompts 8] [--group 8] [--new_tokens 256] [--grad_accum 4] [--lengths equal]
-                          [--pack_length 0] [--share_prompts]
+                          [--pack_length 0] [--no-share_prompts]
 
 Takes 10-20 minutes on 2 CPU cores (two steps per side); the sides run one after the other,
 so other jobs on the machine skew the ratio.
@@ -246,7 +246,8 @@ def main():
     parser.add_argument("--grad_accum", type=int, default=4, help="microbatches of the one optimizer step")
     parser.add_argument("--lengths", choices=("long_tailed", "equal"), default="long_tailed")
     parser.add_argument("--pack_length", type=int, default=-1, help="ours: rl.pack_length (0: one sequence a row)")
-    parser.add_argument("--share_prompts", action="store_true", help="ours: rl.share_prompts")
+    parser.add_argument("--share_prompts", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours: rl.share_prompts")
     args = parser.parse_args()
     records = make_records(args.prompts)
     with tempfile.TemporaryDirectory() as path:
