@@ -7,7 +7,8 @@ Each seed runs `python main.py --config=configs/demo.py:<budget> --config.seed=<
 rerun). The synthesised data and the held-out questions are the same for every seed; the
 seed drives the model init, the SFT data order and the RL sampling. Prints a table of
 mean ± std per stage and ends with `ratio=<rl_stage2 / sft>`, the mean held-out accuracy
-after both RL stages over the mean after SFT (above 1: RL added accuracy).
+after both RL stages over the mean after SFT (above 1: RL added accuracy). Also writes
+`<workdir>/accuracy_seeds.png`: the mean per stage with one dot per seed.
 """
 
 import argparse
@@ -36,6 +37,29 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
+def plot(accuracy: dict[str, list[float]], seeds: list[int], file: str) -> None:
+    """Bars of the mean held-out accuracy per stage, ± std, with each seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    means = [statistics.mean(accuracy[s]) for s in STAGES]
+    stds = [statistics.stdev(accuracy[s]) if len(seeds) > 1 else 0.0 for s in STAGES]
+    ax.bar(STAGES, means, yerr=stds, capsize=4, color="#4a7ab5",
+           label=f"mean ± std over {len(seeds)} seeds (dots: each seed)")
+    for i, stage in enumerate(STAGES):
+        ax.scatter([i + 0.3] * len(seeds), accuracy[stage], color="black", s=10, zorder=3)
+    ax.axhline(0.25, color="grey", linestyle="--", label="chance (4 options)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default="runs/demo_seeds")
@@ -54,6 +78,7 @@ def main():
     gain = [b - a for a, b in zip(accuracy["sft"], accuracy["rl_stage2"])]
     print("| RL gain (rl_stage2 - sft) | " + " | ".join(f"{g:+.3f}" for g in gain) + f" | {spread(gain)} |")
     print(f"stage time per seed: {spread(minutes)} minutes")
+    plot(accuracy, args.seeds, os.path.join(os.path.abspath(args.workdir), "accuracy_seeds.png"))
     print(f"ratio={statistics.mean(accuracy['rl_stage2']) / max(statistics.mean(accuracy['sft']), 1e-9):.3f}")
 
 
