@@ -32,9 +32,12 @@ def run_seed(seed: int, workdir: str, budget: str) -> dict:
         return json.load(f)
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def spread(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+    return "{:.3f} ± {:.3f}".format(*mean_std(values))
 
 
 def plot(accuracy: dict[str, list[float]], seeds: list[int], file: str) -> None:
@@ -45,8 +48,7 @@ def plot(accuracy: dict[str, list[float]], seeds: list[int], file: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    means = [statistics.mean(accuracy[s]) for s in STAGES]
-    stds = [statistics.stdev(accuracy[s]) if len(seeds) > 1 else 0.0 for s in STAGES]
+    means, stds = zip(*(mean_std(accuracy[s]) for s in STAGES))
     ax.bar(STAGES, means, yerr=stds, capsize=4, color="#4a7ab5",
            label=f"mean ± std over {len(seeds)} seeds (dots: each seed)")
     for i, stage in enumerate(STAGES):
