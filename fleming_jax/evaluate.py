@@ -234,8 +234,9 @@ def run(config, workdir: str) -> dict:
     benchmarks = read_benchmarks(config.benchmarks, e.limit, accept)
     # Built on the configured mesh (an FSDP import shards as it reads), then decoded in the
     # rollout layout: tensor parallel inside a host, so no weight is gathered per token.
-    model, _ = models.build(config.model, parallel.make_mesh(config.mesh))
-    mesh = parallel.rollout_mesh(-1, model_config.num_kv_heads)
+    built_on = parallel.make_mesh(config.mesh)
+    model, _ = models.build(config.model, built_on)
+    mesh = parallel.rollout_mesh(-1, model_config.num_kv_heads, built_on)
     model = sampler.rollout_model(model, mesh)
     m = config.model
     label = e.model_name or m.init_from or m.hf_path or f"random {m.preset} (seed {m.seed})"

@@ -66,22 +66,35 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def rollout_mesh(tensor: int, num_kv_heads: int, devices=None) -> jax.sharding.Mesh:
-    """The decode layout's mesh: tensor parallel over `tensor` devices of one host, data
-    parallel over the rest (the `fsdp` axis has size 1, so no weight is gathered per token).
+def rollout_mesh(tensor: int, num_kv_heads: int, over: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """The decode layout's mesh over the devices of `over` (the mesh the policy is trained or
+    built on), in `over`'s device order: tensor parallel over groups of `tensor` devices, data
+    parallel over the groups (the `fsdp` axis has size 1, so no weight is gathered per token).
 
-    `tensor=-1` takes the largest count that divides both the host's device count and the
-    KV heads (a v5p host's 4 chips for Qwen2.5-7B's 4 KV heads; 8 GPUs for Qwen3-32B's 8).
+    One device order for both meshes is what lets a single program move the policy between
+    them: JAX refuses a computation whose shardings order the same devices differently, and
+    on a TPU `jax.make_mesh` orders chips along the torus, not by id. The groups are runs of
+    consecutive devices of that order, or every (devices / tensor)-th, whichever keeps each
+    group on one host (on GPUs and CPUs, ordered by id, the runs do); where neither does (a
+    TPU ring that snakes across hosts), runs: torus neighbours, linked by ICI all the same.
+    `tensor=-1` takes the largest count that divides both the host's device count and the KV
+    heads (a v5p host's 4 chips for Qwen2.5-7B's 4 KV heads; 8 GPUs for Qwen3-32B's 8).
     """
-    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
+    devices = np.array(list(over.devices.flat), dtype=object)
     local = min(collections.Counter(d.process_index for d in devices).values())
     if tensor == -1:
         tensor = math.gcd(local, num_kv_heads)
     if tensor < 1 or local % tensor:
         raise ValueError(f"rollout.tensor={tensor} must divide the {local} devices of a host "
                          "(tensor parallelism stays inside a host); -1 picks it")
-    grid = np.array(devices, dtype=object).reshape(len(devices) // tensor, 1, tensor)
-    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    groups = len(devices) // tensor
+    one_host = lambda grid: all(len({d.process_index for d in g}) == 1 for g in grid)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    # runs: grid [data, fsdp, tensor]; strided: grid [tensor, fsdp, data]; both keep `over`'s order
+    runs = devices.reshape(groups, tensor)
+    if one_host(runs) or not one_host(devices.reshape(tensor, groups).T):
+        return jax.sharding.Mesh(runs.reshape(groups, 1, tensor), MESH_AXES, axis_types=auto)
+    return jax.sharding.Mesh(devices.reshape(tensor, 1, groups), MESH_AXES[::-1], axis_types=auto)
 
 
 def logical_to_spec(axes: tuple[str | None, ...]) -> P:

@@ -242,7 +242,8 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
     model_config = models.config_from(config.model)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: qwen.create(model_config)))
     if layout == "rollout":
-        mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads, devices)
+        mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads,
+                                    parallel.make_mesh(config.mesh, devices))
         dtype = config.rollout.dtype or model_config.compute_dtype
     else:
         mesh, dtype = parallel.make_mesh(config.mesh, devices), model_config.param_dtype

@@ -104,7 +104,13 @@ def rollout_model(model, mesh: jax.sharding.Mesh, dtype: str | None = None):
     `parallel.rollout_mesh`) by one jitted program. Synced once per RL step, so the decode
     loop reads weights where they are instead of gathering FSDP shards every token."""
     graphdef, state = nnx.split(model)
-    dtype = dtype or model.config.compute_dtype
+    with jax.set_mesh(mesh):
+        return nnx.merge(graphdef, sync_program(graphdef, state, mesh, dtype or model.config.compute_dtype)(state))
+
+
+def sync_program(graphdef, state, mesh: jax.sharding.Mesh, dtype: str):
+    """The jitted cast + reshard of `state` (arrays or abstract shapes; only its structure and
+    axes matter) into the decode layout on `mesh`, built once per (model, mesh, dtype)."""
     key = (graphdef, mesh, dtype)
     if key not in _LAYOUTS:
         # Cast in the training layout, gather each weight whole, then keep this device's part:
@@ -114,5 +120,4 @@ def rollout_model(model, mesh: jax.sharding.Mesh, dtype: str | None = None):
             x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, whole)
         _LAYOUTS[key] = jax.jit(lambda s: jax.tree.map(cast, s),
                                 out_shardings=parallel.tree_shardings(state, mesh))
-    with jax.set_mesh(mesh):
-        return nnx.merge(graphdef, _LAYOUTS[key](state))
+    return _LAYOUTS[key]

@@ -4,6 +4,7 @@ free their slots, attention reads only live cache blocks, and a run compiles few
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -87,7 +88,8 @@ def test_live_block_attention_equals_full_attention_and_never_reads_dead_blocks(
 def test_sharded_engine_equals_single_device(tiny):
     from fleming_jax import sampler
 
-    mesh = parallel.rollout_mesh(-1, tiny.config.num_kv_heads)
+    over = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    mesh = parallel.rollout_mesh(-1, tiny.config.num_kv_heads, over)
     prompts = _prompts(5, 7)
     params = SamplingParams(temperature=1.0, num_samples=2, max_new_tokens=24)
     one = engine.generate(tiny, prompts, jax.random.key(2), params, stop_ids=STOPS, slots=4, chunk=4)

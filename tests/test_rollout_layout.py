@@ -35,18 +35,22 @@ def test_rollout_mesh_keeps_tensor_parallelism_inside_a_host():
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x4").devices
-    mesh = parallel.rollout_mesh(-1, 4, devices)  # Qwen2.5-7B: 4 KV heads; a v5p host: 4 chips
+    train = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)), devices)
+    mesh = parallel.rollout_mesh(-1, 4, train)  # Qwen2.5-7B: 4 KV heads; a v5p host: 4 chips
     assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 4}
-    for group in mesh.devices.reshape(-1, 4):
+    # the training mesh's device order (the torus's, not by id), so one program spans both
+    assert list(mesh.devices.flat) == list(train.devices.flat) != sorted(devices, key=lambda d: d.id)
+    for data in range(4):
+        group = mesh.devices[tuple(data if a == "data" else slice(None) for a in mesh.axis_names)].flat
         assert len({d.process_index for d in group}) == 1
-    assert dict(parallel.rollout_mesh(-1, 2, devices).shape) == {"data": 8, "fsdp": 1, "tensor": 2}
+    assert dict(parallel.rollout_mesh(-1, 2, train).shape) == {"data": 8, "fsdp": 1, "tensor": 2}
     with pytest.raises(ValueError, match="rollout.tensor=8 must divide the 4 devices of a host"):
-        parallel.rollout_mesh(8, 8, devices)
+        parallel.rollout_mesh(8, 8, train)
 
 
 def test_rollout_layout_samples_what_the_training_layout_samples(fsdp_policy):
     model, train_mesh = fsdp_policy
-    rollout_mesh = parallel.rollout_mesh(-1, model.config.num_kv_heads)
+    rollout_mesh = parallel.rollout_mesh(-1, model.config.num_kv_heads, train_mesh)
     assert dict(rollout_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
     params = SamplingParams(temperature=1.0, num_samples=2, max_new_tokens=12)
     key = jax.random.key(3)
@@ -58,8 +62,8 @@ def test_rollout_layout_samples_what_the_training_layout_samples(fsdp_policy):
 
 
 def test_bf16_rollout_copy_is_sharded_for_decoding_and_built_by_one_program(fsdp_policy):
-    model, _ = fsdp_policy
-    rollout_mesh = parallel.rollout_mesh(-1, model.config.num_kv_heads)
+    model, train_mesh = fsdp_policy
+    rollout_mesh = parallel.rollout_mesh(-1, model.config.num_kv_heads, train_mesh)
     before = len(sampler._LAYOUTS)
     copy = sampler.rollout_model(model, rollout_mesh, "bfloat16")
     again = sampler.rollout_model(model, rollout_mesh, "bfloat16")
@@ -97,3 +101,25 @@ def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
     # no copy of the cache (was 2.4x it) nor of the weights (the layers split once per call)
     assert rollout["temp_bytes"] < rollout["cache_bytes"] / 4, rollout
     assert train["per_token"]["all_gather_bytes"] > 1000 * MIB, train
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5p:2x2x4", "v5p:4x4x4"])
+def test_sync_to_the_rollout_layout_compiles_on_a_tpu_slice(topology):
+    """The sync spans the training mesh (the torus's device order) and the rollout mesh: on a
+    TPU it compiles only when both order the chips alike (it raised "incompatible devices for
+    jitted computation" with the rollout mesh ordered by id)."""
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    config = rl_stage1.get_config("qwen2.5-7b")
+    config.model.num_layers = 1
+    train = parallel.make_mesh(config.mesh, devices)
+    model_config = models.config_from(config.model)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.qwen.create(model_config)))
+    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                         abstract, parallel.tree_shardings(abstract, train), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    rollout = parallel.rollout_mesh(-1, model_config.num_kv_heads, train)
+    compiled = sampler.sync_program(graphdef, state, rollout, "bfloat16").lower(state).compile()
+    assert compiled.memory_analysis().output_size_in_bytes > 0

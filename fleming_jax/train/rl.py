@@ -91,7 +91,7 @@ class RLTrainer:
         self.prompts = record_prompts(self.tokenizer, self.records)
         self.mesh = parallel.make_mesh(config.mesh)
         model, model_config = models.build(config.model, self.mesh)
-        self.rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads)
+        self.rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads, self.mesh)
         self.decode_copy, self.sync_seconds = None, 0.0  # the policy in the decode layout
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
