@@ -59,8 +59,17 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts)."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts).
+
+    `FLEMING_SHUFFLE_DEVICES=<seed>` (the rehearsal sets it) shuffles the default devices, the
+    same way on every host, across hosts: a TPU slice's mesh orders its chips along the torus,
+    not by id or host, and code that assumes one order then fails on CPU too."""
+    if devices is None:
+        devices = jax.devices()
+        if os.environ.get("FLEMING_SHUFFLE_DEVICES"):
+            order = np.random.default_rng(int(os.environ["FLEMING_SHUFFLE_DEVICES"])).permutation(len(devices))
+            devices = [devices[i] for i in order]
+    devices = list(devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
