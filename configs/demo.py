@@ -16,10 +16,13 @@ from configs import distill, export, rl_stage1, rl_stage2, sft, synthesize
 # 40 diseases keep the graph small enough that the tiny model learns which disease fits
 # which findings within the SFT budget (held-out questions ask about the same diseases).
 # RL stage 1 draws from the whole training set without a grading pass (grade_k=0: ungraded
-# questions count as Moderate): grading 2,870 questions costs more than the stage, and a
-# graded 128-question pool was fitted in a few steps while held-out accuracy fell. Stage 2
-# scores a 256-question subset (2 tries each) to seed its miner, and steps at a third of stage
-# 1's learning rate: its mined pool is skewed toward the letters the policy under-picks, and
+# questions count as Moderate, and the stage prints a warning that its Easy:Moderate blend
+# draws Moderate only): grading 2,870 questions x 4 tries is 11,480 sequences, 3.7x the
+# stage's own 3,072 rollouts (measured 2026-12-03, replies at the 128-token limit, 2 cores
+# shared with other jobs: 0.55-0.86 s a question, 26-41 min for the pool), and a graded
+# 128-question pool was fitted in a few steps while held-out accuracy fell. Stage 2 scores a
+# 256-question subset (2 tries each) to seed its miner, and steps at a third of stage 1's
+# learning rate: its mined pool is skewed toward the letters the policy under-picks, and
 # at 1e-4 it over-corrected that prior in a trial (held-out 0.45 -> 0.31; 0.32 with the
 # paper's mean-only advantages) where 3e-5 kept stage 1's accuracy.
 # The ci budget does not grade either: its 6-step SFT model solves nothing, so every question

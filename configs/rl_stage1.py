@@ -59,13 +59,24 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # Packed rows: the replies of one group in a row follow a single copy of their prompt
         # (each runs once per row instead of once per reply); the same loss and gradient.
         share_prompts=True,
+        # Packed update batches have one shape for the whole run (one compiled update; the
+        # reference / recompute forward uses it too): rows that hold this share of a
+        # minibatch's longest possible tokens (every reply max_new_tokens long). A rollout
+        # that needs more rows runs 2x, 4x, ... the microbatches (one more program each, the
+        # same memory a microbatch); a lower share wastes less on short replies, and falls
+        # back more often.
+        update_budget=0.5,
         drop_zero_advantage_groups=True,  # groups whose rewards are all equal teach nothing
         dynamic_sampling=False,  # DAPO: refill dropped groups with fresh prompts...
         max_refills=2,  # ...for at most this many extra rollout rounds per step
         seed=0,
         max_pool=0,  # train on a seeded subset of this many questions (0: all)
         stage1_mix={"Easy": 1.0, "Moderate": 1.0},  # the paper's 1:1 blend
-        grade_k=4 if tiny else 0,  # grade ungraded records by the start policy's pass rate (k tries)
+        # Grade ungraded records by the start policy's pass rate over k tries before step 1 (the
+        # paper grades before stage 1; 4 tries: Easy = 4/4, Moderate = 2-3/4, Difficult = 0-1/4).
+        # It generates pool x k sequences, printed before the pass: a pool of 64,000 costs as
+        # much as the 7B stage's own rollouts (500 x 64 x 8); rl.max_pool bounds it. 0: off.
+        grade_k=4,
         score_k=0,  # stage 2's scoring pass
         sparsity_threshold=0.9,  # share of all-equal-reward groups that signals a plateau...
         sparsity_patience=5,  # ...for this many consecutive steps

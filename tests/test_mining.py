@@ -1,5 +1,6 @@
 """Stage-1 balance and the stage-2 miner: pools follow planted pass rates, shares hold."""
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -8,6 +9,7 @@ import pytest
 
 from fleming_jax.data.records import QARecord
 from fleming_jax.train import mining
+from tests.test_rl import toy_config, toy_run  # noqa: F401 (toy_run is a fixture)
 
 
 def records(n=20, difficult=()):
@@ -75,3 +77,75 @@ def test_stage1_balance_and_missing_levels():
     assert levels["Easy"] / 1600 == pytest.approx(0.5, abs=0.04)
     with pytest.raises(ValueError, match="no records with difficulty"):
         mining.balanced_batch(rng, recs[2::3], 4, {"Easy": 1, "Moderate": 1})
+
+
+def test_grading_prints_its_cost_first_and_warns_when_a_blend_level_is_empty():
+    lines = []
+
+    def score(indices, k):
+        lines.append(f"scored {len(indices)} x {k}")
+        return [[False, False, True, True]] * len(indices)  # pass rate 0.5: all Moderate
+    pool = mining.GradedBlend([dataclasses.replace(r, meta={}) for r in records(30)],
+                              {"Easy": 1, "Moderate": 1}, grade_k=4, max_new_tokens=96)
+    assert pool.prepare(score, lines.append).startswith("graded 30 records")
+    # 30 questions x 4 tries = 120 sequences, x 96 new tokens at most = 11,520 tokens
+    assert lines[0] == ("grading 30 questions x 4 tries = 120 sequences, at most 11,520 new tokens "
+                        "(rl.max_new_tokens=96); rl.max_pool bounds the questions")
+    assert lines[1] == "scored 30 x 4"
+    assert len(lines) == 3 and lines[2].startswith("warning: rl.stage1_mix=") and "no Easy question" in lines[2]
+    assert "'Moderate': 30" in lines[2] and "the blend draws Moderate;" in lines[2]
+    # ungraded (grade_k=0) records all count as Moderate: the same warning, and no pass at all
+    lines.clear()
+    assert mining.GradedBlend(records(4), {"Easy": 1, "Moderate": 1}).prepare(score, lines.append) is None
+    assert len(lines) == 1 and "no Easy question" in lines[0]
+    # both levels present: silent
+    lines.clear()
+    both = records(4)
+    both[0].meta["difficulty"] = "Easy"
+    mining.GradedBlend(both, {"Easy": 1, "Moderate": 1}).prepare(score, lines.append)
+    assert lines == []
+
+
+def test_stage2_warns_when_difficult_weighting_has_nothing_to_weigh():
+    lines = []
+    score = lambda indices, k: [[True] * k] * len(indices)
+    mining.Miner(records(5), mining.MinerConfig(), score_k=2, max_new_tokens=10).prepare(score, lines.append)
+    assert lines[0].startswith("warning: rl.miner.difficult_weight=2.0 has no effect")
+    assert lines[1].startswith("scoring 5 questions x 2 tries = 10 sequences, at most 100 new tokens")
+    lines.clear()
+    mining.Miner(records(5, difficult=[3]), mining.MinerConfig(), score_k=0).prepare(score, lines.append)
+    mining.Miner(records(5), mining.MinerConfig(difficult_weight=1.0), score_k=0).prepare(score, lines.append)
+    assert lines == []
+
+
+def test_stage1_pool_graded_by_real_rollouts_draws_easy_and_moderate(toy_run, tmp_path, monkeypatch):
+    """The real pass: the trainer's sampler writes 4 replies per question, rewards score them,
+    the pool grades from them. Rewards are planted per question: 0-7 always right (Easy), 8-15
+    right every other try (2 of 4: Moderate)."""
+    from fleming_jax import rewards
+    from fleming_jax.train import rl
+    calls = Counter()
+
+    def planted(completion, record, config=None):
+        calls[record.id] += 1
+        r = float(int(record.id) < 8 or calls[record.id] % 2 == 0)
+        return dict(reward=r, accuracy=r, format=r)
+    monkeypatch.setattr(rewards, "score", planted)
+    trainer = rl.RLTrainer(toy_config(toy_run, 1, grade_k=4), str(tmp_path))
+    lines = []
+    assert trainer.pool.prepare(trainer.score_pool, lines.append).startswith("graded 16 records")
+    # 16 questions x 4 tries = 64 sequences of at most 8 new tokens = 512 tokens
+    assert lines == ["grading 16 questions x 4 tries = 64 sequences, at most 512 new tokens "
+                     "(rl.max_new_tokens=8); rl.max_pool bounds the questions"]
+    assert dict(calls) == {str(i): 4 for i in range(16)}
+    assert trainer.pool.levels() == ["Easy"] * 8 + ["Moderate"] * 8
+    drawn = Counter(trainer.pool.levels()[i] for _ in range(10) for i in trainer.pick(4))
+    assert drawn == {"Easy": 20, "Moderate": 20}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-7b", "qwen3-32b"])
+def test_stage1_grades_by_default_on_every_preset(preset):
+    from configs import rl_stage1
+    config = rl_stage1.get_config(preset)
+    assert config.rl.grade_k == 4 and dict(config.rl.stage1_mix) == {"Easy": 1.0, "Moderate": 1.0}
+    assert isinstance(mining.make_pool([], config.rl), mining.GradedBlend)

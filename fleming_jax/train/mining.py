@@ -1,7 +1,8 @@
 """What the RL stages train on next: one prompt-pool interface, two implementations.
 
-A pool has `prepare(score)` (once at the start of a stage, not on resume; `score(indices,
-k)` samples k replies per question and says which were correct), `sample(rng, n)`,
+A pool has `prepare(score, log)` (once at the start of a stage, not on resume; `score(indices,
+k)` samples k replies per question and says which were correct; `log` gets the pass's cost
+before it starts and any warning), `sample(rng, n)`,
 `observe(indices, correct)` (every rollout's outcomes), `state_dict`/`load_state_dict`
 (JSON, checkpointed with the run), `summary()` (for the logs), `levels(indices)` (how many
 drawn prompts were Easy / Moderate / Difficult) and `stops_on_plateau`.
@@ -34,6 +35,12 @@ UNGRADED = "Moderate"  # difficulty assumed for records the data stage did not g
 
 def difficulty(record: QARecord) -> str:
     return (record.meta or {}).get("difficulty") or UNGRADED
+
+
+def pass_cost(what: str, n: int, k: int, max_new_tokens: int) -> str:
+    """The one line printed before a pool pass: it generates n x k sequences."""
+    return (f"{what} {n:,} questions x {k} tries = {n * k:,} sequences, at most {n * k * max_new_tokens:,} "
+            f"new tokens (rl.max_new_tokens={max_new_tokens}); rl.max_pool bounds the questions")
 
 
 def level_counts(levels: Sequence[str]) -> dict[str, int]:
@@ -82,20 +89,31 @@ class GradedBlend:
     stops_on_plateau = True
 
     def __init__(self, records: Sequence[QARecord], mix: dict[str, float], grade_k: int = 0,
-                 thresholds: tuple[float, float] = (0.8, 0.4)):
+                 thresholds: tuple[float, float] = (0.8, 0.4), max_new_tokens: int = 0):
         self.records, self.mix, self.grade_k, self.thresholds = records, dict(mix), grade_k, thresholds
+        self.max_new_tokens = max_new_tokens
         self.level = [(r.meta or {}).get("difficulty") for r in records]  # None: not graded yet
         self.pass_rate: list[float | None] = [(r.meta or {}).get("pass_rate") for r in records]
 
-    def prepare(self, score: Score) -> str | None:
+    def prepare(self, score: Score, log: Callable[[str], None] = print) -> str | None:
         todo = [i for i, level in enumerate(self.level) if level is None]
-        if not (self.grade_k and todo):
-            return None
-        graded = quality.grade([self.records[i] for i in todo], score(todo, self.grade_k), self.thresholds)
-        for i, record in zip(todo, graded):
-            self.level[i], self.pass_rate[i] = record.meta["difficulty"], record.meta["pass_rate"]
-        counts = Counter(self.level[i] for i in todo)
-        return f"graded {len(todo)} records by pass rate over {self.grade_k} tries: {dict(counts)}"
+        message = None
+        if self.grade_k and todo:
+            log(pass_cost("grading", len(todo), self.grade_k, self.max_new_tokens))
+            graded = quality.grade([self.records[i] for i in todo], score(todo, self.grade_k), self.thresholds)
+            for i, record in zip(todo, graded):
+                self.level[i], self.pass_rate[i] = record.meta["difficulty"], record.meta["pass_rate"]
+            counts = Counter(self.level[i] for i in todo)
+            message = f"graded {len(todo)} records by pass rate over {self.grade_k} tries: {dict(counts)}"
+        counts = Counter(self.levels())
+        asked = [level for level, share in self.mix.items() if share > 0]
+        empty = [level for level in asked if not counts[level]]
+        if empty:  # the blend silently draws fewer levels than asked otherwise
+            drawn = "/".join(level for level in asked if counts[level]) or "nothing"
+            log(f"warning: rl.stage1_mix={self.mix} but the pool has no {'/'.join(empty)} question "
+                f"(levels: {dict(counts)}; ungraded count as {UNGRADED}): the blend draws {drawn}; "
+                "grade the pool (rl.grade_k > 0) or change rl.stage1_mix")
+        return message
 
     def levels(self) -> list[str]:
         return [level or UNGRADED for level in self.level]
@@ -140,15 +158,21 @@ class Miner:
 
     stops_on_plateau = False
 
-    def __init__(self, records: Sequence[QARecord], config: MinerConfig, score_k: int = 0):
-        self.records, self.config, self.score_k = records, config, score_k
+    def __init__(self, records: Sequence[QARecord], config: MinerConfig, score_k: int = 0,
+                 max_new_tokens: int = 0):
+        self.records, self.config, self.score_k, self.max_new_tokens = records, config, score_k, max_new_tokens
         self.correct = np.zeros(len(records), np.int64)
         self.total = np.zeros(len(records), np.int64)
 
-    def prepare(self, score: Score) -> str | None:
+    def prepare(self, score: Score, log: Callable[[str], None] = print) -> str | None:
+        if self.config.difficult_weight != 1.0 and "Difficult" not in self.levels():
+            log(f"warning: rl.miner.difficult_weight={self.config.difficult_weight} has no effect: no question "
+                "of data.train has meta.difficulty=Difficult (stage 1's grades stay in its checkpoint); "
+                "grade the data or set it to 1.0")
         if not self.score_k:
             return None
         everything = list(range(len(self.records)))
+        log(pass_cost("scoring", len(everything), self.score_k, self.max_new_tokens))
         self.observe(everything, score(everything, self.score_k))
         return f"scored the pool: {self.summary()}"
 
@@ -231,8 +255,8 @@ def make_pool(records: Sequence[QARecord], rl_config) -> GradedBlend | Miner:
     """The pool of `rl.stage`: 1 (graded blend) or 2 (miner)."""
     c = rl_config
     if c.stage == 1:
-        return GradedBlend(records, dict(c.stage1_mix), c.grade_k)
+        return GradedBlend(records, dict(c.stage1_mix), c.grade_k, max_new_tokens=c.max_new_tokens)
     if c.stage == 2:
         miner = MinerConfig(**{k: tuple(v) if k == "right_to_wrong" else v for k, v in c.miner.items()})
-        return Miner(records, miner, c.score_k)
+        return Miner(records, miner, c.score_k, c.max_new_tokens)
     raise ValueError(f"rl.stage={c.stage}; choose 1 (graded blend) or 2 (hard-sample miner)")
