@@ -49,20 +49,25 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:preset]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory, local or gs:// (default: runs/<task>).")
-flags.DEFINE_string("compile_cache", None,
-                    "Persistent XLA compilation cache directory, local or gs:// (default: config.compile_cache, "
-                    "else ~/.cache/fleming_jax/xla; 'none' turns it off). A restarted job reuses its programs.")
 flags.mark_flags_as_required(["config"])
 
 
-def compile_cache_dir(config) -> str | None:
-    """--compile_cache, else `config.compile_cache`, else a local directory; None when off."""
+def compile_cache_dir(config, workdir: str) -> str | None:
+    """`config.compile_cache` (local or gs://); "" (the default): `xla_cache` beside the workdir,
+    on the run's own storage so it outlives a preempted VM, and shared by every stage of a
+    pipeline under one prefix (gs://b/run/sft, gs://b/run/rl_stage1 -> gs://b/run/xla_cache);
+    "none": off (None)."""
     from fleming_jax import paths
 
-    chosen = FLAGS.compile_cache if FLAGS.compile_cache is not None else config.get("compile_cache")
-    if chosen is None or chosen == "":
-        chosen = os.path.join(paths.cache_root(), "xla")
-    return None if chosen.lower() == "none" else chosen
+    chosen = config.get("compile_cache") or ""
+    if chosen.lower() == "none":
+        return None
+    if chosen:
+        return chosen
+    workdir = paths.absolute(workdir).rstrip("/")
+    scheme, _, rest = workdir.rpartition("://")
+    parent = workdir if scheme and "/" not in rest else os.path.dirname(workdir)  # a bucket root: inside it
+    return paths.join(parent, "xla_cache")
 
 
 def setup_compile_cache(directory: str | None) -> dict:
@@ -74,6 +79,8 @@ def setup_compile_cache(directory: str | None) -> dict:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        if "://" in directory:  # XLA's own GPU caches write local files only
+            jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
     stats = {"seconds": 0.0, "programs": 0, "hits": 0}
 
     def on_duration(event, seconds, **_):
@@ -118,7 +125,7 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", str(config.get("task")))
     logging.info("task=%s workdir=%s", config.get("task"), workdir)
-    cache = compile_cache_dir(config)
+    cache = compile_cache_dir(config, workdir)
     stats = setup_compile_cache(cache)
     try:
         with preemption.listening():

@@ -39,6 +39,7 @@ def get_config(budget: str = "full") -> ml_collections.ConfigDict:
     b = BUDGETS[budget or "full"]
     config = ml_collections.ConfigDict()
     config.task = "demo"
+    config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
     config.seed = 0  # training seed of every stage; the synthesised data does not depend on it
     config.demo = ml_collections.ConfigDict(dict(eval_size=b["eval_size"], eval_max_new_tokens=b["eval_new_tokens"]))
     stages = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg  # no presets
     config = ml_collections.ConfigDict()
     config.task = "distill"
+    config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
     # split name -> QA-record JSONL; an empty path skips the split
     config.data = ml_collections.ConfigDict(dict(
         train="runs/synthesize/train.jsonl", validation="runs/synthesize/validation.jsonl"))

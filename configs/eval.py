@@ -38,6 +38,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     tiny = preset == "tiny"
     config = ml_collections.ConfigDict()
     config.task = "eval"
+    config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
     config.model = models.get(preset)  # init_from (ours) or hf_path (HF dir); neither: random init
     if not tiny:
         config.model.compute_dtype = "bfloat16"

@@ -13,6 +13,7 @@ from configs import models
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "export"
+    config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
     config.model = models.get(preset or "tiny")
     config.export = ml_collections.ConfigDict(dict(
         out_dir="",  # default: <workdir>/hf

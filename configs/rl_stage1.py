@@ -25,6 +25,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     tiny = preset == "tiny"
     config = ml_collections.ConfigDict()
     config.task = "rl"
+    config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
     config.model = models.get(preset)
     if not tiny:
         config.model.update(compute_dtype="bfloat16", remat="full")

@@ -20,6 +20,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     run = TINY_RUN if preset == "tiny" else REAL_RUN
     config = ml_collections.ConfigDict()
     config.task = "sft"
+    config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
     config.model = models.get(preset)
     if preset != "tiny":
         config.model.update(compute_dtype="bfloat16", remat="full")

@@ -19,6 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg  # no presets yet
     config = ml_collections.ConfigDict()
     config.task = "synthesize"
+    config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
     config.seed = 0
     config.validation_fraction = 0.05
     # each source: format, path, optional name (defaults to the format) and reader options

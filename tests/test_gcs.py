@@ -147,7 +147,7 @@ def run_main(env, *args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_FLAGS="", **env)
     return subprocess.run([sys.executable, "main.py", "--config=configs/export.py", "--config.model.num_layers=1",
-                           "--compile_cache=none", *args], cwd=root, env=env, capture_output=True, text=True,
+                           "--config.compile_cache=none", *args], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -234,3 +234,21 @@ def test_an_unreachable_endpoint_fails_in_one_line_after_the_retries(tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: cannot access gs://{BUCKET}/run (") and line.endswith(
         f"check the network and that gs://{BUCKET} is reachable (`gcloud storage ls gs://{BUCKET}`)"), line
+
+
+def test_compile_cache_defaults_beside_a_gcs_workdir_and_a_restart_loads_from_it(emulator):
+    """The default cache is `xla_cache` beside the workdir, here on gs:// (JAX writes it through
+    epath): it outlives the VM, and a second start loads every program from it."""
+    import re
+
+    outs = []
+    for _ in range(2):
+        result = run_main(emulator.env, f"--workdir=gs://{BUCKET}/pipeline/export", "--config.compile_cache=")
+        assert result.returncode == 0, result.stderr[-3000:]
+        outs.append(re.search(r"XLA compilation [\d.]+ s for (\d+) programs, (\d+) loaded from the cache in (\S+)",
+                              result.stdout).groups())
+    (programs, hits, where), (programs2, hits2, _) = outs
+    assert where == f"gs://{BUCKET}/pipeline/xla_cache"
+    cached = [o for o in emulator.objects(BUCKET) if o.startswith("pipeline/xla_cache/")]
+    assert len(cached) == int(programs) > 0 and all(o.endswith("-cache") for o in cached)
+    assert int(hits) == 0 and int(hits2) == int(programs2) == int(programs)

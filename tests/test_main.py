@@ -36,3 +36,22 @@ def test_export_task_writes_a_transformers_model(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     assert sum(p.numel() for p in model.parameters()) > 2_000_000
+
+
+def test_every_config_has_a_compile_cache_key_and_its_default_sits_beside_the_workdir():
+    import glob
+    import importlib
+
+    import ml_collections
+
+    import main
+
+    for file in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+        module = importlib.import_module(f"configs.{os.path.basename(file)[:-3]}")
+        if hasattr(module, "get_config"):
+            assert module.get_config().compile_cache == "", file
+    at = lambda value, workdir: main.compile_cache_dir(ml_collections.ConfigDict(dict(compile_cache=value)), workdir)
+    assert at("", "gs://b/run/sft") == at("", "gs://b/run/rl_stage1/") == "gs://b/run/xla_cache"  # shared
+    assert at("", "gs://b") == at("", "gs://b/") == "gs://b/xla_cache"  # a bucket root: inside it
+    assert at("", "runs/sft") == os.path.abspath("runs/xla_cache")
+    assert at("gs://c/xla", "runs/sft") == "gs://c/xla" and at("none", "runs/sft") is at("None", "x") is None

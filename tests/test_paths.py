@@ -60,7 +60,9 @@ def test_hub_ids_resolve_offline_and_pickle_only_repos_are_refused(hf_dir, tmp_p
 def test_cpu_run_is_quiet_and_a_restart_loads_its_programs_from_the_compile_cache(tmp_path):
     """libtpu is installed (requirements-test): with JAX_PLATFORMS unset, main.py picks the CPU
     on a machine without a TPU, so no TPU-init errors; restoring a run's checkpoint prints no
-    orbax metadata warning; the second start compiles nothing."""
+    orbax metadata warning. The first start caches its programs in `xla_cache` beside the
+    workdir (the default); the second, told that directory by `--config.compile_cache`,
+    compiles nothing."""
     import re
 
     import orbax.checkpoint as ocp
@@ -78,13 +80,18 @@ def test_cpu_run_is_quiet_and_a_restart_loads_its_programs_from_the_compile_cach
     manager.close()
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     outs = []
-    for _ in range(2):
+    cache = tmp_path / "pipeline" / "xla_cache"
+    for chosen in ([], [f"--config.compile_cache={cache}"]):
         result = subprocess.run(
             [sys.executable, "main.py", "--config=configs/export.py", "--config.model.num_layers=1",
-             f"--config.model.init_from={tmp_path / 'run' / 'checkpoints'}", f"--workdir={tmp_path / 'export'}",
-             f"--compile_cache={tmp_path / 'xla'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+             f"--config.model.init_from={tmp_path / 'run' / 'checkpoints'}",
+             f"--workdir={tmp_path / 'pipeline' / 'export'}", *chosen],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stderr.strip() == "", result.stderr[-3000:]
-        outs.append(re.search(r"XLA compilation ([\d.]+) s for (\d+) programs, (\d+) loaded", result.stdout).groups())
-    (_, programs, hits), (_, programs2, hits2) = outs
+        outs.append(re.search(r"XLA compilation ([\d.]+) s for (\d+) programs, (\d+) loaded from the cache in (\S+)",
+                              result.stdout).groups())
+        assert outs[-1][3] == str(cache)
+        assert len([n for n in os.listdir(cache) if n.endswith("-cache")]) == int(outs[0][1])  # one entry a program
+    (_, programs, hits, _), (_, programs2, hits2, _) = outs
     assert int(hits) < int(programs) and int(hits2) == int(programs2) == int(programs)

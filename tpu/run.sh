@@ -20,7 +20,8 @@ re-running the same command after a preemption resumes from the last checkpoint 
 Under --dry_run the state check is printed and assumed to find the TPU ready.
 
   --config=FILE[:PRESET]  job config, e.g. configs/sft.py:qwen2.5-7b (required)
-  --workdir=gs://...      checkpoints and outputs; a gs:// path, shared by all workers (required)
+  --workdir=gs://...      checkpoints and outputs; a gs:// path, shared by all workers (required);
+                          compiled programs are cached beside it in WORKDIR/../xla_cache (config.compile_cache)
   --log_dir=DIR           local folder for the per-worker logs (default: logs/NAME/UTC-TIME)
   -- MAIN_FLAGS...        passed on to main.py, e.g. -- --config.mesh.fsdp=8
 
