@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 
 from etils import epath
@@ -85,6 +86,27 @@ def makedirs(p) -> None:
     (gcsfs's mkdir would create a missing bucket)."""
     if not is_remote(p):
         os.makedirs(p, exist_ok=True)
+
+
+def move(src, dst) -> None:
+    """Moves directory `src` to `dst` (which must not exist; parents are created). Local: one
+    rename. Object stores have no rename and no directories (a rename into a folder that holds
+    no object yet fails): every object is copied, then the originals are deleted."""
+    if not is_remote(src):
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        os.rename(src, dst)
+        return
+    from etils.epath import backend
+
+    with storage_errors(src):
+        fs = backend.fsspec_backend.fs(src)  # epath's own client: its cached listings must see the move
+        source, target = (fs._strip_protocol(str(p)).rstrip("/") for p in (src, dst))
+        names = fs.find(source)
+        if not names:
+            raise FileNotFoundError(f"{src} does not exist")
+        fs.copy(names, [target + name[len(source):] for name in names])
+        fs.rm(names)
+        fs.invalidate_cache(source)
 
 
 def open_file(p, mode: str = "r"):
@@ -159,8 +181,9 @@ def local_dir(p, kind: str = "model") -> str:
     which is never a hub id).
 
     Local: `p` itself. `gs://…`: a copy under the cache (a file is fetched again only when its
-    object generation changed; pickles skipped). Hub id: `snapshot_download` of the safetensors, config and
-    tokenizer files; a model repo with only pickled weights is refused.
+    object generation changed; pickles skipped, and weights for a tokenizer), refused in one
+    line when it would not fit the cache's disk. Hub id: `snapshot_download` of the
+    safetensors, config and tokenizer files; a model repo with only pickled weights is refused.
     """
     p = str(p)
     if kind != "data" and is_hub_id(p):
@@ -178,20 +201,39 @@ def local_dir(p, kind: str = "model") -> str:
         found = fs.find(root, detail=True) if fs.isdir(root) else {}
         if not found:
             raise FileNotFoundError(f"{p} does not exist (or is not a directory)")
+        todo = {}  # object -> (relative name, version) of what is not here yet
+        skipped = PICKLE_SUFFIXES + ((".safetensors",) if kind == "tokenizer" else ())
         for name, info in found.items():
             rel = os.path.relpath(name, root.rstrip("/"))
             version = [info.get("size"), info.get("generation") or info.get("etag") or info.get("mtime")]
+            here = manifest.get(rel) == version and os.path.exists(os.path.join(dest, rel))
+            if not (rel.endswith(skipped) or here):
+                todo[name] = (rel, version)
+        _check_room(p, dest, sum(int(found[name].get("size") or 0) for name in todo))
+        for name, (rel, version) in todo.items():
             target = os.path.join(dest, rel)
-            if rel.endswith(PICKLE_SUFFIXES) or (manifest.get(rel) == version and os.path.exists(target)):
-                continue
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=os.path.dirname(target), delete=False) as tmp:
-                tmp.write(fs.cat_file(name))
-            os.replace(tmp.name, target)
+            fd, part = tempfile.mkstemp(dir=os.path.dirname(target))
+            os.close(fd)
+            fs.get_file(name, part)  # streamed in chunks: a 4 GB shard never sits whole in memory
+            os.replace(part, target)
             manifest[rel] = version
     with open(manifest_file, "w") as f:
         json.dump(manifest, f)
     return dest
+
+
+def _check_room(p: str, dest: str, size: int) -> None:
+    """Refuses to copy `size` bytes of `p` into `dest` when its disk has less free (a Qwen3-32B
+    directory is ~65 GB, a TPU VM's boot disk often 100 GB): one line, before a byte is copied."""
+    disk = os.path.abspath(dest)
+    while not os.path.exists(disk):
+        disk = os.path.dirname(disk)
+    free = shutil.disk_usage(disk).free
+    if size > free:
+        gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+        raise StorageError(f"copying {p} to {dest} needs {gb(size)} but {disk} has {gb(free)} free; use a "
+                           "bigger disk, or set FLEMING_JAX_CACHE to a directory on a disk with room")
 
 
 def upload_dir(local: str, p) -> None:

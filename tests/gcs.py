@@ -66,3 +66,52 @@ class Emulator:
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+class Flaky:
+    """An HTTP proxy in front of the emulator that answers every request with 503 (GCS's
+    "service unavailable", a transient outage) while `down` is true: point
+    TENSORSTORE_GCS_HTTP_URL at `url` to see what a run does when the store fails mid-read."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import http.server
+        import threading
+
+        proxy, self.down = self, False
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.down:
+                    status, headers, body = 503, {"Content-Type": "application/json"}, json.dumps(
+                        {"error": {"code": 503, "message": "Service Unavailable"}}).encode()
+                else:
+                    conn = http.client.HTTPConnection(upstream.split("://")[1], timeout=30)
+                    conn.request(self.command, self.path, body=body, headers={
+                        k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")})
+                    reply = conn.getresponse()
+                    status, body = reply.status, reply.read()
+                    headers = {k: v for k, v in reply.getheaders() if k.lower() not in ("transfer-encoding", "connection")}
+                    conn.close()
+                headers.setdefault("Content-Length", str(len(body)))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()

@@ -17,6 +17,23 @@ def tiny(**changes):
     return cfg
 
 
+def small_state(**arch):
+    """A TrainState (params + Adam state) of a small model sharded over 8 devices (fsdp), and
+    its shardings."""
+    import ml_collections
+
+    from fleming_jax import parallel
+    from fleming_jax.train import state as statelib
+
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1)))
+    cfg = tiny(**dict(dict(num_heads=4, num_kv_heads=2, head_dim=16), **arch))
+    tx = statelib.make_optimizer(ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, warmup_steps=1, total_steps=10, final_lr_fraction=0.1, max_grad_norm=1.0, b1=0.9,
+        b2=0.95, eps=1e-8, weight_decay=0.1)))
+    _, state = statelib.init_state(fm.build(cfg, mesh)[0], tx, mesh)
+    return state, statelib.state_shardings(state, mesh)
+
+
 def test_params_round_trip_and_init_from(tmp_path):
     model, config = fm.build(tiny(seed=3))
     # A training run's manager layout: <root>/<step>/params; the newest step wins.

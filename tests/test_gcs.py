@@ -252,3 +252,167 @@ def test_compile_cache_defaults_beside_a_gcs_workdir_and_a_restart_loads_from_it
     cached = [o for o in emulator.objects(BUCKET) if o.startswith("pipeline/xla_cache/")]
     assert len(cached) == int(programs) > 0 and all(o.endswith("-cache") for o in cached)
     assert int(hits) == 0 and int(hits2) == int(programs2) == int(programs)
+
+
+# ------------------------------------------------------------------ damaged checkpoints on gs://
+def test_move_on_gcs_copies_every_object_then_deletes_it(emulator):
+    """GCS has no rename and no directories: epath's rename into a folder that holds no object
+    fails ("folder … does not exist"); `paths.move` copies each object, then deletes it, and
+    epath's cached listing sees the move."""
+    g = f"gs://{BUCKET}/move"
+    for name in ("a.txt", "sub/b.txt", "sub/deeper/c.txt"):
+        paths.write_text(f"{g}/src/{name}", name)
+    assert paths.path(f"{g}/src").exists()  # listed (and cached) before the move
+    paths.move(f"{g}/src", f"{g}/aside/1-2")
+    assert sorted(o for o in emulator.objects(BUCKET) if o.startswith("move/")) == [
+        "move/aside/1-2/a.txt", "move/aside/1-2/sub/b.txt", "move/aside/1-2/sub/deeper/c.txt"]
+    assert paths.read_text(f"{g}/aside/1-2/sub/deeper/c.txt") == "sub/deeper/c.txt"
+    assert not paths.path(f"{g}/src").exists()
+    with pytest.raises(FileNotFoundError, match="move/src does not exist"):
+        paths.move(f"{g}/src", f"{g}/aside/1-3")
+
+
+def _rl_like_run(root, steps):
+    """RL's checkpoints of a sharded small model (8 devices, fsdp) at `steps`: params, Adam state
+    and RL's meta (stage, reference, pool, counters, the RNG)."""
+    from fleming_jax.train import loop
+    from tests.test_checkpoint import small_state
+
+    state, shardings = small_state()
+    ckpt = loop.Checkpoints(root, 10, shardings, print)
+    for step in steps:
+        ckpt.save(step, state, dict(stage=1, reference="gs://x/sft", sparse_steps=step,
+                                    pool=dict(passes=[[step, 4]], levels=["Easy"]),
+                                    rng=np.random.default_rng(step).bit_generator.state))
+    ckpt.wait()
+    return state, shardings
+
+
+def _damage(emulator, prefix, how):
+    """Damages the step saved under object `prefix` as a failed write or a bad disk does; returns
+    the step's objects after."""
+    import fsspec
+
+    fs = fsspec.filesystem("gs", token="anon")
+    names = [o for o in emulator.objects(BUCKET) if o.startswith(prefix + "/")]
+    arrays = [o for o in names if "/params/ocdbt.process_" in o and "/d/" in o]
+    biggest = f"{BUCKET}/" + max(arrays, key=lambda o: fs.size(f"{BUCKET}/{o}"))
+    if how == "deleted array file":
+        fs.rm(biggest)
+    elif how == "truncated array file":
+        fs.pipe_file(biggest, fs.cat_file(biggest)[:fs.size(biggest) // 2])
+    elif how == "no meta item":
+        fs.rm(f"{BUCKET}/{prefix}/meta/metadata")
+    elif how == "meta of another step":
+        fs.pipe_file(f"{BUCKET}/{prefix}/meta/metadata", json.dumps({"step": 7}).encode())
+    return sorted(o for o in emulator.objects(BUCKET) if o.startswith(prefix + "/"))
+
+
+DAMAGE = {5: "deleted array file", 4: "truncated array file", 3: "no meta item", 2: "meta of another step"}
+
+
+def test_damaged_steps_on_gcs_are_moved_aside_down_to_the_newest_that_restores(emulator):
+    """Steps 5..2 damaged four ways: each is moved whole to checkpoints_skipped/<step>-<time>/
+    with one line, and step 1 (params, Adam state, RL's meta) restores."""
+    from fleming_jax.train import loop
+
+    root, prefix = f"gs://{BUCKET}/walk", "walk"
+    state, shardings = _rl_like_run(root, range(1, 6))
+    damaged = {step: _damage(emulator, f"{prefix}/checkpoints/{step}", how) for step, how in DAMAGE.items()}
+    lines = []
+    step, restored, got = loop.Checkpoints(root, 10, shardings, lines.append).restore(state)
+    assert step == 1 and got["meta"]["sparse_steps"] == 1 and got["meta"]["pool"]["passes"] == [[1, 4]]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.params),
+                 jax.tree.map(np.asarray, state.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.opt_state),
+                 jax.tree.map(np.asarray, state.opt_state))
+    assert len(lines) == 5 and lines[4] == f"resumed from {root}/checkpoints/1", lines
+    objects = emulator.objects(BUCKET)
+    for line, (step, how) in zip(lines, DAMAGE.items()):
+        assert line.startswith(f"checkpoint step {step} in {root}/checkpoints does not restore (") and line.endswith(
+            "trying the previous step") and f"moved it to {root}/checkpoints_skipped/{step}-" in line, line
+        assert len(line) < 450 and "TensorStore" not in line and "tensorstore_spec" not in line, line
+        assert not [o for o in objects if o.startswith(f"{prefix}/checkpoints/{step}/")]
+        moved = sorted(o for o in objects if o.startswith(f"{prefix}/checkpoints_skipped/{step}-"))
+        assert [o.split("/", 3)[3] for o in moved] == [o.split("/", 3)[3] for o in damaged[step]], how
+    for why in ("FAILED_PRECONDITION", "OUT_OF_RANGE", "FileNotFoundError", "its meta item says step 7"):
+        assert sum(why in line for line in lines) == 1, (why, lines)
+
+
+def test_a_read_that_fails_for_another_reason_moves_nothing(emulator, monkeypatch):
+    """A config for another model, or the store failing (503) mid-read: one line, every step kept."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    from fleming_jax.train import loop
+    from tests.test_checkpoint import small_state
+
+    root = f"gs://{BUCKET}/not-damage"
+    state, shardings = _rl_like_run(root, (1, 2))
+    prefix = root[len(f"gs://{BUCKET}/"):]
+    before = sorted(o for o in emulator.objects(BUCKET) if o.startswith(prefix + "/"))
+
+    other, other_shardings = small_state(hidden_size=32)
+    with pytest.raises(ValueError) as e:
+        loop.Checkpoints(root, 10, other_shardings, print).restore(other)
+    assert str(e.value).startswith(f"checkpoint {root}/checkpoints/2 holds a different model than this config (")
+    assert str(e.value).endswith("run with the config (preset and model sizes) that wrote it, or give this config "
+                                 "its own --workdir") and "\n" not in str(e.value)
+
+    # tensorstore retries a 503 32 times over minutes; a test waits for 2 quick ones
+    for table in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+        monkeypatch.setitem(getattr(tensorstore_utils, table), "gcs_request_retries",
+                            {"max_retries": 2, "initial_delay": "10ms", "max_delay": "20ms"})
+    flaky = gcs.Flaky(emulator.url)
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", flaky.url)
+    try:
+        ckpt = loop.Checkpoints(root, 10, shardings, print)
+        flaky.down = True
+        with pytest.raises(loop.RestoreFailed) as e:
+            ckpt.restore(state)
+    finally:
+        flaky.stop()
+    message = str(e.value)
+    assert message.startswith(f"could not read checkpoint {root}/checkpoints/2 (") and "\n" not in message
+    assert "Service Unavailable" in message, message
+    assert message.endswith(f"nothing was moved aside: the storage failed: check it (`gcloud storage ls "
+                            f"{root}/checkpoints/2`) and rerun to resume"), message
+    assert sorted(o for o in emulator.objects(BUCKET) if o.startswith(prefix + "/")) == before
+
+
+def test_a_gcs_model_copy_that_does_not_fit_is_refused_in_one_line_and_configs_read_in_place(emulator, hf_dir,
+                                                                                            monkeypatch):
+    """A gs:// model directory is copied to the local cache to be memory-mapped: with less free
+    space than its objects (faked: the defect lives in the comparison) the load stops before
+    copying a byte, naming both sizes, the path and what to do. config.json is read on gs://
+    itself, by `configs/models.get` and `hf.read_config`, with no copy at all."""
+    import collections
+    import shutil
+
+    from configs import models as presets
+    from fleming_jax.models import hf
+
+    local = hf_dir("qwen3")
+    d = f"gs://{BUCKET}/models/tiny-qwen3"
+    paths.upload_dir(local, d)
+    dest = os.path.join(os.environ["FLEMING_JAX_CACHE"], "gs", BUCKET, "models", "tiny-qwen3")
+
+    want = presets.get(local).to_dict() | {"preset": d}
+    assert presets.get(d).to_dict() == want
+    assert presets.get(f"{d}/config.json").to_dict() == want | {"preset": f"{d}/config.json"}
+    assert vars(hf.read_config(d)) == vars(hf.read_config(local))
+    assert not os.path.exists(dest)  # read in place
+
+    size = sum(os.path.getsize(os.path.join(local, n)) for n in os.listdir(local))  # every object gets copied
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - size // 2, size // 2))
+    with pytest.raises(paths.StorageError) as e:
+        hf.load(d)
+    mb = lambda n: f"{n / 1e6:.1f} MB"
+    assert str(e.value) == (f"copying {d} to {dest} needs {mb(size)} but {os.path.dirname(dest)} has "
+                            f"{mb(size // 2)} free; use a bigger disk, or set FLEMING_JAX_CACHE to a directory on "
+                            "a disk with room")
+    assert not os.path.exists(dest)  # refused before a byte was copied
+    monkeypatch.undo()
+    model, _ = hf.load(d)
+    jax.tree.map(np.testing.assert_array_equal, _params(model), _params(hf.load(local)[0]))

@@ -25,8 +25,13 @@ def manager(workdir: str, keep: int, use_async: bool = True, **extra_handlers) -
         paths.absolute(paths.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
                                              cleanup_tmp_directories=True),
-        item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler(), **extra_handlers})
+        item_handlers=item_handlers(**extra_handlers))
+
+
+def item_handlers(**extra_handlers) -> dict:
+    """The handlers of a training step's items (fresh instances each call)."""
+    return {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(), **extra_handlers}
 
 
 def save_params(path: str, model: qwen.Qwen) -> str:
@@ -63,14 +68,10 @@ def restore_model(path: str, config: qwen.QwenConfig, mesh=None) -> qwen.Qwen:
     source = params_dir(path)
     checkpointer = ocp.StandardCheckpointer()
     with _no_step_metadata_warning():
-        saved = _flat_shapes(checkpointer.metadata(source).item_metadata.tree)
-    wanted = _flat_shapes(nnx.to_pure_dict(target))
-    if saved != wanted:
-        diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-        raise ValueError(
-            f"checkpoint {source} does not match the model config ({config.model_type}, "
-            f"{config.num_layers} layers, hidden {config.hidden_size}): " + "; ".join(
-                f"{k}: saved {saved.get(k)}, config wants {wanted.get(k)}" for k in diff[:4]))
+        diff = shape_mismatch(checkpointer.metadata(source).item_metadata.tree, nnx.to_pure_dict(target))
+    if diff:
+        raise ValueError(f"checkpoint {source} does not match the model config ({config.model_type}, "
+                         f"{config.num_layers} layers, hidden {config.hidden_size}): {diff}")
     with _no_step_metadata_warning():
         restored = checkpointer.restore(source, nnx.to_pure_dict(target))
     nnx.replace_by_pure_dict(state, restored)
@@ -93,6 +94,14 @@ def _no_step_metadata_warning():
         yield
     finally:
         logger.removeFilter(drop)
+
+
+def shape_mismatch(saved, wanted) -> str | None:
+    """`key: saved (…), config wants (…)` for up to 4 leaves whose shapes (or presence) differ
+    between two params trees, or None when they agree."""
+    saved, wanted = _flat_shapes(saved), _flat_shapes(wanted)
+    diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    return "; ".join(f"{k}: saved {saved.get(k)}, config wants {wanted.get(k)}" for k in diff[:4]) or None
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:

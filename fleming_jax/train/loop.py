@@ -17,6 +17,12 @@ finished step and `Preempted` goes up to `main.py`, which exits 0.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
 import time
 from typing import Callable
 
@@ -38,6 +44,7 @@ class Checkpoints:
                  use_async: bool = True, **extra_handlers):
         self.workdir, self.shardings, self.log = workdir, shardings, log
         self.manager = checkpoint.manager(workdir, keep, use_async, **extra_handlers)
+        self.reader = ocp.CompositeCheckpointHandler(**checkpoint.item_handlers(**extra_handlers))
         self.directory = self.manager.directory
 
     def latest_step(self) -> int | None:
@@ -50,18 +57,16 @@ class Checkpoints:
             meta=ocp.args.JsonSave(dict(meta, step=step)), **extra_args), force=True)
 
     def restore(self, state: statelib.TrainState, extra_args: Callable[[], dict] = dict):
-        """(step, state, meta) of the newest step that restores, or (0, state, None)."""
+        """(step, state, meta) of the newest step that restores, or (0, state, None).
+
+        Every host tries the step and they agree (`_agree`): a step damaged on any host is
+        moved aside on all (`_skip`); any other failure (storage, memory, a config for
+        another model, a bug) stops every host and moves nothing."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                got = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(nnx.to_pure_dict(abstract.params)),
-                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
-                    meta=ocp.args.JsonRestore(), **extra_args()))
-                if got["meta"] is None or got["meta"].get("step") != step:
-                    raise ValueError(f"its meta item says step {(got['meta'] or {}).get('step')}")
-            except Exception as e:  # noqa: BLE001 -- any unreadable step is skipped the same way
-                self._skip(step, e)
+            got = self._read(step, abstract, extra_args())
+            if isinstance(got, str):
+                self._skip(step, got)
                 continue
             nnx.replace_by_pure_dict(state.params, got["params"])
             restored = statelib.TrainState(step=jax.device_put(np.int32(step), self.shardings.step),
@@ -70,19 +75,62 @@ class Checkpoints:
             return step, restored, got
         return 0, state, None
 
-    def _skip(self, step: int, error: Exception) -> None:
-        reason = " ".join(str(error).split())[:300] or type(error).__name__
-        target = paths.path(self.workdir) / "checkpoints_skipped" / f"{step}-{int(time.time())}"
+    def _read(self, step: int, abstract: statelib.TrainState, extra: dict):
+        """The restored items of `step`, or why its files are damaged (a str) on some host.
+
+        Read through the item handlers, not the manager: orbax's restore ends in a barrier
+        that a host whose read failed never reaches."""
+        directory = self.directory / str(step)
+        got = why = error = None
+        try:
+            with _quiet():
+                got = self.reader.restore(directory, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(nnx.to_pure_dict(abstract.params)),
+                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                    meta=ocp.args.JsonRestore(), **extra))
+            if got["meta"] is None or got["meta"].get("step") != step:
+                why = f"its meta item says step {(got['meta'] or {}).get('step')}"
+        except Exception as e:  # noqa: BLE001 -- sorted here; every host must reach _agree
+            error = self._config_mismatch(directory, abstract)
+            if error is None:
+                why = damaged(e)
+                error = None if why else unreadable(directory, e)
+        verdicts = list(_agree(2 if error is not None else 1 if why else 0))
+        if error is not None:
+            raise error
+        if 2 in verdicts:
+            raise RestoreFailed(f"process {verdicts.index(2)} could not read checkpoint {directory} "
+                                f"(its log says why); nothing was moved aside")
+        if 1 in verdicts:
+            return why or f"damaged as process {verdicts.index(1)} read it"
+        return got
+
+    def _config_mismatch(self, directory, abstract) -> ValueError | None:
+        """A ValueError when the step's params have other names or shapes than this config's."""
+        try:
+            with _quiet():
+                saved = self.reader.metadata(directory).item_metadata["params"].tree
+        except Exception:  # noqa: BLE001 -- unreadable metadata: the restore's own error decides
+            return None
+        diff = checkpoint.shape_mismatch(saved, nnx.to_pure_dict(abstract.params))
+        return diff and ValueError(
+            f"checkpoint {directory} holds a different model than this config ({diff}): run with the config "
+            f"(preset and model sizes) that wrote it, or give this config its own --workdir")
+
+    def _skip(self, step: int, why: str) -> None:
+        target = paths.join(self.workdir, "checkpoints_skipped", f"{step}-{int(time.time())}")
+        moved = None
         if parallel.is_main_process():
-            with paths.storage_errors(str(target)):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                (paths.path(str(self.directory)) / str(step)).rename(target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"skip checkpoint {step}")
+            try:
+                paths.move(str(self.directory / str(step)), target)
+            except OSError as e:
+                moved = e
+        if 1 in _agree(int(moved is not None)):
+            raise moved or RestoreFailed(f"process 0 could not move damaged checkpoint step {step} aside "
+                                         f"(its log says why)")
         self.manager.reload()
-        self.log(f"checkpoint step {step} in {self.directory} does not restore ({type(error).__name__}: "
-                 f"{reason}); moved it to {target} and trying the previous step")
+        self.log(f"checkpoint step {step} in {self.directory} does not restore ({why}); moved it to {target}, "
+                 f"trying the previous step")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -132,3 +180,94 @@ def train_loop(*, start: int, total: int, one_step: Callable[[int], dict | None]
             ckpt.wait()
             writer.close()
     return rows
+
+
+class RestoreFailed(OSError):
+    """A step that may be good could not be read (storage, memory, another host): it stays."""
+
+
+# tensorstore's status codes for a file that is missing, shorter than its index says, or
+# undecodable: the step's files are damaged. Every other code (UNAVAILABLE, DEADLINE_EXCEEDED,
+# PERMISSION_DENIED, RESOURCE_EXHAUSTED, ...) is the store or the machine, not the step.
+DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+_STATUS = re.compile(r"(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
+                     r"PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
+                     r"UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): ")
+
+
+def damaged(error: BaseException) -> str | None:
+    """Why `error`, raised reading a step, shows the step's files are damaged (short), else None."""
+    for e in _chain(error):
+        status = _STATUS.match(str(e))
+        if isinstance(e, (FileNotFoundError, json.JSONDecodeError)) or (status and status[1] in DAMAGE_CODES):
+            return _short(e)
+    return None
+
+
+def unreadable(directory, error: BaseException) -> BaseException:
+    """What a failed read that is not damage raises: storage and memory failures as a one-line
+    RestoreFailed, anything else (a bug) unchanged."""
+    chain = list(_chain(error))
+    if any(isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED: Out of memory" in str(e) for e in chain):
+        fix = "it does not fit in memory here: use more devices (mesh.fsdp) or hosts"
+    elif any(isinstance(e, OSError) or _STATUS.match(str(e)) or type(e).__module__.split(".")[0] in
+             ("aiohttp", "gcsfs", "google") for e in chain):
+        fix = "the storage failed: check it " + (
+            f"(`gcloud storage ls {directory}`) " if paths.is_remote(directory) else "") + "and rerun to resume"
+    else:
+        return error
+    return RestoreFailed(f"could not read checkpoint {directory} ({_short(chain[-1])}); nothing was moved "
+                         f"aside: {fix}")
+
+
+def _chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    for noise in (r"\s*\[tensorstore_spec.*", r" in OCDBT database at (local file )?\S+?(?=: |$)", r'Error opening "\w+" driver: '):
+        text = re.sub(noise, "", text)
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _agree(verdict: int) -> np.ndarray:
+    """Every process's `verdict` (a small int), in process order."""
+    if jax.process_count() == 1:
+        return np.array([verdict])
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(verdict))).reshape(-1)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """When a step fails to read, orbax logs whole TensorStore specs, and the reads it abandoned
+    report their own errors later, as 'Exception ignored' pages (orbax's coroutines, finalised
+    unawaited) and 'Event loop is closed' tracebacks (tensorstore's callbacks, landing after
+    orbax's loop is gone): pages that say nothing the one line of `_skip` or `RestoreFailed`
+    does not. The loggers are muted around the read; those late reports are dropped for good."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio", "fsspec")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    if not getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+        sys.unraisablehook = _drop_abandoned_reads(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _drop_abandoned_reads(hook):
+    def unraisablehook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        abandoned = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        closed = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        if not (abandoned or closed):
+            hook(unraisable)
+    unraisablehook.drops_abandoned_reads = True
+    return unraisablehook
