@@ -1,13 +1,14 @@
 """Model presets: the tiny test/demo model and the real Qwen shapes.
 
 Numbers come from each model's published `config.json`. `get(name)` also accepts a path
-to any HF `config.json` (or the directory holding it).
+(local or gs://) to any HF `config.json` (or the directory holding it).
 """
 
 import json
-import os
 
 import ml_collections
+
+from fleming_jax import paths
 
 _QWEN25 = dict(model_type="qwen2", qkv_bias=True, qk_norm=False, rope_theta=1_000_000.0,
                rms_norm_eps=1e-6, vocab_size=151936, max_position_embeddings=32768)
@@ -48,12 +49,11 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
     """
     if name in PRESETS:
         arch = dict(PRESETS[name])
-    elif os.path.exists(name):
+    elif paths.exists(name):  # an HF config.json or its directory, local or gs://
         from fleming_jax.models.qwen import QwenConfig  # only needed for HF files
 
-        file = os.path.join(name, "config.json") if os.path.isdir(name) else name
-        with open(file) as f:
-            arch = vars(QwenConfig.from_hf(json.load(f), source=file)).copy()
+        file = paths.join(name, "config.json") if paths.path(name).is_dir() else name
+        arch = vars(QwenConfig.from_hf(json.loads(paths.read_text(file)), source=file)).copy()
         for key in ("param_dtype", "compute_dtype", "remat", "attention_chunk"):
             arch.pop(key)
     else:

@@ -413,6 +413,50 @@ def test_a_gcs_model_copy_that_does_not_fit_is_refused_in_one_line_and_configs_r
                             f"{mb(size // 2)} free; use a bigger disk, or set FLEMING_JAX_CACHE to a directory on "
                             "a disk with room")
     assert not os.path.exists(dest)  # refused before a byte was copied
+    tokenizer_files = os.listdir(paths.local_dir(d, kind="tokenizer"))  # never the weights: it fits
+    assert "config.json" in tokenizer_files and not any(n.endswith(".safetensors") for n in tokenizer_files)
     monkeypatch.undo()
     model, _ = hf.load(d)
     jax.tree.map(np.testing.assert_array_equal, _params(model), _params(hf.load(local)[0]))
+
+
+@pytest.mark.slow
+def test_sft_rerun_on_gcs_walks_back_over_a_damaged_step_in_one_line(emulator, kg_records):
+    """`python main.py` SFT on gs://, its newest step's biggest array file deleted: the same
+    command resumes from the step before, says so in one line (no tracebacks) and finishes with
+    the loss the first run had."""
+    import subprocess
+    import sys
+
+    g = f"gs://{BUCKET}/sft-walk"
+    records = kg_records[:40]
+    write_jsonl(f"{g}/sft.jsonl", [s for o in collect.collect_chunk(records, teachers.KGTeacher(records),
+                                                                     collect.CollectConfig(k=1)) for s in o["sft"]])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, "main.py", "--config=configs/sft.py:tiny", f"--workdir={g}/run", "--config.compile_cache=none",
+            *(f"--config.model.{k}={v}" for k, v in ARCH.items()), "--config.train.seq_len=256",
+            "--config.train.batch_size=8", "--config.train.log_every=1", f"--config.data.train={g}/sft.jsonl",
+            "--config.data.eval=", "--config.optimizer.total_steps=3", "--config.optimizer.warmup_steps=1",
+            "--config.checkpoint.every=1", "--config.checkpoint.keep=3"]
+    run = lambda: subprocess.run(args, cwd=root, env=dict(os.environ, XLA_FLAGS=""), capture_output=True,
+                                 text=True, timeout=600)
+    first = run()
+    assert first.returncode == 0, first.stderr[-3000:]
+    losses = {json.loads(line)["step"]: json.loads(line)["loss"]
+              for line in paths.read_text(f"{g}/run/metrics.jsonl").splitlines()}
+    _damage(emulator, "sft-walk/run/checkpoints/3", "deleted array file")
+
+    again = run()
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = [line for line in (again.stdout + again.stderr).splitlines() if "does not restore" in line]
+    assert len(said) == 1 and said[0].startswith(f"[sft] checkpoint step 3 in {g}/run/checkpoints does not restore ("), said
+    assert f"moved it to {g}/run/checkpoints_skipped/3-" in said[0] and said[0].endswith("trying the previous step")
+    assert f"[sft] resumed from {g}/run/checkpoints/2" in again.stdout
+    for noise in ("Traceback", "Event loop is closed", "Exception ignored", "TensorStore", "ERROR"):
+        assert noise not in again.stdout + again.stderr, (noise, (again.stdout + again.stderr)[-3000:])
+    rows = [json.loads(line) for line in paths.read_text(f"{g}/run/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == losses[3]  # resumed exactly
+    objects = emulator.objects(BUCKET)
+    assert sorted({o.split("/")[3] for o in objects if o.startswith("sft-walk/run/checkpoints/")}) == ["1", "2", "3"]
+    assert [o.split("/")[3].split("-")[0] for o in objects if o.startswith("sft-walk/run/checkpoints_skipped/")
+            and o.endswith("/_CHECKPOINT_METADATA")] == ["3"]

@@ -172,11 +172,11 @@ def _read_header(file: str) -> tuple[dict, int]:
 def read_config(path: str, **overrides) -> qwen.QwenConfig:
     """Our config from `path/config.json` (overrides such as dtype win); `path` may be local,
     gs:// or a hub id."""
-    file = os.path.join(paths.local_dir(path), "config.json")
-    if not os.path.exists(file):
+    # gs:// is read in place: no copy of a whole model directory for one small file
+    file = paths.join(paths.local_dir(path) if paths.is_hub_id(path) else path, "config.json")
+    if not paths.exists(file):
         raise FileNotFoundError(f"{path}: no config.json (is this an HF model directory?)")
-    with open(file) as f:
-        return qwen.QwenConfig.from_hf(json.load(f), source=file, **overrides)
+    return qwen.QwenConfig.from_hf(json.loads(paths.read_text(file)), source=file, **overrides)
 
 
 def hf_tensor_names(config: qwen.QwenConfig) -> dict[str, list[str]]:
