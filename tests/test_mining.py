@@ -93,11 +93,11 @@ def test_grading_prints_its_cost_first_and_warns_when_a_blend_level_is_empty():
                         "(rl.max_new_tokens=96); rl.max_pool bounds the questions")
     assert lines[1] == "scored 30 x 4"
     assert len(lines) == 3 and lines[2].startswith("warning: rl.stage1_mix=") and "no Easy question" in lines[2]
-    assert "'Moderate': 30" in lines[2] and "the blend draws Moderate;" in lines[2]
+    assert "'Moderate': 30" in lines[2] and "the blend draws Moderate; start from a stronger policy" in lines[2]
     # ungraded (grade_k=0) records all count as Moderate: the same warning, and no pass at all
     lines.clear()
     assert mining.GradedBlend(records(4), {"Easy": 1, "Moderate": 1}).prepare(score, lines.append) is None
-    assert len(lines) == 1 and "no Easy question" in lines[0]
+    assert len(lines) == 1 and "no Easy question" in lines[0] and "grade the pool (rl.grade_k > 0)" in lines[0]
     # both levels present: silent
     lines.clear()
     both = records(4)

@@ -110,9 +110,10 @@ class GradedBlend:
         empty = [level for level in asked if not counts[level]]
         if empty:  # the blend silently draws fewer levels than asked otherwise
             drawn = "/".join(level for level in asked if counts[level]) or "nothing"
+            fix = "start from a stronger policy" if self.grade_k else "grade the pool (rl.grade_k > 0)"
             log(f"warning: rl.stage1_mix={self.mix} but the pool has no {'/'.join(empty)} question "
                 f"(levels: {dict(counts)}; ungraded count as {UNGRADED}): the blend draws {drawn}; "
-                "grade the pool (rl.grade_k > 0) or change rl.stage1_mix")
+                f"{fix} or change rl.stage1_mix")
         return message
 
     def levels(self) -> list[str]:
@@ -168,7 +169,7 @@ class Miner:
         if self.config.difficult_weight != 1.0 and "Difficult" not in self.levels():
             log(f"warning: rl.miner.difficult_weight={self.config.difficult_weight} has no effect: no question "
                 "of data.train has meta.difficulty=Difficult (stage 1's grades stay in its checkpoint); "
-                "grade the data or set it to 1.0")
+                "grade the data (quality.grade) or set it to 1.0")
         if not self.score_k:
             return None
         everything = list(range(len(self.records)))
