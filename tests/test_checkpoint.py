@@ -1,6 +1,7 @@
 """Our params checkpoints: exact round trip, manager layout, clear mismatch errors."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -51,3 +52,109 @@ def test_restore_refuses_other_architectures_and_missing_paths(tmp_path):
         fm.build(tiny(hidden_size=32, init_from=str(tmp_path / "p")))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fm.build(tiny(init_from=os.path.join(str(tmp_path), "nowhere")))
+
+
+# ------------------------------------------------------------------ what a failed read means
+def test_only_damage_moves_a_step_aside():
+    """Missing, short or undecodable files are damage; a store outage, running out of memory or
+    a bug are not: those become one line (or keep their traceback) and move nothing."""
+    import json
+
+    import jax
+
+    from fleming_jax.train import loop
+
+    def raised(inner, outer="Encountered error while reading array index"):
+        try:
+            try:
+                raise inner
+            except Exception as e:
+                raise Exception(outer) from e
+        except Exception as e:
+            return e
+    assert loop.damaged(raised(ValueError('OUT_OF_RANGE: Error reading "layers.q_proj/0.0" in OCDBT database at '
+                                          'gs://b/run/checkpoints/4/params/: Requested byte range [0, 9) is not '
+                                          'valid [tensorstore_spec=\'{"driver":"zarr"}\']'))) == (
+        'ValueError: OUT_OF_RANGE: Error reading "layers.q_proj/0.0": Requested byte range [0, 9) is not valid')
+    assert loop.damaged(FileNotFoundError("File gs://b/run/checkpoints/4/meta/metadata not found."))
+    assert loop.damaged(json.JSONDecodeError("Unterminated string", "{", 1))
+    for code in ("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION"):
+        assert loop.damaged(raised(ValueError(f"{code}: Error reading x")))
+    outage = raised(ValueError("UNAVAILABLE: Error reading x: All 32 retry attempts failed: Service Unavailable"))
+    oom = raised(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1073741824 bytes."))
+    bug = raised(TypeError("unsupported operand"))
+    for error in (outage, oom, bug, ConnectionError("reset by peer"), MemoryError()):
+        assert loop.damaged(error) is None, error
+    said = str(loop.unreadable("gs://b/run/checkpoints/4", outage))
+    assert said.startswith("could not read checkpoint gs://b/run/checkpoints/4 (ValueError: UNAVAILABLE: ") and said.endswith(
+        "nothing was moved aside: the storage failed: check it (`gcloud storage ls gs://b/run/checkpoints/4`) and rerun "
+        "to resume")
+    assert isinstance(loop.unreadable("/r/checkpoints/4", oom), loop.RestoreFailed)
+    assert str(loop.unreadable("/r/checkpoints/4", oom)).endswith(
+        "it does not fit in memory here: use more devices (mesh.fsdp) or hosts")
+    assert loop.unreadable("/r/checkpoints/4", bug) is bug  # a bug keeps its traceback
+
+
+def _restore_worker(port, process_id, root, phase, out):
+    """One of 2 processes x 4 devices: `save` steps 1 and 2, or `restore` (the step and the lines
+    it logged go to `out`)."""
+    import json
+
+    from fleming_jax import parallel
+    from fleming_jax.train import loop
+
+    os.environ.update(FLEMING_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", FLEMING_NUM_PROCESSES="2",
+                      FLEMING_PROCESS_ID=process_id)
+    parallel.initialize_distributed()
+    state, shardings = small_state()
+    lines = []
+    ckpt = loop.Checkpoints(root, 10, shardings, lines.append)
+    if phase == "save":
+        for step in (1, 2):
+            ckpt.save(step, state, {})
+        ckpt.wait()
+        return
+    step, _, _ = ckpt.restore(state)
+    with open(out, "w") as f:
+        json.dump(dict(step=step, lines=lines), f)
+
+
+@pytest.mark.slow
+def test_hosts_agree_when_only_one_finds_the_step_damaged(tmp_path):
+    """Params sharded over both processes; a data file only process 1 reads is deleted: both
+    skip step 2 (process 0 moves it, once) and restore step 1, instead of one host going on
+    while the other walks back (a hang)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_parallel import ROOT, free_port
+
+    def run(phase):
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.test_checkpoint", str(port), str(i), str(tmp_path / "run"),
+                                   phase, str(tmp_path / f"out{i}.json")], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise AssertionError(f"{phase}: a process hung")
+            assert p.returncode == 0, out[-3000:]
+        return [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)] if phase == "restore" else None
+    run("save")
+    data = tmp_path / "run" / "checkpoints" / "2" / "params" / "ocdbt.process_1" / "d"
+    os.remove(max((data / name for name in os.listdir(data)), key=os.path.getsize))
+    first, second = run("restore")
+    assert first["step"] == second["step"] == 1
+    assert first["lines"][0].startswith(f"checkpoint step 2 in {tmp_path}/run/checkpoints does not restore "
+                                        "(damaged as process 1 read it; its log says why)"), first["lines"]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
+    assert [d.split("-")[0] for d in os.listdir(tmp_path / "run" / "checkpoints_skipped")] == ["2"]
+
+
+if __name__ == "__main__":
+    _restore_worker(*sys.argv[1:])

@@ -96,13 +96,15 @@ class Checkpoints:
                 why = damaged(e)
                 error = None if why else unreadable(directory, e)
         verdicts = list(_agree(2 if error is not None else 1 if why else 0))
+        if why and not parallel.is_main_process():  # process 0 logs the step; this host's reason goes here
+            print(f"[process {jax.process_index()}] checkpoint {directory} is damaged: {why}", file=sys.stderr, flush=True)
         if error is not None:
             raise error
         if 2 in verdicts:
             raise RestoreFailed(f"process {verdicts.index(2)} could not read checkpoint {directory} "
                                 f"(its log says why); nothing was moved aside")
         if 1 in verdicts:
-            return why or f"damaged as process {verdicts.index(1)} read it"
+            return why or f"damaged as process {verdicts.index(1)} read it; its log says why"
         return got
 
     def _config_mismatch(self, directory, abstract) -> ValueError | None:
