@@ -4,6 +4,8 @@ Reads the configured QA sources and evaluation sets, builds the knowledge graph,
 synthesises questions weighted toward entities the curated text rarely mentions, cleans
 everything together (format checks, dedup, decontamination), splits train/validation and
 writes `train.jsonl`, `validation.jsonl`, `report.json` and `report.md` into the workdir.
+On several hosts process 0 does it all (host-side Python, no device program) and the others
+wait for it and return its report.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fleming_jax import paths
 from fleming_jax.data import kg as kglib
 from fleming_jax.data import quality, sources, synthesis
 from fleming_jax.data.records import QARecord, write_jsonl
+from fleming_jax.distill.collect import on_main
 
 COVERED_TYPES = ("disease", "gene", "drug")
 
@@ -76,6 +79,10 @@ def _read_all(specs, what: str):
 
 
 def run(config, workdir: str) -> dict:
+    return on_main(_synthesize, config, workdir)
+
+
+def _synthesize(config, workdir: str) -> dict:
     timings, t0 = {}, time.perf_counter()
     curated, reports = _read_all(config.sources, "sources")
     eval_records, _ = _read_all(config.get("eval_sets", []), "eval_sets")

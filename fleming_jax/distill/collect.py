@@ -9,6 +9,16 @@ is correct, its format is exact and its length is within bounds; of those, the s
 or all are kept. Each record's outcome is appended to `<workdir>/trajectories/<split>.jsonl`
 as soon as its chunk is done, so a rerun skips every record already there and never asks
 the teacher about it again.
+
+On several hosts (a TPU slice) process 0 alone builds and asks the teacher and writes every
+output; the other hosts keep step with it chunk by chunk (`lockstep`), so a SIGTERM on any
+host stops all of them at the same chunk boundary, an error on process 0 stops them too, and
+they return process 0's report. The HTTP and KG teachers are host-side Python, so that is all
+they need. The local teacher is refused there: `teachers.from_config` puts its model on one
+device of process 0, yet its engine checks for preemption between decode chunks, a collective
+the waiting hosts would never join (a hang). Asking it from every host in step, with only the
+writes guarded, would need that teacher built on every host's devices; serve the model
+(`vllm serve`) and use the HTTP teacher instead.
 """
 
 from __future__ import annotations
@@ -16,8 +26,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+from typing import Any, Callable, Generator
 
-from fleming_jax import paths, preemption, rewards
+import jax
+import numpy as np
+
+from fleming_jax import parallel, paths, preemption, rewards
 from fleming_jax.data import inputs
 from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.distill import teachers
@@ -147,10 +161,9 @@ def read_log(path: str) -> list[dict]:
     return done
 
 
-def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConfig, log_path: str,
-            progress=print) -> list[dict]:
-    """Outcomes for every record, in the records' order, asking only about those not yet in
-    `log_path` and appending each chunk's outcomes to it as it finishes."""
+def collecting(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConfig, log_path: str,
+               progress=print) -> Generator[None, None, list[dict]]:
+    """`collect` one chunk a step (a generator; its return value is the outcomes), for `lockstep`."""
     done = {d["id"]: d for d in read_log(log_path)}
     todo = [r for r in records if r.id not in done]
     if done:
@@ -158,13 +171,82 @@ def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConf
     shown = Progress(len(todo), "records asked", progress)
     with paths.Appender(log_path) as log:
         for start in range(0, len(todo), cfg.chunk):
-            preemption.check("distillation")  # the log holds every finished chunk: a rerun asks the rest
             for out in collect_chunk(todo[start:start + cfg.chunk], teacher, cfg):
                 log.write(json.dumps(out, ensure_ascii=False) + "\n")
                 done[out["id"]] = out
             log.flush()
             shown.update(min(start + cfg.chunk, len(todo)))
+            yield  # the log holds every finished chunk: a rerun stopped here asks the rest
     return [done[r.id] for r in records if r.id in done]
+
+
+def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConfig, log_path: str,
+            progress=print) -> list[dict]:
+    """Outcomes for every record, in the records' order, asking only about those not yet in
+    `log_path` and appending each chunk's outcomes to it as it finishes (one host)."""
+    return lockstep(collecting(records, teacher, cfg, log_path, progress), "distillation")
+
+
+# ---------------------------------------------------------------- several hosts
+# Generic multi-host helpers (they belong in `parallel.py`, which this change does not own).
+
+# Errors raised on every host as the type process 0 raised; main.py prints these in one line.
+_SHARED_ERRORS = (teachers.TeacherError, FileNotFoundError, ValueError, OSError)
+
+
+def on_main(work: Callable[..., Any], *args) -> Any:
+    """`work(*args)` on process 0 alone, its JSON-able result on every host (every host calls
+    this at the same point; `work` starts no collective). Where it fails, every host raises, so
+    none is left in a collective waiting for a process that has gone (jax's shutdown barrier
+    would hold them 5 minutes, then abort them)."""
+    if jax.process_count() == 1:
+        return work(*args)
+    outcome = None
+    if parallel.is_main_process():
+        try:
+            outcome = {"value": work(*args)}
+        except Exception as e:
+            kind = next((c.__name__ for c in _SHARED_ERRORS if isinstance(e, c)), "RuntimeError")
+            _from_main({"error": kind, "message": str(e)})
+            raise
+    outcome = _from_main(outcome)
+    if "error" in outcome:
+        kind = {c.__name__: c for c in _SHARED_ERRORS}.get(outcome["error"], RuntimeError)
+        raise kind(f"process 0 stopped: {outcome['message']}")
+    return outcome["value"]
+
+
+def _from_main(value: Any) -> Any:
+    """Process 0's JSON-able `value` on every host (a collective)."""
+    from jax.experimental import multihost_utils
+
+    main = parallel.is_main_process()
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if main else None
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size if main else 0)))
+    data = multihost_utils.broadcast_one_to_all(data if main else np.zeros(size, np.uint8))
+    return json.loads(np.asarray(data).tobytes())
+
+
+def lockstep(work: Generator | None, where: str) -> Any:
+    """Runs `work`, process 0's generator of host-side steps (None on the other hosts), with
+    every host in step: before each step all pass the preemption check (`where`), after it all
+    learn from process 0 whether there is more. Returns the generator's (JSON-able) value on
+    every host."""
+    def step():
+        try:
+            next(work)
+            return True, None
+        except StopIteration as stop:
+            return False, stop.value
+    try:
+        while True:
+            preemption.check(where)
+            more, value = on_main(step)
+            if not more:
+                return value
+    finally:
+        if work is not None:
+            work.close()
 
 
 def summarize(outcomes: list[dict], resumed: int) -> dict:
@@ -188,7 +270,18 @@ def _read_records(path: str, key: str) -> list[QARecord]:
 
 
 def run(config, workdir: str) -> dict:
-    """The `distill` task: every split in `config.data` -> `<workdir>/<split>.jsonl` SFT chats."""
+    """The `distill` task: every split in `config.data` -> `<workdir>/<split>.jsonl` SFT chats.
+    Process 0 does the work and every host returns its report (see the module docstring)."""
+    if config.teacher.kind == "local" and jax.process_count() > 1:
+        raise ValueError(f"config.teacher.kind='local' cannot run in a job of {jax.process_count()} processes "
+                         "(its model sits on one device of process 0, and its engine's preemption checks need "
+                         "every host); run distill on one host, or serve the model (e.g. `vllm serve`) and use "
+                         "--config.teacher.kind=http")
+    return lockstep(_distill(config, workdir) if parallel.is_main_process() else None, "distillation")
+
+
+def _distill(config, workdir: str) -> Generator[None, None, dict]:
+    """`run` on process 0, one teacher chunk a step."""
     cfg = CollectConfig(**config.collect)
     splits = {k: v for k, v in config.data.items() if v}
     inputs = {split: _read_records(path, split) for split, path in splits.items()}
@@ -199,7 +292,8 @@ def run(config, workdir: str) -> dict:
     for split, rows in inputs.items():
         log_path = paths.join(workdir, "trajectories", f"{split}.jsonl")
         resumed = len(read_log(log_path))
-        outcomes = collect(rows, teacher, cfg, log_path, progress=lambda m: print(f"[distill:{split}] {m}", flush=True))
+        outcomes = yield from collecting(rows, teacher, cfg, log_path,
+                                         progress=lambda m: print(f"[distill:{split}] {m}", flush=True))
         out = paths.join(workdir, f"{split}.jsonl")
         write_jsonl(out, [s for o in outcomes for s in o["sft"]])
         report[split] = summarize(outcomes, resumed) | {"output": out}
