@@ -40,6 +40,17 @@ PRESETS = {
 }
 
 
+# `PRESET@rehearsal` (e.g. `configs/rl_stage1.py:qwen2.5-7b@rehearsal`, any config file): the
+# real preset with only its dimensions shrunk to these (~0.2M parameters, for CPU devices); its
+# family switches (qkv bias, q/k norm, tied embeddings, rope) and every default a config file
+# sets for it (the mesh rule, rl.*, batch sizes, dtypes, remat) stay the real preset's. The
+# vocabulary fits the small offline tokenizer (`fleming_jax.tokenizer.build`). The rehearsal
+# (tests/rehearsal.py, README "Rehearsal") runs the whole pipeline with it.
+REHEARSAL = "rehearsal"
+REHEARSAL_SHAPE = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128, vocab_size=1024)
+
+
 def get(name: str = "tiny") -> ml_collections.ConfigDict:
     """`config.model` for a preset name or an HF config.json path.
 
@@ -47,7 +58,10 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
     to import; `init_from`: one of our checkpoints; neither: random init from `seed`) and
     the numerics (`param_dtype`, `dtype`, `remat`).
     """
-    if name in PRESETS:
+    base, _, rehearsal = name.partition("@")
+    if rehearsal == REHEARSAL and base in PRESETS and base != "tiny":
+        arch = PRESETS[base] | REHEARSAL_SHAPE
+    elif name in PRESETS:
         arch = dict(PRESETS[name])
     elif paths.exists(name):  # an HF config.json or its directory, local or gs://
         from fleming_jax.models.qwen import QwenConfig  # only needed for HF files
@@ -57,8 +71,8 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
         for key in ("param_dtype", "compute_dtype", "remat", "attention_chunk"):
             arch.pop(key)
     else:
-        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}, "
-                         "or a path to an HF config.json")
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)} (each but tiny "
+                         f"also as PRESET@{REHEARSAL}), or a path to an HF config.json")
     return ml_collections.ConfigDict(dict(
         preset=name, hf_path="", init_from="", seed=0,
         param_dtype="float32", compute_dtype="float32", remat="none", attention_chunk=512, **arch))
@@ -77,10 +91,13 @@ TARGETS = {
 
 
 def split_target(preset: str) -> tuple[str, str]:
-    """'qwen2.5-7b@v5p-32' -> ('qwen2.5-7b', 'v5p-32')."""
+    """'qwen2.5-7b@v5p-32' -> ('qwen2.5-7b', 'v5p-32'); 'qwen2.5-7b@rehearsal' ->
+    ('qwen2.5-7b@rehearsal', ''): a model (`get`) with the preset's defaults and mesh rule."""
     name, _, target = (preset or "tiny").partition("@")
+    if target == REHEARSAL:
+        return preset, ""
     if target and target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+        raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}, or {REHEARSAL}")
     return name, target
 
 

@@ -1,0 +1,51 @@
+"""`PRESET@rehearsal` and the rehearsal (tests/rehearsal.py): the whole pipeline as 2 hosts x 2
+CPU devices on the GCS emulator with a real preset's defaults."""
+
+import importlib
+
+import pytest
+
+from configs import models
+
+CONFIGS = ("sft", "rl_stage1", "rl_stage2", "export", "eval")
+
+
+def flat(config) -> dict:
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out |= {f"{key}.{k}": v for k, v in flat(value).items()}
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-7b", "qwen3-32b"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_rehearsal_config_differs_from_the_real_one_only_in_model_dimensions(name, preset):
+    module = importlib.import_module(f"configs.{name}")
+    real, rehearsal = flat(module.get_config(preset)), flat(module.get_config(f"{preset}@rehearsal"))
+    differ = {k for k in real.keys() | rehearsal.keys() if real.get(k) != rehearsal.get(k)}
+    assert differ == {"model.preset"} | {f"model.{k}" for k in models.REHEARSAL_SHAPE}
+    assert rehearsal["model.preset"] == f"{preset}@rehearsal"
+    assert {k: rehearsal[f"model.{k}"] for k in models.REHEARSAL_SHAPE} == models.REHEARSAL_SHAPE
+
+
+def test_rehearsal_keeps_the_family_switches_and_is_refused_for_tiny():
+    for preset in ("qwen2.5-7b", "qwen3-32b"):
+        real, small = models.get(preset), models.get(f"{preset}@rehearsal")
+        for key in ("model_type", "qkv_bias", "qk_norm", "tie_embeddings", "rope_theta", "rms_norm_eps"):
+            assert small[key] == real[key], (preset, key)
+    with pytest.raises(ValueError, match="unknown model preset 'tiny@rehearsal'"):
+        models.get("tiny@rehearsal")
+    with pytest.raises(ValueError, match="targets: .*, or rehearsal"):
+        models.split_target("qwen2.5-7b@v9")
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path):
+    from tests import rehearsal
+
+    times = rehearsal.rehearse("qwen2.5-7b", processes=2, devices=2, tmp=str(tmp_path))
+    ran = {s.name for s in rehearsal.stages("", "gs://b", "")} - set(rehearsal.KNOWN_FAILURES)
+    assert ran <= set(times)
