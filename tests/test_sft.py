@@ -1,9 +1,12 @@
-"""SFT: assistant-only loss, packing, exact resume (SIGTERM mid-run), and learning on
-KG-teacher trajectories with a small model."""
+"""SFT: assistant-only loss, packing, exact resume (SIGTERM mid-run), learning on
+KG-teacher trajectories with a small model, and 2 processes evaluating as one."""
 
 import json
 import os
+import pathlib
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -19,6 +22,7 @@ from fleming_jax.distill import collect, teachers
 from fleming_jax.models import create_sharded, config_from
 from fleming_jax.train import checkpoint, sft
 from fleming_jax.train.logprobs import token_logprobs
+from tests.test_parallel import ROOT, free_port
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +183,129 @@ def test_held_out_loss_falls_on_kg_teacher_trajectories(data, tmp_path):
     print(f"held-out loss {start:.3f} -> {end:.3f}")
     assert end < 0.7 * start, (start, end)  # measured on 2 CPU cores: 6.95 -> 4.42
     assert os.path.exists(tmp_path / "metrics.jsonl")
+
+
+# ---------------------------------------------------------------- several hosts
+
+def uneven_data(root) -> str:
+    """Chats whose eval split packs unevenly by host: even-numbered examples are long (one
+    per 128-token row), odd ones short (three to a row), so a per-host slice of it (host 0:
+    the long ones) would pack into more batches on one host than on the other."""
+    rng = np.random.default_rng(0)
+    words = [w * n for w in ("fever", "rash", "edema", "sepsis", "anemia", "ataxia", "coma", "gout") for n in (1, 2)]
+
+    def chat(i, n_words):
+        return {"id": f"c{i}", "meta": {}, "messages": [
+            {"role": "user", "content": f"Case {i}: what is the finding?"},
+            {"role": "assistant", "content": " ".join(rng.choice(words, n_words))}]}
+    train = [chat(i, 40) for i in range(16)]
+    held_out = [chat(100 + i, 70 if i % 2 == 0 else 6) for i in range(24)]
+    write_jsonl(os.path.join(root, "train.jsonl"), train)
+    write_jsonl(os.path.join(root, "eval.jsonl"), held_out)
+    toklib.build((m["content"] for c in train + held_out for m in c["messages"]), os.path.join(root, "tok"), 1024)
+    return root
+
+
+def multihost_config(root):
+    config = small_config(pathlib.Path(root), seq_len=128, batch_size=8, eval_every=1)
+    config.optimizer.update(total_steps=2, warmup_steps=1)
+    config.checkpoint.update(every=1)
+    return config
+
+
+def multihost_run(root, workdir, sigterm: str = "") -> dict:
+    """What each process of the multi-host SFT test runs (and the 1-process reference): the
+    held-out loss at init, then 2 steps with an eval after each. sigterm="here" / "other":
+    SIGTERM arrives at this host / at another one during step 1's first eval batch (and the
+    init eval is skipped)."""
+    trainer = sft.Trainer(multihost_config(root), workdir)
+    out = dict(eval_batches=len(trainer.eval_data), eval_calls=0)
+    if not sigterm:
+        out["initial"] = trainer.evaluate()
+    evaluate = trainer.eval_fn
+
+    def eval_fn(params, batch):
+        out["eval_calls"] += 1
+        if sigterm == "here" and out["eval_calls"] == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return evaluate(params, batch)
+    trainer.eval_fn = eval_fn
+    try:
+        out["rows"] = trainer.train()
+    except preemption.Preempted as e:
+        out["preempted"] = str(e)
+    return out
+
+
+def launch_sft(root, workdir, mode="run"):
+    """2 processes x 2 CPU devices (`tests/multihost_sft_worker.py`) running `multihost_run`."""
+    port, env = free_port(), dict(os.environ, PYTHONPATH=ROOT)
+    return [subprocess.Popen([sys.executable, "-m", "tests.multihost_sft_worker", str(port), str(i), "2", str(root),
+                              str(workdir), str(workdir) + f".{i}.json", mode],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
+def finish_sft(procs, workdir, timeout=300) -> list[dict]:
+    """Each worker's `multihost_run` result; a worker still running after `timeout` s is
+    killed (hosts that run different numbers of collectives wait for each other forever)."""
+    results = []
+    for i, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out = p.communicate()[0] + f"\n(still running after {timeout} s: hung in a collective? killed)"
+        if p.returncode != 0:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"process {i}: {out[-3000:]}")
+        with open(str(workdir) + f".{i}.json") as f:
+            results.append(json.load(f))
+    return results
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_same_eval_batches_with_the_one_process_loss(tmp_path):
+    """Eval on 2 processes x 2 devices: both hosts run the same number of eval batches, and
+    the held-out loss is a 1-process (8 device) run's on the same weights: at init, and on
+    the 2-process run's trained weights (its last checkpoint)."""
+    root = uneven_data(str(tmp_path))
+    tok = toklib.load(os.path.join(root, "tok"))
+    examples, _ = pipeline.tokenize(sft.read_chats(os.path.join(root, "eval.jsonl"), "eval"), tok, 128)
+    lengths = [len(e["tokens"]) for e in examples]
+    assert min(lengths[0::2]) > 64 and max(lengths[1::2]) <= 42, lengths  # uneven by host, as meant
+    procs = launch_sft(root, tmp_path / "mh")
+    try:
+        single = multihost_run(root, str(tmp_path / "single"))
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    results = finish_sft(procs, tmp_path / "mh")
+    assert single["eval_batches"] >= 2
+    for got in results:
+        assert got["eval_batches"] == single["eval_batches"]
+        assert got["eval_calls"] == single["eval_calls"] == 2 * single["eval_batches"]  # after steps 1, 2
+        # same examples, same weights, same packing: only the devices' reduction order differs
+        np.testing.assert_allclose(got["initial"], single["initial"], rtol=1e-6)
+        # trained on other meshes, the weights differ by reduction-order noise (see test_parallel)
+        np.testing.assert_allclose([r["eval_loss"] for r in got["rows"]],
+                                   [r["eval_loss"] for r in single["rows"]], rtol=1e-4)
+    trained = sft.Trainer(multihost_config(root), str(tmp_path / "check"))
+    model = checkpoint.restore_model(str(tmp_path / "mh" / "checkpoints"), config_from(trained.config.model),
+                                     trained.mesh)
+    nnx.replace_by_pure_dict(trained.state.params, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    np.testing.assert_allclose(results[0]["rows"][-1]["eval_loss"], trained.evaluate(), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_one_sigterm_during_eval(tmp_path):
+    """SIGTERM to process 1 alone during step 1's first eval batch: both hosts skip the rest
+    of that eval at the same batch, save step 1 and stop at step 2's check."""
+    root = uneven_data(str(tmp_path))
+    results = finish_sft(launch_sft(root, tmp_path / "mh", "sigterm"), tmp_path / "mh")
+    for got in results:
+        assert got["eval_calls"] == 1 and got["preempted"] == "SIGTERM during step 2", got
+    assert os.listdir(tmp_path / "mh" / "checkpoints") == ["1"]

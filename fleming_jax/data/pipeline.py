@@ -1,8 +1,10 @@
 """Grain input pipelines. SFT: chats -> token ids + assistant-token loss weights -> packed
 rows of `seq_len` with segment ids -> per-host batches, from a checkpointable iterator.
 
-Each host reads its own slice of the examples (`process_index::process_count`) and
-produces `batch_size / process_count` rows; `parallel.global_batch` assembles them.
+For training, each host reads its own slice of the examples (`process_index::process_count`)
+and produces `batch_size / process_count` rows; `parallel.global_batch` assembles them. The
+held-out split is packed whole on every host instead (`eval_batches`), so that every host
+runs the same number of eval batches, whatever their examples' lengths.
 """
 
 from __future__ import annotations
@@ -68,15 +70,16 @@ def train_dataset(examples: list[dict], seq_len: int, batch_size: int, seed: int
     return _packed(ds, seq_len, local).batch(local, drop_remainder=True)
 
 
-def eval_batches(examples: list[dict], seq_len: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1) -> list[dict]:
-    """The held-out split once, packed, in fixed order; the last batch is filled with
-    all-padding rows (zero weight) so every batch has the same shape."""
-    local = _local(batch_size, process_count)
-    ds = grain.MapDataset.source(examples)[process_index::process_count].to_iter_dataset()
-    batches = list(_packed(ds, seq_len, local).batch(local, drop_remainder=False))
+def eval_batches(examples: list[dict], seq_len: int, batch_size: int) -> list[dict]:
+    """The held-out split once, packed, in fixed order, as whole global batches of
+    `batch_size` rows: every host builds the same list and feeds only its own rows of each
+    (`parallel.global_batch(whole=True)`), so all hosts make the same collective calls and
+    the loss is the 1-process run's. The last batch is filled with all-padding rows (zero
+    weight) so every batch has the same shape."""
+    ds = grain.MapDataset.source(examples).to_iter_dataset()
+    batches = list(_packed(ds, seq_len, batch_size).batch(batch_size, drop_remainder=False))
     for i, b in enumerate(batches):
-        pad = local - len(b["tokens"])
+        pad = batch_size - len(b["tokens"])
         if pad:
             batches[i] = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
     return batches

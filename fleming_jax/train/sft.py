@@ -4,7 +4,8 @@ task that trains on the chats `distill` writes.
 Checkpoints and the loop are `train/loop.py`'s, shared with RL: `params`, `opt_state`,
 `meta` (step) and `data` (each host's grain iterator state). SFT draws no random numbers
 after init (no dropout; the data order is the seeded pipeline's), so there is no RNG item.
-A rerun resumes from the newest checkpoint that restores; SIGTERM saves one and exits.
+A rerun resumes from the newest checkpoint that restores; SIGTERM saves one and exits (one
+arriving during an eval skips the rest of it: the step before it is finished and saved).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import grain
 import jax
 from flax import nnx
 
-from fleming_jax import parallel, paths
+from fleming_jax import parallel, paths, preemption
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs, pipeline
 from fleming_jax.train import loop
@@ -87,7 +88,7 @@ class Trainer:
         eval_examples, _ = pipeline.tokenize(eval_rows, self.tokenizer, t.seq_len)
         pid, count = jax.process_index(), jax.process_count()
         self.train_ds = pipeline.train_dataset(examples, t.seq_len, t.batch_size, config.data.seed, pid, count)
-        self.eval_data = pipeline.eval_batches(eval_examples, t.seq_len, t.batch_size, pid, count)
+        self.eval_data = pipeline.eval_batches(eval_examples, t.seq_len, t.batch_size)  # the same on every host
 
         from fleming_jax import models
 
@@ -119,9 +120,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> float:
+        """The held-out loss. Every host runs the same batches (feeding its rows of each) and
+        checks for preemption before each, so a SIGTERM is seen within one batch."""
         num = den = 0.0
-        for batch in self.eval_data:
-            n, d = self.eval_fn(self.state.params, parallel.global_batch(self.mesh, batch))
+        for i, batch in enumerate(self.eval_data):
+            preemption.check(f"eval batch {i + 1}/{len(self.eval_data)}")
+            n, d = self.eval_fn(self.state.params, parallel.global_batch(self.mesh, batch, whole=True))
             num, den = num + float(n), den + float(d)
         return num / max(den, 1e-8)
 
@@ -149,7 +153,10 @@ class Trainer:
             row = {k: float(v) for k, v in metrics.items()}
             row["tokens_per_s"] = clock["tokens"] / (time.perf_counter() - clock["t0"])
             if self.eval_data and (done % t.eval_every == 0 or done == total):
-                row["eval_loss"] = self.evaluate()
+                try:
+                    row["eval_loss"] = self.evaluate()
+                except preemption.Preempted as e:  # the step is done: train_loop saves it at its next check
+                    self._log(f"{e}: skipped the eval of step {done}")
             self._log(f"step {done}/{total} loss {row['loss']:.4f}"
                       + (f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
                       + f" {row['tokens_per_s']:,.0f} tok/s")
