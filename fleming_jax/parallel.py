@@ -242,6 +242,9 @@ def initialize_distributed(dist_cfg=None, environ=os.environ) -> None:
         workers = tpu_worker_count(environ)
         if workers == 1:
             return
+    # JAX's own preemption notifier would take SIGTERM over from `fleming_jax.preemption`'s
+    # handler (main.py listens before it joins), and a preempted slice would run on unwarned.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(**kwargs)
     if is_main_process():
         how = (f"coordinator {address}" if address else f"Cloud TPU slice of {workers} workers, detected"

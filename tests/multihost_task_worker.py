@@ -14,7 +14,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import main as entry  # noqa: E402
-from fleming_jax import parallel, paths, preemption  # noqa: E402
+from fleming_jax import paths, preemption  # noqa: E402
 
 
 def record_writes(writes: set[str]) -> None:
@@ -46,11 +46,7 @@ def main(out, port, process_id, num_processes, *flags):
     writes = set()
     record_writes(writes)
     entry.parse_flags(["main.py", *flags])
-    # Joined before listening for SIGTERM, as the other multi-host workers do: jax.distributed's
-    # own preemption notifier takes SIGTERM over from a handler installed before it (main.py
-    # listens first, so there a SIGTERM on a multi-host job goes unseen; reported, not fixed here).
-    parallel.initialize_distributed()
-    try:
+    try:  # listening first, then joining (in run_task), as main.py does
         with preemption.listening():
             result = entry.run_task(entry.FLAGS.config, entry.FLAGS.workdir)
     except preemption.Preempted as e:
