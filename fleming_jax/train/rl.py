@@ -216,7 +216,7 @@ class RLTrainer:
             step = self.restore()
             if step is None:
                 step = 0
-                message = self.pool.prepare(self.score_pool)
+                message = self.pool.prepare(self.score_pool, self._log)
                 if message:
                     self._log(message)
             self.started = (step, time.perf_counter())  # (first step, when) of this run, for the ETA
