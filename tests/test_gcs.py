@@ -311,6 +311,7 @@ def _damage(emulator, prefix, how):
 DAMAGE = {5: "deleted array file", 4: "truncated array file", 3: "no meta item", 2: "meta of another step"}
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no late pages
 def test_damaged_steps_on_gcs_are_moved_aside_down_to_the_newest_that_restores(emulator):
     """Steps 5..2 damaged four ways: each is moved whole to checkpoints_skipped/<step>-<time>/
     with one line, and step 1 (params, Adam state, RL's meta) restores."""
@@ -339,6 +340,7 @@ def test_damaged_steps_on_gcs_are_moved_aside_down_to_the_newest_that_restores(e
         assert sum(why in line for line in lines) == 1, (why, lines)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no late pages
 def test_a_read_that_fails_for_another_reason_moves_nothing(emulator, monkeypatch):
     """A config for another model, or the store failing (503) mid-read: one line, every step kept."""
     from orbax.checkpoint._src.serialization import tensorstore_utils

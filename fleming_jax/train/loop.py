@@ -4,10 +4,12 @@
 `checkpoint.restore_model` and `--config.model.init_from` read), `opt_state`, `meta` (JSON:
 the step plus what the trainer adds) and any extra items a trainer names (SFT: `data`, the
 grain iterator). `restore` places every leaf, the step included, in the train state's
-shardings, and walks back from the newest step to the newest one that restores: a step
-that does not (truncated array file, missing metadata, empty directory) is moved to
-`<workdir>/checkpoints_skipped/` with one line saying why, never deleted, so a good step is
-never overwritten and the run continues as the uninterrupted one would.
+shardings, and walks back from the newest step to the newest one that restores: a damaged
+step (a file missing, truncated or undecodable, no or another step's meta), as any host
+finds it, is moved by process 0 to `<workdir>/checkpoints_skipped/<step>-<time>/` (gs://
+too) with one line saying why, never deleted, so a good step is never overwritten and the
+run continues as the uninterrupted one would. Any other failure (a storage outage, memory,
+a config for another model) stops every host in one line and moves nothing.
 
 `train_loop` is the skeleton around a trainer's `one_step`: periodic saves, metrics rows
 (`metrics.jsonl` without the rows a resumed run repeats), `on_step`, an early stop, and
