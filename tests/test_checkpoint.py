@@ -78,6 +78,8 @@ def test_only_damage_moves_a_step_aside():
         'ValueError: OUT_OF_RANGE: Error reading "layers.q_proj/0.0": Requested byte range [0, 9) is not valid')
     assert loop.damaged(FileNotFoundError("File gs://b/run/checkpoints/4/meta/metadata not found."))
     assert loop.damaged(json.JSONDecodeError("Unterminated string", "{", 1))
+    assert loop.damaged(KeyError('Item "meta" was not found in the checkpoint. Available items: []'))
+    assert loop.damaged(KeyError("meta")) is None
     for code in ("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION"):
         assert loop.damaged(raised(ValueError(f"{code}: Error reading x")))
     outage = raised(ValueError("UNAVAILABLE: Error reading x: All 32 retry attempts failed: Service Unavailable"))
@@ -89,9 +91,12 @@ def test_only_damage_moves_a_step_aside():
     assert said.startswith("could not read checkpoint gs://b/run/checkpoints/4 (ValueError: UNAVAILABLE: ") and said.endswith(
         "nothing was moved aside: the storage failed: check it (`gcloud storage ls gs://b/run/checkpoints/4`) and rerun "
         "to resume")
-    assert isinstance(loop.unreadable("/r/checkpoints/4", oom), loop.RestoreFailed)
-    assert str(loop.unreadable("/r/checkpoints/4", oom)).endswith(
-        "it does not fit in memory here: use more devices (mesh.fsdp) or hosts")
+    tpu_oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Error allocating device buffer: Attempting to "
+                                         "allocate 1.00G. That was not possible. There are 512.00M free.")
+    for error in (oom, tpu_oom, MemoryError()):
+        assert isinstance(loop.unreadable("/r/checkpoints/4", error), loop.RestoreFailed)
+        assert str(loop.unreadable("/r/checkpoints/4", error)).endswith(
+            "it does not fit in memory here: use more devices (mesh.fsdp) or hosts")
     assert loop.unreadable("/r/checkpoints/4", bug) is bug  # a bug keeps its traceback
 
 

@@ -1,5 +1,6 @@
 """The tiny pipeline with every path on gs:// (a real GCS emulator, no mocks): sft -> rl_stage1
-(stopped by SIGTERM, resumed) -> rl_stage2 -> export -> eval, and storage errors in one line."""
+(stopped by SIGTERM, resumed) -> rl_stage2 -> export -> eval, storage errors in one line, and
+the walk-back over damaged checkpoints (and nothing else) on gs://."""
 
 import json
 import os

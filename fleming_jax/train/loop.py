@@ -203,7 +203,9 @@ def damaged(error: BaseException) -> str | None:
     """Why `error`, raised reading a step, shows the step's files are damaged (short), else None."""
     for e in _chain(error):
         status = _STATUS.match(str(e))
-        if isinstance(e, (FileNotFoundError, json.JSONDecodeError)) or (status and status[1] in DAMAGE_CODES):
+        missing_item = isinstance(e, KeyError) and "was not found in the checkpoint" in str(e)  # an empty step
+        if isinstance(e, (FileNotFoundError, json.JSONDecodeError)) or missing_item or (
+                status and status[1] in DAMAGE_CODES):
             return _short(e)
     return None
 
@@ -212,7 +214,8 @@ def unreadable(directory, error: BaseException) -> BaseException:
     """What a failed read that is not damage raises: storage and memory failures as a one-line
     RestoreFailed, anything else (a bug) unchanged."""
     chain = list(_chain(error))
-    if any(isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED: Out of memory" in str(e) for e in chain):
+    if any(isinstance(e, MemoryError) or str(e).startswith("RESOURCE_EXHAUSTED") and any(
+            word in str(e).lower() for word in ("memory", "allocat")) for e in chain):
         fix = "it does not fit in memory here: use more devices (mesh.fsdp) or hosts"
     elif any(isinstance(e, OSError) or _STATUS.match(str(e)) or type(e).__module__.split(".")[0] in
              ("aiohttp", "gcsfs", "google") for e in chain):
