@@ -106,7 +106,17 @@ def move(src, dst) -> None:
             raise FileNotFoundError(f"{src} does not exist")
         fs.copy(names, [target + name[len(source):] for name in names])
         fs.rm(names)
-        fs.invalidate_cache(source)
+    forget_listings(src)
+
+
+def forget_listings(p) -> None:
+    """Drops the listings of remote `p` and its parents that epath's client cached (gcsfs keeps
+    them for the life of the process): after another host added or removed objects there."""
+    if is_remote(p):
+        from etils.epath import backend
+
+        fs = backend.fsspec_backend.fs(p)
+        fs.invalidate_cache(fs._strip_protocol(str(p)))
 
 
 def open_file(p, mode: str = "r"):

@@ -271,6 +271,14 @@ def test_move_on_gcs_copies_every_object_then_deletes_it(emulator):
     assert not paths.path(f"{g}/src").exists()
     with pytest.raises(FileNotFoundError, match="move/src does not exist"):
         paths.move(f"{g}/src", f"{g}/aside/1-3")
+    # what another host sees after process 0 moved a step: a stale listing, until it forgets it
+    import fsspec
+
+    assert [p.name for p in paths.path(f"{g}/aside").iterdir()] == ["1-2"]
+    fsspec.filesystem("gs", token="anon").rm(f"{BUCKET}/move/aside/1-2", recursive=True)  # another client
+    assert [p.name for p in paths.path(f"{g}/aside").iterdir()] == ["1-2"]
+    paths.forget_listings(f"{g}/aside/1-2")
+    assert not paths.path(f"{g}/aside").exists() and not paths.path(f"{g}/aside/1-2").exists()
 
 
 def _rl_like_run(root, steps):

@@ -132,6 +132,7 @@ class Checkpoints:
         if 1 in _agree(int(moved is not None)):
             raise moved or RestoreFailed(f"process 0 could not move damaged checkpoint step {step} aside "
                                          f"(its log says why)")
+        paths.forget_listings(str(self.directory / str(step)))  # process 0 moved it: no host may still list it
         self.manager.reload()
         self.log(f"checkpoint step {step} in {self.directory} does not restore ({why}); moved it to {target}, "
                  f"trying the previous step")
