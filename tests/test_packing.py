@@ -65,13 +65,11 @@ def test_build_and_unpack_by_hand():
     assert packing.assign([5, 6, 2], 16, 1, prompts=[3, 3, 1], groups=[0, 0, 1]) == [[1, 0, 2]]  # 10 tokens
     assert packing.assign([5, 6, 2], 7, 1, prompts=[3, 3, 1], groups=[0, 0, 1]) == [[1], [0, 2]]  # 6 | 5 + 2
     # one sequence per row: rows as wide as the longest prompt's bucket + the longest reply's
-    assert packing.row_length(seqs, 0) == sampler.bucket(3) + sampler.bucket(3)
-    assert packing.row_length(seqs, -1) == sampler.bucket(6) and packing.row_length(seqs, 64) == 64
-    long_prompt = packing.Sequences([np.ones(20, np.int32)], np.ones((1, 60), np.int32), np.array([40]),
-                                    np.zeros(1, np.float32), {})
-    assert packing.row_length(long_prompt, 0) == 32 + 64 and packing.row_length(long_prompt, -1) == 64
-    narrower = dataclasses.replace(long_prompt, lengths=np.array([60]))  # 80 tokens: 32 + 64 < 128
-    assert packing.row_length(narrower, 0) == packing.row_length(narrower, -1) == 32 + 64
+    assert packing.row_length(3, 3, 0) == sampler.bucket(3) + sampler.bucket(3)
+    assert packing.row_length(3, 3, -1) == sampler.bucket(6) and packing.row_length(3, 3, 64) == 64
+    assert packing.row_length(20, 40, 0) == 32 + 64 and packing.row_length(20, 40, -1) == 64
+    assert packing.row_length(20, 60, 0) == packing.row_length(20, 60, -1) == 32 + 64  # 80 tokens: 32 + 64 < 128
+    assert packing.row_length(20, 60, -1, sequence=50) == 64  # packed rows hold the longest sequence
 
 
 def long_tailed(n, seed=0, budget=512):
@@ -107,6 +105,41 @@ def test_packing_is_complete_unsplit_and_balanced_over_shards_and_microbatches(a
                                                   (3, 8, 8), (72, 8, 80), (0, 4, 4)])
 def test_row_count(needed, multiple, rows):
     assert packing.row_count(needed, multiple) == rows
+
+
+def test_update_budget_by_hand_and_its_fallback():
+    """The update's fixed shape from the config: 4 prompts x 8 / 2 minibatches = 16
+    sequences, prompts of 100 (bucket 128), replies up to 48, rows of 128 (wider: 192 holds
+    128 + 48), 2 accumulation steps x 4 devices. The worst case packs one reply a row (128 +
+    48 + 48 > 192): 16 rows; the budget is half of them. Sequences that need more rows take
+    twice the rows, never a shape in between."""
+    from configs import rl_stage1
+
+    rl = rl_stage1.get_config("tiny").rl
+    rl.update(prompts_per_step=4, group_size=8, minibatches=2, max_new_tokens=48, pack_length=128, grad_accum_steps=2,
+              share_prompts=True, update_budget=0.5)
+    budget = packing.update_budget(rl, 100, 4)
+    assert budget == packing.Budget(rows=8, length=192, scored=192, packed=True, multiple=8)
+    rl.pack_length = 0  # one sequence per row: a row per sequence, scored over the reply's bucket
+    assert packing.update_budget(rl, 100, 4) == packing.Budget(16, 128 + 64, 64, False, 8)
+    rl.update(pack_length=128, update_budget=1.0)
+    assert packing.update_budget(rl, 100, 4).rows == 16
+    rl.update_budget = 0.0
+    with pytest.raises(ValueError, match="rl.update_budget=0.0"):
+        packing.update_budget(rl, 100, 4)
+
+    def group(n, reply):  # n replies of one group, after a prompt of 100
+        return packing.Sequences(prompts=[np.ones(100, np.int32)] * n, completions=np.ones((n, 48), np.int32),
+                                 lengths=np.full(n, reply), advantages=np.ones(n, np.float32), per_token={},
+                                 groups=np.zeros(n, np.int64), share_prompts=True)
+    short = group(16, 20)  # 100 + 4 x 20 a row: 4 rows of the 8
+    rows = budget.fit(short, np.arange(16))
+    assert len(rows) == 8 and sum(map(len, rows)) == 16
+    assert all(100 + 20 * len(row) <= 192 for row in rows)
+    assert len(budget.fit(group(8, 48), np.arange(8))) == 8  # one long reply a row: 8 rows hold 8
+    assert len(budget.fit(group(12, 48), np.arange(12))) == 16  # 12 do not: the next size, 2 x 8
+    laid = packing.minibatch_rows(group(12, 48), [np.arange(6), np.arange(6, 12)], budget)
+    assert [len(rows) for rows in laid] == [8, 8]
 
 
 def test_tokens_per_update_on_the_rollout_benchmark_lengths():

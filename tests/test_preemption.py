@@ -138,6 +138,64 @@ def test_preempted_pool_pass_keeps_its_chunks_and_step_zero_keeps_the_pass(toy_r
     assert resumed.pool.state_dict() == full.pool.state_dict()
 
 
+def signal_in_update(trainer, step: int, after: int, log: list):
+    """SIGTERM arrives during optimizer step `after` of `step`'s update (1-based); `log`
+    gets each rollout's step."""
+    one_step, rollout, step_fn, current = trainer.one_step, trainer.rollout, trainer.step_fn, [0, 0]
+
+    def counted_step(index):
+        current[:] = [index + 1, 0]
+        return one_step(index)
+
+    def logged_rollout(indices, key, samples):
+        log.append(current[0])
+        return rollout(indices, key, samples)
+
+    def signalled_step(state, batch):
+        current[1] += 1
+        if current == [step, after]:
+            signal.raise_signal(signal.SIGTERM)
+        return step_fn(state, batch)
+    trainer.one_step, trainer.rollout, trainer.step_fn = counted_step, logged_rollout, signalled_step
+    return trainer
+
+
+def test_sigterm_between_optimizer_steps_saves_the_partial_update_and_resumes_exactly(toy_run, tmp_path, monkeypatch):
+    """mu=2 x 2 minibatches: 4 optimizer steps an update, checkpoints every 2 steps. SIGTERM
+    in step 3's second optimizer step: the update stops before its third, and the checkpoint
+    of step 2 is replaced by one of the partly updated state with the rest of the update.
+    The rerun finishes step 3 without a new rollout; SIGTERM again in step 4's first optimizer
+    step (no checkpoint of step 3 to replace); the last rerun gives the uninterrupted run's
+    params, pool and metrics."""
+    monkeypatch.setattr(rewards, "score", toy_score)
+    config = lambda: toy_config(toy_run, steps=5, mu=2, minibatches=2, drop_zero_advantage_groups=False)
+    full = rl.RLTrainer(config(), str(tmp_path / "full"))
+    full.train()
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    rollouts = []
+    with pytest.raises(preemption.Preempted, match="before optimizer step 3 of 4"):
+        signal_in_update(rl.RLTrainer(config(), str(tmp_path / "cut")), 3, 2, rollouts).train()
+    assert sorted(int(p.name) for p in checkpoints.iterdir()) == [2] and rollouts == [1, 2, 3]
+    pending = json.loads((checkpoints / "2" / "meta" / "metadata").read_text())["pending"]
+    assert pending["step"] == 2 and pending["done"] == 2 and len(pending["laid"]) == 4
+    rollouts = []
+    with pytest.raises(preemption.Preempted, match="before optimizer step 2 of 4"):
+        signal_in_update(rl.RLTrainer(config(), str(tmp_path / "cut")), 4, 1, rollouts).train()
+    assert sorted(int(p.name) for p in checkpoints.iterdir()) == [2, 3] and rollouts == [4]  # step 3: no rollout
+    rollouts = []
+    resumed = signal_in_update(rl.RLTrainer(config(), str(tmp_path / "cut")), 0, 0, rollouts)
+    resumed.train()
+    assert rollouts == [5]
+    a, b = params_of(full.model()), params_of(resumed.model())
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert resumed.pool.state_dict() == full.pool.state_dict()
+    keep = lambda r: {k: v for k, v in r.items() if not k.startswith("time")}
+    got = [keep(json.loads(line)) for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert got == [keep(r) for r in rows]
+
+
 class Signalling(teachers.Teacher):
     """Answers right; SIGTERM arrives during its `at`-th call."""
 

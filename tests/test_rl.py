@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from jax import monitoring
 
 from configs import rl_stage1, rl_stage2
 from fleming_jax import models, rewards
@@ -253,3 +254,49 @@ def test_packed_update_equals_one_sequence_per_row(toy_run, tmp_path, monkeypatc
         np.testing.assert_allclose(packed_params[name], padded_params[name], rtol=1e-5, atol=1e-5, err_msg=name)
     start = params_of(models.build(model_cfg(str(toy_run)))[0])
     assert not np.allclose(packed_params["layers/q_proj"], start["layers/q_proj"])
+
+
+@pytest.mark.slow
+def test_update_compiles_once_over_a_long_tailed_run(toy_run, tmp_path, monkeypatch):
+    """20 steps with long-tailed replies (16 more stop tokens: ~5% a token, so a mean of ~20
+    of up to 64) and 1 to 8 groups kept a step: every program a step runs (rollout, update)
+    compiles in the first steps and none after step 3; the update compiles once, in the
+    budget's shape (before the budget, row counts and scored widths followed each rollout:
+    4 update programs, at steps 1, 5, 6 and 13)."""
+    monkeypatch.setattr(rewards, "score", toy_score)
+    config = toy_config(toy_run, steps=20, prompts_per_step=8, max_new_tokens=64, pack_length=128)
+    config.optimizer.learning_rate = 2e-3  # slow enough that the replies stay long-tailed
+    config.checkpoint.every = 1000
+    trainer = rl.RLTrainer(config, str(tmp_path))
+    trainer.stop_ids = sorted(set(trainer.stop_ids) | set(range(3, 19)))
+    compiled, current = [], [0]
+
+    def listener(event, seconds, **info):
+        if current[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiled.append((current[0], info.get("fun_name")))
+
+    one_step, shapes = trainer.one_step, set()
+
+    def counted(step):
+        current[0] = step + 1
+        try:
+            return one_step(step)
+        finally:
+            current[0] = 0
+    step_fn = trainer.step_fn
+    trainer.one_step = counted
+    trainer.step_fn = lambda state, batch: shapes.add(batch["tokens"].shape + batch["targets"].shape[1:]) or step_fn(
+        state, batch)
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rows = trainer.train()
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    print("compiled (step, program):", compiled)
+    print("update s:", [round(r["time_update"], 2) for r in rows], "kept:", [r["trained_groups"] for r in rows])
+    means = [r["completion_length"] for r in rows]
+    assert np.mean(means) < 0.4 * 64 and max(r["completion_length_max"] for r in rows) == 64  # long-tailed
+    assert len({r["trained_groups"] for r in rows}) >= 4
+    assert [c for c in compiled if c[0] > 3] == []
+    assert [name for _, name in compiled].count("jit(step)") == 1
+    assert shapes == {(trainer.budget.rows, trainer.budget.length, trainer.budget.scored)}

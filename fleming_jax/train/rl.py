@@ -138,13 +138,18 @@ class RLTrainer:
         return step
 
     def host_state(self) -> dict:
-        """What a checkpoint holds besides the arrays: the RNG, the pool, the counters."""
-        return dict(rng=self.rng.bit_generator.state, pool=self.pool.state_dict(), sparse_steps=self.sparse_steps)
+        """What a checkpoint holds besides the arrays: the RNG, the pool, the counters, and an
+        update preempted between optimizer steps (`one_step`)."""
+        pending = self.pending and dict(self.pending, seqs=self.pending["seqs"].to_text())
+        return dict(rng=self.rng.bit_generator.state, pool=self.pool.state_dict(), sparse_steps=self.sparse_steps,
+                    pending=pending)
 
     def load_host_state(self, meta: dict) -> None:
         self.rng.bit_generator.state = meta["rng"]
         self.pool.load_state_dict(meta["pool"])
         self.sparse_steps = meta["sparse_steps"]
+        pending = meta.get("pending")
+        self.pending = pending and dict(pending, seqs=packing.Sequences.from_text(pending["seqs"]))
 
     # ------------------------------------------------------------------ rollouts
     def model(self):
@@ -260,16 +265,38 @@ class RLTrainer:
         self.pool.observe(indices, correct.tolist())
         return out, reward, correct, fmt
 
+    # An update's progress while it runs (None between steps): the step, its metrics row so
+    # far, the sequences, their minibatch rows, the optimizer steps done and their metric sums.
+    pending: dict | None = None
+
     def one_step(self, step: int) -> dict:
-        """One RL step; preempted during its rollout, it puts the host state back as it was at
-        the step's start (nothing else has changed yet), so the checkpoint saved then resumes
-        exactly as the uninterrupted run."""
+        """One RL step. Preempted during its rollout, it puts the host state back as it was at
+        the step's start (nothing else has changed yet). Preempted between two optimizer steps
+        of its update (the state has moved), it keeps the update's progress (`pending`) in the
+        host state and replaces a checkpoint of the step's start, so the checkpoint `train_loop`
+        saves holds the partly updated state and what is left of the update, and the rerun
+        finishes the step from there. Either way the resumed run is the uninterrupted one."""
         boundary = self.host_state()
         try:
-            return self._one_step(step)
+            return self._one_step(step) if self.pending is None else self.finish_update(step)
         except preemption.Preempted:
-            self.load_host_state(boundary)
+            if self.pending is None:
+                self.load_host_state(boundary)
+            elif self.ckpt.latest_step() == step:
+                self.ckpt.wait()
+                self.ckpt.manager.delete(step)
             raise
+
+    def finish_update(self, step: int) -> dict:
+        """The rest of an update resumed from a checkpoint saved between its optimizer steps."""
+        if self.pending["step"] != step:
+            raise ValueError(f"the checkpoint of step {step} in {self.ckpt.directory} holds an unfinished update of "
+                             f"step {self.pending['step']}; it was not written by this code: move it aside and rerun")
+        t = time.perf_counter()
+        metrics = self.optimizer_steps(self.pending)
+        row = self.pending["row"]
+        self.pending = None
+        return row | dict(time_update=time.perf_counter() - t) | metrics
 
     def _one_step(self, step: int) -> dict:
         c = self.config.rl
@@ -294,50 +321,95 @@ class RLTrainer:
         keep = ~zero if c.drop_zero_advantage_groups or c.dynamic_sampling else np.ones_like(zero)
         keep &= np.cumsum(keep) <= c.prompts_per_step  # refills may overshoot
         t1 = time.perf_counter()
+        lengths = out.lengths.astype(float)
+        levels = self.pool.levels()
+        row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
+                   accuracy=float(correct.mean()), format=float(fmt.mean()),
+                   advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
+                   refills=refills, trained_groups=int(keep.sum()),
+                   completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
+                   stopped=float(out.done.mean()), time_generate=t1 - t0, time_sync=self.sync_seconds,
+                   **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
         metrics = {}
         if keep.any():
             seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep,
                                                   share_prompts=c.share_prompts)
             recompute = c.recompute_old_logprobs or c.tis_cap
-            if c.grpo.beta or recompute:  # one forward over the whole rollout, in the update's layout
-                rows, length = packing.lay_out(seqs, c.pack_length, parallel.batch_devices(self.mesh))
-                on_mesh = parallel.global_batch(self.mesh, packing.build(seqs, rows, length), whole=True)
+            if c.grpo.beta or recompute:  # forwards over the rollout in the update's batch shape
+                ref, own = self.forward_logprobs(seqs, c.grpo.beta, recompute)
                 if c.grpo.beta:
-                    seqs.per_token["ref_logprobs"] = packing.unpack(seqs, rows, parallel.to_host(
-                        self.ref_logprobs(on_mesh)))
+                    seqs.per_token["ref_logprobs"] = ref
                 if recompute:
-                    own = packing.unpack(seqs, rows, parallel.to_host(self.logprobs_of(self.state.params, on_mesh)))
                     seqs.per_token.update(rollout_logprobs=seqs.per_token["old_logprobs"], old_logprobs=own)
+            self.pending = dict(step=step, row=row)  # the update keeps its progress in it (`one_step`)
             metrics = self.update(seqs)
-        t2 = time.perf_counter()
-        lengths = out.lengths.astype(float)
-        levels = self.pool.levels()
-        return dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-                    accuracy=float(correct.mean()), format=float(fmt.mean()),
-                    advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
-                    refills=refills, trained_groups=int(keep.sum()),
-                    completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
-                    stopped=float(out.done.mean()), time_generate=t1 - t0, time_update=t2 - t1,
-                    time_sync=self.sync_seconds, **metrics,
-                    **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
+            self.pending = None
+        return row | dict(time_update=time.perf_counter() - t1) | metrics
+
+    @functools.cached_property
+    def budget(self) -> packing.Budget:
+        """The fixed shape of the update's minibatches and of the reference / recompute
+        forward (`packing.update_budget`, from the config and the pool's longest prompt)."""
+        c = self.config.rl
+        b = packing.update_budget(c, max(map(len, self.prompts), default=1), parallel.batch_devices(self.mesh))
+        per_device = b.rows // b.multiple * b.length
+        self._log(f"update batches: {b.rows} rows x {b.length} tokens ({per_device} tokens a device a microbatch), "
+                  f"{b.scored} scored a row; a rollout that needs more rows runs 2x, 4x, ... the microbatches")
+        return b
+
+    def train_step(self, accum: int):
+        """The train step over `accum` microbatches of the budget's size: `step_fn` for the
+        configured grad_accum_steps, one more program for each larger count a long rollout
+        needs (`packing.Budget`)."""
+        c = self.config.rl
+        if accum == c.grad_accum_steps:
+            return self.step_fn
+        steps = self.__dict__.setdefault("_steps_by_accum", {})
+        if accum not in steps:
+            loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk, tis_cap=c.tis_cap)
+            steps[accum] = statelib.make_train_step(self.graphdef, self.tx, loss, accum, self.mesh,
+                                                    statelib.state_shardings(self.state, self.mesh))
+        return steps[accum]
+
+    def forward_logprobs(self, seqs: packing.Sequences, reference: bool, own: bool):
+        """(the KL reference's, the trainer's own) log-probs [N, budget] of the rollout's
+        replies (None where not asked), run over `rl.minibatches` slices of it in the update's
+        batch shape, so they compile the programs the update's shapes need and no other."""
+        out = [np.zeros(seqs.completions.shape, np.float32) if want else None for want in (reference, own)]
+        for part in np.array_split(np.arange(len(seqs)), self.config.rl.minibatches):
+            if not len(part):
+                continue
+            rows = self.budget.fit(seqs, part)
+            batch = parallel.global_batch(self.mesh, packing.build(seqs, rows, self.budget.length, self.budget.scored),
+                                          whole=True)
+            for total, params in zip(out, (self.reference, self.state.params)):
+                if total is not None:
+                    total += packing.unpack(seqs, rows, parallel.to_host(self.logprobs_of(params, batch)))
+        return tuple(out)
 
     def update(self, seqs: packing.Sequences) -> dict:
         """mu epochs, each over the sequences shuffled into `rl.minibatches` minibatches; each
-        minibatch is laid into rows (`rl.pack_length`) and is one optimizer step. All of an
-        update's minibatches have the same shape. Every host builds the same rows and feeds
-        its own."""
+        minibatch is laid into rows of the budget's shape (`rl.pack_length`,
+        `rl.update_budget`) and is one optimizer step. All of an update's minibatches have the
+        same shape. Every host builds the same rows and feeds its own."""
         c = self.config.rl
         parts = [part for _ in range(c.mu) for part in np.array_split(self.rng.permutation(len(seqs)), c.minibatches)
                  if len(part)]  # (fewer sequences than minibatches: fewer steps)
-        length = packing.row_length(seqs, c.pack_length)
-        multiple = c.grad_accum_steps * parallel.batch_devices(self.mesh)
-        laid = packing.minibatch_rows(seqs, parts, length, multiple, c.pack_length != 0)
-        scored = max(packing.width(seqs, rows, length) for rows in laid)
-        sums: dict[str, float] = {}
-        count, first = 0, {}
-        for rows in laid:
-            mini = packing.build(seqs, rows, length, scored)
-            self.state, metrics = self.step_fn(self.state, parallel.global_batch(self.mesh, mini, whole=True))
+        budget = self.budget
+        laid = packing.minibatch_rows(seqs, parts, budget)
+        work = self.pending if self.pending is not None else {}
+        work.update(seqs=seqs, laid=laid, length=budget.length, scored=budget.scored, done=0, sums={}, first={},
+                    accum=c.grad_accum_steps * len(laid[0]) // budget.rows)
+        return self.optimizer_steps(work)
+
+    def optimizer_steps(self, work: dict) -> dict:
+        """The optimizer steps of an update from `work['done']` on, keeping the progress in
+        `work`; the metrics averaged over all of its steps. Preemption is checked before each."""
+        step_fn = self.train_step(work["accum"])
+        while work["done"] < len(work["laid"]):
+            preemption.check(f"the update (before optimizer step {work['done'] + 1} of {len(work['laid'])})")
+            mini = packing.build(work["seqs"], work["laid"][work["done"]], work["length"], work["scored"])
+            self.state, metrics = step_fn(self.state, parallel.global_batch(self.mesh, mini, whole=True))
             self.decode_copy = None  # the next rollout re-syncs
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (np.isfinite(loss) and np.isfinite(grad_norm)):
@@ -346,11 +418,11 @@ class RLTrainer:
                     f"good checkpoint in {self.ckpt.directory}. Lower optimizer.learning_rate or "
                     "check the data, then rerun to resume from it")
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            first = first or {k: float(v) for k, v in metrics.items() if k.startswith("mismatch_")}
-            count += 1
-        # the mismatch as the first optimizer step saw it (later ones have moved the trainer)
-        return {k: v / count for k, v in sums.items()} | first
+                work["sums"][k] = work["sums"].get(k, 0.0) + float(v)
+            # the mismatch as the first optimizer step saw it (later ones have moved the trainer)
+            work["first"] = work["first"] or {k: float(v) for k, v in metrics.items() if k.startswith("mismatch_")}
+            work["done"] += 1
+        return {k: v / work["done"] for k, v in work["sums"].items()} | work["first"]
 
 
 def reference_copy(params, dtype: str, shardings):
