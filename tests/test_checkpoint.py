@@ -101,8 +101,8 @@ def test_only_damage_moves_a_step_aside():
 
 
 def _restore_worker(port, process_id, root, phase, out):
-    """One of 2 processes x 4 devices: `save` steps 1 and 2, or `restore` (the step and the lines
-    it logged go to `out`)."""
+    """One of 2 processes x 4 devices: `save` steps 1 and 2, or `restore` (the step, the lines it
+    logged and the steps its manager lists after go to `out`)."""
     import json
 
     from fleming_jax import parallel
@@ -121,25 +121,34 @@ def _restore_worker(port, process_id, root, phase, out):
         return
     step, _, _ = ckpt.restore(state)
     with open(out, "w") as f:
-        json.dump(dict(step=step, lines=lines), f)
+        json.dump(dict(step=step, lines=lines, steps=ckpt.manager.all_steps()), f)
 
 
 @pytest.mark.slow
-def test_hosts_agree_when_only_one_finds_the_step_damaged(tmp_path):
+@pytest.mark.parametrize("store", ["local", "gcs"])
+def test_hosts_agree_when_only_one_finds_the_step_damaged(tmp_path, monkeypatch, store):
     """Params sharded over both processes; a data file only process 1 reads is deleted: both
-    skip step 2 (process 0 moves it, once) and restore step 1, instead of one host going on
-    while the other walks back (a hang)."""
+    skip step 2 (process 0 moves it, once), restore step 1 and list only step 1 after, instead
+    of one host going on while the other walks back (a hang)."""
     import json
     import subprocess
-    import sys
 
+    import fsspec
+
+    from tests import gcs
     from tests.test_parallel import ROOT, free_port
+
+    server = gcs.Emulator() if store == "gcs" else None
+    if server:
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+    root = server.create_bucket("hosts") + "/run" if server else str(tmp_path / "run")
 
     def run(phase):
         port = free_port()
         env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-        procs = [subprocess.Popen([sys.executable, "-m", "tests.test_checkpoint", str(port), str(i), str(tmp_path / "run"),
-                                   phase, str(tmp_path / f"out{i}.json")], cwd=ROOT, env=env,
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.test_checkpoint", str(port), str(i), root, phase,
+                                   str(tmp_path / f"out{i}.json")], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
         for p in procs:
             try:
@@ -150,15 +159,20 @@ def test_hosts_agree_when_only_one_finds_the_step_damaged(tmp_path):
                 raise AssertionError(f"{phase}: a process hung")
             assert p.returncode == 0, out[-3000:]
         return [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)] if phase == "restore" else None
-    run("save")
-    data = tmp_path / "run" / "checkpoints" / "2" / "params" / "ocdbt.process_1" / "d"
-    os.remove(max((data / name for name in os.listdir(data)), key=os.path.getsize))
-    first, second = run("restore")
-    assert first["step"] == second["step"] == 1
-    assert first["lines"][0].startswith(f"checkpoint step 2 in {tmp_path}/run/checkpoints does not restore "
+    try:
+        run("save")
+        fs, base = fsspec.core.url_to_fs(root, **({"token": "anon"} if server else {}))
+        data = fs.ls(f"{base}/checkpoints/2/params/ocdbt.process_1/d", detail=True)
+        fs.rm(max(data, key=lambda f: f["size"])["name"])
+        first, second = run("restore")
+        listed = lambda d: sorted(name.rstrip("/").rsplit("/", 1)[1] for name in fs.ls(f"{base}/{d}", refresh=True))
+        assert listed("checkpoints") == ["1"] and [d.split("-")[0] for d in listed("checkpoints_skipped")] == ["2"]
+    finally:
+        if server:
+            server.stop()
+    assert first["step"] == second["step"] == 1 and first["steps"] == second["steps"] == [1]
+    assert first["lines"][0].startswith(f"checkpoint step 2 in {root}/checkpoints does not restore "
                                         "(damaged as process 1 read it; its log says why)"), first["lines"]
-    assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
-    assert [d.split("-")[0] for d in os.listdir(tmp_path / "run" / "checkpoints_skipped")] == ["2"]
 
 
 if __name__ == "__main__":
