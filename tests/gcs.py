@@ -94,7 +94,8 @@ class Flaky:
                         k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")})
                     reply = conn.getresponse()
                     status, body = reply.status, reply.read()
-                    headers = {k: v for k, v in reply.getheaders() if k.lower() not in ("transfer-encoding", "connection")}
+                    headers = {k: v for k, v in reply.getheaders()
+                               if k.lower() not in ("transfer-encoding", "connection")}
                     conn.close()
                 headers.setdefault("Content-Length", str(len(body)))
                 self.send_response(status)

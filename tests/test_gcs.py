@@ -444,7 +444,8 @@ def test_sft_rerun_on_gcs_walks_back_over_a_damaged_step_in_one_line(emulator, k
     write_jsonl(f"{g}/sft.jsonl", [s for o in collect.collect_chunk(records, teachers.KGTeacher(records),
                                                                      collect.CollectConfig(k=1)) for s in o["sft"]])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [sys.executable, "main.py", "--config=configs/sft.py:tiny", f"--workdir={g}/run", "--config.compile_cache=none",
+    args = [sys.executable, "main.py", "--config=configs/sft.py:tiny", f"--workdir={g}/run",
+            "--config.compile_cache=none",
             *(f"--config.model.{k}={v}" for k, v in ARCH.items()), "--config.train.seq_len=256",
             "--config.train.batch_size=8", "--config.train.log_every=1", f"--config.data.train={g}/sft.jsonl",
             "--config.data.eval=", "--config.optimizer.total_steps=3", "--config.optimizer.warmup_steps=1",
@@ -460,7 +461,8 @@ def test_sft_rerun_on_gcs_walks_back_over_a_damaged_step_in_one_line(emulator, k
     again = run()
     assert again.returncode == 0, again.stderr[-3000:]
     said = [line for line in (again.stdout + again.stderr).splitlines() if "does not restore" in line]
-    assert len(said) == 1 and said[0].startswith(f"[sft] checkpoint step 3 in {g}/run/checkpoints does not restore ("), said
+    assert len(said) == 1, said
+    assert said[0].startswith(f"[sft] checkpoint step 3 in {g}/run/checkpoints does not restore ("), said
     assert f"moved it to {g}/run/checkpoints_skipped/3-" in said[0] and said[0].endswith("trying the previous step")
     assert f"[sft] resumed from {g}/run/checkpoints/2" in again.stdout
     for noise in ("Traceback", "Event loop is closed", "Exception ignored", "TensorStore", "ERROR"):

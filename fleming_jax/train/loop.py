@@ -99,7 +99,8 @@ class Checkpoints:
                 error = None if why else unreadable(directory, e)
         verdicts = list(_agree(2 if error is not None else 1 if why else 0))
         if why and not parallel.is_main_process():  # process 0 logs the step; this host's reason goes here
-            print(f"[process {jax.process_index()}] checkpoint {directory} is damaged: {why}", file=sys.stderr, flush=True)
+            print(f"[process {jax.process_index()}] checkpoint {directory} is damaged: {why}", file=sys.stderr,
+                  flush=True)
         if error is not None:
             raise error
         if 2 in verdicts:
@@ -236,7 +237,8 @@ def _chain(error: BaseException):
 
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split())
-    for noise in (r"\s*\[tensorstore_spec.*", r" in OCDBT database at (local file )?\S+?(?=: |$)", r'Error opening "\w+" driver: '):
+    for noise in (r"\s*\[tensorstore_spec.*", r" in OCDBT database at (local file )?\S+?(?=: |$)",
+                  r'Error opening "\w+" driver: '):
         text = re.sub(noise, "", text)
     return f"{type(e).__name__}: {text[:200]}"
 
