@@ -149,16 +149,27 @@ def test_rollout_batch_keeps_groups_one_sequence_per_row_or_packed():
     assert shared["completion_mask"].sum() == 12
 
 
-def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pack_length", [512, 128])
+def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monkeypatch, pack_length):
     """With beta > 0 the frozen reference scores each sequence's completion (in packed rows);
-    at the first step it is the rollout policy, so it matches the sampler's own log-probs."""
+    at the first step it is the rollout policy, so it matches the sampler's own log-probs.
+    Rows of 144 (the prompt bucket 128 + the reply bucket 16) hold a prompt of 116 and three
+    replies of 8: the 32 sequences need 12 rows, more than the budget's 8 (half of the worst
+    case's 16), so they take 16, and the forward runs them 8 rows at a time (one shape)."""
     monkeypatch.setattr(rewards, "score", lambda c, r, cfg=None: dict(reward=float(len(c) % 2), accuracy=0.0,
                                                                       format=0.0))
-    trainer = rl.RLTrainer(toy_config(toy_run, grpo=dict(beta=0.1), reference_dtype="float32"), str(tmp_path))
-    seen = []
+    config = toy_config(toy_run, grpo=dict(beta=0.1), reference_dtype="float32", pack_length=pack_length,
+                        drop_zero_advantage_groups=False)
+    trainer = rl.RLTrainer(config, str(tmp_path))
+    seen, shapes, logprobs_of = [], set(), trainer.logprobs_of
     trainer.update = lambda seqs: seen.append(seqs) or {}
+    trainer.logprobs_of = lambda params, b: shapes.add(b["tokens"].shape) or logprobs_of(params, b)
     trainer.one_step(0)
     seqs = seen[0]
+    assert shapes == {(trainer.budget.rows, trainer.budget.length)}
+    if pack_length == 128:
+        assert trainer.budget.length == 144 and trainer.budget.rows == 8
+        assert len(trainer.budget.fit(seqs, np.arange(len(seqs)))) == 16
     ref, old = seqs.per_token["ref_logprobs"], seqs.per_token["old_logprobs"]
     assert ref.shape == old.shape == seqs.completions.shape
     mask = completion_mask(seqs)

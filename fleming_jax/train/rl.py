@@ -373,18 +373,18 @@ class RLTrainer:
 
     def forward_logprobs(self, seqs: packing.Sequences, reference: bool, own: bool):
         """(the KL reference's, the trainer's own) log-probs [N, budget] of the rollout's
-        replies (None where not asked), run over `rl.minibatches` slices of it in the update's
-        batch shape, so they compile the programs the update's shapes need and no other."""
+        replies (None where not asked), over `rl.minibatches` slices of it laid out as the
+        update lays a minibatch, run `budget.rows` rows at a time: one program, in the update's
+        batch shape, whatever the rollout."""
+        b = self.budget
         out = [np.zeros(seqs.completions.shape, np.float32) if want else None for want in (reference, own)]
         for part in np.array_split(np.arange(len(seqs)), self.config.rl.minibatches):
-            if not len(part):
-                continue
-            rows = self.budget.fit(seqs, part)
-            batch = parallel.global_batch(self.mesh, packing.build(seqs, rows, self.budget.length, self.budget.scored),
-                                          whole=True)
-            for total, params in zip(out, (self.reference, self.state.params)):
-                if total is not None:
-                    total += packing.unpack(seqs, rows, parallel.to_host(self.logprobs_of(params, batch)))
+            laid = b.fit(seqs, part) if len(part) else []
+            for rows in (laid[i:i + b.rows] for i in range(0, len(laid), b.rows)):
+                batch = parallel.global_batch(self.mesh, packing.build(seqs, rows, b.length, b.scored), whole=True)
+                for total, params in zip(out, (self.reference, self.state.params)):
+                    if total is not None:
+                        total += packing.unpack(seqs, rows, parallel.to_host(self.logprobs_of(params, batch)))
         return tuple(out)
 
     def update(self, seqs: packing.Sequences) -> dict:
