@@ -15,6 +15,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.task = "export"
     config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
     config.model = models.get(preset or "tiny")
+    # built sharded over every host's devices (each process reads its shards), gathered per tensor
+    config.mesh = models.mesh_for(*models.split_target(preset or "tiny"))
     config.export = ml_collections.ConfigDict(dict(
         out_dir="",  # default: <workdir>/hf
         dtype="",  # stored dtype; default: the model's param_dtype (bfloat16 halves the size)

@@ -137,10 +137,19 @@ def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_c
         final_lr_fraction=0.1, max_grad_norm=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1))
 
 
-def plan() -> ml_collections.ConfigDict:
-    """`task=plan`: compile the train step ahead of time on fake devices or a TPU topology."""
+# The TPU slice a target names, for `task=plan` (libtpu AOT; GPU targets plan on fake CPU devices).
+TOPOLOGIES = {"v5p-32": "v5p:2x2x4", "v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x4"}
+# The target a real preset is planned for without an @target: the run sizes the recipes name.
+DEFAULT_TARGETS = {"qwen2.5-7b": "v5p-32", "qwen3-32b": "v5p-128"}
+
+
+def plan(preset: str = "tiny", target: str = "") -> ml_collections.ConfigDict:
+    """`task=plan`: compile the step ahead of time on fake devices or a TPU topology; by
+    default the target's slice (or the preset's usual one: `DEFAULT_TARGETS`)."""
     return ml_collections.ConfigDict(dict(
-        devices=0,  # fake this many CPU devices (0: the devices present)
-        topology="",  # e.g. "v5p:4x4x2" or "v5e:8x8" (needs `pip install 'jax[tpu]==0.10.2'`)
+        devices=0,  # fake this many CPU devices (0: the devices present); set, it wins over topology
+        # e.g. "v5p:4x4x2" or "v5e:8x8" (needs `pip install 'jax[tpu]==0.10.2'`); "" = the devices present
+        topology=TOPOLOGIES.get(target or DEFAULT_TARGETS.get(preset, ""), ""),
         hbm_gb=0.0,  # per-device memory to check the plan against (0: device's own, if known)
+        prompt_len=512,  # RL: the prompt length the rollout's KV cache is planned for (a bucket of it)
     ))

@@ -40,5 +40,5 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.tokenizer = ""
     config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, use_async=True))
     config.optimizer = models.optimizer(run["learning_rate"], run["warmup_steps"], run["total_steps"])
-    config.plan = models.plan()
+    config.plan = models.plan(preset, target)
     return config

@@ -1,8 +1,10 @@
 """`task=plan`: will a config fit? Compile its train step ahead of time and print memory.
 
-The step compiled is the task's own: the SFT loss for `sft`, the GRPO loss of `rl.grpo` for
-the RL stages (a microbatch of `train.batch_size` sequences of `train.seq_len` tokens whose
-last `rl.max_new_tokens` are the completion window). With `rl.grpo.beta > 0` the KL
+The step compiled is the task's own: the SFT loss on `train.batch_size` x `train.seq_len`
+for `sft`; for the RL stages the GRPO loss of `rl.grpo` on the one update batch shape RL
+runs (`packing.update_budget`, decided by the same function from `rl.*`, the mesh and the
+longest prompt: `plan.prompt_len` here, the pool's in RL; equal power-of-two buckets give
+the same shape). With `rl.grpo.beta > 0` the KL
 reference copy (`rl.reference_dtype`, sharded like the params) is counted per device too.
 
 Nothing is allocated: the step is lowered on abstract shapes with their shardings and
@@ -12,6 +14,7 @@ installed, for a TPU slice described by `plan.topology` (e.g. "v5p:4x4x2").
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,10 +25,18 @@ TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 GIB = 1024**3
 
 
+def is_rl(config) -> bool:
+    """An RL stage's config (`configs/rl_stage*.py`), also under `--config.task=plan`."""
+    return config.get("rl") is not None
+
+
 def _devices(plan_cfg):
-    """The devices to compile for; fakes CPU devices before JAX starts its backend."""
-    if plan_cfg.topology:
+    """The devices to compile for: `plan.devices` fake CPU devices (made before JAX starts its
+    backend), else the TPU slice `plan.topology` describes, else the devices present."""
+    if plan_cfg.topology and not plan_cfg.devices:
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        # compiling for a described slice touches no chip: let it run beside another libtpu user
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         from jax.experimental import topologies
 
         try:
@@ -72,9 +83,11 @@ def plan(config) -> dict:
     placed = jax.tree.map(place, shardings, abstract)
     t = config.train
     loss, batch, reference_dtype = task_loss(config, mesh)
-    step = train_state.make_train_step(graphdef, tx, loss, t.grad_accum_steps, mesh, shardings)
+    accum = config.rl.grad_accum_steps if is_rl(config) else t.grad_accum_steps
+    rows, length = batch["tokens"].shape
+    step = train_state.make_train_step(graphdef, tx, loss, accum, mesh, shardings)
     with jax.set_mesh(mesh):
-        compiled = step.jitted.lower(placed, batch).compile()
+        compiled = compile_or_refuse(step.jitted.lower(placed, batch), "the train step", config)
 
     def per_device_bytes(tree):
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -92,9 +105,9 @@ def plan(config) -> dict:
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     peak += reference_bytes  # held beside the step for the whole run
     return dict(
-        task=config.task, loss="grpo" if config.task == "rl" else "sft", model=config.model.preset, params=n_params, device_kind=kind, devices=len(devices),
+        task=config.task, loss="grpo" if is_rl(config) else "sft", model=config.model.preset, params=n_params, device_kind=kind, devices=len(devices),
         mesh=dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, len(devices)))),
-        batch_size=t.batch_size, seq_len=t.seq_len, grad_accum_steps=t.grad_accum_steps,
+        batch_size=rows, seq_len=length, grad_accum_steps=accum,
         compute_dtype=model_config.compute_dtype, remat=model_config.remat,
         params_bytes=per_device_bytes(placed.params),
         optimizer_bytes=per_device_bytes(placed.opt_state), reference_bytes=reference_bytes,
@@ -102,7 +115,7 @@ def plan(config) -> dict:
         arguments_bytes=mem.argument_size_in_bytes, outputs_bytes=mem.output_size_in_bytes,
         aliased_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         peak_bytes=peak, hbm_bytes=hbm, fits=None if not hbm else peak <= hbm,
-        flops_per_step=train_flops(model_config, t.batch_size, t.seq_len),
+        flops_per_step=train_flops(model_config, rows, length),
     )
 
 
@@ -112,7 +125,7 @@ def task_loss(config, mesh):
     import jax.numpy as jnp
 
     from fleming_jax import parallel
-    from fleming_jax.train import grpo, sft
+    from fleming_jax.train import grpo, packing, sft
 
     t = config.train
     sharding = parallel.batch_sharding(mesh)
@@ -120,19 +133,131 @@ def task_loss(config, mesh):
     shape = (t.batch_size, t.seq_len)
     batch = dict(tokens=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
                  segments=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding))
-    if config.task != "rl":
+    if not is_rl(config):
         batch["loss_weights"] = spec(shape, jnp.float32)
         return (lambda model, b: sft.sft_loss(model, b, chunk_size=t.logprob_chunk)), batch, None
-    c = config.rl
-    window = min(c.max_new_tokens, t.seq_len)
-    batch.update(completion_mask=spec((t.batch_size, window), jnp.float32),
-                 old_logprobs=spec((t.batch_size, window), jnp.float32), advantages=spec((t.batch_size,), jnp.float32))
-    if c.grpo.beta:
-        batch["ref_logprobs"] = spec((t.batch_size, window), jnp.float32)
-
-    def loss(model, b):
-        return grpo.grpo_loss(model, b, c.grpo, chunk_size=t.logprob_chunk)
+    c = config.rl  # the update batch RL runs: its budget for prompts of plan.prompt_len tokens
+    budget = packing.update_budget(c, config.plan.prompt_len, parallel.batch_devices(mesh))
+    shapes = packing.batch_shapes(budget.rows, budget.length, budget.scored, packing.update_arrays(c))
+    batch = {name: spec(shape, dtype) for name, (shape, dtype) in shapes.items()}
+    loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk, tis_cap=c.tis_cap)
     return loss, batch, (c.reference_dtype if c.grpo.beta else None)
+
+
+def compile_or_refuse(lowered, what: str, config):
+    """`lowered.compile()`; a program the TPU compiler finds larger than the chip's memory is
+    refused in one line (ValueError) naming the program and the compiler's numbers."""
+    import jax
+
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        said = str(e)[str(e).find("RESOURCE_EXHAUSTED"):].split("\n")[0][:240]
+        raise ValueError(f"{config.model.preset} does not fit: {what} alone needs more than a device's memory on "
+                         f"{config.plan.topology or 'these devices'} ({said}); use "
+                         "a larger slice (more chips shard the state), fewer rollout slots (rollout.slots) or a "
+                         "smaller update batch") from None
+
+
+def rl_step_plan(config) -> dict:
+    """Every program of one RL step compiled for the meshes RL itself builds (the training
+    mesh and `parallel.rollout_mesh` over it): the sync into the decode layout, the engine's
+    prefill, insert and decode at the configured slots, the reference / recompute forward and
+    the update (`plan`). Returns `plan`'s dict plus each phase's per-device memory, from the
+    compiled programs: what stays resident all step (train state, KL reference) plus what the
+    phase holds (its arguments, outputs and temporaries), and the largest of them as the
+    step's peak."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fleming_jax import engine, models, parallel, sampler
+    from fleming_jax.models import qwen
+    from fleming_jax.train.logprobs import token_logprobs
+
+    p = plan(config)
+    devices = _devices(config.plan)
+    c, r = config.rl, config.rollout
+    model_config = models.config_from(config.model)
+    mesh = parallel.make_mesh(config.mesh, devices)
+    rollout = parallel.rollout_mesh(r.tensor, model_config.num_kv_heads, mesh)
+    abstract_model = nnx.eval_shape(lambda: qwen.create(model_config))
+    graphdef, abstract = nnx.split(abstract_model)
+    place = lambda tree, mesh, dtype=None: jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, dtype or v.dtype, sharding=s)),
+        tree, parallel.tree_shardings(tree, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    shard_bytes = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                                   for x in jax.tree.leaves(tree))
+    mem = lambda compiled: compiled.memory_analysis()
+    holds = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    dtype = r.dtype or model_config.compute_dtype
+    trained = place(abstract, mesh)
+    whole = jax.sharding.NamedSharding(rollout, jax.sharding.PartitionSpec())
+    spec = lambda shape, dt, sharding=whole: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+    group = c.group_size
+    dp = parallel.batch_devices(rollout)
+    multiple = group * dp // math.gcd(group, dp)
+    want = r.slots or c.prompts_per_step * group
+    slots = -(-min(want, sampler.bucket(c.prompts_per_step * group, minimum=1)) // multiple) * multiple
+    width = sampler.bucket(config.plan.prompt_len)
+    length = engine.cache_length(width, c.max_new_tokens)
+    rows = -(-sampler.bucket(min(c.prompts_per_step, slots // group), minimum=1) // dp) * dp
+    programs = {}
+    with jax.set_mesh(rollout):
+        programs["sync"] = compile_or_refuse(sampler.sync_program(graphdef, trained, rollout, dtype).lower(trained), "the sync", config)
+        decode_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    programs["sync"].out_info, programs["sync"].output_shardings)
+        empty = engine._empty.lower(model_config, slots=slots, length=length, budget=c.max_new_tokens,
+                                    cache_dtype=dtype).compile()
+        table = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             empty.out_info, empty.output_shardings)
+        batch = parallel.batch_sharding(rollout)
+        programs["prefill"] = compile_or_refuse(engine._prefill.lower(
+            graphdef, decode_state, spec((rows, width), jnp.int32, parallel.batch_sharding(rollout, 2)),
+            spec((rows,), jnp.int32, batch), cache_dtype=dtype), "the prefill", config)
+        prefilled, logits = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                         programs["prefill"].out_info, programs["prefill"].output_shardings)
+        keys = jax.ShapeDtypeStruct((rows * group,), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=batch)
+        programs["insert"] = compile_or_refuse(engine._insert.lower(
+            table, prefilled, logits, spec((rows,), jnp.int32, batch), spec((rows * group,), jnp.int32, batch), keys,
+            group=group), "the insert", config)
+        scalar = spec((), jnp.int32)
+        params = sampler.SamplingParams(temperature=c.temperature, top_p=c.top_p, num_samples=group, max_new_tokens=0)
+        programs["decode"] = compile_or_refuse(engine._decode.lower(
+            graphdef, decode_state, table, spec((2,), jnp.int32), scalar, scalar, params=params,
+            split_layers=devices[0].platform == "cpu"), "the decode loop", config)
+    loss, update_batch, _ = task_loss(config, mesh)
+    forward = c.grpo.beta or c.recompute_old_logprobs or c.tis_cap
+    if forward:  # the reference's (bf16 copy) or the trainer's own log-probs of the rollout
+        param_graphdef, param_state = nnx.split(abstract_model, nnx.Param)
+        forward_params = place(param_state, mesh, c.reference_dtype if c.grpo.beta else None)
+        layout = {k: update_batch.get(k) for k in ("tokens", "segments", "positions", "prefixes", "targets", "sources")}
+        fwd = jax.jit(lambda params, b: token_logprobs(
+            nnx.merge(param_graphdef, params), b["tokens"], b["segments"], b["positions"],
+            chunk_size=c.logprob_chunk, last=update_batch["completion_mask"].shape[1], at=b["targets"],
+            sources=b["sources"], prefixes=b["prefixes"]))
+        with jax.set_mesh(mesh):
+            programs["forward"] = compile_or_refuse(fwd.lower(forward_params, layout), "the reference forward", config)
+    resident = p["params_bytes"] + p["optimizer_bytes"] + p["reference_bytes"]
+    decode_bytes, table_bytes = shard_bytes(decode_state), shard_bytes(table)
+    # what each engine program holds beyond the decode copy and the slots (counted once)
+    engine_peak = max(holds(mem(programs["prefill"])) - decode_bytes, holds(mem(programs["insert"])) - table_bytes,
+                      holds(mem(programs["decode"])) - decode_bytes - table_bytes)
+    phases = dict(
+        sync=resident + mem(programs["sync"]).output_size_in_bytes + mem(programs["sync"]).temp_size_in_bytes,
+        rollout=resident + decode_bytes + table_bytes + max(0, engine_peak),
+        update=p["peak_bytes"],  # the step's own state + batch + temporaries, and the reference
+    )
+    if forward:
+        phases["forward"] = resident + holds(mem(programs["forward"])) - shard_bytes(forward_params)
+    peak = max(phases.values())
+    return p | dict(
+        programs=sorted(programs) + ["update"], rollout_mesh=dict(rollout.shape), rollout_dtype=dtype, slots=slots,
+        prompt_len=width, cache_len=length, decode_bytes=decode_bytes, cache_bytes=table_bytes,
+        sync_temp_bytes=mem(programs["sync"]).temp_size_in_bytes, phases=phases, update_peak_bytes=p["peak_bytes"],
+        peak_bytes=peak, fits=None if not p["hbm_bytes"] else peak <= p["hbm_bytes"])
 
 
 def train_flops(c, batch_size: int, seq_len: int) -> float:
@@ -169,17 +294,34 @@ def format_plan(p: dict) -> str:
         ("FLOPs / step", f"{p['flops_per_step']:.3e} in all, "
                          f"{p['flops_per_step'] / p['devices']:.3e} per device"),
     ]
+    if "phases" in p:  # the whole RL step
+        rows[-3:-3] = [
+            ("rollout", f"{p['slots']} slots x {p['cache_len']} tokens (prompt bucket {p['prompt_len']} + "
+                        f"{p['cache_len'] - p['prompt_len']}), {p['rollout_dtype']} decode copy, mesh {p['rollout_mesh']}"),
+            ("decode copy / device", gib(p["decode_bytes"])),
+            ("KV cache + slots / device", gib(p["cache_bytes"])),
+            ("sync temporaries / device", gib(p["sync_temp_bytes"])),
+        ] + [(f"{name} phase / device", gib(b)) for name, b in p["phases"].items()] + [
+            ("peak / device", gib(p["peak_bytes"]) + f"  (the largest phase; compiled: {', '.join(p['programs'])})")]
+        rows = [row for row in rows if not (row[0] == "peak / device" and "arguments" in row[1])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def run(config, workdir: str) -> dict:
-    """`task=plan`: prints the memory table and writes it to `<workdir>/plan.json`."""
-    p = plan(config)
+    """`task=plan`: prints the memory table and writes it to `<workdir>/plan.json`; refuses
+    (one line) a config whose step does not fit the device's memory."""
+    p = rl_step_plan(config) if is_rl(config) else plan(config)
     print(format_plan(p))
     from etils import epath
 
     (epath.Path(workdir) / "plan.json").write_text(json.dumps(p, indent=2))
+    if p["fits"] is False:
+        worst = max(p.get("phases", {"step": p["peak_bytes"]}).items(), key=lambda kv: kv[1])
+        raise ValueError(f"{p['model']} does not fit: the {worst[0]} phase needs {worst[1] / GIB:,.1f} GiB per device "
+                         f"of {p['hbm_bytes'] / GIB:,.1f} GiB on {p['devices']} x {p['device_kind']}; use a larger "
+                         "slice (more chips shard the state), fewer rollout slots (rollout.slots) or a shorter "
+                         "update batch (train.batch_size / rl.max_new_tokens)")
     return p
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from configs import sft as sft_config
 from fleming_jax import models, plan
 from fleming_jax.models import qwen
+from tests.test_rl import toy_run  # noqa: F401 (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,3 +92,71 @@ def test_plan_compiles_for_a_described_tpu_slice():
     p = plan.plan(config)
     assert p["device_kind"] == "TPU v5 lite" and p["devices"] == 4
     assert p["hbm_bytes"] == 16 * 1024**3 and p["fits"] is True
+
+
+@pytest.mark.slow  # 1-3 minutes of TPU compiler a slice
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5p:2x2x4", "v5p:4x4x4"])
+def test_every_program_of_an_rl_step_compiles_for_a_v5p_slice(topology):
+    """The RL step's programs on the meshes RL builds (the training mesh in the torus's order,
+    the rollout mesh over it), with Qwen2.5-7B's config (mesh rule, KV heads, rollout and
+    update settings) and small layer shapes (the meshes are the point; 7B's shapes take the
+    compiler 4x longer), a KL reference and recomputed old log-probs so every program runs."""
+    from configs import rl_stage1
+
+    config = rl_stage1.get_config("qwen2.5-7b")
+    config.model.update(num_layers=1, hidden_size=256, num_heads=4, head_dim=64, intermediate_size=512,
+                        vocab_size=4096)
+    config.plan.update(topology=topology, prompt_len=200)
+    config.rl.update(prompts_per_step=8, max_new_tokens=256, recompute_old_logprobs=True)
+    config.rl.grpo.beta = 0.04
+    config.train.update(batch_size=8, seq_len=512)
+    p = plan.rl_step_plan(config)
+    assert p["programs"] == ["decode", "forward", "insert", "prefill", "sync", "update"]
+    assert p["slots"] == 64 and p["prompt_len"] == 256 and p["cache_len"] == 512
+    # K and V of the one layer by hand: 64 slots over the data groups, 4 KV heads over `tensor`
+    data, tensor = p["rollout_mesh"]["data"], p["rollout_mesh"]["tensor"]
+    assert data * tensor == p["devices"]
+    kv = 2 * (64 // data) * 512 * (4 // tensor) * 64 * 2
+    assert kv < p["cache_bytes"] < kv + 64 // data * (4096 + 3 * 256) * 4 * 2  # + the slots' logits and outputs
+    resident = p["params_bytes"] + p["optimizer_bytes"] + p["reference_bytes"]
+    assert min(p["phases"].values()) >= resident and p["peak_bytes"] == max(p["phases"].values())
+    assert p["phases"]["rollout"] >= resident + p["decode_bytes"] + p["cache_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_plan_refuses_a_preset_on_a_slice_too_small_for_it(tmp_path):
+    """Qwen2.5-7B's RL step on a v5e-4 (4 chips of 16 GiB): its fp32 weights and Adam state
+    alone are 22.8 GB a chip. One line, before any machine is rented."""
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/rl_stage1.py:qwen2.5-7b", "--config.task=plan",
+         "--config.plan.topology=v5e:2x2", f"--workdir={tmp_path}"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: qwen2.5-7b does not fit") and "v5e:2x2" in last, last
+
+
+def test_rl_plan_compiles_the_update_batch_rl_runs(toy_run, tmp_path, monkeypatch):
+    """A real RL step (KL reference, recomputed old log-probs, 2 accumulation steps) and
+    `task=plan` for the same config decide the update batch with one function: the same
+    arrays, shapes and dtypes, whatever each rollout's lengths."""
+    from fleming_jax import rewards
+    from fleming_jax.train import rl
+    from tests.test_rl import toy_config, toy_score
+
+    monkeypatch.setattr(rewards, "score", toy_score)
+    config = toy_config(toy_run, steps=1, recompute_old_logprobs=True, grad_accum_steps=2, drop_zero_advantage_groups=False,
+                        grpo=dict(beta=0.04), reference_dtype="float32")
+    trainer = rl.RLTrainer(config, str(tmp_path))
+    seen, step_fn = [], trainer.step_fn
+    trainer.step_fn = lambda state, batch: seen.append(batch) or step_fn(state, batch)
+    trainer.one_step(0)
+    ran = {k: (v.shape, v.dtype) for k, v in seen[0].items()}
+    config.plan.prompt_len = max(map(len, trainer.prompts))
+    _, planned, _ = plan.task_loss(config, trainer.mesh)
+    assert {k: (v.shape, v.dtype) for k, v in planned.items()} == ran
+    assert ran["tokens"][0] == (trainer.budget.rows, trainer.budget.length) and ran["targets"][0][1] == 512
+    p = plan.plan(config)
+    assert (p["batch_size"], p["seq_len"], p["grad_accum_steps"]) == (trainer.budget.rows, trainer.budget.length, 2)

@@ -339,7 +339,7 @@ def export_task(config, workdir: str) -> str:
 
     from fleming_jax import models
 
-    model, model_config = models.build(config.model)
+    model, model_config = models.build(config.model, parallel.make_mesh(config.mesh))
     tokenizer = toklib.load(config.export.tokenizer) if config.export.tokenizer else None
     out_dir = config.export.out_dir or str(epath.Path(workdir) / "hf")
     save(model, model_config, out_dir, tokenizer=tokenizer, dtype=config.export.dtype or None,
