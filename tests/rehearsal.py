@@ -315,7 +315,8 @@ def rehearse(preset: str = "qwen2.5-7b", processes: int = 2, devices: int = 2, t
         for home in homes:
             worker_dir(home)
         log(f"[rehearsal] {preset}@rehearsal, {processes} processes x {devices} CPU devices, {bucket} on "
-            f"{emulator.url}, logs in {tmp}/logs")
+            f"{emulator.url}, logs in {tmp}/logs; workarounds: "
+            + "; ".join(f"{flag} ({why})" for flag, why in WORKAROUNDS.items()))
         for stage in stages(preset, bucket, teacher.url):
             try:
                 times[stage.name] = run_checked(stage, processes, homes, env, tmp, timeout, emulator, teacher, log)
