@@ -104,6 +104,4 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer = models.optimizer(2e-4 if tiny else 1e-6, 0, 10_000)
     config.optimizer.weight_decay = 0.0
     config.plan = models.plan(preset, target)
-    config.train = ml_collections.ConfigDict(dict(  # what `task=plan` compiles: one update microbatch
-        batch_size=16 if tiny else 64, seq_len=256 if tiny else 8192, grad_accum_steps=1, logprob_chunk=256))
     return config

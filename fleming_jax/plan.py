@@ -6,6 +6,8 @@ runs (`packing.update_budget`, decided by the same function from `rl.*`, the mes
 longest prompt: `plan.prompt_len` here, the pool's in RL; equal power-of-two buckets give
 the same shape). With `rl.grpo.beta > 0` the KL
 reference copy (`rl.reference_dtype`, sharded like the params) is counted per device too.
+For RL, `run` plans the whole step (`rl_step_plan`): every program an RL step runs, on the
+meshes RL builds, and the memory of each of its phases.
 
 Nothing is allocated: the step is lowered on abstract shapes with their shardings and
 compiled for the mesh, either on fake CPU devices (`plan.devices`) or, with libtpu
@@ -81,9 +83,8 @@ def plan(config) -> dict:
             return x.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     placed = jax.tree.map(place, shardings, abstract)
-    t = config.train
     loss, batch, reference_dtype = task_loss(config, mesh)
-    accum = config.rl.grad_accum_steps if is_rl(config) else t.grad_accum_steps
+    accum = config.rl.grad_accum_steps if is_rl(config) else config.train.grad_accum_steps
     rows, length = batch["tokens"].shape
     step = train_state.make_train_step(graphdef, tx, loss, accum, mesh, shardings)
     with jax.set_mesh(mesh):
@@ -127,14 +128,11 @@ def task_loss(config, mesh):
     from fleming_jax import parallel
     from fleming_jax.train import grpo, packing, sft
 
-    t = config.train
-    sharding = parallel.batch_sharding(mesh)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
-    shape = (t.batch_size, t.seq_len)
-    batch = dict(tokens=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-                 segments=jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding))
     if not is_rl(config):
-        batch["loss_weights"] = spec(shape, jnp.float32)
+        t = config.train
+        shape = (t.batch_size, t.seq_len)
+        batch = dict(tokens=spec(shape, jnp.int32), segments=spec(shape, jnp.int32), loss_weights=spec(shape, jnp.float32))
         return (lambda model, b: sft.sft_loss(model, b, chunk_size=t.logprob_chunk)), batch, None
     c = config.rl  # the update batch RL runs: its budget for prompts of plan.prompt_len tokens
     budget = packing.update_budget(c, config.plan.prompt_len, parallel.batch_devices(mesh))

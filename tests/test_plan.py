@@ -67,7 +67,6 @@ def test_rl_plan_compiles_the_grpo_loss_and_counts_the_reference(beta, dtype, sh
 
     config = rl_stage1.get_config("tiny")
     config.mesh.update(data=1, fsdp=8, tensor=1)
-    config.train.update(batch_size=8, seq_len=64)
     config.rl.update(max_new_tokens=16, reference_dtype=dtype)
     config.rl.grpo.beta = beta
     p = plan.plan(config)
@@ -110,7 +109,6 @@ def test_every_program_of_an_rl_step_compiles_for_a_v5p_slice(topology):
     config.plan.update(topology=topology, prompt_len=200)
     config.rl.update(prompts_per_step=8, max_new_tokens=256, recompute_old_logprobs=True)
     config.rl.grpo.beta = 0.04
-    config.train.update(batch_size=8, seq_len=512)
     p = plan.rl_step_plan(config)
     assert p["programs"] == ["decode", "forward", "insert", "prefill", "sync", "update"]
     assert p["slots"] == 64 and p["prompt_len"] == 256 and p["cache_len"] == 512
