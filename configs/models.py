@@ -149,7 +149,7 @@ def plan(preset: str = "tiny", target: str = "") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         devices=0,  # fake this many CPU devices (0: the devices present); set, it wins over topology
         # e.g. "v5p:4x4x2" or "v5e:8x8" (needs `pip install 'jax[tpu]==0.10.2'`); "" = the devices present
-        topology=TOPOLOGIES.get(target or DEFAULT_TARGETS.get(preset, ""), ""),
+        topology=TOPOLOGIES.get(target or DEFAULT_TARGETS.get(preset.removesuffix(f"@{REHEARSAL}"), ""), ""),
         hbm_gb=0.0,  # per-device memory to check the plan against (0: device's own, if known)
         prompt_len=512,  # RL: the prompt length the rollout's KV cache is planned for (a bucket of it)
     ))

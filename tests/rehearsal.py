@@ -3,12 +3,13 @@
 python -m tests.rehearsal [--preset=qwen2.5-7b] [--processes=2] [--devices=2]
 
 Every task of the pipeline, synthesize -> distill -> sft -> rl_stage1 (graded) -> rl_stage2 ->
-export -> eval, runs as N processes x M CPU devices joined by jax.distributed on localhost, each
-process running the command tpu/run.sh sends to every TPU worker (read from its --dry_run) in
-its own worker directory (a checkout and a cache of its own, like a worker's boot disk). Every
-path is on the GCS emulator; the teacher is a fake OpenAI-compatible server; each process
-orders the devices as a shuffled TPU mesh does (FLEMING_SHUFFLE_DEVICES); the configs are
-`PRESET@rehearsal`: the real preset's defaults with only the model shrunk (configs/models.py).
+export -> eval (of the exported model), runs as N processes x M CPU devices joined by
+jax.distributed on localhost, each process running the command tpu/run.sh sends to every TPU
+worker (read from its --dry_run) in its own worker directory (a checkout and a cache of its
+own, like a worker's boot disk). Every path is on the GCS emulator; the teacher is a fake
+OpenAI-compatible server; each process orders the devices as a shuffled TPU mesh does
+(FLEMING_SHUFFLE_DEVICES); the configs are `PRESET@rehearsal`: the real preset's defaults with
+only the model shrunk (configs/models.py).
 Besides paths, the flags in HOW_MUCH are the only changes from the real job (how much work,
 never how), and WORKAROUNDS, each for a reported defect. A stage passes when every process
 exits 0 and its outputs are in the bucket.
@@ -67,13 +68,6 @@ BENCHMARK_FIXTURES = {"medxpertqa": "medxpertqa.jsonl", "medqa": "medqa.jsonl", 
                       "pubmedqa": "pubmedqa_ori.json", "medbullets": "medbullets.csv"}
 
 
-# Stages that fail today for a reported defect, with the reason: the rehearsal goes on past them.
-KNOWN_FAILURES = {
-    "export": "on several hosts export_task builds the model with no mesh, so each host restores the "
-              "checkpoint onto device 0, which only process 0 owns (fleming_jax/models/hf.py)",
-}
-
-
 class Stage(NamedTuple):
     name: str
     config: str  # main.py's --config
@@ -106,9 +100,9 @@ def stages(preset: str, bucket: str, teacher_url: str) -> list[Stage]:
               says="[rl stage 2] scored the pool"),
         Stage("export", f"configs/export.py:{model}", f"{bucket}/export",
               [f"--config.model.init_from={bucket}/rl_stage2/checkpoints", f"--config.export.tokenizer={base}"],
-              ["hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"]),
-        Stage("eval", f"configs/eval.py:{model}", f"{bucket}/eval",
-              [f"--config.model.init_from={bucket}/rl_stage2/checkpoints", f"--config.tokenizer={base}"],
+              ["hf/config.json", "hf/model.safetensors.index.json", "hf/model-00001-of-00001.safetensors",
+               "hf/tokenizer.json"]),
+        Stage("eval", f"configs/eval.py:{model}", f"{bucket}/eval", [f"--config.model.hf_path={bucket}/export/hf"],
               ["results.json", "results.md"]),
     ]
 
@@ -291,10 +285,8 @@ def run_checked(stage: Stage, processes: int, homes: list[str], env: dict, tmp: 
 
 
 def rehearse(preset: str = "qwen2.5-7b", processes: int = 2, devices: int = 2, tmp: str | None = None,
-             timeout: float = 900.0, known: dict[str, str] = KNOWN_FAILURES, log=print) -> dict[str, float]:
-    """Runs the whole pipeline; each passed stage's wall seconds. A stage that fails raises
-    StageFailed, unless `known` names it (then the next stage runs); a stage `known` names that
-    passes raises too."""
+             timeout: float = 900.0, log=print) -> dict[str, float]:
+    """Runs the whole pipeline; each stage's wall seconds (StageFailed at the first failure)."""
     tmp = tmp or tempfile.mkdtemp(prefix="rehearsal-")
     emulator, teacher = Emulator(), Teacher()
     try:
@@ -318,16 +310,7 @@ def rehearse(preset: str = "qwen2.5-7b", processes: int = 2, devices: int = 2, t
             f"{emulator.url}, logs in {tmp}/logs; workarounds: "
             + "; ".join(f"{flag} ({why})" for flag, why in WORKAROUNDS.items()))
         for stage in stages(preset, bucket, teacher.url):
-            try:
-                times[stage.name] = run_checked(stage, processes, homes, env, tmp, timeout, emulator, teacher, log)
-            except StageFailed as e:
-                if stage.name not in known:
-                    raise
-                log(f"[rehearsal] {stage.name}: failed as known ({known[stage.name]}): {e}")
-                continue
-            if stage.name in known:
-                raise StageFailed(f"{stage.name} passed, but is listed as failing ({known[stage.name]}): "
-                                  "remove it from tests/rehearsal.py KNOWN_FAILURES")
+            times[stage.name] = run_checked(stage, processes, homes, env, tmp, timeout, emulator, teacher, log)
     finally:
         teacher.shutdown()
         emulator.stop()

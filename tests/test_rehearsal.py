@@ -47,5 +47,4 @@ def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path):
     from tests import rehearsal
 
     times = rehearsal.rehearse("qwen2.5-7b", processes=2, devices=2, tmp=str(tmp_path))
-    ran = {s.name for s in rehearsal.stages("", "gs://b", "")} - set(rehearsal.KNOWN_FAILURES)
-    assert ran <= set(times)
+    assert {s.name for s in rehearsal.stages("", "gs://b", "")} <= set(times)
