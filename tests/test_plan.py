@@ -116,7 +116,9 @@ def test_every_program_of_an_rl_step_compiles_for_a_v5p_slice(topology):
     data, tensor = p["rollout_mesh"]["data"], p["rollout_mesh"]["tensor"]
     assert data * tensor == p["devices"]
     kv = 2 * (64 // data) * 512 * (4 // tensor) * 64 * 2
-    assert kv < p["cache_bytes"] < kv + 64 // data * (4096 + 3 * 256) * 4 * 2  # + the slots' logits and outputs
+    # + each slot's logits, outputs, segment ids and counters: the engine keeps these on every
+    # device (only the K/V buffers are sharded over the data groups)
+    assert kv < p["cache_bytes"] <= kv + 64 * (4096 + 3 * 256 + 512 + 8) * 4
     resident = p["params_bytes"] + p["optimizer_bytes"] + p["reference_bytes"]
     assert min(p["phases"].values()) >= resident and p["peak_bytes"] == max(p["phases"].values())
     assert p["phases"]["rollout"] >= resident + p["decode_bytes"] + p["cache_bytes"]
