@@ -162,16 +162,17 @@ def multihost_run(root, workdir, signal_step=None):
 
         signal_in_step(trainer, signal_step)
     seen = []
-    step_fn, ref_logprobs = trainer.step_fn, trainer.ref_logprobs
+    step_fn, logprobs_of = trainer.step_fn, trainer.logprobs_of
 
     def counting_step(state, batch):
         seen.append(("update", batch["tokens"].shape[0], batch["advantages"].shape[0]))
         return step_fn(state, batch)
 
-    def counting_ref(batch):
-        seen.append(("reference", batch["tokens"].shape[0], batch["completion_mask"].shape[0]))
-        return ref_logprobs(batch)
-    trainer.step_fn, trainer.ref_logprobs = counting_step, counting_ref
+    def counting_logprobs(params, batch):
+        if params is trainer.reference:
+            seen.append(("reference", batch["tokens"].shape[0], batch["completion_mask"].shape[0]))
+        return logprobs_of(params, batch)
+    trainer.step_fn, trainer.logprobs_of = counting_step, counting_logprobs
     rows = trainer.train()
     params = {k: parallel.to_host(v) for k, v in _flat(nnx.to_pure_dict(trainer.state.params)).items()}
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows], params, seen

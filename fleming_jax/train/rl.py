@@ -107,7 +107,6 @@ class RLTrainer:
         # log-probs of `params` at a (global) batch's scored positions: the reference
         # policy's for the KL, the trainer's own for recompute_old_logprobs / TIS
         self.logprobs_of = lambda params, b: self._on_mesh(logprobs, params, {k: b[k] for k in layout})
-        self.ref_logprobs = lambda b: self.logprobs_of(self.reference, b)
         self.pool = mining.make_pool(self.records, c)
         self.rng = np.random.default_rng(c.seed)
         self.key = jax.random.key(c.seed)
