@@ -214,7 +214,8 @@ def rl_step_plan(config) -> dict:
         batch = parallel.batch_sharding(rollout)
         programs["prefill"] = compile_or_refuse(engine._prefill.lower(
             graphdef, decode_state, spec((rows, width), jnp.int32, parallel.batch_sharding(rollout, 2)),
-            spec((rows,), jnp.int32, batch), cache_dtype=dtype), "the prefill", config)
+            spec((rows,), jnp.int32, batch), cache_dtype=dtype, split_layers=devices[0].platform == "cpu"),
+            "the prefill", config)
         prefilled, logits = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                          programs["prefill"].out_info, programs["prefill"].output_shardings)
         keys = jax.ShapeDtypeStruct((rows * group,), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=batch)

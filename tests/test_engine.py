@@ -97,3 +97,30 @@ def test_sharded_engine_equals_single_device(tiny):
                            stop_ids=STOPS, slots=8, chunk=4, mesh=mesh)
     np.testing.assert_array_equal(many.tokens, one.tokens)
     np.testing.assert_allclose(many.model_logprobs, one.model_logprobs, atol=1e-4)
+
+
+def test_scanned_prefill_equals_the_unrolled_one(tiny):
+    """The TPU path (a scan over stacked weights and cache) against XLA:CPU's (unrolled layers)."""
+    from fleming_jax import sampler
+    from flax import nnx
+
+    over = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    mesh = parallel.rollout_mesh(-1, tiny.config.num_kv_heads, over)
+    model = sampler.rollout_model(tiny, mesh, "float32")
+    graphdef, state = nnx.split(model)
+    prompts = _prompts(4, 3)
+    tokens = np.zeros((4, 32), np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, :len(p)] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    with jax.set_mesh(mesh):
+        runs = [engine._prefill(graphdef, state, jnp.asarray(tokens), lengths, cache_dtype="float32", split_layers=s)
+                for s in (True, False)]
+    (unrolled, logits), (scanned, scanned_logits) = runs
+    assert len(scanned.k) == len(unrolled.k) == tiny.config.num_layers
+    for a, b in zip(unrolled.k + unrolled.v, scanned.k + scanned.v):
+        assert a.shape == b.shape and a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(scanned.segment), np.asarray(unrolled.segment))
+    np.testing.assert_array_equal(np.asarray(scanned.index), np.asarray(unrolled.index))
+    np.testing.assert_allclose(np.asarray(scanned_logits), np.asarray(logits), atol=1e-4)

@@ -256,12 +256,15 @@ class Qwen(nnx.Module):
         return project("...e,ev->...v", hidden, w, jnp.float32)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None,
-                      prefixes=None):
+                      prefixes=None, scan_cache: bool = False):
         """Final-norm hidden states [batch, length, embed] (and the updated cache).
 
         Without a cache the layers run as a scan over the stacked weights (one compiled
         block, for training). With a cache they are unrolled over per-layer weights and
         cache buffers; `layers` (from `Layers.split()`) passes weights already split.
+        `scan_cache`: scan over the layers with the cache too (one compiled block: a prompt's
+        prefill on TPU, where 28-64 unrolled layers compile for many minutes); it stacks
+        the cache's buffers, a copy, so a decode step (cache in place) does not use it.
         `prefixes` [batch, length] (no cache): for each token, another segment it also attends
         to (0: none), e.g. the prompt that several replies packed after it share.
         """
@@ -312,6 +315,14 @@ class Qwen(nnx.Module):
                 block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
             x, _ = jax.lax.scan(lambda x, p: block(x, p), x, self.layers.arrays())
             new_cache = None
+        elif scan_cache:
+            def layer(x, p_kv):
+                p, k, v = p_kv
+                return block(x, p, (k, v))
+
+            x, (k, v) = jax.lax.scan(layer, x, (self.layers.arrays(), jnp.stack(cache.k), jnp.stack(cache.v)))
+            k, v = tuple(k), tuple(v)  # back to one buffer per layer
+            new_cache = KVCache(k=k, v=v, segment=k_segment, index=cache.index + length)
         else:
             k, v = list(cache.k), list(cache.v)
             for i, p in enumerate(self.layers.split() if layers is None else layers):
