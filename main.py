@@ -97,6 +97,21 @@ def setup_compile_cache(directory: str | None) -> dict:
     return stats
 
 
+def keep_compile_cache_in_step() -> None:
+    """Turns the persistent compile cache off on several CPU processes (the hosts a test or the
+    rehearsal stands in for). Only process 0 writes the cache and the processes' keys differ, so
+    process 0 loads a program while the others compile it; XLA:CPU's cross-process collectives
+    (gloo) give a program's first run 30 s for every process to arrive, and a skew past that
+    kills or hangs the step (rl_stage2 after rl_stage1 did, 3 of 3 runs). TPU hosts share their
+    cache keys; GPU is left as it is until it is seen there."""
+    import jax
+
+    if jax.process_count() > 1 and jax.default_backend() == "cpu" and jax.config.jax_compilation_cache_dir:
+        print(f"[main] compile cache off ({jax.process_count()} CPU processes would load and compile "
+              "different programs and miss XLA:CPU's 30 s collective start)", flush=True)
+        jax.config.update("jax_compilation_cache_dir", None)
+
+
 def run_task(config, workdir: str):
     """Runs `config.task`; unknown tasks fail naming the ones that exist."""
     task = config.get("task")
@@ -108,6 +123,7 @@ def run_task(config, workdir: str):
         from fleming_jax import parallel
 
         parallel.initialize_distributed(config.get("distributed"))
+        keep_compile_cache_in_step()
     from fleming_jax import paths
 
     paths.check_bucket(workdir)  # a missing bucket or no access fails here, in one line
@@ -140,6 +156,9 @@ def main(argv):
             raise
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message's layout
     if stats["programs"]:
+        import jax
+
+        cache = jax.config.jax_compilation_cache_dir  # None when run_task turned it off
         print(f"[main] XLA compilation {stats['seconds']:.1f} s for {stats['programs']} programs"
               + (f", {stats['hits']} loaded from the cache in {cache}" if cache else ""), flush=True)
 

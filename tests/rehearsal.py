@@ -11,8 +11,7 @@ OpenAI-compatible server; each process orders the devices as a shuffled TPU mesh
 (FLEMING_SHUFFLE_DEVICES); the configs are `PRESET@rehearsal`: the real preset's defaults with
 only the model shrunk (configs/models.py).
 Besides paths, the flags in HOW_MUCH are the only changes from the real job (how much work,
-never how), and WORKAROUNDS, each for a reported defect. A stage passes when every process
-exits 0 and its outputs are in the bucket.
+never how). A stage passes when every process exits 0 and its outputs are in the bucket.
 """
 
 from __future__ import annotations
@@ -50,15 +49,6 @@ HOW_MUCH = {
     "rl_stage2": ["--config.rl.steps=2", "--config.rl.max_pool=32", "--config.rl.max_new_tokens=32"],
     "export": [],
     "eval": ["--config.eval.limit=8", "--config.eval.max_new_tokens=32"],
-}
-
-# Flags every stage gets until a reported defect is fixed (each a deviation from the real job).
-WORKAROUNDS = {
-    # A persistent compile cache hangs the 2-process CPU run: process 0 loads its own entries,
-    # process 1 never loaded one (in any run) and compiles, and rl_stage2's first update (a
-    # program rl_stage1 cached) then waited forever on both hosts in 3 of 3 runs (the cache
-    # shared on gs:// or one per worker); with the cache off it passes.
-    "--config.compile_cache=none": "the persistent compile cache off",
 }
 
 # configs/eval.py's paper benchmarks read data/benchmarks/ in the worker's checkout: each gets
@@ -265,7 +255,7 @@ def run_stage(name: str, command: str, homes: list[str], env: dict, log_dir: str
 def run_checked(stage: Stage, processes: int, homes: list[str], env: dict, tmp: str, timeout: float,
                 emulator: Emulator, teacher: Teacher, log) -> float:
     """`run_stage` launched as tpu/run.sh launches it, then its outputs checked."""
-    flags = stage.flags + HOW_MUCH[stage.name] + list(WORKAROUNDS)
+    flags = stage.flags + HOW_MUCH[stage.name]
     command = worker_command(stage.config, stage.workdir, flags, processes, tmp)
     log(f"[rehearsal] {stage.name}: {command}")
     log_dir = os.path.join(tmp, "logs", stage.name)
@@ -307,8 +297,7 @@ def rehearse(preset: str = "qwen2.5-7b", processes: int = 2, devices: int = 2, t
         for home in homes:
             worker_dir(home)
         log(f"[rehearsal] {preset}@rehearsal, {processes} processes x {devices} CPU devices, {bucket} on "
-            f"{emulator.url}, logs in {tmp}/logs; workarounds: "
-            + "; ".join(f"{flag} ({why})" for flag, why in WORKAROUNDS.items()))
+            f"{emulator.url}, logs in {tmp}/logs")
         for stage in stages(preset, bucket, teacher.url):
             times[stage.name] = run_checked(stage, processes, homes, env, tmp, timeout, emulator, teacher, log)
     finally:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers
 
@@ -55,3 +56,26 @@ def test_every_config_has_a_compile_cache_key_and_its_default_sits_beside_the_wo
     assert at("", "gs://b") == at("", "gs://b/") == "gs://b/xla_cache"  # a bucket root: inside it
     assert at("", "runs/sft") == os.path.abspath("runs/xla_cache")
     assert at("gs://c/xla", "runs/sft") == "gs://c/xla" and at("none", "runs/sft") is at("None", "x") is None
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_run_without_the_persistent_compile_cache(tmp_path):
+    """Only process 0 writes the cache and the processes' keys differ: on the rerun process 0
+    loaded programs the other compiled, missed XLA:CPU's 30 s collective start, and rl_stage2
+    hung (3 of 3 runs). So several CPU processes turn the cache off, say so, and write nothing."""
+    from tests.test_parallel import free_port
+
+    port, cache = free_port(), tmp_path / "cache"
+    procs = [subprocess.Popen(
+        [sys.executable, "main.py", "--config=configs/export.py", "--config.model.num_layers=2",
+         f"--workdir={tmp_path}/export", f"--config.compile_cache={cache}"],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                 FLEMING_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", FLEMING_NUM_PROCESSES="2", FLEMING_PROCESS_ID=str(i)))
+        for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "[main] compile cache off (2 CPU processes" in out
+        assert "loaded from the cache" not in out
+    assert not cache.exists() or not any(cache.iterdir())
