@@ -173,7 +173,7 @@ def rl_step_plan(config) -> dict:
 
     from fleming_jax import engine, models, parallel, sampler
     from fleming_jax.models import qwen
-    from fleming_jax.train.logprobs import token_logprobs
+    from fleming_jax.train.logprobs import PACKED_BATCH, packed_logprobs
 
     p = plan(config)
     devices = _devices(config.plan)
@@ -232,11 +232,8 @@ def rl_step_plan(config) -> dict:
     if forward:  # the reference's (bf16 copy) or the trainer's own log-probs of the rollout
         param_graphdef, param_state = nnx.split(abstract_model, nnx.Param)
         forward_params = place(param_state, mesh, c.reference_dtype if c.grpo.beta else None)
-        layout = {k: update_batch.get(k) for k in ("tokens", "segments", "positions", "prefixes", "targets", "sources")}
-        fwd = jax.jit(lambda params, b: token_logprobs(
-            nnx.merge(param_graphdef, params), b["tokens"], b["segments"], b["positions"],
-            chunk_size=c.logprob_chunk, last=update_batch["completion_mask"].shape[1], at=b["targets"],
-            sources=b["sources"], prefixes=b["prefixes"]))
+        layout = {k: update_batch.get(k) for k in PACKED_BATCH}
+        fwd = packed_logprobs(param_graphdef, c.logprob_chunk)
         with jax.set_mesh(mesh):
             programs["forward"] = compile_or_refuse(fwd.lower(forward_params, layout), "the reference forward", config)
     resident = p["params_bytes"] + p["optimizer_bytes"] + p["reference_bytes"]

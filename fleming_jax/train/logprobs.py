@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from fleming_jax.models.qwen import project
 
@@ -61,3 +62,15 @@ def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: in
     if with_entropy:
         return unchunk(picked), unchunk(entropy)
     return unchunk(picked)
+
+
+PACKED_BATCH = ("tokens", "segments", "positions", "prefixes", "targets", "sources")  # what it reads
+
+
+def packed_logprobs(graphdef, chunk_size: int):
+    """jitted `(params, batch) -> log-probs at a packed batch's scored positions` (`PACKED_BATCH`
+    keys): RL's reference and recompute forward, and the program `plan` compiles for it."""
+    return jax.jit(lambda params, b: token_logprobs(
+        nnx.merge(graphdef, params), b["tokens"], b["segments"], b["positions"], chunk_size=chunk_size,
+        at=b["targets"], sources=b["sources"], prefixes=b["prefixes"]))
+

@@ -34,7 +34,7 @@ from fleming_jax.evaluate import evaluate_records, fits_context
 from fleming_jax.prompts import completion_texts, record_prompts
 from fleming_jax.train import grpo, loop, mining, packing
 from fleming_jax.train import state as statelib
-from fleming_jax.train.logprobs import token_logprobs
+from fleming_jax.train.logprobs import PACKED_BATCH, packed_logprobs
 
 
 # The random stream of the pool's stage-start pass, apart from the per-step rollout keys
@@ -100,13 +100,10 @@ class RLTrainer:
         loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk, tis_cap=c.tis_cap)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, c.grad_accum_steps, self.mesh,
                                                 shardings)
-        logprobs = jax.jit(lambda p, b: token_logprobs(
-            nnx.merge(self.graphdef, p), b["tokens"], b["segments"], b["positions"], chunk_size=c.logprob_chunk,
-            at=b["targets"], sources=b["sources"], prefixes=b["prefixes"]))
-        layout = ("tokens", "segments", "positions", "prefixes", "targets", "sources")
+        logprobs = packed_logprobs(self.graphdef, c.logprob_chunk)
         # log-probs of `params` at a (global) batch's scored positions: the reference
         # policy's for the KL, the trainer's own for recompute_old_logprobs / TIS
-        self.logprobs_of = lambda params, b: self._on_mesh(logprobs, params, {k: b[k] for k in layout})
+        self.logprobs_of = lambda params, b: self._on_mesh(logprobs, params, {k: b[k] for k in PACKED_BATCH})
         self.pool = mining.make_pool(self.records, c)
         self.rng = np.random.default_rng(c.seed)
         self.key = jax.random.key(c.seed)
