@@ -22,9 +22,26 @@ import math
 import os
 import re
 
-# Per-chip HBM (GiB) of the TPU generations a topology can name.
-TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 GIB = 1024**3
+
+
+def device_memory(device) -> int:
+    """Bytes a program may use on `device`: a TPU's as its compiler counts it (v5e 15.75 GiB,
+    v6e 31.25, v5p 95.74: less than the chip's nominal 16 / 32 / 95, so a plan that fits is
+    one the chip runs), read from the error of a program too large for any chip; 0 elsewhere
+    (set plan.hbm_gb)."""
+    import jax
+    import jax.numpy as jnp
+
+    if device.platform != "tpu":
+        return 0
+    try:
+        jax.jit(lambda: jnp.zeros((2**40,), jnp.int8),
+                out_shardings=jax.sharding.SingleDeviceSharding(device)).lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        found = re.search(r"available HBM \(([\d.]+)G\)", str(e))
+        return int(float(found.group(1)) * GIB) if found else 0
+    return 0
 
 
 def is_rl(config) -> bool:
@@ -102,7 +119,7 @@ def plan(config) -> dict:
     mem = compiled.memory_analysis()
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     kind = devices[0].device_kind
-    hbm = config.plan.hbm_gb * GIB or TPU_HBM_GIB.get(kind, 0) * GIB
+    hbm = int(config.plan.hbm_gb * GIB) or device_memory(devices[0])
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     peak += reference_bytes  # held beside the step for the whole run
     return dict(

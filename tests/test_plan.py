@@ -90,7 +90,8 @@ def test_plan_compiles_for_a_described_tpu_slice():
     config.plan.topology = "v5e:2x2"
     p = plan.plan(config)
     assert p["device_kind"] == "TPU v5 lite" and p["devices"] == 4
-    assert p["hbm_bytes"] == 16 * 1024**3 and p["fits"] is True
+    # the compiler's own limit (a v5e chip's 16 GiB less what the runtime keeps), not the nominal size
+    assert p["hbm_bytes"] == int(15.75 * 1024**3) and p["fits"] is True
 
 
 @pytest.mark.slow  # 1-3 minutes of TPU compiler a slice

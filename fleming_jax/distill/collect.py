@@ -188,7 +188,7 @@ def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConf
 
 
 # ---------------------------------------------------------------- several hosts
-# Generic multi-host helpers (they belong in `parallel.py`, which this change does not own).
+# Host-side tasks (distill, synthesize) on several hosts: process 0 works, the others keep step.
 
 # Errors raised on every host as the type process 0 raised; main.py prints these in one line.
 _SHARED_ERRORS = (teachers.TeacherError, FileNotFoundError, ValueError, OSError)
