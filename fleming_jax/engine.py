@@ -66,6 +66,13 @@ def _empty(config, slots: int, length: int, budget: int, cache_dtype: str) -> Sl
                  model_logprobs=zeros(jnp.float32))
 
 
+def splits_layers(device) -> bool:
+    """The engine's programs on `device`'s platform take each layer's weights split out once
+    (`Layers.split()`): XLA:CPU copies a slice of the stacked weights every time it takes one.
+    Elsewhere decode slices in place and prefill scans the stacked weights (`_decode`, `_prefill`)."""
+    return device.platform == "cpu"
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype", "split_layers"))
 def _prefill(graphdef, state, tokens, lengths, cache_dtype: str, split_layers: bool):
     """Caches and next-token logits of right-padded prompts [rows, width] (`lengths` real).
@@ -179,7 +186,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     sequence_keys = jax.random.split(key, len(prompts) * group)  # sequence i*G+s draws from its own
     run_params = dataclasses.replace(params, max_new_tokens=0)  # traced instead: not a compile key
-    split_layers = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform == "cpu"
+    split_layers = splits_layers((jax.devices() if mesh is None else mesh.devices.flat)[0])
 
     out = {name: np.zeros((len(prompts), group, budget), dtype) for name, dtype in
            (("tokens", np.int32), ("logprobs", np.float32), ("model_logprobs", np.float32))}

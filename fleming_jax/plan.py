@@ -231,7 +231,7 @@ def rl_step_plan(config) -> dict:
         batch = parallel.batch_sharding(rollout)
         programs["prefill"] = compile_or_refuse(engine._prefill.lower(
             graphdef, decode_state, spec((rows, width), jnp.int32, parallel.batch_sharding(rollout, 2)),
-            spec((rows,), jnp.int32, batch), cache_dtype=dtype, split_layers=devices[0].platform == "cpu"),
+            spec((rows,), jnp.int32, batch), cache_dtype=dtype, split_layers=engine.splits_layers(devices[0])),
             "the prefill", config)
         prefilled, logits = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                          programs["prefill"].out_info, programs["prefill"].output_shardings)
@@ -243,7 +243,7 @@ def rl_step_plan(config) -> dict:
         params = sampler.SamplingParams(temperature=c.temperature, top_p=c.top_p, num_samples=group, max_new_tokens=0)
         programs["decode"] = compile_or_refuse(engine._decode.lower(
             graphdef, decode_state, table, spec((2,), jnp.int32), scalar, scalar, params=params,
-            split_layers=devices[0].platform == "cpu"), "the decode loop", config)
+            split_layers=engine.splits_layers(devices[0])), "the decode loop", config)
     loss, update_batch, _ = task_loss(config, mesh)
     forward = c.grpo.beta or c.recompute_old_logprobs or c.tis_cap
     if forward:  # the reference's (bf16 copy) or the trainer's own log-probs of the rollout
@@ -418,7 +418,7 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
         params = sampler.SamplingParams(temperature=1.0, num_samples=samples, max_new_tokens=0)
         compiled = engine._decode.lower(graphdef, state, table, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole),
                                         scalar, scalar, params=params,
-                                        split_layers=devices[0].platform == "cpu").compile()
+                                        split_layers=engine.splits_layers(devices[0])).compile()
     mem = compiled.memory_analysis()
     shard_bytes = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
     return dict(model=config.model.preset, layout=layout, mesh=dict(mesh.shape), dtype=dtype,

@@ -73,4 +73,3 @@ def packed_logprobs(graphdef, chunk_size: int):
     return jax.jit(lambda params, b: token_logprobs(
         nnx.merge(graphdef, params), b["tokens"], b["segments"], b["positions"], chunk_size=chunk_size,
         at=b["targets"], sources=b["sources"], prefixes=b["prefixes"]))
-
