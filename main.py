@@ -26,7 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fleming_jax import config_check, preemption
-from fleming_jax.distill.teachers import TeacherError
+from fleming_jax.openai_api import ServerError
 
 # task name -> "module:function"; each function is `run(config, workdir)`.
 TASKS = {
@@ -40,10 +40,10 @@ TASKS = {
     "eval": "fleming_jax.evaluate:run",
 }
 
-# What a task raises for bad input (a missing file, a bad value, an unreachable teacher):
+# What a task raises for bad input (a missing file, a bad value, an unreachable server):
 # printed as one line (paths.StorageError is an OSError). Any other exception is a bug and
 # keeps its traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, TeacherError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ServerError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:preset]).",

@@ -121,13 +121,21 @@ def distributed() -> ml_collections.ConfigDict:
 
 
 def rollout() -> ml_collections.ConfigDict:
-    """How RL generates (`fleming_jax.engine`): the policy is cast to `dtype` ("" = the
-    model's compute dtype) and resharded once per update into the decode layout
-    (`parallel.rollout_mesh`: tensor parallel over `tensor` devices of a host, -1 = as many as
-    divide the host's devices and the KV heads; data parallel over the rest). `slots`
-    sequences decode at once (0 = a whole rollout, prompts_per_step x group_size); a finished
-    one hands its slot to the next every `chunk` tokens."""
-    return ml_collections.ConfigDict(dict(tensor=-1, dtype="", slots=0, chunk=16))
+    """How RL generates. `engine` "local": the in-tree engine (`fleming_jax.engine`): the
+    policy is cast to `dtype` ("" = the model's compute dtype) and resharded once per update
+    into the decode layout (`parallel.rollout_mesh`: tensor parallel over `tensor` devices of a
+    host, -1 = as many as divide the host's devices and the KV heads; data parallel over the
+    rest). `slots` sequences decode at once (0 = a whole rollout, prompts_per_step x
+    group_size); a finished one hands its slot to the next every `chunk` tokens.
+    `engine` "openai": an external OpenAI-compatible server (vLLM, SGLang, tpu-inference:
+    `fleming_jax.remote_engine`); `server` says where: `base_url` (up to /v1), the served
+    `model` name, `weights_dir` the policy is saved to after each update ("" = <workdir>/
+    rollout_weights; a path the server can read), `reload_url` it is told to reload from
+    ("" = SGLang's <server>/update_weights_from_disk), `api_key_env`, `max_concurrency`
+    requests at once, `timeout_s` per request."""
+    server = ml_collections.ConfigDict(dict(base_url="", model="", weights_dir="", reload_url="", api_key_env="",
+                                            max_concurrency=16, timeout_s=600.0))
+    return ml_collections.ConfigDict(dict(engine="local", tensor=-1, dtype="", slots=0, chunk=16, server=server))
 
 
 def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:

@@ -17,6 +17,7 @@ import time
 from fleming_jax import models, parallel, paths
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data.records import QARecord, read_jsonl, write_jsonl
+from fleming_jax.engine import LocalEngine
 from fleming_jax.evaluate import evaluate_records
 from fleming_jax.sampler import SamplingParams
 
@@ -44,7 +45,7 @@ def held_out_accuracy(config, stage: str, workdir: str, records: list[QARecord])
     model, _ = models.build(model_cfg)
     tokenizer = toklib.load(paths.join(workdir, "sft", "tokenizer"))
     params = SamplingParams(temperature=0.0, max_new_tokens=config.demo.eval_max_new_tokens)
-    result = evaluate_records(model, tokenizer, records, params)  # the tokenizer's stop tokens
+    result = evaluate_records(LocalEngine.of(model), tokenizer, records, params)  # the tokenizer's stop tokens
     if parallel.is_main_process():
         write_jsonl(paths.join(workdir, "held_out", f"{stage}.jsonl"), result["outputs"])
     result.pop("outputs")

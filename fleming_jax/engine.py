@@ -29,7 +29,7 @@ from flax import nnx
 
 from fleming_jax import parallel, preemption
 from fleming_jax.models.qwen import ATTENTION_BLOCK, KVCache
-from fleming_jax.sampler import SampleOutput, SamplingParams, bucket, pick
+from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, rollout_model
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # each layer's cache buffer
 TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0}  # programs traced (tests count them)
@@ -93,21 +93,22 @@ def _prefill(graphdef, state, tokens, lengths, cache_dtype: str, split_layers: b
     return cache, model.logits(last)
 
 
-@functools.partial(jax.jit, static_argnames=("group",), donate_argnums=(0,))
-def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, keys, group: int) -> Slots:
-    """Each prefilled prompt's cache and logits into `group` slots (`slot_ids`, out-of-range
-    ids for padding rows are dropped); those slots start a fresh sequence."""
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, keys) -> Slots:
+    """Prefilled prompt `rows[j]`'s cache and logits into slot `slot_ids[j]` (out-of-range ids,
+    for padding, are dropped); those slots start a fresh sequence with random stream `keys[j]`.
+    A group's samples admitted together share one prefilled row."""
     TRACES["insert"] += 1
-    copy = lambda x: jnp.repeat(x, group, axis=0)
+    copy = lambda x: x[rows]
     width = prefilled.segment.shape[1]
-    put = lambda buffer, rows: buffer.at[slot_ids].set(rows, mode="drop")
-    put_prefix = lambda buffer, rows: buffer.at[slot_ids, :width].set(rows.astype(buffer.dtype), mode="drop")
+    put = lambda buffer, values: buffer.at[slot_ids].set(values, mode="drop")
+    put_prefix = lambda buffer, values: buffer.at[slot_ids, :width].set(values.astype(buffer.dtype), mode="drop")
     cache = slots.cache
-    segment = jnp.zeros((len(slot_ids),) + cache.segment.shape[1:], jnp.int32).at[:, :width].set(copy(prefilled.segment))
-    cache = KVCache(k=tuple(put_prefix(b, copy(n)) for b, n in zip(cache.k, prefilled.k)),
-                    v=tuple(put_prefix(b, copy(n)) for b, n in zip(cache.v, prefilled.v)),
-                    segment=put(cache.segment, segment), index=put(cache.index, copy(lengths)))
     n = len(slot_ids)
+    segment = jnp.zeros((n,) + cache.segment.shape[1:], jnp.int32).at[:, :width].set(copy(prefilled.segment))
+    cache = KVCache(k=tuple(put_prefix(b, copy(k)) for b, k in zip(cache.k, prefilled.k)),
+                    v=tuple(put_prefix(b, copy(v)) for b, v in zip(cache.v, prefilled.v)),
+                    segment=put(cache.segment, segment), index=put(cache.index, copy(lengths)))
     return Slots(cache=_constrain_cache(cache), last_logits=put(slots.last_logits, copy(logits)),
                  keys=put(slots.keys, keys), steps=put(slots.steps, jnp.zeros((n,), jnp.int32)),
                  done=put(slots.done, jnp.zeros((n,), bool)),
@@ -116,10 +117,19 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, keys, g
                  model_logprobs=put(slots.model_logprobs, jnp.zeros((n,) + slots.logprobs.shape[1:], jnp.float32)))
 
 
+@jax.jit
+def _take(slots: Slots, ids):
+    """The outputs of slots `ids` (finished sequences): all the host fetches of a rollout."""
+    return slots.tokens[ids], slots.logprobs[ids], slots.model_logprobs[ids], slots.steps[ids]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "split_layers"), donate_argnums=(2,))
 def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, params: SamplingParams,
             split_layers: bool) -> Slots:
-    """Up to `chunk` tokens in every unfinished slot (fewer when all finish first).
+    """Up to `chunk` tokens in every unfinished slot (fewer when all finish first); returns the
+    slots and a copy of their `done` flags (the slots are donated to the next call, the flags
+    stay readable while it runs). A finished slot's cache index goes back to 0, so the
+    attention loop's bound (`qwen.attend_live_blocks`) follows the longest live sequence.
 
     `split_layers`: slice each layer's weights out of the stacked arrays once, before the
     loop. XLA:CPU needs it (it would copy every slice every token); the TPU compiler fuses the
@@ -143,14 +153,14 @@ def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, para
         index = s.cache.index
         logits, cache = model(jnp.where(active, token, 0)[:, None], attention_mask=active[:, None].astype(jnp.int32),
                               cache=s.cache, layers=layers)
-        cache = _constrain_cache(cache.replace(index=index + active))
+        cache = _constrain_cache(cache.replace(index=jnp.where(done, 0, index + active)))
         last = jnp.where(active[:, None], logits[:, -1], s.last_logits)
         return i + 1, Slots(cache=cache, last_logits=last, keys=s.keys, steps=steps, done=done,
                             tokens=write(s.tokens, token), logprobs=write(s.logprobs, lp),
                             model_logprobs=write(s.model_logprobs, raw))
 
     _, slots = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1].done), step, (0, slots))
-    return slots
+    return slots, jnp.copy(slots.done)
 
 
 def cache_length(prompt_width: int, budget: int) -> int:
@@ -162,11 +172,17 @@ def cache_length(prompt_width: int, budget: int) -> int:
 
 def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: SamplingParams,
              stop_ids: Sequence[int] = (), slots: int = 64, chunk: int = 16, mesh=None,
-             cache_dtype: str | None = None, pad_id: int = 0) -> SampleOutput:
+             cache_dtype: str | None = None, pad_id: int = 0, stats: dict | None = None) -> SampleOutput:
     """`params.num_samples` completions of each prompt through `slots` decode slots (fewer
-    when fewer sequences are asked for; a power of two, so few programs are compiled); the same
-    SampleOutput for any `slots` and `chunk` (the same samples, too).
-    The cache holds slots x `cache_length` tokens.
+    when fewer sequences are asked for; a multiple of the group and the data-parallel degree);
+    the same SampleOutput for any `slots` and `chunk` (the same samples, too).
+
+    The cache holds slots x `cache_length` tokens. A sequence is admitted as soon as a slot is
+    free, alone if need be (a group's samples admitted together share one prefill). One chunk
+    is always queued ahead: the host reads a chunk's finished flags, fetches those rows and
+    admits new sequences while the next chunk runs, so a freed slot waits one chunk longer
+    and the device never waits for the host. `stats` (a dict) receives `admitted_late`, the
+    sequences admitted after the first chunk, and `chunks`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompts")
@@ -191,47 +207,72 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     out = {name: np.zeros((len(prompts), group, budget), dtype) for name, dtype in
            (("tokens", np.int32), ("logprobs", np.float32), ("model_logprobs", np.float32))}
     lengths = np.zeros((len(prompts), group), np.int32)
-    owner: list[tuple[int, int] | None] = [None] * n_slots
-    waiting = list(range(len(prompts)))
+    owner: list[int | None] = [None] * n_slots  # the sequence (i*G+s) in each slot
+    since = [0] * n_slots  # the first chunk that decodes the slot's sequence (older flags are stale)
+    waiting = list(range(len(prompts) * group))
+    counts = dict(admitted_late=0, chunks=0)
+
+    def admit(table):
+        free = [s for s in range(n_slots) if owner[s] is None]
+        batch = waiting[:len(free)]
+        del waiting[:len(batch)]
+        if not batch:
+            return table
+        if counts["chunks"]:
+            counts["admitted_late"] += len(batch)
+        rows_of = list(dict.fromkeys(q // group for q in batch))  # each prompt prefilled once
+        rows = -(-bucket(len(rows_of), minimum=1) // dp) * dp
+        tokens = np.full((rows, width), pad_id, np.int32)
+        real = np.ones((rows,), np.int32)
+        for r, i in enumerate(rows_of):
+            tokens[r, :len(prompts[i])] = prompts[i]
+            real[r] = len(prompts[i])
+        cache, logits = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(real), cache_dtype=cache_dtype,
+                                 split_layers=split_layers)
+        n = bucket(len(batch), minimum=1)
+        ids, row, seq = np.full((n,), n_slots, np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+        for j, q in enumerate(batch):  # padding rows keep an out-of-range slot id: dropped
+            ids[j], row[j], seq[j] = free[j], rows_of.index(q // group), q
+            owner[free[j]], since[free[j]] = q, counts["chunks"] + 1
+        return _insert(table, cache, logits, jnp.asarray(real), jnp.asarray(ids), jnp.asarray(row),
+                       sequence_keys[jnp.asarray(seq)])
+
+    def store(fetched):
+        seqs, (tokens, logprobs, model_logprobs, steps) = fetched
+        host = [parallel.to_host(x) for x in (tokens, logprobs, model_logprobs, steps)]
+        for j, q in enumerate(seqs):
+            i, g = divmod(q, group)
+            for name, values in zip(("tokens", "logprobs", "model_logprobs"), host):
+                out[name][i, g] = values[j]
+            lengths[i, g] = host[3][j]
+
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        table = _empty(config, n_slots, length, budget, cache_dtype)
-        while waiting or any(o is not None for o in owner):
-            free = [s for s in range(n_slots) if owner[s] is None]
-            take = min(len(waiting), len(free) // group)
-            if take:
-                batch, waiting = waiting[:take], waiting[take:]
-                rows = bucket(take, minimum=1)
-                rows = -(-rows // dp) * dp
-                tokens = np.full((rows, width), pad_id, np.int32)
-                real = np.ones((rows,), np.int32)
-                for r, i in enumerate(batch):
-                    tokens[r, :len(prompts[i])] = prompts[i]
-                    real[r] = len(prompts[i])
-                cache, logits = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(real), cache_dtype=cache_dtype,
-                                         split_layers=split_layers)
-                ids = np.full((rows * group,), n_slots, np.int32)  # out of range: dropped
-                seq = np.zeros((rows * group,), np.int32)
-                for r, i in enumerate(batch):
-                    for s in range(group):
-                        slot = free[r * group + s]
-                        ids[r * group + s], seq[r * group + s] = slot, i * group + s
-                        owner[slot] = (i, s)
-                table = _insert(table, cache, logits, jnp.asarray(real), jnp.asarray(ids),
-                                sequence_keys[jnp.asarray(seq)], group=group)
-            table = _decode(graphdef, state, table, stop, jnp.asarray(budget, jnp.int32), jnp.asarray(chunk, jnp.int32),
-                            params=run_params, split_layers=split_layers)
+        table = admit(_empty(config, n_slots, length, budget, cache_dtype))
+        flags, fetching = None, []  # (chunk number, its done flags); rows being fetched
+        while True:
+            table, next_flags = _decode(graphdef, state, table, stop, jnp.asarray(budget, jnp.int32),
+                                        jnp.asarray(chunk, jnp.int32), params=run_params, split_layers=split_layers)
+            counts["chunks"] += 1
+            next_flags = (counts["chunks"], next_flags)
             preemption.check("a rollout")  # between chunks: every host stops at the same one
-            done = parallel.to_host(table.done)
-            finished = [s for s in range(n_slots) if owner[s] is not None and done[s]]
-            if finished:
-                host = {name: parallel.to_host(getattr(table, name)) for name in out}
-                steps = parallel.to_host(table.steps)
-                for s in finished:
-                    i, g = owner[s]
-                    for name in out:
-                        out[name][i, g] = host[name][s]
-                    lengths[i, g] = steps[s]
-                    owner[s] = None
+            for fetched in fetching:  # rows taken a chunk ago: ready while this chunk runs
+                store(fetched)
+            fetching = []
+            if flags is not None:
+                number, done = flags[0], parallel.to_host(flags[1])  # the chunk before this one
+                finished = [s for s in range(n_slots) if owner[s] is not None and since[s] <= number and done[s]]
+                if finished:
+                    ids = np.zeros((bucket(len(finished), minimum=1),), np.int32)
+                    ids[:len(finished)] = finished
+                    fetching.append(([owner[s] for s in finished], _take(table, jnp.asarray(ids))))
+                    for s in finished:
+                        owner[s] = None
+                table = admit(table)
+            flags = next_flags
+            if not fetching and not waiting and all(o is None for o in owner):
+                break
+    if stats is not None:
+        stats.update(counts)
     last = np.take_along_axis(out["tokens"], np.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
     stopped = (lengths > 0) & np.isin(last, list(stop_ids))
     for name in out:  # nothing after the end of a sequence
@@ -239,3 +280,44 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     return SampleOutput(tokens=out["tokens"], logprobs=out["logprobs"], model_logprobs=out["model_logprobs"],
                         lengths=lengths, done=stopped)
 
+
+class LocalEngine(RolloutEngine):
+    """`generate` on a copy of the policy in the decode layout: `sync` casts it to `dtype` and
+    reshards it onto `mesh` (`sampler.rollout_model`, one jitted program); with no mesh it
+    samples from the model as given. `slots` 0: a decode slot for every sequence asked for."""
+
+    def __init__(self, mesh=None, dtype: str | None = None, slots: int = 0, chunk: int = 16, pad_id: int = 0):
+        self.mesh, self.dtype, self.slots, self.chunk, self.pad_id = mesh, dtype, slots, chunk, pad_id
+        self.model = None
+
+    @classmethod
+    def of(cls, model, **kwargs) -> "LocalEngine":
+        """An engine already synced with `model` (kwargs: see the class)."""
+        made = cls(**kwargs)
+        made.sync(model)
+        return made
+
+    def sync(self, model) -> None:
+        self.model = model if self.mesh is None else rollout_model(model, self.mesh, self.dtype)
+        jax.block_until_ready(nnx.state(self.model))  # done when it returns: RL times the sync
+
+    def generate(self, prompts, key, params: SamplingParams, stop_ids) -> SampleOutput:
+        if self.model is None:
+            raise RuntimeError("LocalEngine.generate before sync: sync the policy first")
+        slots = self.slots or bucket(len(prompts), minimum=1) * params.num_samples
+        self.stats = {}
+        return generate(self.model, prompts, key, params, stop_ids=stop_ids, slots=slots, chunk=self.chunk,
+                        mesh=self.mesh, pad_id=self.pad_id, stats=self.stats)
+
+
+def from_config(rollout, mesh=None, pad_id: int = 0, workdir: str = "") -> RolloutEngine:
+    """The engine `rollout.engine` names: "local" (this module) or "openai" (an external
+    OpenAI-compatible server, `remote_engine.OpenAIEngine`; its weights go under `workdir`)."""
+    if rollout.engine == "local":
+        return LocalEngine(mesh, rollout.dtype or None, rollout.slots, rollout.chunk, pad_id)
+    if rollout.engine == "openai":
+        from fleming_jax import remote_engine
+
+        return remote_engine.OpenAIEngine.from_config(rollout.server, workdir)
+    raise ValueError(f"config.rollout.engine={rollout.engine!r}: use 'local' (the in-tree engine) or 'openai' "
+                     "(an OpenAI-compatible server, config.rollout.server)")

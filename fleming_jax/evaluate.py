@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from fleming_jax import engine, parallel, paths, rewards, sampler
+from fleming_jax import parallel, paths, rewards, sampler
 from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.data.sources import Malformed
 from fleming_jax.progress import eta
@@ -91,23 +91,19 @@ def summarize(rows: Sequence[dict]) -> dict:
 
 # ---------------------------------------------------------------- through the engine
 
-def sample_texts(model, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams,
-                 stop_ids: Sequence[int], key, mesh=None) -> tuple[list[list[str]], np.ndarray]:
-    """(completions [records][k], lengths [records, k]) for one batch of records, every
-    sequence in a decode slot of its own (as many slots as the batch's power-of-two row
-    bucket holds, so batch sizes share programs)."""
-    slots = sampler.bucket(len(records), minimum=1) * params.num_samples
-    out = engine.generate(model, record_prompts(tokenizer, records), key, params, stop_ids=stop_ids, slots=slots,
-                          mesh=mesh, pad_id=tokenizer.pad_token_id or 0)
+def sample_texts(engine: sampler.RolloutEngine, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams,
+                 stop_ids: Sequence[int], key) -> tuple[list[list[str]], np.ndarray]:
+    """(completions [records][k], lengths [records, k]) for one batch of records."""
+    out = engine.generate(record_prompts(tokenizer, records), key, params, stop_ids)
     return completion_texts(tokenizer, out), out.lengths
 
 
-def evaluate_records(model, tokenizer, records: Sequence[QARecord], params: sampler.SamplingParams | None = None,
-                     stop_ids: Sequence[int] | None = None, key=None, mesh=None, batch_size: int = 64,
-                     progress: Callable[[int, int, list[dict]], None] | None = None) -> dict:
-    """`summarize`'s numbers plus `outputs` (one `score_question` row per record); writes nothing.
-    Defaults: greedy with 256 new tokens, the tokenizer's stop tokens. `progress(done, total,
-    rows)` is called after each batch."""
+def evaluate_records(engine: sampler.RolloutEngine, tokenizer, records: Sequence[QARecord],
+                     params: sampler.SamplingParams | None = None, stop_ids: Sequence[int] | None = None, key=None,
+                     batch_size: int = 64, progress: Callable[[int, int, list[dict]], None] | None = None) -> dict:
+    """`summarize`'s numbers plus `outputs` (one `score_question` row per record), sampled
+    through `engine` (synced by the caller); writes nothing. Defaults: greedy with 256 new
+    tokens, the tokenizer's stop tokens. `progress(done, total, rows)` is called after each batch."""
     from fleming_jax import tokenizer as toklib
 
     if not records:
@@ -118,7 +114,7 @@ def evaluate_records(model, tokenizer, records: Sequence[QARecord], params: samp
     rows = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        texts, lengths = sample_texts(model, tokenizer, batch, params, stop_ids, jax.random.fold_in(key, start), mesh)
+        texts, lengths = sample_texts(engine, tokenizer, batch, params, stop_ids, jax.random.fold_in(key, start))
         rows += [score_question(r, t, n) for r, t, n in zip(batch, texts, lengths)]
         if progress:
             progress(len(rows), len(records), rows)
@@ -224,6 +220,7 @@ def run(config, workdir: str) -> dict:
     rewritten as each benchmark finishes (a later failure keeps what was done; `pending` in
     results.json names the benchmarks not yet evaluated)."""
     from fleming_jax import models
+    from fleming_jax.engine import LocalEngine
 
     e, main = config.eval, parallel.is_main_process()
     if e.samples > 1 and e.temperature == 0:
@@ -236,8 +233,7 @@ def run(config, workdir: str) -> dict:
     # rollout layout: tensor parallel inside a host, so no weight is gathered per token.
     built_on = parallel.make_mesh(config.mesh)
     model, _ = models.build(config.model, built_on)
-    mesh = parallel.rollout_mesh(-1, model_config.num_kv_heads, built_on)
-    model = sampler.rollout_model(model, mesh)
+    engine = LocalEngine.of(model, mesh=parallel.rollout_mesh(-1, model_config.num_kv_heads, built_on))
     m = config.model
     label = e.model_name or m.init_from or m.hf_path or f"random {m.preset} (seed {m.seed})"
     params = sampler.SamplingParams(temperature=e.temperature, top_p=e.top_p, num_samples=e.samples,
@@ -256,8 +252,8 @@ def run(config, workdir: str) -> dict:
             log(f"{name}: {done}/{total} questions, pass@1 {summarize(rows)['accuracy']:.3f} "
                 f"({time.perf_counter() - t0:.1f}s{', ' + left if left else ''})")
 
-        summary = evaluate_records(model, tokenizer, records, params, key=jax.random.fold_in(jax.random.key(e.seed), i),
-                                   mesh=mesh, batch_size=e.batch_size, progress=progress)
+        summary = evaluate_records(engine, tokenizer, records, params, key=jax.random.fold_in(jax.random.key(e.seed), i),
+                                   batch_size=e.batch_size, progress=progress)
         outputs = summary.pop("outputs")
         results["benchmarks"][name] = summary | dict(reader=report, seconds=round(time.perf_counter() - t0, 2))
         keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length")

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import collections
 import glob
+import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fleming_jax.openai_api import ServerError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -257,3 +260,40 @@ def initialize_distributed(dist_cfg=None, environ=os.environ) -> None:
 def is_main_process() -> bool:
     """Only process 0 writes logs, reports and exports; every process writes its checkpoint shards."""
     return jax.process_index() == 0
+
+
+# Errors process 0 hands to the other hosts by name (any other kind arrives as RuntimeError).
+_SHARED_ERRORS = (ServerError, FileNotFoundError, ValueError, OSError)
+
+
+def on_main(work: Callable[..., Any], *args) -> Any:
+    """`work(*args)` on process 0 alone, its JSON-able result on every host (every host calls
+    this at the same point; `work` starts no collective). Where it fails, every host raises, so
+    none is left in a collective waiting for a process that has gone (jax's shutdown barrier
+    would hold them 5 minutes, then abort them)."""
+    if jax.process_count() == 1:
+        return work(*args)
+    outcome = None
+    if is_main_process():
+        try:
+            outcome = {"value": work(*args)}
+        except Exception as e:
+            kind = next((c.__name__ for c in _SHARED_ERRORS if isinstance(e, c)), "RuntimeError")
+            _from_main({"error": kind, "message": str(e)})
+            raise
+    outcome = _from_main(outcome)
+    if "error" in outcome:
+        kind = {c.__name__: c for c in _SHARED_ERRORS}.get(outcome["error"], RuntimeError)
+        raise kind(f"process 0 stopped: {outcome['message']}")
+    return outcome["value"]
+
+
+def _from_main(value: Any) -> Any:
+    """Process 0's JSON-able `value` on every host (a collective)."""
+    from jax.experimental import multihost_utils
+
+    main = is_main_process()
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if main else None
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size if main else 0)))
+    data = multihost_utils.broadcast_one_to_all(data if main else np.zeros(size, np.uint8))
+    return json.loads(np.asarray(data).tobytes())

@@ -235,10 +235,11 @@ def rl_step_plan(config) -> dict:
             "the prefill", config)
         prefilled, logits = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                          programs["prefill"].out_info, programs["prefill"].output_shardings)
-        keys = jax.ShapeDtypeStruct((rows * group,), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=batch)
+        admitted = rows * group  # the largest admission: whole groups into every prefilled row
+        keys = jax.ShapeDtypeStruct((admitted,), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=batch)
         programs["insert"] = compile_or_refuse(engine._insert.lower(
-            table, prefilled, logits, spec((rows,), jnp.int32, batch), spec((rows * group,), jnp.int32, batch), keys,
-            group=group), "the insert", config)
+            table, prefilled, logits, spec((rows,), jnp.int32, batch), spec((admitted,), jnp.int32, batch),
+            spec((admitted,), jnp.int32, batch), keys), "the insert", config)
         scalar = spec((), jnp.int32)
         params = sampler.SamplingParams(temperature=c.temperature, top_p=c.top_p, num_samples=group, max_new_tokens=0)
         programs["decode"] = compile_or_refuse(engine._decode.lower(

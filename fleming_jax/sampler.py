@@ -1,12 +1,16 @@
-"""What every generator shares: how tokens are picked (greedy, temperature, top-k, top-p),
-what a generation returns (`SampleOutput`), and the policy's decode layout (`rollout_model`).
+"""What every generator shares: the interface RL, evaluation and the local teacher sample
+through (`RolloutEngine`), how tokens are picked (greedy, temperature, top-k, top-p), what a
+generation returns (`SampleOutput`), and the policy's decode layout (`rollout_model`).
 
-The generator itself is the continuous-batching engine (`fleming_jax.engine`).
+The in-tree engine is `fleming_jax.engine`; an external OpenAI-compatible server is
+`fleming_jax.remote_engine`; `engine.from_config` picks one from `config.rollout.engine`.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +49,23 @@ class SampleOutput:
     model_logprobs: np.ndarray
     lengths: np.ndarray
     done: np.ndarray
+
+
+class RolloutEngine(abc.ABC):
+    """Token ids in, `SampleOutput` out, from the weights last synced. Every process calls each
+    method at the same point, and every process gets the same output. `stats`: what the last
+    `generate` measured (for the metrics), if the engine measures anything."""
+
+    stats: dict = {}
+
+    @abc.abstractmethod
+    def sync(self, model) -> None:
+        """Sample from `model`'s current weights from now on (after each policy update)."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], key, params: SamplingParams,
+                 stop_ids: Sequence[int]) -> SampleOutput:
+        """`params.num_samples` completions of each prompt; `key` seeds the draws."""
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:

@@ -31,9 +31,12 @@ def _prompts(n, seed=0):
 def test_samples_do_not_depend_on_slots_or_chunk(tiny):
     prompts = _prompts(6)
     params = SamplingParams(temperature=1.0, top_p=0.95, num_samples=3, max_new_tokens=48)
-    runs = [engine.generate(tiny, prompts, jax.random.key(5), params, stop_ids=STOPS, slots=s, chunk=c)
-            for s, c in [(3, 1), (6, 7), (64, 16)]]
+    stats = [{}, {}, {}]
+    runs = [engine.generate(tiny, prompts, jax.random.key(5), params, stop_ids=STOPS, slots=s, chunk=c, stats=st)
+            for (s, c), st in zip([(3, 1), (6, 7), (64, 16)], stats)]
     assert 0 < runs[0].done.mean() < 1  # ragged: some stop early, some hit the budget
+    assert stats[0]["admitted_late"] == 15 and stats[1]["admitted_late"] == 12  # all but the first 3 / 6
+    assert stats[2]["admitted_late"] == 0  # every sequence had a slot from the start
     for other in runs[1:]:
         np.testing.assert_array_equal(other.tokens, runs[0].tokens)
         np.testing.assert_array_equal(other.lengths, runs[0].lengths)

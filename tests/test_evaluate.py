@@ -39,7 +39,7 @@ def test_pass_at_1_and_vote_on_hand_built_samples(monkeypatch):
         "q2": [reply("A"), reply("C"), reply("C"), "<answer>(A)</answer>"],  # A C C A: tie, A came first
     }
     lengths = {"q1": [10, 20, 30, 40], "q2": [5, 5, 5, 5]}
-    monkeypatch.setattr(evaluate, "sample_texts", lambda model, tok, batch, *a: (
+    monkeypatch.setattr(evaluate, "sample_texts", lambda engine, tok, batch, *a: (
         [texts[r.id] for r in batch], np.array([lengths[r.id] for r in batch])))
     got = evaluate.evaluate_records(None, None, [q1, q2], stop_ids=[], batch_size=1)
     r1, r2 = got["outputs"]

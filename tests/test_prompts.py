@@ -49,12 +49,12 @@ def test_evaluation_greedy_equals_transformers_and_its_samples_are_the_engines(t
     _, tok, model, reference = tiny
     ids = prompts.record_prompts(tok, RECORDS)
     assert ids[1] == prompts.chat_prompts(tok, [[{"role": "user", "content": prompts.user_prompt(RECORDS[1])}]])[0]
-    greedy = evaluate.evaluate_records(model, tok, RECORDS, SamplingParams(temperature=0, max_new_tokens=12),
+    greedy = evaluate.evaluate_records(engine.LocalEngine.of(model), tok, RECORDS, SamplingParams(temperature=0, max_new_tokens=12),
                                        batch_size=2)["outputs"]
     assert [row["completions"] for row in greedy] == [[transformers_greedy(reference, tok, p, 12)] for p in ids]
 
     params = SamplingParams(temperature=1.0, num_samples=2, max_new_tokens=12)
-    sampled = evaluate.evaluate_records(model, tok, RECORDS, params, key=jax.random.key(4), batch_size=4)["outputs"]
+    sampled = evaluate.evaluate_records(engine.LocalEngine.of(model), tok, RECORDS, params, key=jax.random.key(4), batch_size=4)["outputs"]
     # one batch, so key fold_in(key, 0); two slots instead of eval's: scheduling never changes samples
     out = engine.generate(model, ids, jax.random.fold_in(jax.random.key(4), 0), params,
                           stop_ids=toklib.stop_ids(tok), slots=2, chunk=3, pad_id=tok.pad_token_id)

@@ -1,5 +1,6 @@
 """The RL loop: a toy verifiable task is learned, and a killed run resumes exactly."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -11,6 +12,7 @@ from fleming_jax import models, rewards
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.train import checkpoint, rl
+from tests.fake_openai import FakeServer
 from tests.test_hf import params_of
 
 DIGITS = set("0123456789")
@@ -56,14 +58,27 @@ def toy_config(root, stage=1, **rl_changes):
     return config
 
 
-def test_toy_task_is_learned(toy_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["local", "openai"])
+def test_toy_task_is_learned(toy_run, tmp_path, monkeypatch, engine):
+    """Through the in-tree engine, and through an OpenAI-compatible server that reloads the
+    policy from disk after every update (`remote_engine`, a vLLM-like fake on 127.0.0.1)."""
     monkeypatch.setattr(rewards, "score", toy_score)
-    rows = rl.RLTrainer(toy_config(toy_run, steps=30), str(tmp_path)).train()
+    config = toy_config(toy_run, steps=30)
+    with contextlib.ExitStack() as stack:
+        if engine == "openai":
+            server = stack.enter_context(FakeServer())
+            config.rollout.engine = "openai"
+            config.rollout.server.update(base_url=server.url + "/v1", model="policy")
+        rows = rl.RLTrainer(config, str(tmp_path)).train()
     first = np.mean([r["reward_mean"] for r in rows[:3]])
     last = np.mean([r["reward_mean"] for r in rows[-3:]])
     assert first < 0.5 and last > 0.9, [round(r["reward_mean"], 2) for r in rows]
     with open(tmp_path / "metrics.jsonl") as f:
         assert len(f.readlines()) == 30
+    if engine == "openai":  # every rollout sampled from the policy saved after the last update
+        updates = sum("loss" in r for r in rows[:-1])
+        assert server.reloads == [str(tmp_path / "rollout_weights")] * (1 + updates) and updates > 10
+        assert server.requests >= 30 * 4
 
 
 class Killed(Exception):

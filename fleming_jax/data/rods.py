@@ -15,11 +15,10 @@ import json
 import random
 import time
 
-from fleming_jax import paths
+from fleming_jax import parallel, paths
 from fleming_jax.data import kg as kglib
 from fleming_jax.data import quality, sources, synthesis
 from fleming_jax.data.records import QARecord, write_jsonl
-from fleming_jax.distill.collect import on_main
 
 COVERED_TYPES = ("disease", "gene", "drug")
 
@@ -79,7 +78,7 @@ def _read_all(specs, what: str):
 
 
 def run(config, workdir: str) -> dict:
-    return on_main(_synthesize, config, workdir)
+    return parallel.on_main(_synthesize, config, workdir)
 
 
 def _synthesize(config, workdir: str) -> dict:

@@ -26,10 +26,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-from typing import Any, Callable, Generator
+from typing import Any, Generator
 
 import jax
-import numpy as np
 
 from fleming_jax import parallel, paths, preemption, rewards
 from fleming_jax.data import inputs
@@ -191,42 +190,6 @@ def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConf
 # Host-side tasks (distill, synthesize) on several hosts: process 0 works, the others keep step.
 
 # Errors raised on every host as the type process 0 raised; main.py prints these in one line.
-_SHARED_ERRORS = (teachers.TeacherError, FileNotFoundError, ValueError, OSError)
-
-
-def on_main(work: Callable[..., Any], *args) -> Any:
-    """`work(*args)` on process 0 alone, its JSON-able result on every host (every host calls
-    this at the same point; `work` starts no collective). Where it fails, every host raises, so
-    none is left in a collective waiting for a process that has gone (jax's shutdown barrier
-    would hold them 5 minutes, then abort them)."""
-    if jax.process_count() == 1:
-        return work(*args)
-    outcome = None
-    if parallel.is_main_process():
-        try:
-            outcome = {"value": work(*args)}
-        except Exception as e:
-            kind = next((c.__name__ for c in _SHARED_ERRORS if isinstance(e, c)), "RuntimeError")
-            _from_main({"error": kind, "message": str(e)})
-            raise
-    outcome = _from_main(outcome)
-    if "error" in outcome:
-        kind = {c.__name__: c for c in _SHARED_ERRORS}.get(outcome["error"], RuntimeError)
-        raise kind(f"process 0 stopped: {outcome['message']}")
-    return outcome["value"]
-
-
-def _from_main(value: Any) -> Any:
-    """Process 0's JSON-able `value` on every host (a collective)."""
-    from jax.experimental import multihost_utils
-
-    main = parallel.is_main_process()
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if main else None
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size if main else 0)))
-    data = multihost_utils.broadcast_one_to_all(data if main else np.zeros(size, np.uint8))
-    return json.loads(np.asarray(data).tobytes())
-
-
 def lockstep(work: Generator | None, where: str) -> Any:
     """Runs `work`, process 0's generator of host-side steps (None on the other hosts), with
     every host in step: before each step all pass the preemption check (`where`), after it all
@@ -241,7 +204,7 @@ def lockstep(work: Generator | None, where: str) -> Any:
     try:
         while True:
             preemption.check(where)
-            more, value = on_main(step)
+            more, value = parallel.on_main(step)
             if not more:
                 return value
     finally:

@@ -92,7 +92,8 @@ class RLTrainer:
         self.mesh = parallel.make_mesh(config.mesh)
         model, model_config = models.build(config.model, self.mesh)
         self.rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads, self.mesh)
-        self.decode_copy, self.sync_seconds = None, 0.0  # the policy in the decode layout
+        self.engine = engine.from_config(config.rollout, self.rollout_mesh, self.tokenizer.pad_token_id or 0, workdir)
+        self.synced, self.sync_seconds = False, 0.0  # whether the engine samples from the current policy
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
         shardings = statelib.state_shardings(self.state, self.mesh)
@@ -151,15 +152,13 @@ class RLTrainer:
     def model(self):
         return nnx.merge(self.graphdef, self.state.params)
 
-    def policy(self):
-        """The policy in the decode layout, re-synced (cast + reshard, one jitted program)
-        once after each update, not per sampler call."""
-        if self.decode_copy is None:
+    def policy(self) -> sampler.RolloutEngine:
+        """The engine, synced with the policy once after each update, not per sampler call."""
+        if not self.synced:
             t0 = time.perf_counter()
-            self.decode_copy = sampler.rollout_model(self.model(), self.rollout_mesh, self.config.rollout.dtype or None)
-            jax.block_until_ready(nnx.state(self.decode_copy))
-            self.sync_seconds = time.perf_counter() - t0
-        return self.decode_copy
+            self.engine.sync(self.model())
+            self.sync_seconds, self.synced = time.perf_counter() - t0, True
+        return self.engine
 
     def sampling(self, samples: int, temperature: float | None = None) -> sampler.SamplingParams:
         c = self.config.rl
@@ -168,10 +167,7 @@ class RLTrainer:
 
     def rollout(self, indices: list[int], key, samples: int):
         """Samples `samples` completions per prompt; returns (output, scores [n, g])."""
-        prompts, r = [self.prompts[i] for i in indices], self.config.rollout
-        out = engine.generate(self.policy(), prompts, key, self.sampling(samples), stop_ids=self.stop_ids,
-                              slots=r.slots or self.config.rl.prompts_per_step * self.config.rl.group_size,
-                              chunk=r.chunk, mesh=self.rollout_mesh, pad_id=self.tokenizer.pad_token_id or 0)
+        out = self.policy().generate([self.prompts[i] for i in indices], key, self.sampling(samples), self.stop_ids)
         texts = completion_texts(self.tokenizer, out)
         scores = [[rewards.score(t, self.records[i], self.config.rl.reward) for t in row]
                   for i, row in zip(indices, texts)]
@@ -237,7 +233,7 @@ class RLTrainer:
             greedy = self.sampling(1, temperature=0.0)
             try:
                 row["eval_accuracy"] = evaluate_records(self.policy(), self.tokenizer, self.eval_records, greedy,
-                                                        self.stop_ids, mesh=self.rollout_mesh)["accuracy"]
+                                                        self.stop_ids)["accuracy"]
             except preemption.Preempted:
                 pass  # the step itself is done: train_loop saves it at the next check
         first, t0 = self.started
@@ -300,6 +296,7 @@ class RLTrainer:
         t0, self.sync_seconds = time.perf_counter(), 0.0
         indices = self.pick(c.prompts_per_step)
         out, reward, correct, fmt = self.sample_groups(indices, key)
+        engine_stats = {f"rollout_{k}": v for k, v in self.engine.stats.items()}  # the first rollout's
         zero = np.all(reward == reward[:, :1], axis=1)
         self.sparse_steps = self.sparse_steps + 1 if zero.mean() > c.sparsity_threshold else 0
         refills = 0
@@ -325,7 +322,7 @@ class RLTrainer:
                    refills=refills, trained_groups=int(keep.sum()),
                    completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
                    stopped=float(out.done.mean()), time_generate=t1 - t0, time_sync=self.sync_seconds,
-                   **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
+                   **engine_stats, **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
         metrics = {}
         if keep.any():
             seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep,
@@ -406,7 +403,7 @@ class RLTrainer:
             preemption.check(f"the update (before optimizer step {work['done'] + 1} of {len(work['laid'])})")
             mini = packing.build(work["seqs"], work["laid"][work["done"]], work["length"], work["scored"])
             self.state, metrics = step_fn(self.state, parallel.global_batch(self.mesh, mini, whole=True))
-            self.decode_copy = None  # the next rollout re-syncs
+            self.synced = False  # the next rollout re-syncs
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (np.isfinite(loss) and np.isfinite(grad_norm)):
                 raise FloatingPointError(
