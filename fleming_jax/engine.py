@@ -284,7 +284,8 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
 class LocalEngine(RolloutEngine):
     """`generate` on a copy of the policy in the decode layout: `sync` casts it to `dtype` and
     reshards it onto `mesh` (`sampler.rollout_model`, one jitted program); with no mesh it
-    samples from the model as given. `slots` 0: a decode slot for every sequence asked for."""
+    samples from the model as given. `slots` 0: a decode slot for every sequence asked for
+    (the prompt count's power-of-two bucket x samples, so batch sizes share programs)."""
 
     def __init__(self, mesh=None, dtype: str | None = None, slots: int = 0, chunk: int = 16, pad_id: int = 0):
         self.mesh, self.dtype, self.slots, self.chunk, self.pad_id = mesh, dtype, slots, chunk, pad_id

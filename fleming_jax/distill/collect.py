@@ -187,9 +187,9 @@ def collect(records: list[QARecord], teacher: teachers.Teacher, cfg: CollectConf
 
 
 # ---------------------------------------------------------------- several hosts
-# Host-side tasks (distill, synthesize) on several hosts: process 0 works, the others keep step.
+# Distillation on several hosts: process 0 works, the others keep step (`parallel.on_main`).
 
-# Errors raised on every host as the type process 0 raised; main.py prints these in one line.
+
 def lockstep(work: Generator | None, where: str) -> Any:
     """Runs `work`, process 0's generator of host-side steps (None on the other hosts), with
     every host in step: before each step all pass the preemption check (`where`), after it all

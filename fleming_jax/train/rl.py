@@ -91,8 +91,8 @@ class RLTrainer:
         self.prompts = record_prompts(self.tokenizer, self.records)
         self.mesh = parallel.make_mesh(config.mesh)
         model, model_config = models.build(config.model, self.mesh)
-        self.rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads, self.mesh)
-        self.engine = engine.from_config(config.rollout, self.rollout_mesh, self.tokenizer.pad_token_id or 0, workdir)
+        rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads, self.mesh)
+        self.engine = engine.from_config(config.rollout, rollout_mesh, self.tokenizer.pad_token_id or 0, workdir)
         self.synced, self.sync_seconds = False, 0.0  # whether the engine samples from the current policy
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
