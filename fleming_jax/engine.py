@@ -29,10 +29,11 @@ from flax import nnx
 
 from fleming_jax import parallel, preemption
 from fleming_jax.models.qwen import ATTENTION_BLOCK, KVCache
-from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, rollout_model
+from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, rollout_model, sync_program
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # each layer's cache buffer
-TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0}  # programs traced (tests count them)
+TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0, "take": 0}  # programs traced (tests count them)
+FETCH_ROWS = 8  # finished rows fetched a call: one `_take` program however many finish at once
 
 
 @flax.struct.dataclass
@@ -94,11 +95,13 @@ def _prefill(graphdef, state, tokens, lengths, cache_dtype: str, split_layers: b
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, keys) -> Slots:
+def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, key, sequences) -> Slots:
     """Prefilled prompt `rows[j]`'s cache and logits into slot `slot_ids[j]` (out-of-range ids,
-    for padding, are dropped); those slots start a fresh sequence with random stream `keys[j]`.
-    A group's samples admitted together share one prefilled row."""
+    for padding, are dropped); those slots start sequence `sequences[j]`, whose random stream
+    is `key` folded with its number (the same samples whichever slot and chunk it gets). A
+    group's samples admitted together share one prefilled row."""
     TRACES["insert"] += 1
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sequences)
     copy = lambda x: x[rows]
     width = prefilled.segment.shape[1]
     put = lambda buffer, values: buffer.at[slot_ids].set(values, mode="drop")
@@ -120,6 +123,7 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, k
 @jax.jit
 def _take(slots: Slots, ids):
     """The outputs of slots `ids` (finished sequences): all the host fetches of a rollout."""
+    TRACES["take"] += 1
     return slots.tokens[ids], slots.logprobs[ids], slots.model_logprobs[ids], slots.steps[ids]
 
 
@@ -200,7 +204,6 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     cache_dtype = cache_dtype or config.compute_dtype
     graphdef, state = nnx.split(model)
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    sequence_keys = jax.random.split(key, len(prompts) * group)  # sequence i*G+s draws from its own
     run_params = dataclasses.replace(params, max_new_tokens=0)  # traced instead: not a compile key
     split_layers = splits_layers((jax.devices() if mesh is None else mesh.devices.flat)[0])
 
@@ -227,15 +230,14 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         for r, i in enumerate(rows_of):
             tokens[r, :len(prompts[i])] = prompts[i]
             real[r] = len(prompts[i])
-        cache, logits = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(real), cache_dtype=cache_dtype,
+        cache, logits = _prefill(graphdef, state, tokens, real, cache_dtype=cache_dtype,
                                  split_layers=split_layers)
         n = bucket(len(batch), minimum=1)
         ids, row, seq = np.full((n,), n_slots, np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         for j, q in enumerate(batch):  # padding rows keep an out-of-range slot id: dropped
             ids[j], row[j], seq[j] = free[j], rows_of.index(q // group), q
             owner[free[j]], since[free[j]] = q, counts["chunks"] + 1
-        return _insert(table, cache, logits, jnp.asarray(real), jnp.asarray(ids), jnp.asarray(row),
-                       sequence_keys[jnp.asarray(seq)])
+        return _insert(table, cache, logits, real, ids, row, key, seq)  # sequence i*G+s: its own stream
 
     def store(fetched):
         seqs, (tokens, logprobs, model_logprobs, steps) = fetched
@@ -261,12 +263,14 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
             if flags is not None:
                 number, done = flags[0], parallel.to_host(flags[1])  # the chunk before this one
                 finished = [s for s in range(n_slots) if owner[s] is not None and since[s] <= number and done[s]]
-                if finished:
-                    ids = np.zeros((bucket(len(finished), minimum=1),), np.int32)
-                    ids[:len(finished)] = finished
-                    fetching.append(([owner[s] for s in finished], _take(table, jnp.asarray(ids))))
-                    for s in finished:
-                        owner[s] = None
+                fetch = min(n_slots, FETCH_ROWS)
+                for start in range(0, len(finished), fetch):  # fixed-size pieces: one program
+                    piece = finished[start:start + fetch]
+                    ids = np.zeros((fetch,), np.int32)  # padding rows fetch slot 0, unread
+                    ids[:len(piece)] = piece
+                    fetching.append(([owner[s] for s in piece], _take(table, ids)))
+                for s in finished:
+                    owner[s] = None
                 table = admit(table)
             flags = next_flags
             if not fetching and not waiting and all(o is None for o in owner):
@@ -283,13 +287,13 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
 
 class LocalEngine(RolloutEngine):
     """`generate` on a copy of the policy in the decode layout: `sync` casts it to `dtype` and
-    reshards it onto `mesh` (`sampler.rollout_model`, one jitted program); with no mesh it
-    samples from the model as given. `slots` 0: a decode slot for every sequence asked for
+    reshards it onto `mesh` (`sampler.rollout_model`, one jitted program, into the last
+    copy's buffers); with no mesh it samples from the model as given. `slots` 0: a decode slot for every sequence asked for
     (the prompt count's power-of-two bucket x samples, so batch sizes share programs)."""
 
     def __init__(self, mesh=None, dtype: str | None = None, slots: int = 0, chunk: int = 16, pad_id: int = 0):
         self.mesh, self.dtype, self.slots, self.chunk, self.pad_id = mesh, dtype, slots, chunk, pad_id
-        self.model = None
+        self.model, self.sync_stats = None, {}
 
     @classmethod
     def of(cls, model, **kwargs) -> "LocalEngine":
@@ -299,14 +303,18 @@ class LocalEngine(RolloutEngine):
         return made
 
     def sync(self, model) -> None:
-        self.model = model if self.mesh is None else rollout_model(model, self.mesh, self.dtype)
+        self.model = model if self.mesh is None else rollout_model(model, self.mesh, self.dtype, previous=self.model)
+        if self.mesh is not None:  # what each device received: RL logs it every step
+            graphdef, state = nnx.split(model)
+            received = sync_program(graphdef, state, self.mesh, self.dtype or model.config.compute_dtype).received_bytes
+            self.sync_stats = {} if received is None else {"sync_received_gib": received / 2**30}
         jax.block_until_ready(nnx.state(self.model))  # done when it returns: RL times the sync
 
     def generate(self, prompts, key, params: SamplingParams, stop_ids) -> SampleOutput:
         if self.model is None:
             raise RuntimeError("LocalEngine.generate before sync: sync the policy first")
         slots = self.slots or bucket(len(prompts), minimum=1) * params.num_samples
-        self.stats = {}
+        self.stats = dict(self.sync_stats)
         return generate(self.model, prompts, key, params, stop_ids=stop_ids, slots=slots, chunk=self.chunk,
                         mesh=self.mesh, pad_id=self.pad_id, stats=self.stats)
 

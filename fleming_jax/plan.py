@@ -221,9 +221,11 @@ def rl_step_plan(config) -> dict:
     rows = -(-sampler.bucket(min(c.prompts_per_step, slots // group), minimum=1) // dp) * dp
     programs = {}
     with jax.set_mesh(rollout):
-        programs["sync"] = compile_or_refuse(sampler.sync_program(graphdef, trained, rollout, dtype).lower(trained), "the sync", config)
-        decode_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    programs["sync"].out_info, programs["sync"].output_shardings)
+        sync = sampler.sync_program(graphdef, trained, rollout, dtype)
+        programs["sync"] = compile_or_refuse(sync.lower(trained), "the sync", config)
+        decode_state = jax.tree.unflatten(sync.treedef, [
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
+            zip(jax.tree.leaves(programs["sync"].out_info), jax.tree.leaves(programs["sync"].output_shardings))])
         empty = engine._empty.lower(model_config, slots=slots, length=length, budget=c.max_new_tokens,
                                     cache_dtype=dtype).compile()
         table = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -236,10 +238,10 @@ def rl_step_plan(config) -> dict:
         prefilled, logits = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                          programs["prefill"].out_info, programs["prefill"].output_shardings)
         admitted = rows * group  # the largest admission: whole groups into every prefilled row
-        keys = jax.ShapeDtypeStruct((admitted,), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=batch)
+        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
         programs["insert"] = compile_or_refuse(engine._insert.lower(
             table, prefilled, logits, spec((rows,), jnp.int32, batch), spec((admitted,), jnp.int32, batch),
-            spec((admitted,), jnp.int32, batch), keys), "the insert", config)
+            spec((admitted,), jnp.int32, batch), key, spec((admitted,), jnp.int32, batch)), "the insert", config)
         scalar = spec((), jnp.int32)
         params = sampler.SamplingParams(temperature=c.temperature, top_p=c.top_p, num_samples=group, max_new_tokens=0)
         programs["decode"] = compile_or_refuse(engine._decode.lower(
@@ -270,7 +272,8 @@ def rl_step_plan(config) -> dict:
     return p | dict(
         programs=sorted(programs) + ["update"], rollout_mesh=dict(rollout.shape), rollout_dtype=dtype, slots=slots,
         prompt_len=width, cache_len=length, decode_bytes=decode_bytes, cache_bytes=table_bytes,
-        sync_temp_bytes=mem(programs["sync"]).temp_size_in_bytes, phases=phases, update_peak_bytes=p["peak_bytes"],
+        sync_temp_bytes=mem(programs["sync"]).temp_size_in_bytes, sync_received_bytes=sync.received_bytes,
+        phases=phases, update_peak_bytes=p["peak_bytes"],
         peak_bytes=peak, fits=None if not p["hbm_bytes"] else peak <= p["hbm_bytes"])
 
 
@@ -315,6 +318,8 @@ def format_plan(p: dict) -> str:
             ("decode copy / device", gib(p["decode_bytes"])),
             ("KV cache + slots / device", gib(p["cache_bytes"])),
             ("sync temporaries / device", gib(p["sync_temp_bytes"])),
+            ("sync received / device", "partitioner's path, not counted" if p["sync_received_bytes"] is None
+             else gib(p["sync_received_bytes"]) + "  (shards moved into the last decode copy's buffers)"),
         ] + [(f"{name} phase / device", gib(b)) for name, b in p["phases"].items()] + [
             ("peak / device", gib(p["peak_bytes"]) + f"  (the largest phase; compiled: {', '.join(p['programs'])})")]
         rows = [row for row in rows if not (row[0] == "peak / device" and "arguments" in row[1])]

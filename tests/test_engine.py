@@ -61,6 +61,7 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
     new = {k: engine.TRACES[k] - before[k] for k in before}
     assert new["decode"] == 0 and new["empty"] == 0, new  # same slots and cache length: reused
     assert new["prefill"] + new["insert"] <= 4, new  # prefill row buckets 1 and 2 at most
+    assert new["take"] == 0, new  # finished rows fetched in fixed-size pieces
 
 
 def test_cache_is_sized_by_the_budget_not_a_power_of_two_bucket():
