@@ -186,7 +186,7 @@ class SyncProgram:
         # the partitioner's path, not counted)
         self.received_bytes = sum(math.prod(t.shard_shape(x.shape)) * jnp.dtype(self._dtype_of(x)).itemsize
                                   for x, t, src in zip(leaves, self.targets, self.sources)
-                                  if src is not None and _split(src.spec, mesh)) if self.shards_move else None
+                                  if any(_mesh_axes(a, mesh) for a in src.spec)) if self.shards_move else None
         cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         if not self.shards_move:
             self._program = jax.jit(lambda xs: [cast(x) for x in xs], out_shardings=self.targets)
@@ -250,9 +250,9 @@ def _same_devices_on(mesh: jax.sharding.Mesh, sharding, ndim: int):
     return None
 
 
-def _split(spec, mesh: jax.sharding.Mesh) -> bool:
-    """Whether `spec` splits anything over a mesh axis longer than 1."""
-    return any(mesh.shape[n] > 1 for a in spec for n in ((a,) if isinstance(a, str) else (a or ())))
+def _mesh_axes(entry, mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The axes longer than 1 that one PartitionSpec entry splits its dimension over."""
+    return tuple(n for n in ((entry,) if isinstance(entry, str) else (entry or ())) if mesh.shape[n] > 1)
 
 
 def _shard_move(source, target, mesh: jax.sharding.Mesh, layers: bool):
@@ -260,10 +260,9 @@ def _shard_move(source, target, mesh: jax.sharding.Mesh, layers: bool):
     `source` into its block under `target` (one layer's, for a stacked weight), or None where
     this layout is not one the shard path handles. Handled: the source split on at most one
     dimension (over `data`, `tensor` or both), the target on at most one, over `tensor`."""
-    real = lambda a: tuple(n for n in ((a,) if isinstance(a, str) else (a or ())) if mesh.shape[n] > 1)
     ndim = max(len(source), len(target))
-    source, target = [real(a) for a in tuple(source) + (None,) * (ndim - len(source))], \
-        [real(a) for a in tuple(target) + (None,) * (ndim - len(target))]
+    source, target = ([_mesh_axes(a, mesh) for a in tuple(spec) + (None,) * (ndim - len(spec))]
+                      for spec in (source, target))
     if layers:
         if source[0] or target[0]:
             return None

@@ -10,8 +10,9 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs (several processes, whole pipelines); "
-                                       "the README's test command leaves them out, .ci/run runs them after it")
+    config.addinivalue_line("markers", "slow: end-to-end runs (several processes, whole pipelines, resumes, TPU "
+                                       "compiles) and the extra cases of a check the fast tier keeps one of; the "
+                                       "README's test command leaves them out, .ci/run runs them after it")
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():

@@ -158,6 +158,7 @@ def test_api_key_never_reaches_any_output(tmp_path, env_key, outcome):
 
 # ------------------------------------------------------------------ RL and SFT: dropped, counted, run completes
 
+@pytest.mark.slow
 def test_rl_drops_and_counts_bad_records_and_trains(toy_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rewards, "score", toy_score)
     train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"

@@ -321,6 +321,7 @@ DAMAGE = {5: "deleted array file", 4: "truncated array file", 3: "no meta item",
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no late pages
+@pytest.mark.slow
 def test_damaged_steps_on_gcs_are_moved_aside_down_to_the_newest_that_restores(emulator):
     """Steps 5..2 damaged four ways: each is moved whole to checkpoints_skipped/<step>-<time>/
     with one line, and step 1 (params, Adam state, RL's meta) restores."""
@@ -350,6 +351,7 @@ def test_damaged_steps_on_gcs_are_moved_aside_down_to_the_newest_that_restores(e
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no late pages
+@pytest.mark.slow
 def test_a_read_that_fails_for_another_reason_moves_nothing(emulator, monkeypatch):
     """A config for another model, or the store failing (503) mid-read: one line, every step kept."""
     from orbax.checkpoint._src.serialization import tensorstore_utils

@@ -118,6 +118,7 @@ def test_on_policy_clipped_gradient_equals_policy_gradient():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("last", [1, 5, 31, 32])
 def test_completion_window_equals_the_full_sequence(last):
     """Scoring only the last positions (the rollout's completion window) gives the full
@@ -148,6 +149,7 @@ def test_completion_window_equals_the_full_sequence(last):
 
 
 @pytest.mark.parametrize("chunk_size", [8, 32])
+@pytest.mark.slow
 def test_chunked_logprobs_gradient_equals_full_logits(chunk_size):
     """Several chunks (logits recomputed in the backward pass) and one chunk (kept) give the
     value and gradient of log_softmax over the model's full logits."""
@@ -185,6 +187,7 @@ def test_mismatch_metrics_and_tis_weights_by_hand():
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+@pytest.mark.slow
 def test_tis_weights_the_policy_term_and_changes_nothing_without_mismatch(aggregation):
     """At an update's first step (pi = pi_old = the trainer) the clipped term is -A per token;
     TIS makes it -A min(pi_old / pi_rollout, C). With equal rollout log-probs it is a no-op."""

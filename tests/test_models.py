@@ -74,6 +74,7 @@ def test_packed_segments_do_not_attend_across_examples(hf_dir):
     np.testing.assert_allclose(out[5:12], alone_b, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_kv_cache_prefill_then_decode_equals_full_forward(hf_dir, model_type):
     model, config = hf.load(hf_dir(model_type))
@@ -127,7 +128,7 @@ def test_bfloat16_compute_stays_close_to_float32(hf_dir):
     assert (a[real].argmax(-1) == b[real].argmax(-1)).mean() > 0.9
 
 
-@pytest.mark.parametrize("chunk, query_block", [(4, 64), (64, 5)])
+@pytest.mark.parametrize("chunk, query_block", [pytest.param(4, 64, marks=pytest.mark.slow), (64, 5)])
 def test_blocked_attention_equals_full_attention_with_gradients(hf_dir, monkeypatch, chunk, query_block):
     """Query blocks give full attention's logits and gradients: blocks of `attention_chunk`
     recomputed in the backward (12 tokens > 4), and blocks of QUERY_BLOCK that score only the

@@ -198,6 +198,7 @@ def loss_and_grads(graphdef, params, batch, c, accum, tis_cap):
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
 @pytest.mark.parametrize("beta,entropy_coef,tis_cap", [(0.0, 0.0, 0.0), (0.1, 0.01, 2.0)])
+@pytest.mark.slow
 def test_packed_equals_one_sequence_per_row(aggregation, beta, entropy_coef, tis_cap):
     """fp32, ragged lengths, gradient accumulation over 2 microbatches: packed batches (rows of
     the longest sequence's bucket, alone or with shared prompts, and rows of 64 with shared

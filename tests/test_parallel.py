@@ -90,7 +90,7 @@ def flat_params(state):
             for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)])
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=pytest.mark.slow) for s in ((8, 1, 1), (1, 8, 1), (1, 4, 2))] + [(2, 2, 2)])
 def test_sharded_steps_equal_single_device(single_device_run, shape):
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape))))
     ref_losses, ref_state = single_device_run
@@ -137,6 +137,7 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
         np.testing.assert_allclose(value, ref[name], atol=1e-3, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_policies_do_not_change_the_math(single_device_run, remat):
     losses, _ = run_steps(None, steps=2, remat=remat)

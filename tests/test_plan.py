@@ -25,6 +25,7 @@ def tiny_config(**mesh):
     return config
 
 
+@pytest.mark.slow
 def test_plan_reports_the_sharded_bytes_of_params_and_adam_state():
     config = tiny_config(data=1, fsdp=8, tensor=1)
     config.plan.hbm_gb = 0.01
@@ -40,6 +41,7 @@ def test_plan_reports_the_sharded_bytes_of_params_and_adam_state():
     assert p["fits"] is False and p["mesh"] == dict(data=1, fsdp=8, tensor=1)
 
 
+@pytest.mark.slow
 def test_tensor_parallelism_shrinks_params_per_device():
     fsdp_only = plan.plan(tiny_config(data=2, fsdp=4, tensor=1))
     with_tp = plan.plan(tiny_config(data=1, fsdp=4, tensor=2))
@@ -62,6 +64,7 @@ def test_plan_7b_on_sixteen_fake_devices_prints_a_table(tmp_path):
 
 
 @pytest.mark.parametrize("beta,dtype,share", [(0.0, "bfloat16", 0), (0.04, "bfloat16", 0.5), (0.04, "float32", 1)])
+@pytest.mark.slow
 def test_rl_plan_compiles_the_grpo_loss_and_counts_the_reference(beta, dtype, share):
     from configs import rl_stage1
 
@@ -139,6 +142,7 @@ def test_plan_refuses_a_preset_on_a_slice_too_small_for_it(tmp_path):
     assert last.startswith("error: qwen2.5-7b does not fit") and "v5e:2x2" in last, last
 
 
+@pytest.mark.slow
 def test_rl_plan_compiles_the_update_batch_rl_runs(toy_run, tmp_path, monkeypatch):
     """A real RL step (KL reference, recomputed old log-probs, 2 accumulation steps) and
     `task=plan` for the same config decide the update batch with one function: the same

@@ -79,6 +79,7 @@ def signal_in_step(trainer, step: int):
     return trainer
 
 
+@pytest.mark.slow
 def test_sigterm_mid_rollout_saves_the_last_step_and_resumes_exactly(toy_run, tmp_path, monkeypatch):
     """Stage 2 with dynamic sampling: the signal lands in a refill rollout, after the step's
     first rollout has fed the miner and drawn prompts; the host state goes back to the step's
@@ -107,6 +108,7 @@ def test_sigterm_mid_rollout_saves_the_last_step_and_resumes_exactly(toy_run, tm
     assert got == [keep(r) for r in rows]
 
 
+@pytest.mark.slow
 def test_preempted_pool_pass_keeps_its_chunks_and_step_zero_keeps_the_pass(toy_run, tmp_path, monkeypatch):
     """Stage 2's scoring pass in two chunks, preempted in the second: the first chunk's
     outcomes are kept and not asked again. Then preempted in step 1's rollout: a step-0
@@ -160,6 +162,7 @@ def signal_in_update(trainer, step: int, after: int, log: list):
     return trainer
 
 
+@pytest.mark.slow
 def test_sigterm_between_optimizer_steps_saves_the_partial_update_and_resumes_exactly(toy_run, tmp_path, monkeypatch):
     """mu=2 x 2 minibatches: 4 optimizer steps an update, checkpoints every 2 steps. SIGTERM
     in step 3's second optimizer step: the update stops before its third, and the checkpoint
@@ -223,6 +226,7 @@ def test_distillation_stops_at_a_chunk_boundary_and_the_rerun_asks_the_rest(tmp_
     assert all(o["sft"] for o in outcomes)
 
 
+@pytest.mark.slow
 def test_sigterm_during_sft_eval_skips_the_rest_saves_the_step_and_the_rerun_continues(tmp_path):
     """SIGTERM in the first of step 1's 2 eval batches: the eval stops there (not after all
     batches), step 1 is saved with its row (no eval_loss), `Preempted` goes up at step 2's

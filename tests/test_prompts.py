@@ -63,6 +63,7 @@ def test_evaluation_greedy_equals_transformers_and_its_samples_are_the_engines(t
     assert len({t for row in sampled for t in row["completions"]}) > 1
 
 
+@pytest.mark.slow
 def test_local_teacher_greedy_equals_transformers_and_its_samples_are_the_engines(tiny):
     path, tok, model, reference = tiny
     teacher = LocalTeacher.from_hf(path, batch_size=2, seed=3)

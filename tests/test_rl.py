@@ -59,6 +59,7 @@ def toy_config(root, stage=1, **rl_changes):
 
 
 @pytest.mark.parametrize("engine", ["local", "openai"])
+@pytest.mark.slow
 def test_toy_task_is_learned(toy_run, tmp_path, monkeypatch, engine):
     """Through the in-tree engine, and through an OpenAI-compatible server that reloads the
     policy from disk after every update (`remote_engine`, a vLLM-like fake on 127.0.0.1)."""
@@ -93,7 +94,8 @@ def kill_at(n: int):
     return on_step
 
 
-@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(toy_run, tmp_path, monkeypatch, stage):
     monkeypatch.setattr(rewards, "score", toy_score)
     picked = {}
@@ -164,7 +166,7 @@ def test_rollout_batch_keeps_groups_one_sequence_per_row_or_packed():
     assert shared["completion_mask"].sum() == 12
 
 
-@pytest.mark.parametrize("pack_length", [512, 128])
+@pytest.mark.parametrize("pack_length", [pytest.param(512, marks=pytest.mark.slow), 128])
 def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monkeypatch, pack_length):
     """With beta > 0 the frozen reference scores each sequence's completion (in packed rows);
     at the first step it is the rollout policy, so it matches the sampler's own log-probs.
@@ -224,6 +226,7 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(toy_run
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, monkeypatch, dtype):
     """One real step with the rollout decoding in `dtype`: the mismatch metrics are ~0 for an
     fp32 rollout and clearly not for bf16; with recompute_old_logprobs the update's pi_old is
@@ -249,8 +252,8 @@ def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, 
 
 @pytest.mark.parametrize("changes", [
     dict(minibatches=2),  # 2 optimizer steps over 16 of the 32 sequences each (8 devices: 8 rows at least)
-    dict(grpo=dict(beta=0.04, aggregation="sequence_mean"), reference_dtype="float32", recompute_old_logprobs=True,
-         grad_accum_steps=2),
+    pytest.param(dict(grpo=dict(beta=0.04, aggregation="sequence_mean"), reference_dtype="float32",
+                      recompute_old_logprobs=True, grad_accum_steps=2), marks=pytest.mark.slow),
 ])
 def test_packed_update_equals_one_sequence_per_row(toy_run, tmp_path, monkeypatch, changes):
     """One real RL step (rollout, reference and recomputed log-probs, optimizer steps) with

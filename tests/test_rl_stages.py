@@ -20,6 +20,7 @@ from tests.test_parallel import ROOT, free_port
 from tests.test_rl import Killed, kill_at, model_cfg, toy_config, toy_run, toy_score  # noqa: F401 (toy_run is a fixture)
 
 
+@pytest.mark.slow
 def test_kl_to_the_reference_grows_from_zero_over_real_updates(toy_run, tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, steps=5, dynamic_sampling=True, max_refills=4, grpo=dict(beta=0.04))
@@ -48,6 +49,7 @@ def planted(indices, k):
     return [next(v for r, v in PLANTED.items() if i in r)[:k] for i in indices]
 
 
+@pytest.mark.slow
 def test_stage1_grades_then_draws_easy_and_moderate_1_to_1_and_resumes_the_same(toy_run, tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "score", toy_score)
     config = lambda: toy_config(toy_run, 1, steps=4, grade_k=4)

@@ -48,6 +48,7 @@ def test_rollout_mesh_keeps_tensor_parallelism_inside_a_host():
         parallel.rollout_mesh(8, 8, train)
 
 
+@pytest.mark.slow
 def test_rollout_layout_samples_what_the_training_layout_samples(fsdp_policy):
     model, train_mesh = fsdp_policy
     rollout_mesh = parallel.rollout_mesh(-1, model.config.num_kv_heads, train_mesh)
@@ -79,7 +80,7 @@ def test_bf16_rollout_copy_is_sharded_for_decoding_and_built_by_one_program(fsdp
     del copy
 
 
-@pytest.mark.parametrize("layout", ["runs", "strided", "tensor-trained"])
+@pytest.mark.parametrize("layout", ["runs"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("strided", "tensor-trained")])
 def test_sync_moves_shards_into_the_decode_layout_and_reuses_the_last_copy(layout):
     """Every weight of the decode copy equals the training weight cast to bf16, in the decode
     sharding, for decode groups that are runs of the training order, every 4th device, and a
@@ -113,6 +114,7 @@ def test_sync_moves_shards_into_the_decode_layout_and_reuses_the_last_copy(layou
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.slow
 def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
     """Qwen2.5-7B's shapes (2 of its 28 layers, to keep the compile short; each layer's
     pattern is the same) on v5p:2x2x4, the engine's decode program. The training layout (FSDP
@@ -137,6 +139,7 @@ def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.slow
 def test_decode_loop_samples_without_gathering_the_vocabulary_for_qwen3_32b_on_v5p_4x4x4():
     """Qwen3-32B's rollout layout (data 16 x tensor 4, 2 of its 64 layers) on v5p:4x4x4: the
     vocabulary is split over the tensor chips and the sampler reduces over it in place (its

@@ -64,7 +64,7 @@ def full_sequences(batch, out):
     return ids, mask
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.3, 20)])
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0)] + [pytest.param(*p, marks=pytest.mark.slow) for p in ((0.7, 0), (1.3, 20))])
 def test_logprobs_of_own_tokens_equal_a_full_forward(qwen2, temperature, top_k):
     batch = prompts(1)
     params = SamplingParams(temperature=temperature, top_k=top_k, max_new_tokens=24)
@@ -121,6 +121,7 @@ def test_blockwise_inverse_cdf_draws_the_first_token_whose_cdf_reaches_u(vocab):
     assert token.max() < vocab and not np.any(token % 7 == 0)
 
 
+@pytest.mark.slow
 def test_keys_control_randomness_and_groups_share_the_prefill(qwen2):
     batch = prompts(3)
     params = SamplingParams(temperature=1.0, num_samples=4, max_new_tokens=16)
@@ -153,6 +154,7 @@ def test_stop_tokens_end_a_row_and_pad_after(qwen2):
         assert out.lengths[i, 0] == (hits[0] + 1 if len(hits) else 32)
 
 
+@pytest.mark.slow
 def test_sharded_output_equals_single_device(hf_dir, qwen2):
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
     sharded, _ = hf.load(hf_dir("qwen2"), mesh=mesh)
@@ -176,6 +178,7 @@ def test_refuses_prompts_beyond_the_context_and_checks_the_real_budget(qwen2):
         generate(qwen2, [[]], jax.random.key(0), SamplingParams())
 
 
+@pytest.mark.slow
 def test_bfloat16_cache_stays_close_to_float32(qwen2):
     batch = prompts(7)
     params = SamplingParams(temperature=0, max_new_tokens=8)

@@ -120,6 +120,7 @@ def _params(trainer):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state.params))
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_equals_the_uninterrupted_run(data, tmp_path):
     root = data[0]
     config = small_config(root)
@@ -173,6 +174,7 @@ def test_resume_walks_back_over_a_step_without_metadata(data, tmp_path, capsys):
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_held_out_loss_falls_on_kg_teacher_trajectories(data, tmp_path):
     config = small_config(data[0], eval_every=40)
     config.optimizer.update(total_steps=80, warmup_steps=5, learning_rate=1e-2)

@@ -10,7 +10,7 @@ from fleming_jax.train import state as train_state
 from tests.test_parallel import OPTIMIZER, global_batch_for_test, small_model_cfg
 
 
-@pytest.mark.parametrize("mesh_shape", [None, dict(data=2, fsdp=2, tensor=2)])
+@pytest.mark.parametrize("mesh_shape", [pytest.param(None, marks=pytest.mark.slow), dict(data=2, fsdp=2, tensor=2)])
 def test_train_step_compiles_once_from_an_imported_model(tmp_path, mesh_shape):
     import ml_collections
 
