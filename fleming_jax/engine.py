@@ -29,7 +29,7 @@ from flax import nnx
 
 from fleming_jax import parallel, preemption
 from fleming_jax.models.qwen import ATTENTION_BLOCK, KVCache
-from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, rollout_model, sync_program
+from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, sync_program
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # each layer's cache buffer
 TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0, "take": 0}  # programs traced (tests count them)
@@ -214,6 +214,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     since = [0] * n_slots  # the first chunk that decodes the slot's sequence (older flags are stale)
     waiting = list(range(len(prompts) * group))
     counts = dict(admitted_late=0, chunks=0)
+    fetch = min(n_slots, FETCH_ROWS)  # finished rows a `_take` call fetches
 
     def admit(table):
         free = [s for s in range(n_slots) if owner[s] is None]
@@ -263,7 +264,6 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
             if flags is not None:
                 number, done = flags[0], parallel.to_host(flags[1])  # the chunk before this one
                 finished = [s for s in range(n_slots) if owner[s] is not None and since[s] <= number and done[s]]
-                fetch = min(n_slots, FETCH_ROWS)
                 for start in range(0, len(finished), fetch):  # fixed-size pieces: one program
                     piece = finished[start:start + fetch]
                     ids = np.zeros((fetch,), np.int32)  # padding rows fetch slot 0, unread
@@ -287,9 +287,10 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
 
 class LocalEngine(RolloutEngine):
     """`generate` on a copy of the policy in the decode layout: `sync` casts it to `dtype` and
-    reshards it onto `mesh` (`sampler.rollout_model`, one jitted program, into the last
-    copy's buffers); with no mesh it samples from the model as given. `slots` 0: a decode slot for every sequence asked for
-    (the prompt count's power-of-two bucket x samples, so batch sizes share programs)."""
+    reshards it onto `mesh` (`sampler.sync_program`, one jitted program, into the last copy's
+    buffers); with no mesh it samples from the model as given. `slots` 0: a decode slot for
+    every sequence asked for (the prompt count's power-of-two bucket x samples, so batch sizes
+    share programs)."""
 
     def __init__(self, mesh=None, dtype: str | None = None, slots: int = 0, chunk: int = 16, pad_id: int = 0):
         self.mesh, self.dtype, self.slots, self.chunk, self.pad_id = mesh, dtype, slots, chunk, pad_id
@@ -303,10 +304,13 @@ class LocalEngine(RolloutEngine):
         return made
 
     def sync(self, model) -> None:
-        self.model = model if self.mesh is None else rollout_model(model, self.mesh, self.dtype, previous=self.model)
-        if self.mesh is not None:  # what each device received: RL logs it every step
+        if self.mesh is None:
+            self.model = model
+        else:
             graphdef, state = nnx.split(model)
-            received = sync_program(graphdef, state, self.mesh, self.dtype or model.config.compute_dtype).received_bytes
+            program = sync_program(graphdef, state, self.mesh, self.dtype or model.config.compute_dtype)
+            self.model = program(graphdef, state, previous=self.model)
+            received = program.received_bytes  # what each device received: RL logs it every step
             self.sync_stats = {} if received is None else {"sync_received_gib": received / 2**30}
         jax.block_until_ready(nnx.state(self.model))  # done when it returns: RL times the sync
 

@@ -146,9 +146,7 @@ def rollout_model(model, mesh: jax.sharding.Mesh, dtype: str | None = None, prev
     `previous` (the last copy this returned) is donated: the new weights take its buffers,
     so a sync never holds two decode copies."""
     graphdef, state = nnx.split(model)
-    program = sync_program(graphdef, state, mesh, dtype or model.config.compute_dtype)
-    with jax.set_mesh(mesh):
-        return nnx.merge(graphdef, program(state, None if previous is None else nnx.state(previous)))
+    return sync_program(graphdef, state, mesh, dtype or model.config.compute_dtype)(graphdef, state, previous)
 
 
 def sync_program(graphdef, state, mesh: jax.sharding.Mesh, dtype: str) -> "SyncProgram":
@@ -213,19 +211,21 @@ class SyncProgram:
     def _abstract_decode(self, leaves):
         return [jax.ShapeDtypeStruct(x.shape, self._dtype_of(x), sharding=t) for x, t in zip(leaves, self.targets)]
 
-    def __call__(self, state, previous=None):
+    def __call__(self, graphdef, state, previous=None):
+        """The decode copy of the model (`graphdef`, `state`), in `previous`'s buffers if given."""
         leaves = jax.tree.leaves(state)
-        if not self.shards_move:
-            return jax.tree.unflatten(self.treedef, self._program(leaves))
-        # the same shards, addressed through the decode mesh (no copy)
-        train = [jax.make_array_from_single_device_arrays(x.shape, src, [s.data for s in x.addressable_shards])
-                 for x, src in zip(leaves, self.sources)]
-        if previous is None:
-            decode = jax.jit(lambda: [jnp.zeros(a.shape, a.dtype) for a in self._abstract_decode(leaves)],
-                             out_shardings=self.targets)()
-        else:
-            decode = jax.tree.leaves(previous)
-        return jax.tree.unflatten(self.treedef, self._program(train, decode))
+        with jax.set_mesh(self.mesh):
+            if not self.shards_move:
+                return nnx.merge(graphdef, jax.tree.unflatten(self.treedef, self._program(leaves)))
+            # the same shards, addressed through the decode mesh (no copy)
+            train = [jax.make_array_from_single_device_arrays(x.shape, src, [s.data for s in x.addressable_shards])
+                     for x, src in zip(leaves, self.sources)]
+            if previous is None:
+                decode = jax.jit(lambda: [jnp.zeros(a.shape, a.dtype) for a in self._abstract_decode(leaves)],
+                                 out_shardings=self.targets)()
+            else:
+                decode = jax.tree.leaves(nnx.state(previous))
+            return nnx.merge(graphdef, jax.tree.unflatten(self.treedef, self._program(train, decode)))
 
     def lower(self, state):
         """The program lowered for `state`'s shapes (for the TPU compiler's memory plan)."""
