@@ -14,7 +14,7 @@ and then one timed step (ours: the warm-up is the same step from the same state,
 compiles every shape the timed step runs; compilation is excluded).
 
 Phases:
-- generation: ours `engine.generate` (continuous batching, every sequence in flight); TRL
+- generation: ours `engine.generate` with RL's defaults (paged cache, slots from memory); TRL
   `transformers.generate` (its `_generate_single_turn`) on the 64 rows at once.
 - old log-probs: ours none (the sampler returns the rollout's log-probs); TRL skips its own
   forward when generation and optimizer steps are aligned (this config), so both are ~0.
@@ -133,7 +133,7 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
         start = time.perf_counter()
         out = engine.generate(nnx.merge(graphdef, ts.params), prompts, key, params,
                               stop_ids=stops + (toklib.stop_ids(tok) if stops else []),
-                              slots=len(prompts) * group, pad_id=tok.pad_token_id or 0)
+                              pad_id=tok.pad_token_id or 0)
         t["generation"] = time.perf_counter() - start
         assert stops or out.lengths.min() == new_tokens
         t["old log-probs"] = 0.0  # out.model_logprobs: the sampler's own

@@ -1,5 +1,6 @@
-"""A GRPO-sized rollout with long-tailed reply lengths: our continuous-batching engine vs
-`transformers.generate`, same model, same CPU, at most 64 sequences in flight on either side.
+"""A GRPO-sized rollout with long-tailed reply lengths: our engine with RL's own default
+settings (`configs.models.rollout()`: slots and KV pages sized by the engine itself) vs
+`transformers.generate` with 64 rows in flight, same model, same CPU.
 
 The ~100M-parameter Qwen2-shaped model has random weights (the same on both sides), and a
 reply ends at any of `vocab / (budget / 4)` fixed stop tokens: a random model's next-token
@@ -8,10 +9,11 @@ lengths are geometric with a mean of about a quarter of the budget, capped at th
 RL replies are long-tailed. (Raising one end-of-sequence logit instead, calibrated on the
 model's hidden states, gave lengths that depend on the position: a 128-token target came out
 at a mean of 425-441 with 75-79% of replies at the budget.) transformers decodes 8 prompts x G rows at a time until the
-longest row stops; the engine refills a slot as soon as its sequence stops. Counted: useful
-tokens (up to and including the stop token) per second, and each side's peak KV-cache bytes.
+longest row stops; the engine refills a slot and its pages as soon as its sequence stops.
+Counted: useful tokens (up to and including the stop token) per second, and each side's peak
+KV-cache bytes (ours: the page pool it allocates; also the most of it sequences used at once).
 
-python benchmarks/rollout.py [--prompts 32] [--samples 8] [--budget 512] [--slots 64]
+python benchmarks/rollout.py [--prompts 32] [--samples 8] [--budget 512] [--peer-rows 64]
 """
 
 import argparse
@@ -28,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from configs import models  # noqa: E402
 from fleming_jax import engine, sampler  # noqa: E402
 from fleming_jax.models import hf  # noqa: E402
 
@@ -59,7 +62,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--budget", type=int, default=512)
-    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--peer-rows", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -72,15 +75,17 @@ def main():
         reference.save_pretrained(path)
         model, _ = hf.load(path)
     params = sampler.SamplingParams(temperature=1.0, num_samples=args.samples, max_new_tokens=args.budget)
-    per_batch = max(1, args.slots // args.samples)  # prompts whose rows fit in flight at once
+    per_batch = max(1, args.peer_rows // args.samples)  # prompts whose rows the peer decodes at once
 
-    run = lambda key, ps: engine.generate(model, ps, key, params, stop_ids=stop, slots=args.slots)
-    run(jax.random.key(0), prompts[:per_batch + 1])  # compile
+    rollout = engine.from_config(models.rollout())  # RL's defaults
+    rollout.sync(model)
+    rollout.generate(prompts[:per_batch + 1], jax.random.key(0), params, stop)  # compile
     start = time.perf_counter()
-    out = run(jax.random.key(1), prompts)
+    out = rollout.generate(prompts, jax.random.key(1), params, stop)
     ours = time.perf_counter() - start
     ours_tokens = int(out.lengths.sum())
-    ours_cache = kv_bytes(args.slots, engine.cache_length(sampler.bucket(max(map(len, prompts))), args.budget))
+    stats = rollout.stats
+    ours_cache = stats["kv_pool_gib"] * 2**30
 
     peer_tokens, peer_cache = 0, 0
     with torch.no_grad():
@@ -102,8 +107,10 @@ def main():
 
     lengths = out.lengths.ravel()
     print(f"{sum(p.numel() for p in reference.parameters()) / 1e6:.0f}M-param Qwen2 shape, {args.prompts} prompts "
-          f"x G={args.samples}, budget {args.budget}, at most {args.slots} sequences in flight, "
-          f"torch threads {torch.get_num_threads()}")
+          f"x G={args.samples}, budget {args.budget}, torch threads {torch.get_num_threads()}")
+    print(f"ours (RL defaults): {stats['slots']} sequences in flight, {stats['admitted_late']} admitted after the "
+          f"first chunk, KV pages used at most {stats['kv_peak_gib'] * 1024:.0f} MiB of the "
+          f"{stats['kv_pool_gib'] * 1024:.0f} MiB pool; transformers: {per_batch * args.samples} rows at a time")
     print(f"reply lengths (ours): mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, "
           f"max {lengths.max()}, at budget {np.mean(lengths == args.budget):.0%}")
     print(f"{'rollout':<34}{'seconds':>9}{'useful tokens':>15}{'tokens/s':>10}{'peak KV MiB':>13}")

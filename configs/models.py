@@ -125,8 +125,11 @@ def rollout() -> ml_collections.ConfigDict:
     policy is cast to `dtype` ("" = the model's compute dtype) and resharded once per update
     into the decode layout (`parallel.rollout_mesh`: tensor parallel over `tensor` devices of a
     host, -1 = as many as divide the host's devices and the KV heads; data parallel over the
-    rest). `slots` sequences decode at once (0 = a whole rollout, prompts_per_step x
-    group_size); a finished one hands its slot to the next every `chunk` tokens.
+    rest). Its KV cache is paged (`page_size` tokens a page; a group's samples share their
+    prompt's pages): `kv_cache_gib` of pages a device (0 = 80% of an accelerator's free memory,
+    or on a CPU what the slots need); `slots` sequences decode at once (0 = as many as the
+    pages hold at full length, 32 a CPU device; never more than the rollout has); a finished
+    one hands its slot and pages to the next every `chunk` tokens.
     `engine` "openai": an external OpenAI-compatible server (vLLM, SGLang, tpu-inference:
     `fleming_jax.remote_engine`); `server` says where: `base_url` (up to /v1), the served
     `model` name, `weights_dir` the policy is saved to after each update ("" = <workdir>/
@@ -135,7 +138,8 @@ def rollout() -> ml_collections.ConfigDict:
     requests at once, `timeout_s` per request."""
     server = ml_collections.ConfigDict(dict(base_url="", model="", weights_dir="", reload_url="", api_key_env="",
                                             max_concurrency=16, timeout_s=600.0))
-    return ml_collections.ConfigDict(dict(engine="local", tensor=-1, dtype="", slots=0, chunk=16, server=server))
+    return ml_collections.ConfigDict(dict(engine="local", tensor=-1, dtype="", slots=0, kv_cache_gib=0.0, page_size=16,
+                                           chunk=16, server=server))
 
 
 def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:

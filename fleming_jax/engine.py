@@ -1,18 +1,20 @@
-"""Continuous batching for long, ragged rollouts: a fixed set of decode slots that finished
-sequences hand over to waiting ones.
+"""Continuous batching for long, ragged rollouts over a paged KV cache: a fixed set of decode
+slots that finished sequences hand over to waiting ones, and a pool of cache pages that they
+take and give back.
 
 GRPO's replies have long-tailed lengths; a static batch decodes until its longest row stops,
 so most of its work goes to rows that have already finished. Here host-side scheduling runs
 three kinds of jitted program (JetStream's shape): `prefill` a bucket of prompts, `insert`
-their caches into free slots (G copies per prompt: a group shares one prefill), and `decode`
-up to `chunk` tokens in every slot. Each slot keeps its own cache position, a finished
-sequence frees its slot at the next chunk boundary, and attention visits only the cache
-blocks that hold live tokens (`qwen.attend_live_blocks`). Every sequence draws from its own
-random stream (the key folded with its sequence number, then each token's position), so the
-samples do not depend on how slots were scheduled. A preemption (`fleming_jax.preemption`) is
-checked between chunks, so a long rollout stops within one chunk of a SIGTERM on any host.
+their caches into free slots and pages, and `decode` up to `chunk` tokens in every slot. A
+sequence is admitted when a slot and its pages are free: a group's samples share their
+prompt's full pages (`paged`); each holds its own pages for the rest of its prompt and its
+reply budget, given back when it finishes. How many sequences are in flight and how many pages
+the pool has follow from a memory budget (`CacheLayout`). Attention reads each row's own pages
+only (`paged.attention`). Every sequence draws from its own random stream (the key folded with
+its sequence number, then each token's position), so the samples do not depend on how slots
+were scheduled. A preemption (`fleming_jax.preemption`) is checked between chunks, so a long
+rollout stops within one chunk of a SIGTERM on any host.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -27,21 +29,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fleming_jax import parallel, preemption
-from fleming_jax.models.qwen import ATTENTION_BLOCK, KVCache
+from fleming_jax import paged, parallel, preemption
+from fleming_jax.models.qwen import KVCache
 from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, sync_program
 
-CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # each layer's cache buffer
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # a prefill's cache buffers
 TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0, "take": 0}  # programs traced (tests count them)
 FETCH_ROWS = 8  # finished rows fetched a call: one `_take` program however many finish at once
+PAGE_SIZE = 16  # tokens a cache page holds (rollout.page_size)
+CPU_SLOTS = 64  # sequences in flight per CPU device by default (measured: docs/generation.md)
+HBM_SHARE = 0.8  # of an accelerator's free memory the cache pool takes by default (rollout.kv_cache_gib 0)
 
 
 @flax.struct.dataclass
 class Slots:
-    """Every decode slot's sequence: its cache (one position per slot), the logits its next
-    token is drawn from, its random stream, how many tokens it has made, and its outputs."""
+    """Every decode slot's sequence: its page table and position in the paged cache, the logits
+    its next token is drawn from, its random stream, how many tokens it has made, its outputs."""
 
-    cache: KVCache
+    cache: paged.PagedCache
+    table: jax.Array  # [slots, pages_per_sequence] page ids, local to the slot's data-parallel shard
+    index: jax.Array  # [slots] the position its next token is written at
     last_logits: jax.Array  # [slots, vocab] fp32
     keys: jax.Array  # [slots] one PRNG key per sequence
     steps: jax.Array  # [slots] tokens generated so far
@@ -51,20 +58,82 @@ class Slots:
     model_logprobs: jax.Array  # [slots, budget] under the raw model
 
 
-def _constrain_cache(cache: KVCache) -> KVCache:
-    constrain = lambda buffers: tuple(parallel.constrain(b, CACHE_AXES) for b in buffers)
-    return cache.replace(k=constrain(cache.k), v=constrain(cache.v))
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """The shapes of one rollout's engine: `slots` sequences in flight (split over `shards`
+    data-parallel groups), a pool of `pages` pages of `page_size` tokens (each shard a
+    contiguous share), page tables `pages_per_sequence` wide, prompts right-padded to `width`."""
+
+    slots: int
+    pages: int
+    page_size: int
+    pages_per_sequence: int
+    width: int
+    shards: int
+
+    @classmethod
+    def plan(cls, config, sequences: int, group: int, longest: int, budget: int, shards: int = 1, slots: int = 0,
+             kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE, dtype: str = "float32",
+             platform: str = "cpu", free_bytes: int | None = None) -> "CacheLayout":
+        """How many sequences fly at once and how many pages hold them, for a rollout of
+        `sequences` (groups of `group`) with prompts up to `longest` tokens and `budget` new
+        tokens each. The pool: `kv_cache_gib` a device, or by default `HBM_SHARE` of an
+        accelerator's `free_bytes`; on a CPU what the slots need. Slots (`slots` 0): as many
+        as the pool holds with every sequence at full length and its own prompt pages (shared
+        prompts leave pages over), CPU_SLOTS a device on a CPU; never more than the rollout has
+        (its power-of-two bucket), always whole groups on every shard. Sizes follow the prompt
+        bucket, not the longest prompt, so rollouts share compiled programs."""
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"rollout.page_size={page_size} must be a power of two")
+        width = -(-bucket(longest) // page_size) * page_size
+        worst = -(-(width + budget) // page_size)  # the pages a sequence may need
+        per_block = paged.block_pages(page_size)
+        table = -(-worst // per_block) * per_block  # whole blocks: the XLA path reads a block at a time
+        page_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * page_size * jnp.dtype(dtype).itemsize
+        multiple = group * shards // math.gcd(group, shards)
+        whole = lambda n: max(multiple, n // multiple * multiple)
+        want = bucket(sequences, minimum=1)
+        if kv_cache_gib > 0:
+            pool = int(kv_cache_gib * 2**30) // page_bytes
+        elif platform != "cpu" and free_bytes:
+            pool = int(HBM_SHARE * free_bytes) // page_bytes
+        else:
+            pool = None
+        if slots <= 0:
+            slots = CPU_SLOTS * shards if pool is None else pool // worst * shards
+        slots = min(whole(slots), -(-want // multiple) * multiple)
+        pages = -(-slots // shards) * worst if pool is None else pool
+        if pages < worst:
+            raise ValueError(f"the KV cache pool holds {pages} pages of {page_size} tokens a device, fewer than one "
+                             f"sequence needs ({worst}: a {width}-token prompt bucket + max_new_tokens={budget}); "
+                             "raise rollout.kv_cache_gib or lower max_new_tokens")
+        return cls(slots=slots, pages=pages * shards, page_size=page_size, pages_per_sequence=table, width=width,
+                   shards=shards)
+
+    def bytes_per_device(self, config, dtype: str) -> int:
+        """The pool's bytes on one device (before tensor parallelism splits the KV heads)."""
+        return (2 * config.num_layers * self.pages // self.shards * self.page_size * config.num_kv_heads
+                * config.head_dim * jnp.dtype(dtype).itemsize)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "slots", "length", "budget", "cache_dtype"))
-def _empty(config, slots: int, length: int, budget: int, cache_dtype: str) -> Slots:
+@functools.partial(jax.jit, static_argnames=("config", "slots", "pages", "page_size", "table_width", "budget",
+                                             "cache_dtype"))
+def _empty(config, slots: int, pages: int, page_size: int, table_width: int, budget: int, cache_dtype: str) -> Slots:
     TRACES["empty"] += 1
-    cache = _constrain_cache(KVCache.zeros(config, slots, length, cache_dtype))
-    zeros = lambda dtype: jnp.zeros((slots, budget), dtype)
-    return Slots(cache=cache, last_logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
-                 keys=jax.random.split(jax.random.key(0), slots), steps=jnp.zeros((slots,), jnp.int32),
-                 done=jnp.ones((slots,), bool), tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32),
+    rows = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+    zeros = lambda dtype: rows(jnp.zeros((slots, budget), dtype))
+    return Slots(cache=paged.PagedCache.zeros(config, pages, page_size, cache_dtype),
+                 table=rows(jnp.zeros((slots, table_width), jnp.int32)),
+                 index=rows(jnp.zeros((slots,), jnp.int32)),
+                 last_logits=rows(jnp.zeros((slots, config.vocab_size), jnp.float32)),
+                 keys=jax.random.split(jax.random.key(0), slots), steps=rows(jnp.zeros((slots,), jnp.int32)),
+                 done=rows(jnp.ones((slots,), bool)), tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32),
                  model_logprobs=zeros(jnp.float32))
+
+
+def empty(config, layout: CacheLayout, budget: int, cache_dtype: str) -> Slots:
+    """Slots and a page pool laid out as `layout` says, every slot empty."""
+    return _empty(config, layout.slots, layout.pages, layout.page_size, layout.pages_per_sequence, budget, cache_dtype)
 
 
 def splits_layers(device) -> bool:
@@ -72,6 +141,11 @@ def splits_layers(device) -> bool:
     (`Layers.split()`): XLA:CPU copies a slice of the stacked weights every time it takes one.
     Elsewhere decode slices in place and prefill scans the stacked weights (`_decode`, `_prefill`)."""
     return device.platform == "cpu"
+
+
+def uses_kernel(device) -> bool:
+    """Decode attention through the Pallas TPU kernel (`paged.attend_kernel`): on TPUs."""
+    return device.platform == "tpu"
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype", "split_layers"))
@@ -85,39 +159,48 @@ def _prefill(graphdef, state, tokens, lengths, cache_dtype: str, split_layers: b
     model = nnx.merge(graphdef, state)
     rows, width = tokens.shape
     mask = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
-    cache = _constrain_cache(KVCache.zeros(model.config, rows, width, cache_dtype))
+    constrain = lambda cache: cache.replace(k=tuple(parallel.constrain(b, CACHE_AXES) for b in cache.k),
+                                            v=tuple(parallel.constrain(b, CACHE_AXES) for b in cache.v))
+    cache = constrain(KVCache.zeros(model.config, rows, width, cache_dtype))
     hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache,
                                         layers=model.layers.split() if split_layers else None,
                                         scan_cache=not split_layers)
-    cache = _constrain_cache(cache)
     last = hidden[jnp.arange(rows), lengths - 1]
-    return cache, model.logits(last)
+    return constrain(cache), model.logits(last)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, key, sequences) -> Slots:
-    """Prefilled prompt `rows[j]`'s cache and logits into slot `slot_ids[j]` (out-of-range ids,
-    for padding, are dropped); those slots start sequence `sequences[j]`, whose random stream
-    is `key` folded with its number (the same samples whichever slot and chunk it gets). A
-    group's samples admitted together share one prefilled row."""
+def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, key, sequences, tables,
+            prompt_pages) -> Slots:
+    """Prefilled prompt `rows[j]` into slot `slot_ids[j]` (out-of-range ids, for padding, are
+    dropped) with page table `tables[j]`: its prompt's pages go to pool pages `prompt_pages[j]`
+    (global ids; out of range where a sharing sample already wrote them). Those slots start
+    sequence `sequences[j]`, whose random stream is `key` folded with its number (the same
+    samples whichever slot and chunk it gets). A group's samples admitted together share one
+    prefilled row."""
     TRACES["insert"] += 1
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sequences)
-    copy = lambda x: x[rows]
-    width = prefilled.segment.shape[1]
+    size = slots.cache.k[0].shape[2]
+
+    def to_pages(pool, prompt):  # [rows, width, kv_heads, d] -> the pages of each admitted row
+        chosen = prompt[rows]
+        n, width, kv_heads, d = chosen.shape
+        chosen = chosen.reshape(n, width // size, size, kv_heads, d).transpose(3, 0, 1, 2, 4)
+        return pool.at[:, prompt_pages].set(chosen.astype(pool.dtype), mode="drop")
+
+    cache = paged.PagedCache(k=tuple(map(to_pages, slots.cache.k, prefilled.k)),
+                             v=tuple(map(to_pages, slots.cache.v, prefilled.v)))
+    cache = cache.replace(k=tuple(parallel.constrain(b, paged.PAGE_AXES) for b in cache.k),
+                          v=tuple(parallel.constrain(b, paged.PAGE_AXES) for b in cache.v))
     put = lambda buffer, values: buffer.at[slot_ids].set(values, mode="drop")
-    put_prefix = lambda buffer, values: buffer.at[slot_ids, :width].set(values.astype(buffer.dtype), mode="drop")
-    cache = slots.cache
     n = len(slot_ids)
-    segment = jnp.zeros((n,) + cache.segment.shape[1:], jnp.int32).at[:, :width].set(copy(prefilled.segment))
-    cache = KVCache(k=tuple(put_prefix(b, copy(k)) for b, k in zip(cache.k, prefilled.k)),
-                    v=tuple(put_prefix(b, copy(v)) for b, v in zip(cache.v, prefilled.v)),
-                    segment=put(cache.segment, segment), index=put(cache.index, copy(lengths)))
-    return Slots(cache=_constrain_cache(cache), last_logits=put(slots.last_logits, copy(logits)),
-                 keys=put(slots.keys, keys), steps=put(slots.steps, jnp.zeros((n,), jnp.int32)),
-                 done=put(slots.done, jnp.zeros((n,), bool)),
-                 tokens=put(slots.tokens, jnp.zeros((n,) + slots.tokens.shape[1:], jnp.int32)),
-                 logprobs=put(slots.logprobs, jnp.zeros((n,) + slots.logprobs.shape[1:], jnp.float32)),
-                 model_logprobs=put(slots.model_logprobs, jnp.zeros((n,) + slots.logprobs.shape[1:], jnp.float32)))
+    zeros = lambda like, dtype: jnp.zeros((n,) + like.shape[1:], dtype)
+    return Slots(cache=cache, table=put(slots.table, tables), index=put(slots.index, lengths[rows]),
+                 last_logits=put(slots.last_logits, logits[rows]), keys=put(slots.keys, keys),
+                 steps=put(slots.steps, zeros(slots.steps, jnp.int32)), done=put(slots.done, zeros(slots.done, bool)),
+                 tokens=put(slots.tokens, zeros(slots.tokens, jnp.int32)),
+                 logprobs=put(slots.logprobs, zeros(slots.logprobs, jnp.float32)),
+                 model_logprobs=put(slots.model_logprobs, zeros(slots.logprobs, jnp.float32)))
 
 
 @jax.jit
@@ -127,13 +210,13 @@ def _take(slots: Slots, ids):
     return slots.tokens[ids], slots.logprobs[ids], slots.model_logprobs[ids], slots.steps[ids]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "split_layers"), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "split_layers", "kernel"), donate_argnums=(2,))
 def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, params: SamplingParams,
-            split_layers: bool) -> Slots:
+            split_layers: bool, kernel: bool = False) -> Slots:
     """Up to `chunk` tokens in every unfinished slot (fewer when all finish first); returns the
     slots and a copy of their `done` flags (the slots are donated to the next call, the flags
-    stay readable while it runs). A finished slot's cache index goes back to 0, so the
-    attention loop's bound (`qwen.attend_live_blocks`) follows the longest live sequence.
+    stay readable while it runs). Attention reads each row's own pages (`kernel`: the Pallas
+    TPU kernel), so a finished or short row costs nothing beyond its own pages.
 
     `split_layers`: slice each layer's weights out of the stacked arrays once, before the
     loop. XLA:CPU needs it (it would copy every slice every token); the TPU compiler fuses the
@@ -154,39 +237,83 @@ def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, para
         write = lambda buf, value: buf.at[rows, at].set(jnp.where(active, value, buf[rows, at]))
         steps = s.steps + active
         done = s.done | (active & (jnp.isin(token, stop_ids) | (steps >= max_new_tokens)))
-        index = s.cache.index
-        logits, cache = model(jnp.where(active, token, 0)[:, None], attention_mask=active[:, None].astype(jnp.int32),
-                              cache=s.cache, layers=layers)
-        cache = _constrain_cache(cache.replace(index=jnp.where(done, 0, index + active)))
-        last = jnp.where(active[:, None], logits[:, -1], s.last_logits)
-        return i + 1, Slots(cache=cache, last_logits=last, keys=s.keys, steps=steps, done=done,
-                            tokens=write(s.tokens, token), logprobs=write(s.logprobs, lp),
-                            model_logprobs=write(s.model_logprobs, raw))
+        logits, cache = model.decode(jnp.where(active, token, 0), s.cache, s.table, s.index, active, layers, kernel)
+        cache = cache.replace(k=tuple(parallel.constrain(b, paged.PAGE_AXES) for b in cache.k),
+                              v=tuple(parallel.constrain(b, paged.PAGE_AXES) for b in cache.v))
+        last = jnp.where(active[:, None], logits, s.last_logits)
+        return i + 1, s.replace(cache=cache, index=s.index + active, last_logits=last, steps=steps, done=done,
+                                tokens=write(s.tokens, token), logprobs=write(s.logprobs, lp),
+                                model_logprobs=write(s.model_logprobs, raw))
 
     _, slots = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1].done), step, (0, slots))
     return slots, jnp.copy(slots.done)
 
 
-def cache_length(prompt_width: int, budget: int) -> int:
-    """Cache slots per sequence: the prompt bucket + the budget, rounded up to whole attention
-    blocks (so the budget itself never doubles into a power-of-two bucket)."""
-    length = prompt_width + budget
-    return -(-length // ATTENTION_BLOCK) * ATTENTION_BLOCK if length > ATTENTION_BLOCK else length
+class PagePool:
+    """The free pages of each data-parallel shard, and the full prompt pages that a group's
+    samples on one shard share (counted, given back when the last of them finishes)."""
+
+    def __init__(self, layout: CacheLayout):
+        self.layout, per_shard = layout, layout.pages // layout.shards
+        self.free = [list(range(per_shard)) for _ in range(layout.shards)]
+        self.shared: dict[tuple[int, int], list] = {}  # (prompt, shard) -> [pages, users]
+        self.in_use = self.peak = 0
+
+    def take(self, shard: int, prompt: int, length: int, budget: int):
+        """Pages for a sequence of prompt `prompt` (`length` tokens) and `budget` new tokens on
+        `shard`: (its page table row, the global page ids its prompt's pages are written to,
+        out of range where a sharing sample wrote them already, a ticket for `give_back`), or
+        None when the shard has too few free pages."""
+        size, per_shard = self.layout.page_size, self.layout.pages // self.layout.shards
+        full = length // size  # whole prompt pages: shared by the group's samples on this shard
+        own = -(-(length + budget) // size) - full
+        shared = self.shared.get((prompt, shard))
+        fresh = shared is None
+        if len(self.free[shard]) < own + (full if fresh else 0):
+            return None
+        if fresh:
+            shared = self.shared[(prompt, shard)] = [[self.free[shard].pop() for _ in range(full)], 0]
+        shared[1] += 1
+        mine = [self.free[shard].pop() for _ in range(own)]
+        table = np.zeros((self.layout.pages_per_sequence,), np.int32)
+        table[:full + own] = shared[0] + mine
+        write = np.full((self.layout.width // size,), self.layout.pages, np.int32)  # out of range: not written
+        if fresh:
+            write[:full] = shard * per_shard + np.array(shared[0], np.int32)
+        if length % size:  # the prompt's last page, partly filled: the sample's own
+            write[full] = shard * per_shard + mine[0]
+        self.in_use += own + (full if fresh else 0)
+        self.peak = max(self.peak, self.in_use)
+        return table, write, (prompt, shard, mine)
+
+    def give_back(self, ticket) -> None:
+        """A finished sequence's pages back to its shard (its prompt's too, if it was the last)."""
+        prompt, shard, mine = ticket
+        self.free[shard].extend(mine)
+        known = self.shared[(prompt, shard)]
+        known[1] -= 1
+        self.in_use -= len(mine)
+        if not known[1]:
+            self.free[shard].extend(known[0])
+            self.in_use -= len(known[0])
+            del self.shared[(prompt, shard)]
 
 
 def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: SamplingParams,
-             stop_ids: Sequence[int] = (), slots: int = 64, chunk: int = 16, mesh=None,
-             cache_dtype: str | None = None, pad_id: int = 0, stats: dict | None = None) -> SampleOutput:
-    """`params.num_samples` completions of each prompt through `slots` decode slots (fewer
-    when fewer sequences are asked for; a multiple of the group and the data-parallel degree);
-    the same SampleOutput for any `slots` and `chunk` (the same samples, too).
+             stop_ids: Sequence[int] = (), slots: int = 0, chunk: int = 16, mesh=None,
+             cache_dtype: str | None = None, pad_id: int = 0, stats: dict | None = None,
+             kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE) -> SampleOutput:
+    """`params.num_samples` completions of each prompt, at most `slots` sequences in flight
+    (0: from memory, `CacheLayout.plan`, with `kv_cache_gib` of cache pages a device); the
+    same SampleOutput for any `slots`, `chunk` and pool (the same samples, too).
 
-    The cache holds slots x `cache_length` tokens. A sequence is admitted as soon as a slot is
-    free, alone if need be (a group's samples admitted together share one prefill). One chunk
-    is always queued ahead: the host reads a chunk's finished flags, fetches those rows and
-    admits new sequences while the next chunk runs, so a freed slot waits one chunk longer
-    and the device never waits for the host. `stats` (a dict) receives `admitted_late`, the
-    sequences admitted after the first chunk, and `chunks`.
+    A sequence is admitted as soon as a slot and its pages are free, alone if need be (a
+    group's samples admitted together share one prefill). One chunk is always queued ahead:
+    the host reads a chunk's finished flags, fetches those rows and admits new sequences while
+    the next chunk runs, so a freed slot waits one chunk longer and the device never waits
+    for the host. `stats` (a dict) receives `admitted_late` (sequences admitted after the
+    first chunk), `chunks`, `slots`, `kv_pool_gib` (the pool a device holds) and
+    `kv_peak_gib` (the most of it sequences held at once).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompts")
@@ -196,49 +323,60 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens={budget} = {longest + budget} "
                          f"exceeds the model's max_position_embeddings={config.max_position_embeddings}; shorten "
                          "the prompt or lower max_new_tokens")
-    width = bucket(longest)
-    length = cache_length(width, budget)
+    device = (jax.devices() if mesh is None else mesh.devices.flat)[0]
     dp = 1 if mesh is None else parallel.batch_devices(mesh)
-    multiple = group * dp // math.gcd(group, dp)
-    n_slots = -(-min(slots, bucket(len(prompts) * group, minimum=1)) // multiple) * multiple
     cache_dtype = cache_dtype or config.compute_dtype
+    layout = CacheLayout.plan(config, len(prompts) * group, group, longest, budget, dp, slots, kv_cache_gib,
+                              page_size, cache_dtype, device.platform, free_memory(device))
+    n_slots, width = layout.slots, layout.width
     graphdef, state = nnx.split(model)
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     run_params = dataclasses.replace(params, max_new_tokens=0)  # traced instead: not a compile key
-    split_layers = splits_layers((jax.devices() if mesh is None else mesh.devices.flat)[0])
+    split_layers, kernel = splits_layers(device), uses_kernel(device)
 
     out = {name: np.zeros((len(prompts), group, budget), dtype) for name, dtype in
            (("tokens", np.int32), ("logprobs", np.float32), ("model_logprobs", np.float32))}
     lengths = np.zeros((len(prompts), group), np.int32)
     owner: list[int | None] = [None] * n_slots  # the sequence (i*G+s) in each slot
+    tickets: list = [None] * n_slots  # its pages
     since = [0] * n_slots  # the first chunk that decodes the slot's sequence (older flags are stale)
     waiting = list(range(len(prompts) * group))
+    pool = PagePool(layout)
     counts = dict(admitted_late=0, chunks=0)
     fetch = min(n_slots, FETCH_ROWS)  # finished rows a `_take` call fetches
+    per_shard = n_slots // dp
 
     def admit(table):
-        free = [s for s in range(n_slots) if owner[s] is None]
-        batch = waiting[:len(free)]
-        del waiting[:len(batch)]
+        batch = []
+        for s in range(n_slots):
+            if owner[s] is not None or not waiting:
+                continue
+            q = waiting[0]
+            got = pool.take(s // per_shard, q // group, len(prompts[q // group]), budget)
+            if got is None:
+                continue
+            waiting.pop(0)
+            batch.append((s, q, got))
         if not batch:
             return table
         if counts["chunks"]:
             counts["admitted_late"] += len(batch)
-        rows_of = list(dict.fromkeys(q // group for q in batch))  # each prompt prefilled once
+        rows_of = list(dict.fromkeys(q // group for _, q, _ in batch))  # each prompt prefilled once
         rows = -(-bucket(len(rows_of), minimum=1) // dp) * dp
         tokens = np.full((rows, width), pad_id, np.int32)
         real = np.ones((rows,), np.int32)
         for r, i in enumerate(rows_of):
             tokens[r, :len(prompts[i])] = prompts[i]
             real[r] = len(prompts[i])
-        cache, logits = _prefill(graphdef, state, tokens, real, cache_dtype=cache_dtype,
-                                 split_layers=split_layers)
+        cache, logits = _prefill(graphdef, state, tokens, real, cache_dtype=cache_dtype, split_layers=split_layers)
         n = bucket(len(batch), minimum=1)
         ids, row, seq = np.full((n,), n_slots, np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
-        for j, q in enumerate(batch):  # padding rows keep an out-of-range slot id: dropped
-            ids[j], row[j], seq[j] = free[j], rows_of.index(q // group), q
-            owner[free[j]], since[free[j]] = q, counts["chunks"] + 1
-        return _insert(table, cache, logits, real, ids, row, key, seq)  # sequence i*G+s: its own stream
+        tables = np.zeros((n, layout.pages_per_sequence), np.int32)
+        prompt_pages = np.full((n, width // layout.page_size), layout.pages, np.int32)
+        for j, (s, q, (table_row, written, ticket)) in enumerate(batch):  # padding keeps out-of-range ids
+            ids[j], row[j], seq[j], tables[j], prompt_pages[j] = s, rows_of.index(q // group), q, table_row, written
+            owner[s], tickets[s], since[s] = q, ticket, counts["chunks"] + 1
+        return _insert(table, cache, logits, real, ids, row, key, seq, tables, prompt_pages)
 
     def store(fetched):
         seqs, (tokens, logprobs, model_logprobs, steps) = fetched
@@ -250,11 +388,12 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
             lengths[i, g] = host[3][j]
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        table = admit(_empty(config, n_slots, length, budget, cache_dtype))
+        table = admit(empty(config, layout, budget, cache_dtype))
         flags, fetching = None, []  # (chunk number, its done flags); rows being fetched
         while True:
             table, next_flags = _decode(graphdef, state, table, stop, jnp.asarray(budget, jnp.int32),
-                                        jnp.asarray(chunk, jnp.int32), params=run_params, split_layers=split_layers)
+                                        jnp.asarray(chunk, jnp.int32), params=run_params, split_layers=split_layers,
+                                        kernel=kernel)
             counts["chunks"] += 1
             next_flags = (counts["chunks"], next_flags)
             preemption.check("a rollout")  # between chunks: every host stops at the same one
@@ -269,14 +408,19 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
                     ids = np.zeros((fetch,), np.int32)  # padding rows fetch slot 0, unread
                     ids[:len(piece)] = piece
                     fetching.append(([owner[s] for s in piece], _take(table, ids)))
-                for s in finished:
-                    owner[s] = None
+                for s in finished:  # its pages go to the next sequences: written after this chunk
+                    pool.give_back(tickets[s])
+                    owner[s] = tickets[s] = None
                 table = admit(table)
             flags = next_flags
             if not fetching and not waiting and all(o is None for o in owner):
                 break
+            if all(o is None for o in owner) and not fetching:  # CacheLayout.plan makes one always fit
+                raise RuntimeError(f"the KV cache pool ({layout.pages} pages) cannot hold the next sequence")
     if stats is not None:
-        stats.update(counts)
+        device_gib = layout.bytes_per_device(config, cache_dtype) / 2**30
+        stats.update(counts, slots=n_slots, kv_pool_gib=device_gib,
+                     kv_peak_gib=device_gib * pool.peak / (layout.pages // dp) / dp)
     last = np.take_along_axis(out["tokens"], np.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
     stopped = (lengths > 0) & np.isin(last, list(stop_ids))
     for name in out:  # nothing after the end of a sequence
@@ -285,15 +429,26 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
                         lengths=lengths, done=stopped)
 
 
+def free_memory(device) -> int | None:
+    """Bytes free on `device` now (None where it does not say: CPUs). On several hosts, the
+    first host's figure, so that every host plans the same pool."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return parallel.on_main(lambda: free) if jax.process_count() > 1 else free
+
+
 class LocalEngine(RolloutEngine):
     """`generate` on a copy of the policy in the decode layout: `sync` casts it to `dtype` and
     reshards it onto `mesh` (`sampler.sync_program`, one jitted program, into the last copy's
-    buffers); with no mesh it samples from the model as given. `slots` 0: a decode slot for
-    every sequence asked for (the prompt count's power-of-two bucket x samples, so batch sizes
-    share programs)."""
+    buffers); with no mesh it samples from the model as given. `slots`, `kv_cache_gib`,
+    `page_size`: the paged cache's knobs (`generate`; 0 = sized from memory)."""
 
-    def __init__(self, mesh=None, dtype: str | None = None, slots: int = 0, chunk: int = 16, pad_id: int = 0):
+    def __init__(self, mesh=None, dtype: str | None = None, slots: int = 0, chunk: int = 16, pad_id: int = 0,
+                 kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE):
         self.mesh, self.dtype, self.slots, self.chunk, self.pad_id = mesh, dtype, slots, chunk, pad_id
+        self.kv_cache_gib, self.page_size = kv_cache_gib, page_size
         self.model, self.sync_stats = None, {}
 
     @classmethod
@@ -317,17 +472,18 @@ class LocalEngine(RolloutEngine):
     def generate(self, prompts, key, params: SamplingParams, stop_ids) -> SampleOutput:
         if self.model is None:
             raise RuntimeError("LocalEngine.generate before sync: sync the policy first")
-        slots = self.slots or bucket(len(prompts), minimum=1) * params.num_samples
         self.stats = dict(self.sync_stats)
-        return generate(self.model, prompts, key, params, stop_ids=stop_ids, slots=slots, chunk=self.chunk,
-                        mesh=self.mesh, pad_id=self.pad_id, stats=self.stats)
+        return generate(self.model, prompts, key, params, stop_ids=stop_ids, slots=self.slots, chunk=self.chunk,
+                        mesh=self.mesh, pad_id=self.pad_id, stats=self.stats, kv_cache_gib=self.kv_cache_gib,
+                        page_size=self.page_size)
 
 
 def from_config(rollout, mesh=None, pad_id: int = 0, workdir: str = "") -> RolloutEngine:
     """The engine `rollout.engine` names: "local" (this module) or "openai" (an external
     OpenAI-compatible server, `remote_engine.OpenAIEngine`; its weights go under `workdir`)."""
     if rollout.engine == "local":
-        return LocalEngine(mesh, rollout.dtype or None, rollout.slots, rollout.chunk, pad_id)
+        return LocalEngine(mesh, rollout.dtype or None, rollout.slots, rollout.chunk, pad_id, rollout.kv_cache_gib,
+                           rollout.page_size)
     if rollout.engine == "openai":
         from fleming_jax import remote_engine
 

@@ -214,10 +214,11 @@ def rl_step_plan(config) -> dict:
     group = c.group_size
     dp = parallel.batch_devices(rollout)
     multiple = group * dp // math.gcd(group, dp)
-    want = r.slots or c.prompts_per_step * group
-    slots = -(-min(want, sampler.bucket(c.prompts_per_step * group, minimum=1)) // multiple) * multiple
-    width = sampler.bucket(config.plan.prompt_len)
-    length = engine.cache_length(width, c.max_new_tokens)
+    sequences = c.prompts_per_step * group
+    cache = engine.CacheLayout.plan(
+        model_config, sequences, group, config.plan.prompt_len, c.max_new_tokens, dp, r.slots or sequences,
+        r.kv_cache_gib, r.page_size, dtype, "cpu")  # no free memory known ahead: the slots' worst case
+    slots, width = cache.slots, cache.width
     rows = -(-sampler.bucket(min(c.prompts_per_step, slots // group), minimum=1) // dp) * dp
     programs = {}
     with jax.set_mesh(rollout):
@@ -226,8 +227,8 @@ def rl_step_plan(config) -> dict:
         decode_state = jax.tree.unflatten(sync.treedef, [
             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
             zip(jax.tree.leaves(programs["sync"].out_info), jax.tree.leaves(programs["sync"].output_shardings))])
-        empty = engine._empty.lower(model_config, slots=slots, length=length, budget=c.max_new_tokens,
-                                    cache_dtype=dtype).compile()
+        empty = engine._empty.lower(model_config, slots, cache.pages, cache.page_size, cache.pages_per_sequence,
+                                    c.max_new_tokens, dtype).compile()
         table = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              empty.out_info, empty.output_shardings)
         batch = parallel.batch_sharding(rollout)
@@ -241,12 +242,16 @@ def rl_step_plan(config) -> dict:
         key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
         programs["insert"] = compile_or_refuse(engine._insert.lower(
             table, prefilled, logits, spec((rows,), jnp.int32, batch), spec((admitted,), jnp.int32, batch),
-            spec((admitted,), jnp.int32, batch), key, spec((admitted,), jnp.int32, batch)), "the insert", config)
+            spec((admitted,), jnp.int32, batch), key, spec((admitted,), jnp.int32, batch),
+            spec((admitted, cache.pages_per_sequence), jnp.int32, parallel.batch_sharding(rollout, 2)),
+            spec((admitted, width // cache.page_size), jnp.int32, parallel.batch_sharding(rollout, 2))),
+            "the insert", config)
         scalar = spec((), jnp.int32)
         params = sampler.SamplingParams(temperature=c.temperature, top_p=c.top_p, num_samples=group, max_new_tokens=0)
         programs["decode"] = compile_or_refuse(engine._decode.lower(
             graphdef, decode_state, table, spec((2,), jnp.int32), scalar, scalar, params=params,
-            split_layers=engine.splits_layers(devices[0])), "the decode loop", config)
+            split_layers=engine.splits_layers(devices[0]), kernel=engine.uses_kernel(devices[0])),
+            "the decode loop", config)
     loss, update_batch, _ = task_loss(config, mesh)
     forward = c.grpo.beta or c.recompute_old_logprobs or c.tis_cap
     if forward:  # the reference's (bf16 copy) or the trainer's own log-probs of the rollout
@@ -271,7 +276,7 @@ def rl_step_plan(config) -> dict:
     peak = max(phases.values())
     return p | dict(
         programs=sorted(programs) + ["update"], rollout_mesh=dict(rollout.shape), rollout_dtype=dtype, slots=slots,
-        prompt_len=width, cache_len=length, decode_bytes=decode_bytes, cache_bytes=table_bytes,
+        prompt_len=width, cache_pages=cache.pages // dp, page_size=cache.page_size, decode_bytes=decode_bytes, cache_bytes=table_bytes,
         sync_temp_bytes=mem(programs["sync"]).temp_size_in_bytes, sync_received_bytes=sync.received_bytes,
         phases=phases, update_peak_bytes=p["peak_bytes"],
         peak_bytes=peak, fits=None if not p["hbm_bytes"] else peak <= p["hbm_bytes"])
@@ -313,8 +318,8 @@ def format_plan(p: dict) -> str:
     ]
     if "phases" in p:  # the whole RL step
         rows[-3:-3] = [
-            ("rollout", f"{p['slots']} slots x {p['cache_len']} tokens (prompt bucket {p['prompt_len']} + "
-                        f"{p['cache_len'] - p['prompt_len']}), {p['rollout_dtype']} decode copy, mesh {p['rollout_mesh']}"),
+            ("rollout", f"{p['slots']} slots, {p['cache_pages']} cache pages of {p['page_size']} tokens a device "
+                        f"(prompt bucket {p['prompt_len']}), {p['rollout_dtype']} decode copy, mesh {p['rollout_mesh']}"),
             ("decode copy / device", gib(p["decode_bytes"])),
             ("KV cache + slots / device", gib(p["cache_bytes"])),
             ("sync temporaries / device", gib(p["sync_temp_bytes"])),
@@ -391,7 +396,8 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
     rollout layout (`parallel.rollout_mesh`, params in the compute dtype) or, with
     `layout="train"`, on the training mesh with the master weights. Returns per-device
     memory (the arguments hold the weights and the slots' KV cache, `cache_bytes` of it) and
-    the collectives per decoded token (see `loop_collectives`)."""
+    the collectives per decoded token (see `loop_collectives`), and `attention_kernels`: how
+    many Pallas paged-attention calls it holds (one a layer on TPU, none elsewhere)."""
     devices = _devices(config.plan)
     import jax
     import jax.numpy as jnp
@@ -412,23 +418,25 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
     state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, dtype, sharding=s)),
                          abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
     dp = parallel.batch_devices(mesh)
-    slots = -(-prompts * samples // dp) * dp
-    length = engine.cache_length(prompt_len, budget)
+    cache = engine.CacheLayout.plan(model_config, prompts * samples, samples, prompt_len, budget, dp,
+                                    prompts * samples, page_size=config.rollout.page_size, dtype=dtype)
+    slots = cache.slots
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh):
-        empty = engine._empty.lower(model_config, slots=slots, length=length, budget=budget,
-                                    cache_dtype=dtype).compile()  # the slots' shapes and layout
+        empty = engine._empty.lower(model_config, slots, cache.pages, cache.page_size, cache.pages_per_sequence,
+                                    budget, dtype).compile()  # the slots' shapes and layout
         table = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              empty.out_info, empty.output_shardings)
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
         params = sampler.SamplingParams(temperature=1.0, num_samples=samples, max_new_tokens=0)
         compiled = engine._decode.lower(graphdef, state, table, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole),
-                                        scalar, scalar, params=params,
-                                        split_layers=engine.splits_layers(devices[0])).compile()
+                                        scalar, scalar, params=params, split_layers=engine.splits_layers(devices[0]),
+                                        kernel=engine.uses_kernel(devices[0])).compile()
     mem = compiled.memory_analysis()
     shard_bytes = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
     return dict(model=config.model.preset, layout=layout, mesh=dict(mesh.shape), dtype=dtype,
-                device_kind=devices[0].device_kind, rows=slots, cache_len=length,
+                device_kind=devices[0].device_kind, rows=slots, cache_pages=cache.pages // dp,
+                page_size=cache.page_size, attention_kernels=len(re.findall(r"%paged_attention\S* = .*custom-call\(", compiled.as_text())),
                 cache_bytes=sum(map(shard_bytes, table.cache.k + table.cache.v)),
                 arguments_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
                 output_bytes=mem.output_size_in_bytes,

@@ -1,5 +1,6 @@
 """The continuous-batching engine: scheduling never changes the samples, finished sequences
-free their slots, attention reads only live cache blocks, and a run compiles few programs.
+free their slots and pages, a group's samples share their prompt's pages, attention reads each
+row's own pages (XLA path and the Pallas TPU kernel), and a run compiles few programs.
 (Greedy vs transformers and log-probs vs a full forward: tests/test_sampler.py, both engines.)"""
 
 import jax
@@ -9,8 +10,7 @@ import numpy as np
 import pytest
 
 from configs import models as presets
-from fleming_jax import engine, models, parallel
-from fleming_jax.models import qwen
+from fleming_jax import engine, models, paged, parallel
 from fleming_jax.sampler import SamplingParams
 
 STOPS = list(range(3, 4096, 40))  # ~2.5% of the vocabulary: ragged lengths in a random model
@@ -64,29 +64,106 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
     assert new["take"] == 0, new  # finished rows fetched in fixed-size pieces
 
 
-def test_cache_is_sized_by_the_budget_not_a_power_of_two_bucket():
-    assert engine.cache_length(32, 1100) == 1152  # not 32 + bucket(1100) = 2080
-    assert engine.cache_length(16, 40) == 56
-    assert engine.cache_length(512, 4096) == 4608
+def _paged_case(seed, lengths, kv_heads=2, group=2, d=16, size=16, width=4):
+    """A random page pool, page tables of distinct pages, and the dense attention of each row
+    over its first `lengths` tokens (numpy, float64)."""
+    rng = np.random.default_rng(seed)
+    rows, pages = len(lengths), len(lengths) * width + 3
+    q = rng.normal(size=(rows, kv_heads * group, d)).astype(np.float32)
+    k = rng.normal(size=(kv_heads, pages, size, d)).astype(np.float32)
+    v = rng.normal(size=(kv_heads, pages, size, d)).astype(np.float32)
+    table = rng.permutation(pages)[:rows * width].reshape(rows, width).astype(np.int32)
+    expected = np.zeros((rows, kv_heads, group, d))
+    for r, n in enumerate(lengths):
+        if not n:
+            continue  # a finished row: nothing to attend to
+        keys = k[:, table[r]].reshape(kv_heads, -1, d)[:, :n].astype(np.float64)
+        values = v[:, table[r]].reshape(kv_heads, -1, d)[:, :n].astype(np.float64)
+        scores = np.einsum("kgd,ksd->kgs", q[r].reshape(kv_heads, group, d), keys) / np.sqrt(d)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        expected[r] = np.einsum("kgs,ksd->kgd", probs / probs.sum(-1, keepdims=True), values)
+    return q, k, v, table, np.asarray(lengths, np.int32), expected.reshape(rows, -1, d)
 
 
-@pytest.mark.parametrize("live", [1, 37, 128, 300, 384])
-def test_live_block_attention_equals_full_attention_and_never_reads_dead_blocks(live):
-    rng = np.random.default_rng(live)
-    b, slots, kvh, g, d = 3, 384, 2, 2, 16
-    q = jnp.asarray(rng.normal(size=(b, 1, kvh, g, d)), jnp.float32)
-    k = rng.normal(size=(b, slots, kvh, d)).astype(np.float32)
-    v = rng.normal(size=(b, slots, kvh, d)).astype(np.float32)
-    lengths = np.array([live, max(1, live // 2), max(1, live - 5)])
-    allowed = np.arange(slots)[None, None, :] < lengths[:, None, None]
-    scores = np.einsum("bkgd,bskd->bkgs", np.asarray(q[:, 0]), k) / np.sqrt(d)
-    scores = np.where(allowed[:, 0][:, None, None, :], scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    expected = np.einsum("bkgs,bskd->bkgd", probs / probs.sum(-1, keepdims=True), v)
-    dead = -(-live // qwen.ATTENTION_BLOCK) * qwen.ATTENTION_BLOCK
-    k[:, dead:], v[:, dead:] = np.nan, np.nan  # whole blocks past the live ones: never read
-    got = qwen.attend_live_blocks(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(allowed), jnp.asarray(live))
+@pytest.mark.parametrize("lengths", [[1, 16, 17, 64], [37, 5, 128, 2]])
+def test_paged_attention_reads_each_rows_own_pages_up_to_its_length(lengths):
+    q, k, v, table, lens, expected = _paged_case(0, lengths, width=8)
+    unused = np.setdiff1d(np.arange(k.shape[1]), table)
+    k[:, unused], v[:, unused] = np.nan, np.nan  # pages no row owns: never read
+    got = paged.attend_xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(table), jnp.asarray(lens))
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
+def test_paged_write_puts_each_active_rows_token_at_its_position_only():
+    pool = np.zeros((2, 6, 4, 3), np.float32)
+    table = np.array([[4, 1], [2, 0], [5, 3]], np.int32)
+    new = np.arange(3 * 2 * 3, dtype=np.float32).reshape(3, 2, 3) + 1
+    index, active = np.array([5, 2, 0]), np.array([True, True, False])
+    got = np.asarray(paged.write(jnp.asarray(pool), jnp.asarray(new), jnp.asarray(table), jnp.asarray(index),
+                                 jnp.asarray(active)))
+    expected = pool.copy()
+    expected[:, 1, 1] = new[0]  # row 0: position 5 = its second page (1), slot 1
+    expected[:, 2, 2] = new[1]  # row 1: position 2 = its first page (2), slot 2
+    np.testing.assert_array_equal(got, expected)  # row 2 is not active: nothing written
+
+
+def test_the_pallas_tpu_kernel_equals_the_xla_path():
+    """The TPU decode attention (Pallas `paged_attention`, in TPU interpret mode on this CPU)
+    against the XLA path. The interpreter rounds matmul inputs to bf16 as a TPU's default
+    precision does, hence the tolerance (one bf16 rounding of values ~1)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, k, v, table, lens, expected = _paged_case(1, [1, 20, 100, 128, 0, 77, 3, 50], kv_heads=2, group=4, d=128,
+                                                 width=8)
+    args = [jnp.asarray(x) for x in (q, k, v, table, lens)]
+    xla = np.asarray(paged.attend_xla(*args))
+    with pltpu.force_tpu_interpret_mode():
+        kernel = np.asarray(jax.jit(paged.attend_kernel)(*args))
+    live = lens > 0  # a row of length 0 (finished) is read by neither; its output is unused
+    np.testing.assert_allclose(xla[live], expected[live], atol=1e-5)
+    np.testing.assert_allclose(kernel[live], xla[live], atol=2e-2)
+    assert np.abs(kernel[live] - xla[live]).mean() < 2e-3
+
+
+def test_cache_layout_follows_memory():
+    config = models.config_from(presets.get("tiny"))
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4  # fp32 K and V
+    # a CPU: CPU_SLOTS sequences a device, pages for them at their longest
+    cpu = engine.CacheLayout.plan(config, 128, 8, 200, 96, dtype="float32")
+    assert cpu.slots == engine.CPU_SLOTS and cpu.width == 256 and cpu.page_size == 16
+    assert cpu.pages == cpu.slots * (256 + 96) // 16
+    assert cpu.pages_per_sequence == 24  # 22 pages, in whole blocks of 128 tokens (8 pages)
+    # a memory budget: the slots are what it holds at full length, in whole groups
+    gib = 64 * (256 + 96) * per_token / 2**30
+    sized = engine.CacheLayout.plan(config, 1024, 8, 200, 96, kv_cache_gib=gib, dtype="float32")
+    assert sized.slots == 64 and sized.pages == 64 * 22
+    assert sized.bytes_per_device(config, "float32") == 64 * 22 * 16 * per_token
+    # an accelerator's free memory (HBM_SHARE of it) on 2 data-parallel shards; never more than the rollout
+    tpu = engine.CacheLayout.plan(config, 16, 8, 200, 96, shards=2, dtype="float32", platform="tpu",
+                                  free_bytes=10 * 2**30)
+    assert tpu.slots == 16 and tpu.pages == 2 * int(engine.HBM_SHARE * 10 * 2**30) // (16 * per_token)
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        engine.CacheLayout.plan(config, 16, 8, 200, 96, kv_cache_gib=1e-5, dtype="float32")
+
+
+def test_a_groups_samples_share_their_prompts_full_pages():
+    layout = engine.CacheLayout(slots=4, pages=40, page_size=16, pages_per_sequence=8, width=64, shards=2)
+    pool = engine.PagePool(layout)
+    first = pool.take(1, prompt=7, length=40, budget=20)  # 2 full prompt pages + 2 of its own (40..59)
+    second = pool.take(1, prompt=7, length=40, budget=20)
+    other_shard = pool.take(0, prompt=7, length=40, budget=20)
+    (t1, w1, _), (t2, w2, _), (t0, w0, _) = first, second, other_shard
+    assert list(t1[:2]) == list(t2[:2]) and set(t1[2:4]).isdisjoint(t2[2:4])  # shared, then its own
+    # global ids of what each writes: the first its 3 prompt pages, the second only its partial one
+    assert list(w1[:3]) == [20 + p for p in t1[:3]] and list(w1[3:]) == [40]
+    assert list(w2[:2]) == [40, 40] and w2[2] == 20 + t2[2]
+    assert list(w0[:3]) == list(t0[:3])  # shard 0's own copy, ids 0-19
+    assert pool.in_use == pool.peak == 4 + 2 + 4
+    ninth = pool.take(1, prompt=9, length=64, budget=64)  # 8 of shard 1's 14 free pages
+    assert ninth is not None and pool.take(1, prompt=10, length=64, budget=64) is None  # 8 more: 6 left
+    for ticket in (first[2], second[2], other_shard[2], ninth[2]):
+        pool.give_back(ticket)
+    assert pool.in_use == 0 and sorted(pool.free[1]) == list(range(20)) and not pool.shared
 
 
 def test_sharded_engine_equals_single_device(tiny):

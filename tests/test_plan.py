@@ -115,10 +115,11 @@ def test_every_program_of_an_rl_step_compiles_for_a_v5p_slice(topology):
     config.rl.grpo.beta = 0.04
     p = plan.rl_step_plan(config)
     assert p["programs"] == ["decode", "forward", "insert", "prefill", "sync", "update"]
-    assert p["slots"] == 64 and p["prompt_len"] == 256 and p["cache_len"] == 512
-    # K and V of the one layer by hand: 64 slots over the data groups, 4 KV heads over `tensor`
+    assert p["slots"] == 64 and p["prompt_len"] == 256
+    # K and V of the one layer by hand: 64 slots over the data groups, 4 KV heads over `tensor`,
+    # pages for each slot's prompt bucket + budget (512 tokens)
     data, tensor = p["rollout_mesh"]["data"], p["rollout_mesh"]["tensor"]
-    assert data * tensor == p["devices"]
+    assert data * tensor == p["devices"] and p["cache_pages"] * p["page_size"] == (64 // data) * 512
     kv = 2 * (64 // data) * 512 * (4 // tensor) * 64 * 2
     # + each slot's logits, outputs, segment ids and counters: the engine keeps these on every
     # device (only the K/V buffers are sharded over the data groups)

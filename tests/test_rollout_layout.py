@@ -140,17 +140,21 @@ def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 @pytest.mark.slow
-def test_decode_loop_samples_without_gathering_the_vocabulary_for_qwen3_32b_on_v5p_4x4x4():
+def test_decode_loop_holds_the_attention_kernel_and_no_vocabulary_gather_for_qwen3_32b_on_v5p_4x4x4():
     """Qwen3-32B's rollout layout (data 16 x tensor 4, 2 of its 64 layers) on v5p:4x4x4: the
-    vocabulary is split over the tensor chips and the sampler reduces over it in place (its
-    one running sum over the whole vocabulary all-gathered each chip's 32 rows of fp32
-    logits, 18.6 MiB a token)."""
+    attention is the Pallas kernel over each row's pages; the vocabulary is split over the
+    tensor chips and the sampler reduces over it in place (its one running sum over the whole
+    vocabulary all-gathered each chip's 32 rows of fp32 logits, 18.6 MiB a token)."""
     config = rl_stage1.get_config("qwen3-32b")
     config.model.num_layers = 2
     config.plan.topology = "v5p:4x4x4"
     rollout = plan.decode_plan(config, "rollout", prompts=64, samples=8, prompt_len=512, budget=4096)
     assert rollout["mesh"]["tensor"] == 4 and rollout["rows"] == 512
     assert rollout["per_token"]["all_gather_bytes"] < 1 * MIB, rollout
+    assert rollout["attention_kernels"] == 2, rollout  # the Pallas paged attention, one call a layer
+    # the KV write keeps the kernel's layout (a scatter of single tokens made the compiler copy
+    # each layer's pools, 2 x 75 MB, every token: 359 MB of temporaries)
+    assert rollout["temp_bytes"] < rollout["cache_bytes"] / 2, rollout
 
 
 def _compiled_sync(topology: str, preset: str, layers: int):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fleming_jax import parallel
+from fleming_jax import paged, parallel
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 REMAT_POLICIES = {
@@ -255,6 +255,31 @@ class Qwen(nnx.Module):
         w = self.unembedding().astype(self.config.compute_dtype)
         return project("...e,ev->...v", hidden, w, jnp.float32)
 
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        # Gather from a table whose features are whole (vocab may stay split over `tensor`).
+        table = parallel.constrain(self.embed_tokens[...], ("vocab", "act_embed"))
+        x = table[input_ids].astype(self.config.compute_dtype)
+        return parallel.constrain(x, ("batch", "length", "act_embed"))
+
+    def decode(self, tokens: jax.Array, cache: paged.PagedCache, table: jax.Array, index: jax.Array,
+               active: jax.Array, layers: list[dict] | None = None, kernel: bool = False):
+        """One token per row (`tokens` [rows]) at position `index`, over a paged cache (the rollout
+        engine's decode step): fp32 logits [rows, vocab] and the cache with the tokens written.
+        Rows not `active` neither write nor read the cache. `layers`: as in `hidden_states`;
+        `kernel`: the Pallas TPU attention kernel (`paged.attention`)."""
+        c = self.config
+        x = self.embed(tokens[:, None])
+        cos, sin = rope_tables(index[:, None], c.head_dim, c.rope_theta)
+        k_pages, v_pages = list(cache.k), list(cache.v)
+        for i, p in enumerate(self.layers.split() if layers is None else layers):
+            p = jax.tree.map(lambda w: w.astype(c.compute_dtype), p)
+            q, k, v = qkv(p, rms_norm(x, p["input_norm"], c.rms_norm_eps), cos, sin, c)
+            out, k_pages[i], v_pages[i] = paged.attention(q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], table,
+                                                          index, active, kernel)
+            x = mlp_block(p, x + project("bhd,hde->be", out.astype(x.dtype), p["o_proj"])[:, None], c)
+        x = rms_norm(x[:, 0], self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps)
+        return self.logits(x), paged.PagedCache(k=tuple(k_pages), v=tuple(v_pages))
+
     def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None,
                       prefixes=None, scan_cache: bool = False):
         """Final-norm hidden states [batch, length, embed] (and the updated cache).
@@ -276,10 +301,7 @@ class Qwen(nnx.Module):
             positions = positions_from_mask(attention_mask)
             if cache is not None:  # continue counting after the tokens already cached
                 positions = positions + jnp.sum(cache.segment > 0, axis=1, keepdims=True)
-        # Gather from a table whose features are whole (vocab may stay split over `tensor`).
-        table = parallel.constrain(self.embed_tokens[...], ("vocab", "act_embed"))
-        x = table[input_ids].astype(c.compute_dtype)
-        x = parallel.constrain(x, ("batch", "length", "act_embed"))
+        x = self.embed(input_ids)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
 
         length = input_ids.shape[1]
@@ -302,13 +324,7 @@ class Qwen(nnx.Module):
             p = jax.tree.map(lambda w: w.astype(c.compute_dtype), p)
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
             attn, kv = attention(p, h, cos, sin, allowed, kv, None if cache is None else cache.index, c)
-            x = x + attn
-            h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
-            gate = project("bte,em->btm", h, p["gate_proj"])
-            up = project("bte,em->btm", h, p["up_proj"])
-            hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-            x = x + project("btm,me->bte", hidden, p["down_proj"])
-            return parallel.constrain(x, ("batch", "length", "act_embed")), kv
+            return mlp_block(p, x + attn, c), kv
 
         if cache is None:
             if c.remat != "none":
@@ -360,10 +376,8 @@ def _project_bwd(spec, out_dtype, saved, g):
 project.defvjp(_project_fwd, _project_bwd)
 
 
-def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
-    """GQA self-attention of one layer. With this layer's cache `kv = (k, v)`, the new
-    keys/values are written at slot `index` and it attends over the cache; returns
-    (output, kv)."""
+def qkv(p, h, cos, sin, c: QwenConfig):
+    """Queries [b, t, heads, d], keys and values [b, t, kv_heads, d] of one layer, rotated."""
     q = project("bte,ehd->bthd", h, p["q_proj"])
     k = project("bte,ekd->btkd", h, p["k_proj"])
     v = project("bte,ekd->btkd", h, p["v_proj"])
@@ -372,7 +386,24 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
     if c.qk_norm:
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def mlp_block(p, x, c: QwenConfig):
+    """The residual stream `x` after a layer's attention, through its gated MLP."""
+    h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
+    gate = project("bte,em->btm", h, p["gate_proj"])
+    up = project("bte,em->btm", h, p["up_proj"])
+    hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    x = x + project("btm,me->bte", hidden, p["down_proj"])
+    return parallel.constrain(x, ("batch", "length", "act_embed"))
+
+
+def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
+    """GQA self-attention of one layer. With this layer's cache `kv = (k, v)`, the new
+    keys/values are written at slot `index` and it attends over the cache; returns
+    (output, kv)."""
+    q, k, v = qkv(p, h, cos, sin, c)
     if kv is not None:
         k_cache, v_cache = kv
         k = write_at(k_cache, k.astype(k_cache.dtype), index)
@@ -380,10 +411,6 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
         kv = (k, v)
     b, t, heads, d = q.shape
     q = q.reshape(b, t, c.num_kv_heads, heads // c.num_kv_heads, d)
-    if kv is not None and t == 1:
-        live = jnp.minimum(jnp.max(index) + 1, k.shape[1])  # slots any row has written
-        out = attend_live_blocks(q, k, v, allowed, live).reshape(b, t, heads, d)
-        return project("bthd,hde->bte", out, p["o_proj"]), kv
     keys, values = k.astype(q.dtype), v.astype(q.dtype)
     if kv is None:  # the tokens attend to themselves (training, scoring)
         out = causal_attention(q, keys, values, allowed, c.attention_chunk)
@@ -453,42 +480,6 @@ def write_at(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Arra
         return buffer.at[jnp.arange(buffer.shape[0]), index].set(update[:, 0], mode="drop")
     row = lambda b, u, i: jax.lax.dynamic_update_slice(b, u, (i,) + (0,) * (b.ndim - 1))
     return jax.vmap(row)(buffer, update, index)
-
-
-ATTENTION_BLOCK = 128  # cache slots per block of length-aware decode attention
-
-
-def attend_live_blocks(q, k, v, allowed, live: jax.Array):
-    """One decode token's attention over the cache blocks that hold live tokens only.
-
-    q [b, 1, kv_heads, group, d]; k, v [b, slots, kv_heads, d]; allowed [b, 1, slots]; `live`
-    (traced) is how many leading slots any row uses. Blocks of ATTENTION_BLOCK slots are
-    visited in a loop that stops after the last live one, with a running (online) softmax, so
-    the cost follows the longest live sequence, not the cache size.
-    """
-    b, _, kvh, g, d = q.shape
-    slots, dtype = k.shape[1], q.dtype
-    size = min(ATTENTION_BLOCK, slots)
-    if slots % size:
-        raise ValueError(f"cache of {slots} slots is not a multiple of the attention block {size}")
-    q = q[:, 0].astype(jnp.float32) * (d ** -0.5)
-
-    def visit(i, carry):
-        best, total, acc = carry
-        take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i * size, size, axis)
-        keys, values, ok = take(k, 1).astype(jnp.float32), take(v, 1).astype(jnp.float32), take(allowed[:, 0], 1)
-        scores = jnp.einsum("bkgd,bskd->bkgs", q, keys)
-        ok = ok[:, None, None, :]
-        new_best = jnp.maximum(best, jnp.max(jnp.where(ok, scores, -jnp.inf), axis=-1))
-        probs = jnp.where(ok, jnp.exp(scores - new_best[..., None]), 0.0)
-        rescale = jnp.exp(best - new_best)
-        return (new_best, total * rescale + probs.sum(-1),
-                acc * rescale[..., None] + jnp.einsum("bkgs,bskd->bkgd", probs, values))
-
-    init = (jnp.full((b, kvh, g), -1e30, jnp.float32), jnp.zeros((b, kvh, g), jnp.float32),
-            jnp.zeros((b, kvh, g, d), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, (live + size - 1) // size, visit, init)
-    return (acc / jnp.maximum(total, 1e-30)[..., None]).astype(dtype)
 
 
 def rms_norm(x, scale, eps):

@@ -1,0 +1,127 @@
+"""A paged KV cache for decoding: fixed-size pages in one pool per layer, and a page table
+per sequence that says which pages hold its tokens.
+
+Memory then follows what sequences hold, not the batch's longest row: a group's G samples
+point at the same pages for their prompt (only the last, partly filled prompt page is each
+sample's own), and the engine sizes the pool and the number of sequences in flight from a
+memory budget (`engine.CacheLayout`).
+
+Decode attention reads each row's own pages up to its own length. On TPU it is JAX's Pallas
+paged-attention kernel (`jax.experimental.pallas.ops.tpu.paged_attention`: one query per
+sequence, pages fetched by DMA, a row costs its own pages only). JAX also ships
+`ragged_paged_attention`, which mixes prefill and decode; decode is all the engine needs,
+and that kernel does not run in Pallas' TPU interpret mode on jax 0.10.2 (its reshaped refs
+are refused), where `paged_attention` does, so tests compare it with the XLA path on a CPU.
+Elsewhere the XLA path visits blocks of pages in a loop that stops after the longest live
+row of the device's shard. Both run per shard (`jax.shard_map`): pages and sequences split
+over the data-parallel axes, KV heads over `tensor`, and page ids are local to a shard.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from fleming_jax import parallel
+
+PAGE_AXES = ("kv_heads", "batch", None, "head_dim")  # a pool [kv_heads, pages, page_size, head_dim]
+BLOCK_TOKENS = 128  # tokens a step of the XLA path (and a kernel block) reads per row
+
+
+@flax.struct.dataclass
+class PagedCache:
+    """Each layer's key and value pages, [kv_heads, pages, page_size, head_dim]."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config, pages: int, page_size: int, dtype) -> "PagedCache":
+        shape = (config.num_kv_heads, pages, page_size, config.head_dim)
+        make = lambda: tuple(parallel.constrain(jnp.zeros(shape, dtype), PAGE_AXES) for _ in range(config.num_layers))
+        return cls(k=make(), v=make())
+
+
+def block_pages(page_size: int) -> int:
+    """Pages a block of attention reads: BLOCK_TOKENS worth (a page table's width is a multiple)."""
+    return max(1, BLOCK_TOKENS // page_size)
+
+
+def write(pages: jax.Array, new: jax.Array, table: jax.Array, index: jax.Array, active: jax.Array) -> jax.Array:
+    """Each active row's token `new` [rows, kv_heads, d] into its page for position `index`.
+
+    Whole pages are read, changed and written back: a scatter of single tokens made the TPU
+    compiler keep the pool in a layout of its own and copy all of it into the kernel's layout
+    every token (2 x 75 MB a layer a token for Qwen3-32B on v5p; 0.8 MB this way)."""
+    size = pages.shape[2]
+    page = jnp.take_along_axis(table, (index // size)[:, None], 1)[:, 0]
+    page = jnp.where(active, page, pages.shape[1])  # inactive rows: out of range, dropped
+    touched = pages.at[:, page].get(mode="fill", fill_value=0)  # [kv_heads, rows, page_size, d]
+    touched = touched.at[:, jnp.arange(len(page)), index % size].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
+    return pages.at[:, page].set(touched, mode="drop")
+
+
+def attend_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array):
+    """q [rows, heads, d] over each row's first `lengths` cached tokens: a loop over blocks of
+    pages (gathered through the table) up to the longest row, with a running softmax."""
+    rows, heads, d = q.shape
+    kv_heads, _, size, _ = k_pages.shape
+    group, per_block = heads // kv_heads, block_pages(size)
+    q = q.reshape(rows, kv_heads, group, d).astype(jnp.float32) * (d ** -0.5)
+
+    def visit(i, carry):
+        best, total, acc = carry
+        ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, 1)  # [rows, per_block]
+        take = lambda pages: pages[:, ids].reshape(kv_heads, rows, per_block * size, d).astype(jnp.float32)
+        keys, values = take(k_pages), take(v_pages)
+        scores = jnp.einsum("bkgd,kbsd->bkgs", q, keys)
+        ok = (i * per_block * size + jnp.arange(per_block * size))[None, :] < lengths[:, None]
+        ok = ok[:, None, None, :]
+        new_best = jnp.maximum(best, jnp.max(jnp.where(ok, scores, -jnp.inf), axis=-1))
+        probs = jnp.where(ok, jnp.exp(scores - new_best[..., None]), 0.0)
+        rescale = jnp.exp(best - new_best)
+        return (new_best, total * rescale + probs.sum(-1),
+                acc * rescale[..., None] + jnp.einsum("bkgs,kbsd->bkgd", probs, values))
+
+    init = (jnp.full((rows, kv_heads, group), -1e30, jnp.float32), jnp.zeros((rows, kv_heads, group), jnp.float32),
+            jnp.zeros((rows, kv_heads, group, d), jnp.float32))
+    blocks = (jnp.max(lengths, initial=0) + per_block * size - 1) // (per_block * size)
+    _, total, acc = jax.lax.fori_loop(0, blocks, visit, init)
+    return (acc / jnp.maximum(total, 1e-30)[..., None]).reshape(rows, heads, d)
+
+
+def attend_kernel(q, k_pages, v_pages, table, lengths):
+    """The same through the Pallas TPU paged-attention kernel (scaled queries in, as it expects)."""
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    size, d = k_pages.shape[2], q.shape[-1]
+    per_block = min(block_pages(size), table.shape[1])
+    out = paged_attention((q.astype(jnp.float32) * d ** -0.5).astype(q.dtype), k_pages, v_pages,
+                          jnp.maximum(lengths, 1), table, pages_per_compute_block=per_block)
+    return out.astype(jnp.float32)
+
+
+def _step(q, k, v, k_pages, v_pages, table, index, active, kernel: bool):
+    k_pages, v_pages = write(k_pages, k, table, index, active), write(v_pages, v, table, index, active)
+    lengths = jnp.where(active, index + 1, 0)  # a finished row reads nothing
+    attend = attend_kernel if kernel else attend_xla
+    return attend(q, k_pages, v_pages, table, lengths), k_pages, v_pages
+
+
+def attention(q, k, v, k_pages, v_pages, table, index, active, kernel: bool = False):
+    """One decode token per row: its keys/values `k`, `v` [rows, kv_heads, d] written at
+    position `index` of its pages, then its queries `q` [rows, heads, d] over its first
+    index + 1 tokens (fp32 out). Rows not `active` write and read nothing. Under a mesh it
+    runs per shard; `table` then holds page ids local to the row's shard."""
+    step = functools.partial(_step, kernel=kernel)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return step(q, k, v, k_pages, v_pages, table, index, active)
+    spec = parallel.logical_to_spec
+    rows3, pages, rows = spec(("batch", "heads", None)), spec(PAGE_AXES), spec(("batch",))
+    return jax.shard_map(step, in_specs=(rows3, rows3, rows3, pages, pages, spec(("batch", None)), rows, rows),
+                         out_specs=(rows3, pages, pages), check_vma=False)(
+        q, k, v, k_pages, v_pages, table, index, active)
