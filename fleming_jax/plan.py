@@ -213,7 +213,6 @@ def rl_step_plan(config) -> dict:
     spec = lambda shape, dt, sharding=whole: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
     group = c.group_size
     dp = parallel.batch_devices(rollout)
-    multiple = group * dp // math.gcd(group, dp)
     sequences = c.prompts_per_step * group
     cache = engine.CacheLayout.plan(
         model_config, sequences, group, config.plan.prompt_len, c.max_new_tokens, dp, r.slots or sequences,
