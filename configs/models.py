@@ -45,7 +45,7 @@ PRESETS = {
 # family switches (qkv bias, q/k norm, tied embeddings, rope) and every default a config file
 # sets for it (the mesh rule, rl.*, batch sizes, dtypes, remat) stay the real preset's. The
 # vocabulary fits the small offline tokenizer (`fleming_jax.tokenizer.build`). The rehearsal
-# (tests/rehearsal.py, README "Rehearsal") runs the whole pipeline with it.
+# (tests/rehearsal.py, docs/scale.md "Rehearsal") runs the whole pipeline with it.
 REHEARSAL = "rehearsal"
 REHEARSAL_SHAPE = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
                        intermediate_size=128, vocab_size=1024)
@@ -80,7 +80,7 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
 
 # Meshes per target, picked with a `@target` suffix on the preset
 # (`configs/sft.py:qwen2.5-7b@v5p-32`). Peak memory per device from `task=plan` for the
-# train step at batch 64 x 4096 tokens, bf16 compute, full remat (README "Memory plans"):
+# train step at batch 64 x 4096 tokens, bf16 compute, full remat (docs/scale.md, "plan"):
 TARGETS = {
     "v5p-32": dict(data=1, fsdp=16, tensor=1),  # 16 chips; 7B: 20.6 of 95 GiB
     "v5e-64": dict(data=1, fsdp=64, tensor=1),  # 64 chips; 7B: 7.8 of 16 GiB
@@ -128,7 +128,7 @@ def rollout() -> ml_collections.ConfigDict:
     rest). Its KV cache is paged (`page_size` tokens a page; a group's samples share their
     prompt's pages): `kv_cache_gib` of pages a device (0 = 80% of an accelerator's free memory,
     or on a CPU what the slots need); `slots` sequences decode at once (0 = as many as the
-    pages hold at full length, 32 a CPU device; never more than the rollout has); a finished
+    pages hold at full length, 64 on a CPU; never more than the rollout has); a finished
     one hands its slot and pages to the next every `chunk` tokens.
     `engine` "openai": an external OpenAI-compatible server (vLLM, SGLang, tpu-inference:
     `fleming_jax.remote_engine`); `server` says where: `base_url` (up to /v1), the served

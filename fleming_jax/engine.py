@@ -37,7 +37,7 @@ CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # a prefill's cache bu
 TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0, "take": 0}  # programs traced (tests count them)
 FETCH_ROWS = 8  # finished rows fetched a call: one `_take` program however many finish at once
 PAGE_SIZE = 16  # tokens a cache page holds (rollout.page_size)
-CPU_SLOTS = 64  # sequences in flight per CPU device by default (measured: docs/generation.md)
+CPU_SLOTS = 64  # sequences in flight on a CPU by default, all its devices together (measured: docs/generation.md)
 HBM_SHARE = 0.8  # of an accelerator's free memory the cache pool takes by default (rollout.kv_cache_gib 0)
 
 
@@ -80,7 +80,7 @@ class CacheLayout:
         tokens each. The pool: `kv_cache_gib` a device, or by default `HBM_SHARE` of an
         accelerator's `free_bytes`; on a CPU what the slots need. Slots (`slots` 0): as many
         as the pool holds with every sequence at full length and its own prompt pages (shared
-        prompts leave pages over), CPU_SLOTS a device on a CPU; never more than the rollout has
+        prompts leave pages over), CPU_SLOTS on a CPU; never more than the rollout has
         (its power-of-two bucket), always whole groups on every shard. Sizes follow the prompt
         bucket, not the longest prompt, so rollouts share compiled programs."""
         if page_size < 1 or page_size & (page_size - 1):
@@ -100,7 +100,7 @@ class CacheLayout:
         else:
             pool = None
         if slots <= 0:
-            slots = CPU_SLOTS * shards if pool is None else pool // worst * shards
+            slots = CPU_SLOTS if pool is None else pool // worst * shards
         slots = min(whole(slots), -(-want // multiple) * multiple)
         pages = -(-slots // shards) * worst if pool is None else pool
         if pages < worst:
@@ -143,9 +143,11 @@ def splits_layers(device) -> bool:
     return device.platform == "cpu"
 
 
-def uses_kernel(device) -> bool:
-    """Decode attention through the Pallas TPU kernel (`paged.attend_kernel`): on TPUs."""
-    return device.platform == "tpu"
+def uses_kernel(device, config, page_size: int) -> bool:
+    """Decode attention through the Pallas TPU kernel (`paged.attend_kernel`): on TPUs, for the
+    shapes its blocks tile (head_dim a multiple of 128 lanes, pages of whole 16-row bf16 tiles;
+    Qwen2.5-0.5B's head_dim 64, say, takes the XLA path)."""
+    return device.platform == "tpu" and config.head_dim % 128 == 0 and page_size % 16 == 0
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype", "split_layers"))
@@ -332,7 +334,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     graphdef, state = nnx.split(model)
     stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     run_params = dataclasses.replace(params, max_new_tokens=0)  # traced instead: not a compile key
-    split_layers, kernel = splits_layers(device), uses_kernel(device)
+    split_layers, kernel = splits_layers(device), uses_kernel(device, config, layout.page_size)
 
     out = {name: np.zeros((len(prompts), group, budget), dtype) for name, dtype in
            (("tokens", np.int32), ("logprobs", np.float32), ("model_logprobs", np.float32))}
@@ -369,7 +371,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
             tokens[r, :len(prompts[i])] = prompts[i]
             real[r] = len(prompts[i])
         cache, logits = _prefill(graphdef, state, tokens, real, cache_dtype=cache_dtype, split_layers=split_layers)
-        n = bucket(len(batch), minimum=1)
+        n = rows * group  # room for every sample of the prefilled prompts: one insert program per prefill's
         ids, row, seq = np.full((n,), n_slots, np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         tables = np.zeros((n, layout.pages_per_sequence), np.int32)
         prompt_pages = np.full((n, width // layout.page_size), layout.pages, np.int32)

@@ -219,8 +219,8 @@ def initialize_distributed(dist_cfg=None, environ=os.environ) -> None:
     """`jax.distributed.initialize` for multi-host runs; `config.distributed.enabled` picks.
 
     None (default, "auto"): GPU clusters pass the coordinator through config or the env
-    (`FLEMING_COORDINATOR_ADDRESS`, `FLEMING_NUM_PROCESSES`, `FLEMING_PROCESS_ID`; see the
-    README's GPU section); a multi-worker Cloud TPU slice initialises with no arguments (JAX
+    (`FLEMING_COORDINATOR_ADDRESS`, `FLEMING_NUM_PROCESSES`, `FLEMING_PROCESS_ID`; see
+    docs/scale.md, "Run on GPU clusters"); a multi-worker Cloud TPU slice initialises with no arguments (JAX
     finds the slice itself); anything else (one TPU worker, a CPU, one GPU node) stays a
     single process. True: initialise even where nothing is detected. False: never.
     """

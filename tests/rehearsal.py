@@ -1,4 +1,4 @@
-"""The rehearsal: a real job's shape on one machine (README "Rehearsal").
+"""The rehearsal: a real job's shape on one machine (docs/scale.md, "Rehearsal").
 
 python -m tests.rehearsal [--preset=qwen2.5-7b] [--processes=2] [--devices=2]
 
