@@ -89,7 +89,7 @@ class CacheLayout:
         worst = -(-(width + budget) // page_size)  # the pages a sequence may need
         per_block = paged.block_pages(page_size)
         table = -(-worst // per_block) * per_block  # whole blocks: the XLA path reads a block at a time
-        page_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * page_size * jnp.dtype(dtype).itemsize
+        page_bytes = paged.PagedCache.page_bytes(config, page_size, dtype)
         multiple = group * shards // math.gcd(group, shards)
         whole = lambda n: max(multiple, n // multiple * multiple)
         want = bucket(sequences, minimum=1)
@@ -112,8 +112,7 @@ class CacheLayout:
 
     def bytes_per_device(self, config, dtype: str) -> int:
         """The pool's bytes on one device (before tensor parallelism splits the KV heads)."""
-        return (2 * config.num_layers * self.pages // self.shards * self.page_size * config.num_kv_heads
-                * config.head_dim * jnp.dtype(dtype).itemsize)
+        return self.pages // self.shards * paged.PagedCache.page_bytes(config, self.page_size, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots", "pages", "page_size", "table_width", "budget",
@@ -192,8 +191,7 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, k
 
     cache = paged.PagedCache(k=tuple(map(to_pages, slots.cache.k, prefilled.k)),
                              v=tuple(map(to_pages, slots.cache.v, prefilled.v)))
-    cache = cache.replace(k=tuple(parallel.constrain(b, paged.PAGE_AXES) for b in cache.k),
-                          v=tuple(parallel.constrain(b, paged.PAGE_AXES) for b in cache.v))
+    cache = cache.constrained()
     put = lambda buffer, values: buffer.at[slot_ids].set(values, mode="drop")
     n = len(slot_ids)
     zeros = lambda like, dtype: jnp.zeros((n,) + like.shape[1:], dtype)
@@ -240,8 +238,7 @@ def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, para
         steps = s.steps + active
         done = s.done | (active & (jnp.isin(token, stop_ids) | (steps >= max_new_tokens)))
         logits, cache = model.decode(jnp.where(active, token, 0), s.cache, s.table, s.index, active, layers, kernel)
-        cache = cache.replace(k=tuple(parallel.constrain(b, paged.PAGE_AXES) for b in cache.k),
-                              v=tuple(parallel.constrain(b, paged.PAGE_AXES) for b in cache.v))
+        cache = cache.constrained()
         last = jnp.where(active[:, None], logits, s.last_logits)
         return i + 1, s.replace(cache=cache, index=s.index + active, last_logits=last, steps=steps, done=done,
                                 tokens=write(s.tokens, token), logprobs=write(s.logprobs, lp),

@@ -41,8 +41,18 @@ class PagedCache:
     @classmethod
     def zeros(cls, config, pages: int, page_size: int, dtype) -> "PagedCache":
         shape = (config.num_kv_heads, pages, page_size, config.head_dim)
-        make = lambda: tuple(parallel.constrain(jnp.zeros(shape, dtype), PAGE_AXES) for _ in range(config.num_layers))
-        return cls(k=make(), v=make())
+        make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(k=make(), v=make()).constrained()
+
+    def constrained(self) -> "PagedCache":
+        """Every pool laid out as PAGE_AXES says (under a mesh; else as it is)."""
+        lay = lambda pools: tuple(parallel.constrain(pool, PAGE_AXES) for pool in pools)
+        return PagedCache(k=lay(self.k), v=lay(self.v))
+
+    @staticmethod
+    def page_bytes(config, page_size: int, dtype) -> int:
+        """Bytes of one page across every layer's K and V (all KV heads)."""
+        return 2 * config.num_layers * config.num_kv_heads * config.head_dim * page_size * jnp.dtype(dtype).itemsize
 
 
 def block_pages(page_size: int) -> int:
