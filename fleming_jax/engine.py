@@ -38,6 +38,7 @@ TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0, "take": 0}  # prog
 FETCH_ROWS = 8  # finished rows fetched a call: one `_take` program however many finish at once
 PAGE_SIZE = 16  # tokens a cache page holds (rollout.page_size)
 CPU_SLOTS = 64  # sequences in flight on a CPU by default, all its devices together (measured: docs/generation.md)
+DRAIN_FLOOR = 8  # a draining rollout decodes down to 1/8 of the slots (powers of two: 4 decode programs)
 HBM_SHARE = 0.8  # of an accelerator's free memory the cache pool takes by default (rollout.kv_cache_gib 0)
 
 
@@ -56,6 +57,15 @@ class Slots:
     tokens: jax.Array  # [slots, budget]
     logprobs: jax.Array  # [slots, budget] under the sampling distribution
     model_logprobs: jax.Array  # [slots, budget] under the raw model
+
+    def constrained(self) -> "Slots":
+        """Each slot's row on its data-parallel shard (logits split over the vocabulary as the
+        model makes them) and the pool as `paged` lays it out: every program returns its slots
+        so, so the next program's inputs, and its compile key, never change."""
+        rows = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+        per_row = jax.tree.map(rows, self.replace(cache=None, last_logits=None))
+        return per_row.replace(cache=self.cache.constrained(),
+                               last_logits=parallel.constrain(self.last_logits, ("batch", "vocab")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,15 +129,13 @@ class CacheLayout:
                                              "cache_dtype"))
 def _empty(config, slots: int, pages: int, page_size: int, table_width: int, budget: int, cache_dtype: str) -> Slots:
     TRACES["empty"] += 1
-    rows = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-    zeros = lambda dtype: rows(jnp.zeros((slots, budget), dtype))
+    zeros = lambda dtype: jnp.zeros((slots, budget), dtype)
     return Slots(cache=paged.PagedCache.zeros(config, pages, page_size, cache_dtype),
-                 table=rows(jnp.zeros((slots, table_width), jnp.int32)),
-                 index=rows(jnp.zeros((slots,), jnp.int32)),
-                 last_logits=rows(jnp.zeros((slots, config.vocab_size), jnp.float32)),
-                 keys=jax.random.split(jax.random.key(0), slots), steps=rows(jnp.zeros((slots,), jnp.int32)),
-                 done=rows(jnp.ones((slots,), bool)), tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32),
-                 model_logprobs=zeros(jnp.float32))
+                 table=jnp.zeros((slots, table_width), jnp.int32), index=jnp.zeros((slots,), jnp.int32),
+                 last_logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
+                 keys=jax.random.split(jax.random.key(0), slots), steps=jnp.zeros((slots,), jnp.int32),
+                 done=jnp.ones((slots,), bool), tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32),
+                 model_logprobs=zeros(jnp.float32)).constrained()
 
 
 def empty(config, layout: CacheLayout, budget: int, cache_dtype: str) -> Slots:
@@ -191,7 +199,6 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, k
 
     cache = paged.PagedCache(k=tuple(map(to_pages, slots.cache.k, prefilled.k)),
                              v=tuple(map(to_pages, slots.cache.v, prefilled.v)))
-    cache = cache.constrained()
     put = lambda buffer, values: buffer.at[slot_ids].set(values, mode="drop")
     n = len(slot_ids)
     zeros = lambda like, dtype: jnp.zeros((n,) + like.shape[1:], dtype)
@@ -200,7 +207,7 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, k
                  steps=put(slots.steps, zeros(slots.steps, jnp.int32)), done=put(slots.done, zeros(slots.done, bool)),
                  tokens=put(slots.tokens, zeros(slots.tokens, jnp.int32)),
                  logprobs=put(slots.logprobs, zeros(slots.logprobs, jnp.float32)),
-                 model_logprobs=put(slots.model_logprobs, zeros(slots.logprobs, jnp.float32)))
+                 model_logprobs=put(slots.model_logprobs, zeros(slots.logprobs, jnp.float32))).constrained()
 
 
 @jax.jit
@@ -210,13 +217,28 @@ def _take(slots: Slots, ids):
     return slots.tokens[ids], slots.logprobs[ids], slots.model_logprobs[ids], slots.steps[ids]
 
 
+def _per_shard(function, *trees):
+    """`function` on each data-parallel shard's rows of `trees` (every leaf's first axis is the
+    batch; row ids in them are local to the shard), or on the whole when no mesh is set."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return function(*trees)
+    spec = lambda x: parallel.logical_to_spec(("batch",) + (None,) * (x.ndim - 1))
+    specs = tuple(jax.tree.map(spec, tree) for tree in trees)
+    out = jax.eval_shape(function, *trees)
+    return jax.shard_map(function, in_specs=specs, out_specs=jax.tree.map(spec, out), check_vma=False)(*trees)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "split_layers", "kernel"), donate_argnums=(2,))
-def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, params: SamplingParams,
+def _decode(graphdef, state, slots: Slots, rows_in_flight, stop_ids, max_new_tokens, chunk, params: SamplingParams,
             split_layers: bool, kernel: bool = False) -> Slots:
     """Up to `chunk` tokens in every unfinished slot (fewer when all finish first); returns the
     slots and a copy of their `done` flags (the slots are donated to the next call, the flags
     stay readable while it runs). Attention reads each row's own pages (`kernel`: the Pallas
     TPU kernel), so a finished or short row costs nothing beyond its own pages.
+
+    `rows_in_flight` [k] (ids local to each shard, shard after shard): the slots to decode.
+    Fewer than all when the rollout drains: the step then runs on k rows, not every slot's
+    (the pages stay where they are; only the rows' tables and state are gathered).
 
     `split_layers`: slice each layer's weights out of the stacked arrays once, before the
     loop. XLA:CPU needs it (it would copy every slice every token); the TPU compiler fuses the
@@ -225,7 +247,11 @@ def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, para
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     layers = model.layers.split() if split_layers else None
-    rows = jnp.arange(slots.steps.shape[0])
+    every = rows_in_flight.shape[0] == slots.steps.shape[0]
+    rows_of = slots.replace(cache=None)
+    take = lambda tree, ids: jax.tree.map(lambda x: x[ids], tree)
+    picked = rows_of if every else _per_shard(take, rows_of, rows_in_flight)
+    rows = jnp.arange(rows_in_flight.shape[0])
     budget = slots.tokens.shape[1]
 
     def step(carry):
@@ -244,7 +270,14 @@ def _decode(graphdef, state, slots: Slots, stop_ids, max_new_tokens, chunk, para
                                 tokens=write(s.tokens, token), logprobs=write(s.logprobs, lp),
                                 model_logprobs=write(s.model_logprobs, raw))
 
-    _, slots = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1].done), step, (0, slots))
+    _, decoded = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[1].done), step,
+                                    (0, picked.replace(cache=slots.cache)))
+    if every:
+        slots = decoded
+    else:
+        put = lambda tree, ids, new: jax.tree.map(lambda x, y: x.at[ids].set(y), tree, new)
+        slots = _per_shard(put, rows_of, rows_in_flight, decoded.replace(cache=None)).replace(cache=decoded.cache)
+    slots = slots.constrained()
     return slots, jnp.copy(slots.done)
 
 
@@ -307,12 +340,14 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     same SampleOutput for any `slots`, `chunk` and pool (the same samples, too).
 
     A sequence is admitted as soon as a slot and its pages are free, alone if need be (a
-    group's samples admitted together share one prefill). One chunk is always queued ahead:
-    the host reads a chunk's finished flags, fetches those rows and admits new sequences while
-    the next chunk runs, so a freed slot waits one chunk longer and the device never waits
-    for the host. `stats` (a dict) receives `admitted_late` (sequences admitted after the
-    first chunk), `chunks`, `slots`, `kv_pool_gib` (the pool a device holds) and
-    `kv_peak_gib` (the most of it sequences held at once).
+    group's samples admitted together share one prefill). After each chunk the host reads its
+    finished flags, frees those slots, admits waiting sequences and dispatches the next chunk;
+    the finished rows are fetched while it runs. (Reading the flags a chunk late would keep
+    the device busy through that bookkeeping, milliseconds, but leave each finished slot idle
+    for a whole chunk: 13% of the slots' time on long-tailed replies.) `stats` (a dict) receives `admitted_late` (sequences admitted after the
+    first chunk), `chunks`, `drain_chunks` (those decoded on fewer rows than slots), `slots`,
+    `kv_pool_gib` (the pool a device holds) and `kv_peak_gib` (the most of it sequences held
+    at once).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompts")
@@ -338,10 +373,9 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     lengths = np.zeros((len(prompts), group), np.int32)
     owner: list[int | None] = [None] * n_slots  # the sequence (i*G+s) in each slot
     tickets: list = [None] * n_slots  # its pages
-    since = [0] * n_slots  # the first chunk that decodes the slot's sequence (older flags are stale)
     waiting = list(range(len(prompts) * group))
     pool = PagePool(layout)
-    counts = dict(admitted_late=0, chunks=0)
+    counts = dict(admitted_late=0, chunks=0, drain_chunks=0)
     fetch = min(n_slots, FETCH_ROWS)  # finished rows a `_take` call fetches
     per_shard = n_slots // dp
 
@@ -374,8 +408,24 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         prompt_pages = np.full((n, width // layout.page_size), layout.pages, np.int32)
         for j, (s, q, (table_row, written, ticket)) in enumerate(batch):  # padding keeps out-of-range ids
             ids[j], row[j], seq[j], tables[j], prompt_pages[j] = s, rows_of.index(q // group), q, table_row, written
-            owner[s], tickets[s], since[s] = q, ticket, counts["chunks"] + 1
+            owner[s], tickets[s] = q, ticket
         return _insert(table, cache, logits, real, ids, row, key, seq, tables, prompt_pages)
+
+    every_slot = np.tile(np.arange(per_shard, dtype=np.int32), dp)
+
+    def in_flight():
+        """The slots the next chunk decodes: all of them, or once too few sequences are left to
+        fill them, those holding one (a power of two a shard, at least 1/DRAIN_FLOOR of the
+        slots, padded with empty slots): a draining rollout's steps then cost what its
+        sequences need, where a static batch would still compute every finished row."""
+        held = [[s - d * per_shard for s in range(d * per_shard, (d + 1) * per_shard) if owner[s] is not None]
+                for d in range(dp)]
+        k = min(per_shard, bucket(max(map(len, held)), minimum=max(1, per_shard // DRAIN_FLOOR)))
+        if k == per_shard:
+            return every_slot
+        counts["drain_chunks"] += 1
+        pad = lambda h: h + [min(set(range(per_shard)) - set(h))] * (k - len(h))
+        return np.concatenate([pad(h) for h in held]).astype(np.int32)
 
     def store(fetched):
         seqs, (tokens, logprobs, model_logprobs, steps) = fetched
@@ -388,33 +438,32 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         table = admit(empty(config, layout, budget, cache_dtype))
-        flags, fetching = None, []  # (chunk number, its done flags); rows being fetched
+        fetching = []  # finished rows being fetched
         while True:
-            table, next_flags = _decode(graphdef, state, table, stop, jnp.asarray(budget, jnp.int32),
-                                        jnp.asarray(chunk, jnp.int32), params=run_params, split_layers=split_layers,
-                                        kernel=kernel)
+            table, flags = _decode(graphdef, state, table, in_flight(), stop, jnp.asarray(budget, jnp.int32),
+                                   jnp.asarray(chunk, jnp.int32), params=run_params, split_layers=split_layers,
+                                   kernel=kernel)
             counts["chunks"] += 1
-            next_flags = (counts["chunks"], next_flags)
             preemption.check("a rollout")  # between chunks: every host stops at the same one
-            for fetched in fetching:  # rows taken a chunk ago: ready while this chunk runs
+            for fetched in fetching:  # rows taken after the last chunk: fetched while this one ran
                 store(fetched)
+            done = parallel.to_host(flags)  # this chunk's: the device waits for the bookkeeping below only
+            finished = [s for s in range(n_slots) if owner[s] is not None and done[s]]
             fetching = []
-            if flags is not None:
-                number, done = flags[0], parallel.to_host(flags[1])  # the chunk before this one
-                finished = [s for s in range(n_slots) if owner[s] is not None and since[s] <= number and done[s]]
-                for start in range(0, len(finished), fetch):  # fixed-size pieces: one program
-                    piece = finished[start:start + fetch]
-                    ids = np.zeros((fetch,), np.int32)  # padding rows fetch slot 0, unread
-                    ids[:len(piece)] = piece
-                    fetching.append(([owner[s] for s in piece], _take(table, ids)))
-                for s in finished:  # its pages go to the next sequences: written after this chunk
-                    pool.give_back(tickets[s])
-                    owner[s] = tickets[s] = None
-                table = admit(table)
-            flags = next_flags
-            if not fetching and not waiting and all(o is None for o in owner):
+            for start in range(0, len(finished), fetch):  # fixed-size pieces: one program
+                piece = finished[start:start + fetch]
+                ids = np.zeros((fetch,), np.int32)  # padding rows fetch slot 0, unread
+                ids[:len(piece)] = piece
+                fetching.append(([owner[s] for s in piece], _take(table, ids)))
+            for s in finished:  # its pages go to the next sequences
+                pool.give_back(tickets[s])
+                owner[s] = tickets[s] = None
+            if not waiting and all(o is None for o in owner):
+                for fetched in fetching:
+                    store(fetched)
                 break
-            if all(o is None for o in owner) and not fetching:  # CacheLayout.plan makes one always fit
+            table = admit(table)
+            if all(o is None for o in owner):  # CacheLayout.plan makes one always fit
                 raise RuntimeError(f"the KV cache pool ({layout.pages} pages) cannot hold the next sequence")
     if stats is not None:
         device_gib = layout.bytes_per_device(config, cache_dtype) / 2**30
