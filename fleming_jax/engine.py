@@ -37,7 +37,7 @@ CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # a prefill's cache bu
 TRACES = {"prefill": 0, "insert": 0, "decode": 0, "empty": 0, "take": 0}  # programs traced (tests count them)
 FETCH_ROWS = 8  # finished rows fetched a call: one `_take` program however many finish at once
 PAGE_SIZE = 16  # tokens a cache page holds (rollout.page_size)
-CPU_SLOTS = 64  # sequences in flight on a CPU by default, all its devices together (measured: docs/generation.md)
+CPU_SLOTS = 128  # sequences in flight on a CPU by default, all its devices together (measured: docs/generation.md)
 DRAIN_FLOOR = 8  # a draining rollout decodes down to 1/8 of the slots (powers of two: 4 decode programs)
 HBM_SHARE = 0.8  # of an accelerator's free memory the cache pool takes by default (rollout.kv_cache_gib 0)
 
