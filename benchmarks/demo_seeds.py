@@ -6,8 +6,10 @@ Each seed runs `python main.py --config=configs/demo.py:<budget> --config.seed=<
 `<workdir>/seed<seed>` (one after the other; a finished seed's stages are skipped on a
 rerun). The synthesised data and the held-out questions are the same for every seed; the
 seed drives the model init, the SFT data order and the RL sampling. Prints a table of
-mean ± std per stage and ends with `ratio=<rl_stage2 / sft>`, the mean held-out accuracy
-after both RL stages over the mean after SFT (above 1: RL added accuracy). Also writes
+mean ± std per stage, RL's gain over SFT pooled over the seeds with a paired bootstrap 95%
+interval (questions resampled, each the same under every seed), and ends with
+`ratio=<rl_stage2 / sft>`, the mean held-out accuracy after both RL stages over the mean
+after SFT (above 1: RL added accuracy). Also writes
 `<workdir>/accuracy_seeds.png`: the mean per stage with one dot per seed.
 """
 
@@ -19,6 +21,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fleming_jax.evaluate import bootstrap_interval  # noqa: E402
 STAGES = ("init", "sft", "rl_stage1", "rl_stage2")
 
 
@@ -79,6 +84,10 @@ def main():
         print(f"| {stage} | " + " | ".join(f"{a:.3f}" for a in accuracy[stage]) + f" | {spread(accuracy[stage])} |")
     gain = [b - a for a, b in zip(accuracy["sft"], accuracy["rl_stage2"])]
     print("| RL gain (rl_stage2 - sft) | " + " | ".join(f"{g:+.3f}" for g in gain) + f" | {spread(gain)} |")
+    paired = [[b - a for a, b in zip(r["held_out"]["sft"]["per_question"], r["held_out"]["rl_stage2"]["per_question"])]
+              for r in reports.values()]  # [seeds, questions]: the same questions under every seed
+    mean, low, high = bootstrap_interval(paired)
+    print(f"RL gain over SFT, pooled over seeds: {mean:+.3f}, paired bootstrap 95% interval [{low:+.3f}, {high:+.3f}]")
     print(f"stage time per seed: {spread(minutes)} minutes")
     plot(accuracy, args.seeds, os.path.join(os.path.abspath(args.workdir), "accuracy_seeds.png"))
     print(f"ratio={statistics.mean(accuracy['rl_stage2']) / max(statistics.mean(accuracy['sft']), 1e-9):.3f}")

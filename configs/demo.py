@@ -28,9 +28,9 @@ from configs import distill, export, rl_stage1, rl_stage2, sft, synthesize
 # The ci budget does not grade either: its 6-step SFT model solves nothing, so every question
 # would grade Difficult and stage 1's Easy:Moderate blend would have nothing to draw.
 BUDGETS = {
-    "full": dict(diseases=40, questions=3000, sft_steps=260, rl1_steps=24, rl2_steps=12, eval_size=150,
+    "full": dict(diseases=40, questions=3600, held_out=0.17, sft_steps=260, rl1_steps=24, rl2_steps=12, eval_size=600,
                  new_tokens=128, eval_new_tokens=160, rl1_pool=0, grade_k=0, rl2_pool=256, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
-    "ci": dict(diseases=40, questions=300, sft_steps=6, rl1_steps=2, rl2_steps=2, eval_size=8, new_tokens=24,
+    "ci": dict(diseases=40, questions=300, held_out=0.05, sft_steps=6, rl1_steps=2, rl2_steps=2, eval_size=8, new_tokens=24,
                eval_new_tokens=24, rl1_pool=32, grade_k=0, rl2_pool=32, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
 }
 
@@ -46,6 +46,7 @@ def get_config(budget: str = "full") -> ml_collections.ConfigDict:
     stages.synthesize = synthesize.get_config()
     stages.synthesize.kg.max_diseases = b["diseases"]  # a manageable disease subset
     stages.synthesize.synthesis.num_questions = b["questions"]
+    stages.synthesize.validation_fraction = b["held_out"]  # 600 held-out questions: a standard error of ~0.02
     stages.distill = distill.get_config()
     stages.sft = sft.get_config("tiny")
     stages.sft.optimizer.update(total_steps=b["sft_steps"], warmup_steps=min(20, b["sft_steps"] // 2))

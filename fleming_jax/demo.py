@@ -18,7 +18,7 @@ from fleming_jax import models, parallel, paths
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data.records import QARecord, read_jsonl, write_jsonl
 from fleming_jax.engine import LocalEngine
-from fleming_jax.evaluate import evaluate_records
+from fleming_jax.evaluate import bootstrap_interval, evaluate_records, pass_at_1
 from fleming_jax.sampler import SamplingParams
 
 STAGES = ("synthesize", "distill", "sft", "rl_stage1", "rl_stage2", "export")
@@ -45,11 +45,24 @@ def held_out_accuracy(config, stage: str, workdir: str, records: list[QARecord])
     model, _ = models.build(model_cfg)
     tokenizer = toklib.load(paths.join(workdir, "sft", "tokenizer"))
     params = SamplingParams(temperature=0.0, max_new_tokens=config.demo.eval_max_new_tokens)
-    result = evaluate_records(LocalEngine.of(model), tokenizer, records, params)  # the tokenizer's stop tokens
+    # all questions in one rollout (the engine keeps its slots full); the tokenizer's stop tokens
+    result = evaluate_records(LocalEngine.of(model), tokenizer, records, params, batch_size=len(records))
     if parallel.is_main_process():
         write_jsonl(paths.join(workdir, "held_out", f"{stage}.jsonl"), result["outputs"])
-    result.pop("outputs")
+    result["per_question"] = [pass_at_1(r["correct"]) for r in result.pop("outputs")]  # for the intervals
+    result["interval"] = list(bootstrap_interval(result["per_question"])[1:])
     return result
+
+
+def rl_gains(report: dict) -> dict[str, list[float]]:
+    """Each RL stage's held-out gain over SFT on the same questions: [gain, low, high] with a
+    paired bootstrap 95% interval."""
+    held_out, gains = report["held_out"], {}
+    for stage in ("rl_stage1", "rl_stage2"):
+        if "sft" in held_out and stage in held_out:
+            before, after = (held_out[s]["per_question"] for s in ("sft", stage))
+            gains[stage] = list(bootstrap_interval([b - a for a, b in zip(before, after)]))
+    return gains
 
 
 def wire(config, workdir: str) -> None:
@@ -109,14 +122,19 @@ def evaluate_stage(config, stage: str, workdir: str) -> dict:
 
 
 def format_table(report: dict) -> str:
-    lines = ["| stage | held-out accuracy | format errors | mean length | stage time (s) |",
-             "|---|---|---|---|---|"]
+    n = next((r["n"] for r in report["held_out"].values()), 0)
+    lines = [f"| stage | held-out accuracy ({n} questions, 95% interval) | format errors | mean length | "
+             "stage time (s) |", "|---|---|---|---|---|"]
     for stage in EVALUATED:
         r = report["held_out"].get(stage)
         if r:
             seconds = report["stages"].get(stage, {}).get("seconds", 0.0)
-            lines.append(f"| {stage} | {r['accuracy']:.3f} | {r['format_error_rate']:.3f} | "
+            low, high = r.get("interval", (r["accuracy"],) * 2)
+            lines.append(f"| {stage} | {r['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {r['format_error_rate']:.3f} | "
                          f"{r['mean_length']:.0f} | {seconds} |")
+    for stage, (gain, low, high) in rl_gains(report).items():
+        lines.append(f"\n{stage} - sft on the same questions: {gain:+.3f} [{low:+.3f}, {high:+.3f}] "
+                     "(paired bootstrap, 95%)")
     return "\n".join(lines)
 
 
@@ -124,6 +142,7 @@ def save_report(report: dict, workdir: str) -> None:
     """report.json, report.md and the plots (process 0 only)."""
     if not parallel.is_main_process():
         return
+    report["rl_gain"] = rl_gains(report)  # [gain, low, high] a stage, over SFT
     paths.write_text(paths.join(workdir, "report.json"), json.dumps(report, indent=2))
     plots = make_plots(report, workdir)
     total = sum(s["seconds"] for s in report["stages"].values())
@@ -155,7 +174,11 @@ def make_plots(report: dict, workdir: str) -> list[str]:
     stages = [s for s in EVALUATED if s in report["held_out"]]
     if stages:
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.bar(stages, [report["held_out"][s]["accuracy"] for s in stages], color="#4a7ab5")
+        accuracy = [report["held_out"][s]["accuracy"] for s in stages]
+        low, high = zip(*(report["held_out"][s].get("interval", (a, a)) for s, a in zip(stages, accuracy)))
+        ax.bar(stages, accuracy, color="#4a7ab5", yerr=[[a - lo for a, lo in zip(accuracy, low)],
+                                                       [hi - a for a, hi in zip(accuracy, high)]],
+               capsize=4, label="95% interval")
         ax.axhline(0.25, color="grey", linestyle="--", label="chance (4 options)")
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1)

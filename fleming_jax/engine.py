@@ -5,10 +5,11 @@ take and give back.
 GRPO's replies have long-tailed lengths; a static batch decodes until its longest row stops,
 so most of its work goes to rows that have already finished. Here host-side scheduling runs
 three kinds of jitted program (JetStream's shape): `prefill` a bucket of prompts, `insert`
-their caches into free slots and pages, and `decode` up to `chunk` tokens in every slot. A
-sequence is admitted when a slot and its pages are free: a group's samples share their
-prompt's full pages (`paged`); each holds its own pages for the rest of its prompt and its
-reply budget, given back when it finishes. How many sequences are in flight and how many pages
+their caches into free slots and pages, and `decode` up to `chunk` tokens in every slot (in
+only those holding a sequence once the rollout drains). A sequence is admitted when a slot
+and its pages are free: a group's samples share their prompt's full pages (`paged`); each
+holds its own pages for the rest of its prompt and its reply budget, given back when it
+finishes. How many sequences are in flight and how many pages
 the pool has follow from a memory budget (`CacheLayout`). Attention reads each row's own pages
 only (`paged.attention`). Every sequence draws from its own random stream (the key folded with
 its sequence number, then each token's position), so the samples do not depend on how slots

@@ -61,6 +61,21 @@ def pass_at_1(correct: Sequence[bool]) -> float:
     return float(np.mean(correct))
 
 
+def bootstrap_interval(values, level: float = 0.95, draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-question `values` and its percentile-bootstrap
+    interval, resampling questions. `values` is [questions], or [runs, questions] with the
+    same questions in every run (seeds), averaged over runs inside each draw. For a paired
+    gain pass `after - before` per question: each question's difficulty cancels, which an
+    interval on each accuracy alone cannot show."""
+    table = np.atleast_2d(np.asarray(values, np.float64))
+    if table.shape[1] == 0:
+        raise ValueError("bootstrap_interval needs at least one question")
+    per_question = table.mean(0)
+    picks = np.random.default_rng(seed).integers(0, len(per_question), (draws, len(per_question)))
+    low, high = np.quantile(per_question[picks].mean(1), [(1 - level) / 2, (1 + level) / 2])
+    return float(per_question.mean()), float(low), float(high)
+
+
 def macro_average(values: Mapping[str, float]) -> float:
     """Unweighted mean over benchmarks (the paper's Avg): every benchmark counts the same."""
     return float(np.mean(list(values.values())))

@@ -54,3 +54,24 @@ def assert_export_answers_like_our_sampler(workdir, max_new_tokens):
     reply = out[0, ids["input_ids"].shape[1]:].tolist()
     text = tokenizer.decode(reply[:-1] if reply[-1] in stops else reply)  # our texts drop the stop token
     assert text == ours["completions"][0], (text, ours["completions"][0])
+
+
+def test_report_gives_each_stage_an_interval_and_rls_paired_gain(tmp_path):
+    from fleming_jax import demo
+
+    def stage(right):  # 600 questions, the first `right` answered correctly
+        per_question = [1.0] * right + [0.0] * (600 - right)
+        return dict(n=600, accuracy=right / 600, per_question=per_question, format_error_rate=0.0, mean_length=50.0,
+                    interval=list(demo.bootstrap_interval(per_question)[1:]))
+
+    report = {"stages": {"sft": {"seconds": 1.0}}, "held_out": {"sft": stage(240), "rl_stage1": stage(240),
+                                                               "rl_stage2": stage(270)}}
+    demo.save_report(report, str(tmp_path))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    gain, low, high = saved["rl_gain"]["rl_stage2"]
+    assert gain == pytest.approx(0.05) and 0.02 < low < 0.05 < high < 0.08  # 30 more right, none lost
+    assert saved["rl_gain"]["rl_stage1"] == [0.0, 0.0, 0.0]  # the same answers: no gain, no spread
+    low, high = saved["held_out"]["sft"]["interval"]
+    assert 0.36 < low < 0.4 < high < 0.44  # 0.4 +- 1.96 x 0.02
+    text = (tmp_path / "report.md").read_text()
+    assert "| sft | 0.400 [0.3" in text and "rl_stage2 - sft on the same questions: +0.050 [+0.0" in text

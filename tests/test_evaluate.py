@@ -31,6 +31,23 @@ def test_majority_vote_breaks_ties_by_first_occurrence():
     assert evaluate.macro_average({"x": 0.375, "y": 0.5}) == 0.4375
 
 
+def test_bootstrap_interval_matches_the_normal_approximation_and_pairs_questions():
+    assert evaluate.bootstrap_interval([0.5] * 40) == (0.5, 0.5, 0.5)  # no spread, no interval
+    before = np.zeros(600)
+    before[:240] = 1  # accuracy 0.4 on 600 questions: standard error sqrt(0.4 * 0.6 / 600) = 0.0200
+    mean, low, high = evaluate.bootstrap_interval(before)
+    assert mean == 0.4 and abs(low - (0.4 - 1.96 * 0.02)) < 0.004 and abs(high - (0.4 + 1.96 * 0.02)) < 0.004
+    after = before.copy()
+    after[240:270] = 1  # 30 more right, none lost: +0.05
+    _, after_low, _ = evaluate.bootstrap_interval(after)
+    assert after_low < high  # each stage's interval alone overlaps the other's
+    gain, low, high = evaluate.bootstrap_interval(after - before)  # paired: se sqrt(0.05 * 0.95 / 600) = 0.0089
+    assert gain == pytest.approx(0.05) and abs(low - 0.0326) < 0.004 and abs(high - 0.0674) < 0.004
+    # runs x questions (seeds on the same questions): questions are resampled, runs averaged
+    assert evaluate.bootstrap_interval([before, before]) == evaluate.bootstrap_interval(before)
+    assert evaluate.bootstrap_interval([before, after])[0] == pytest.approx(0.425)
+
+
 def test_pass_at_1_and_vote_on_hand_built_samples(monkeypatch):
     q1 = QARecord(id="q1", source="t", question="Which?", options=OPTIONS, answer="B")
     q2 = QARecord(id="q2", source="t", question="Which?", options=OPTIONS, answer="A")
