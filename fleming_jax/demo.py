@@ -178,7 +178,7 @@ def make_plots(report: dict, workdir: str) -> list[str]:
         low, high = zip(*(report["held_out"][s].get("interval", (a, a)) for s, a in zip(stages, accuracy)))
         ax.bar(stages, accuracy, color="#4a7ab5", yerr=[[a - lo for a, lo in zip(accuracy, low)],
                                                        [hi - a for a, hi in zip(accuracy, high)]],
-               capsize=4, label="95% interval")
+               capsize=4, label="accuracy (bars: 95% interval)")
         ax.axhline(0.25, color="grey", linestyle="--", label="chance (4 options)")
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1)
