@@ -15,21 +15,22 @@ from configs import distill, export, rl_stage1, rl_stage2, sft, synthesize
 # Budgets: "full" fits 20 minutes on 2 CPU cores; "ci" only checks that everything connects.
 # 40 diseases keep the graph small enough that the tiny model learns which disease fits
 # which findings within the SFT budget (held-out questions ask about the same diseases).
-# RL stage 1 draws from the whole training set without a grading pass (grade_k=0: ungraded
-# questions count as Moderate, and the stage prints a warning that its Easy:Moderate blend
-# draws Moderate only): grading 2,870 questions x 4 tries is 11,480 sequences, 3.7x the
-# stage's own 3,072 rollouts (measured 2026-12-03, replies at the 128-token limit, 2 cores
-# shared with other jobs: 0.55-0.86 s a question, 26-41 min for the pool), and a graded
-# 128-question pool was fitted in a few steps while held-out accuracy fell. Stage 2 scores a
+# RL stage 1 grades a 512-question pool with 2 tries each before it starts (the paper's
+# grading pass: 1,024 sequences, ~32 s; Easy 76 / Moderate 189 / Difficult 247 for seed 0) and
+# draws the 1:1 Easy:Moderate blend from it. Seed 0 with 600 held-out questions (2026-12-04):
+# sft 0.388 -> rl_stage1 0.467 (paired gain +0.078 [+0.032, +0.123]) -> rl_stage2 0.478,
+# against 0.405 / 0.428 drawing ungraded from the whole training set. (Grading all 2,870
+# questions x 4 tries took 26-41 min on the old engine; a graded 128-question pool was fitted in
+# a few steps while held-out accuracy fell.) Stage 2 scores a
 # 256-question subset (2 tries each) to seed its miner, and steps at a third of stage 1's
 # learning rate: its mined pool is skewed toward the letters the policy under-picks, and
 # at 1e-4 it over-corrected that prior in a trial (held-out 0.45 -> 0.31; 0.32 with the
 # paper's mean-only advantages) where 3e-5 kept stage 1's accuracy.
-# The ci budget does not grade either: its 6-step SFT model solves nothing, so every question
+# The ci budget does not grade: its 6-step SFT model solves nothing, so every question
 # would grade Difficult and stage 1's Easy:Moderate blend would have nothing to draw.
 BUDGETS = {
     "full": dict(diseases=40, questions=3600, held_out=0.17, sft_steps=260, rl1_steps=24, rl2_steps=12, eval_size=600,
-                 new_tokens=128, eval_new_tokens=160, rl1_pool=0, grade_k=0, rl2_pool=256, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
+                 new_tokens=128, eval_new_tokens=160, rl1_pool=512, grade_k=2, rl2_pool=256, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
     "ci": dict(diseases=40, questions=300, held_out=0.05, sft_steps=6, rl1_steps=2, rl2_steps=2, eval_size=8, new_tokens=24,
                eval_new_tokens=24, rl1_pool=32, grade_k=0, rl2_pool=32, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
 }
