@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fleming_jax.evaluate import bootstrap_interval  # noqa: E402
+
 STAGES = ("init", "sft", "rl_stage1", "rl_stage2")
 
 

@@ -128,7 +128,7 @@ def rollout() -> ml_collections.ConfigDict:
     rest). Its KV cache is paged (`page_size` tokens a page; a group's samples share their
     prompt's pages): `kv_cache_gib` of pages a device (0 = 80% of an accelerator's free memory,
     or on a CPU what the slots need); `slots` sequences decode at once (0 = as many as the
-    pages hold at full length, 64 on a CPU; never more than the rollout has); a finished
+    pages hold at full length, 128 on a CPU; never more than the rollout has); a finished
     one hands its slot and pages to the next every `chunk` tokens.
     `engine` "openai": an external OpenAI-compatible server (vLLM, SGLang, tpu-inference:
     `fleming_jax.remote_engine`); `server` says where: `base_url` (up to /v1), the served

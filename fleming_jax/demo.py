@@ -132,7 +132,7 @@ def format_table(report: dict) -> str:
             low, high = r.get("interval", (r["accuracy"],) * 2)
             lines.append(f"| {stage} | {r['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {r['format_error_rate']:.3f} | "
                          f"{r['mean_length']:.0f} | {seconds} |")
-    for stage, (gain, low, high) in rl_gains(report).items():
+    for stage, (gain, low, high) in report.get("rl_gain", {}).items():  # save_report's
         lines.append(f"\n{stage} - sft on the same questions: {gain:+.3f} [{low:+.3f}, {high:+.3f}] "
                      "(paired bootstrap, 95%)")
     return "\n".join(lines)

@@ -43,6 +43,11 @@ DRAIN_FLOOR = 8  # a draining rollout decodes down to 1/8 of the slots (powers o
 HBM_SHARE = 0.8  # of an accelerator's free memory the cache pool takes by default (rollout.kv_cache_gib 0)
 
 
+def _row_axes(x) -> tuple:
+    """A per-slot array's logical axes: its rows over the data-parallel shards, the rest whole."""
+    return ("batch",) + (None,) * (x.ndim - 1)
+
+
 @flax.struct.dataclass
 class Slots:
     """Every decode slot's sequence: its page table and position in the paged cache, the logits
@@ -63,8 +68,8 @@ class Slots:
         """Each slot's row on its data-parallel shard (logits split over the vocabulary as the
         model makes them) and the pool as `paged` lays it out: every program returns its slots
         so, so the next program's inputs, and its compile key, never change."""
-        rows = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-        per_row = jax.tree.map(rows, self.replace(cache=None, last_logits=None))
+        per_row = jax.tree.map(lambda x: parallel.constrain(x, _row_axes(x)),
+                               self.replace(cache=None, last_logits=None))
         return per_row.replace(cache=self.cache.constrained(),
                                last_logits=parallel.constrain(self.last_logits, ("batch", "vocab")))
 
@@ -223,7 +228,7 @@ def _per_shard(function, *trees):
     batch; row ids in them are local to the shard), or on the whole when no mesh is set."""
     if jax.sharding.get_abstract_mesh().empty:
         return function(*trees)
-    spec = lambda x: parallel.logical_to_spec(("batch",) + (None,) * (x.ndim - 1))
+    spec = lambda x: parallel.logical_to_spec(_row_axes(x))
     specs = tuple(jax.tree.map(spec, tree) for tree in trees)
     out = jax.eval_shape(function, *trees)
     return jax.shard_map(function, in_specs=specs, out_specs=jax.tree.map(spec, out), check_vma=False)(*trees)
@@ -345,10 +350,10 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     finished flags, frees those slots, admits waiting sequences and dispatches the next chunk;
     the finished rows are fetched while it runs. (Reading the flags a chunk late would keep
     the device busy through that bookkeeping, milliseconds, but leave each finished slot idle
-    for a whole chunk: 13% of the slots' time on long-tailed replies.) `stats` (a dict) receives `admitted_late` (sequences admitted after the
-    first chunk), `chunks`, `drain_chunks` (those decoded on fewer rows than slots), `slots`,
-    `kv_pool_gib` (the pool a device holds) and `kv_peak_gib` (the most of it sequences held
-    at once).
+    for a whole chunk: 13% of the slots' time on long-tailed replies.) `stats` (a dict)
+    receives `admitted_late` (sequences admitted after the first chunk), `chunks`,
+    `drain_chunks` (those decoded on fewer rows than slots), `slots`, `kv_pool_gib` (the pool
+    a device holds) and `kv_peak_gib` (the most of it sequences held at once).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompts")

@@ -249,8 +249,7 @@ def rl_step_plan(config) -> dict:
         params = sampler.SamplingParams(temperature=c.temperature, top_p=c.top_p, num_samples=group, max_new_tokens=0)
         programs["decode"] = compile_or_refuse(engine._decode.lower(
             graphdef, decode_state, table, spec((cache.slots,), jnp.int32, batch), spec((2,), jnp.int32), scalar,
-            scalar, params=params,
-            split_layers=engine.splits_layers(devices[0]),
+            scalar, params=params, split_layers=engine.splits_layers(devices[0]),
             kernel=engine.uses_kernel(devices[0], model_config, cache.page_size)),
             "the decode loop", config)
     loss, update_batch, _ = task_loss(config, mesh)
@@ -431,8 +430,9 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
         params = sampler.SamplingParams(temperature=1.0, num_samples=samples, max_new_tokens=0)
         every = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=parallel.batch_sharding(mesh, 1))
-        compiled = engine._decode.lower(graphdef, state, table, every, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole),
-                                        scalar, scalar, params=params, split_layers=engine.splits_layers(devices[0]),
+        stops = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole)
+        compiled = engine._decode.lower(graphdef, state, table, every, stops, scalar, scalar, params=params,
+                                        split_layers=engine.splits_layers(devices[0]),
                                         kernel=engine.uses_kernel(devices[0], model_config, cache.page_size)).compile()
     mem = compiled.memory_analysis()
     shard_bytes = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
