@@ -7,10 +7,11 @@ so most of its work goes to rows that have already finished. Here host-side sche
 three kinds of jitted program (JetStream's shape): `prefill` a bucket of prompts, `insert`
 their caches into free slots and pages, and `decode` up to `chunk` tokens in every slot (in
 only those holding a sequence once the rollout drains). A sequence is admitted when a slot
-and its pages are free: a group's samples share their prompt's full pages (`paged`); each
-holds its own pages for the rest of its prompt and its reply budget, given back when it
-finishes. How many sequences are in flight and how many pages
-the pool has follow from a memory budget (`CacheLayout`). Attention reads each row's own pages
+and pages for its prompt and first chunk are free: a group's samples share their prompt's
+full pages (`paged`); each takes its own pages as its reply grows, a chunk ahead, and gives
+them back when it finishes. When the pool runs short the youngest sequence is evicted and
+later recomputed. How many sequences are in flight and how many pages the pool has follow
+from a memory budget (`CacheLayout`). Attention reads each row's own pages
 only (`paged.attention`). Every sequence draws from its own random stream (the key folded with
 its sequence number, then each token's position), so the samples do not depend on how slots
 were scheduled. A preemption (`fleming_jax.preemption`) is checked between chunks, so a long
@@ -41,6 +42,7 @@ PAGE_SIZE = 16  # tokens a cache page holds (rollout.page_size)
 CPU_SLOTS = 128  # sequences in flight on a CPU by default, all its devices together (measured: docs/generation.md)
 DRAIN_FLOOR = 8  # a draining rollout decodes down to 1/8 of the slots (powers of two: 4 decode programs)
 HBM_SHARE = 0.8  # of an accelerator's free memory the cache pool takes by default (rollout.kv_cache_gib 0)
+OVERCOMMIT = 2  # sequences in flight per full-length sequence the pool holds (replies are long-tailed)
 
 
 def _row_axes(x) -> tuple:
@@ -94,11 +96,14 @@ class CacheLayout:
         """How many sequences fly at once and how many pages hold them, for a rollout of
         `sequences` (groups of `group`) with prompts up to `longest` tokens and `budget` new
         tokens each. The pool: `kv_cache_gib` a device, or by default `HBM_SHARE` of an
-        accelerator's `free_bytes`; on a CPU what the slots need. Slots (`slots` 0): as many
-        as the pool holds with every sequence at full length and its own prompt pages (shared
-        prompts leave pages over), CPU_SLOTS on a CPU; never more than the rollout has
-        (its power-of-two bucket), always whole groups on every shard. Sizes follow the prompt
-        bucket, not the longest prompt, so rollouts share compiled programs."""
+        accelerator's `free_bytes`; on a CPU what 1/OVERCOMMIT of the slots need at full
+        length. Slots (`slots` 0): OVERCOMMIT times as many as the pool holds with every
+        sequence at full length and its own prompt pages, CPU_SLOTS on a CPU; never more than
+        the rollout has (its power-of-two bucket), always whole groups on every shard. Pages
+        are taken as replies grow and most replies stop well short of the budget; shared
+        prompts save more (when the pool does run short, `generate` evicts the youngest
+        sequence). Sizes follow the prompt bucket, not the longest prompt, so rollouts share
+        compiled programs."""
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"rollout.page_size={page_size} must be a power of two")
         width = -(-bucket(longest) // page_size) * page_size
@@ -116,9 +121,9 @@ class CacheLayout:
         else:
             pool = None
         if slots <= 0:
-            slots = CPU_SLOTS if pool is None else pool // worst * shards
+            slots = CPU_SLOTS if pool is None else OVERCOMMIT * (pool // worst) * shards
         slots = min(whole(slots), -(-want // multiple) * multiple)
-        pages = -(-slots // shards) * worst if pool is None else pool
+        pages = max(1, -(-slots // (shards * OVERCOMMIT))) * worst if pool is None else pool
         if pages < worst:
             raise ValueError(f"the KV cache pool holds {pages} pages of {page_size} tokens a device, fewer than one "
                              f"sequence needs ({worst}: a {width}-token prompt bucket + max_new_tokens={budget}); "
@@ -185,11 +190,11 @@ def _prefill(graphdef, state, tokens, lengths, cache_dtype: str, split_layers: b
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, key, sequences, tables,
+def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, key, sequences,
             prompt_pages) -> Slots:
     """Prefilled prompt `rows[j]` into slot `slot_ids[j]` (out-of-range ids, for padding, are
-    dropped) with page table `tables[j]`: its prompt's pages go to pool pages `prompt_pages[j]`
-    (global ids; out of range where a sharing sample already wrote them). Those slots start
+    dropped): its prompt's pages go to pool pages `prompt_pages[j]` (global ids; out of range
+    where a sharing sample already wrote them). Those slots start
     sequence `sequences[j]`, whose random stream is `key` folded with its number (the same
     samples whichever slot and chunk it gets). A group's samples admitted together share one
     prefilled row."""
@@ -208,7 +213,7 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, k
     put = lambda buffer, values: buffer.at[slot_ids].set(values, mode="drop")
     n = len(slot_ids)
     zeros = lambda like, dtype: jnp.zeros((n,) + like.shape[1:], dtype)
-    return Slots(cache=cache, table=put(slots.table, tables), index=put(slots.index, lengths[rows]),
+    return Slots(cache=cache, table=slots.table, index=put(slots.index, lengths[rows]),
                  last_logits=put(slots.last_logits, logits[rows]), keys=put(slots.keys, keys),
                  steps=put(slots.steps, zeros(slots.steps, jnp.int32)), done=put(slots.done, zeros(slots.done, bool)),
                  tokens=put(slots.tokens, zeros(slots.tokens, jnp.int32)),
@@ -235,12 +240,16 @@ def _per_shard(function, *trees):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "split_layers", "kernel"), donate_argnums=(2,))
-def _decode(graphdef, state, slots: Slots, rows_in_flight, stop_ids, max_new_tokens, chunk, params: SamplingParams,
-            split_layers: bool, kernel: bool = False) -> Slots:
+def _decode(graphdef, state, slots: Slots, tables, held, rows_in_flight, stop_ids, max_new_tokens, chunk,
+            params: SamplingParams, split_layers: bool, kernel: bool = False) -> Slots:
     """Up to `chunk` tokens in every unfinished slot (fewer when all finish first); returns the
     slots and a copy of their `done` flags (the slots are donated to the next call, the flags
     stay readable while it runs). Attention reads each row's own pages (`kernel`: the Pallas
     TPU kernel), so a finished or short row costs nothing beyond its own pages.
+
+    `tables` [slots, pages_per_sequence]: each slot's page table as the host keeps it (pages
+    are added as replies grow); `held` [slots]: False for a slot the host emptied (evicted),
+    which then stops.
 
     `rows_in_flight` [k] (ids local to each shard, shard after shard): the slots to decode.
     Fewer than all when the rollout drains: the step then runs on k rows, not every slot's
@@ -253,6 +262,7 @@ def _decode(graphdef, state, slots: Slots, rows_in_flight, stop_ids, max_new_tok
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     layers = model.layers.split() if split_layers else None
+    slots = slots.replace(table=tables, done=slots.done | ~held)
     every = rows_in_flight.shape[0] == slots.steps.shape[0]
     rows_of = slots.replace(cache=None)
     take = lambda tree, ids: jax.tree.map(lambda x: x[ids], tree)
@@ -287,6 +297,17 @@ def _decode(graphdef, state, slots: Slots, rows_in_flight, stop_ids, max_new_tok
     return slots, jnp.copy(slots.done)
 
 
+@dataclasses.dataclass
+class Hold:
+    """The pages one sequence holds: its prompt's `full` pages, shared with its group's samples
+    on `shard`, and `pages` of its own (the rest of its prompt, then its reply as it grows)."""
+
+    prompt: int
+    shard: int
+    full: int
+    pages: list
+
+
 class PagePool:
     """The free pages of each data-parallel shard, and the full prompt pages that a group's
     samples on one shard share (counted, given back when the last of them finishes)."""
@@ -297,44 +318,53 @@ class PagePool:
         self.shared: dict[tuple[int, int], list] = {}  # (prompt, shard) -> [pages, users]
         self.in_use = self.peak = 0
 
-    def take(self, shard: int, prompt: int, length: int, budget: int):
-        """Pages for a sequence of prompt `prompt` (`length` tokens) and `budget` new tokens on
-        `shard`: (its page table row, the global page ids its prompt's pages are written to,
-        out of range where a sharing sample wrote them already, a ticket for `give_back`), or
-        None when the shard has too few free pages."""
+    def _count(self, pages: int) -> None:
+        self.in_use += pages
+        self.peak = max(self.peak, self.in_use)
+
+    def take(self, shard: int, prompt: int, length: int, tokens: int, keep: int = 0):
+        """Pages for a sequence of prompt `prompt` (`length` tokens) and its first `tokens` new
+        tokens on `shard`, leaving `keep` free: (its page table row, the global page ids its
+        prompt's pages are written to, out of range where a sharing sample wrote them already,
+        its `Hold`), or None when the shard has too few free pages."""
         size, per_shard = self.layout.page_size, self.layout.pages // self.layout.shards
         full = length // size  # whole prompt pages: shared by the group's samples on this shard
-        own = -(-(length + budget) // size) - full
+        own = -(-(length + tokens) // size) - full
         shared = self.shared.get((prompt, shard))
         fresh = shared is None
-        if len(self.free[shard]) < own + (full if fresh else 0):
+        if len(self.free[shard]) < own + (full if fresh else 0) + keep:
             return None
         if fresh:
             shared = self.shared[(prompt, shard)] = [[self.free[shard].pop() for _ in range(full)], 0]
         shared[1] += 1
-        mine = [self.free[shard].pop() for _ in range(own)]
+        hold = Hold(prompt, shard, full, [self.free[shard].pop() for _ in range(own)])
         table = np.zeros((self.layout.pages_per_sequence,), np.int32)
-        table[:full + own] = shared[0] + mine
+        table[:full + own] = shared[0] + hold.pages
         write = np.full((self.layout.width // size,), self.layout.pages, np.int32)  # out of range: not written
         if fresh:
             write[:full] = shard * per_shard + np.array(shared[0], np.int32)
         if length % size:  # the prompt's last page, partly filled: the sample's own
-            write[full] = shard * per_shard + mine[0]
-        self.in_use += own + (full if fresh else 0)
-        self.peak = max(self.peak, self.in_use)
-        return table, write, (prompt, shard, mine)
+            write[full] = shard * per_shard + hold.pages[0]
+        self._count(own + (full if fresh else 0))
+        return table, write, hold
 
-    def give_back(self, ticket) -> None:
+    def grow(self, hold: Hold, pages: int) -> list:
+        """`pages` more pages for `hold`'s reply (the caller checked its shard has them)."""
+        new = [self.free[hold.shard].pop() for _ in range(pages)]
+        hold.pages += new
+        self._count(pages)
+        return new
+
+    def give_back(self, hold: Hold) -> None:
         """A finished sequence's pages back to its shard (its prompt's too, if it was the last)."""
-        prompt, shard, mine = ticket
-        self.free[shard].extend(mine)
-        known = self.shared[(prompt, shard)]
+        self.free[hold.shard].extend(hold.pages)
+        known = self.shared[(hold.prompt, hold.shard)]
         known[1] -= 1
-        self.in_use -= len(mine)
+        self.in_use -= len(hold.pages)
         if not known[1]:
-            self.free[shard].extend(known[0])
+            self.free[hold.shard].extend(known[0])
             self.in_use -= len(known[0])
-            del self.shared[(prompt, shard)]
+            del self.shared[(hold.prompt, hold.shard)]
 
 
 def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: SamplingParams,
@@ -345,15 +375,20 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     (0: from memory, `CacheLayout.plan`, with `kv_cache_gib` of cache pages a device); the
     same SampleOutput for any `slots`, `chunk` and pool (the same samples, too).
 
-    A sequence is admitted as soon as a slot and its pages are free, alone if need be (a
-    group's samples admitted together share one prefill). After each chunk the host reads its
-    finished flags, frees those slots, admits waiting sequences and dispatches the next chunk;
-    the finished rows are fetched while it runs. (Reading the flags a chunk late would keep
+    A sequence is admitted as soon as a slot and pages for its prompt and first chunk are free
+    (with a page a chunk kept for each sequence already in flight), alone if need be (a group's
+    samples admitted together share one prefill). After each chunk the host reads its finished
+    flags, frees those slots, gives every sequence in flight the pages its next chunk writes,
+    admits waiting sequences and dispatches the next chunk; the finished rows are fetched while
+    it runs. Where a shard's pool runs short, its youngest sequences are evicted (their pages
+    freed, they wait first in line and are recomputed from their prompt: the same tokens,
+    their random streams being theirs). (Reading the flags a chunk late would keep
     the device busy through that bookkeeping, milliseconds, but leave each finished slot idle
     for a whole chunk: 13% of the slots' time on long-tailed replies.) `stats` (a dict)
     receives `admitted_late` (sequences admitted after the first chunk), `chunks`,
-    `drain_chunks` (those decoded on fewer rows than slots), `slots`, `kv_pool_gib` (the pool
-    a device holds) and `kv_peak_gib` (the most of it sequences held at once).
+    `drain_chunks` (those decoded on fewer rows than slots), `evicted` (sequences evicted to
+    free pages), `slots`, `kv_pool_gib` (the pool a device holds) and `kv_peak_gib` (the most
+    of it sequences held at once).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompts")
@@ -378,23 +413,58 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
            (("tokens", np.int32), ("logprobs", np.float32), ("model_logprobs", np.float32))}
     lengths = np.zeros((len(prompts), group), np.int32)
     owner: list[int | None] = [None] * n_slots  # the sequence (i*G+s) in each slot
-    tickets: list = [None] * n_slots  # its pages
+    holds: list[Hold | None] = [None] * n_slots  # its pages
+    tables = np.zeros((n_slots, layout.pages_per_sequence), np.int32)  # each slot's page table
+    made = np.zeros((n_slots,), np.int64)  # tokens its sequence may have made: chunk a chunk
+    admitted = np.zeros((n_slots,), np.int64)  # when: the youngest is evicted first
     waiting = list(range(len(prompts) * group))
     pool = PagePool(layout)
-    counts = dict(admitted_late=0, chunks=0, drain_chunks=0)
+    counts = dict(admitted_late=0, chunks=0, drain_chunks=0, evicted=0)
     fetch = min(n_slots, FETCH_ROWS)  # finished rows a `_take` call fetches
     per_shard = n_slots // dp
+    ahead = -(-chunk // layout.page_size)  # pages a sequence may need a chunk
 
-    def admit(table):
+    def held_on(d):
+        return [s for s in range(d * per_shard, (d + 1) * per_shard) if owner[s] is not None]
+
+    def short(s):
+        """The pages slot `s`'s sequence lacks for its next chunk."""
+        hold = holds[s]
+        end = len(prompts[owner[s] // group]) + min(made[s] + chunk, budget)
+        return -(-end // layout.page_size) - hold.full - len(hold.pages)
+
+    def grow():
+        """The pages every sequence's next chunk writes; on a shard with too few, the youngest
+        sequences are evicted first. Returns the shards that evicted."""
+        evicted = set()
+        for d in range(dp):
+            held = sorted(held_on(d), key=lambda s: admitted[s])
+            while sum(map(short, held)) > len(pool.free[d]):
+                s = held.pop()
+                pool.give_back(holds[s])
+                waiting.insert(0, owner[s])
+                owner[s] = holds[s] = None
+                counts["evicted"] += 1
+                evicted.add(d)
+            for s in held:
+                if (n := short(s)) > 0:
+                    start = holds[s].full + len(holds[s].pages)
+                    tables[s, start:start + n] = pool.grow(holds[s], n)
+        return evicted
+
+    def admit(table, skip=()):
         batch = []
+        in_flight_on = [len(held_on(d)) for d in range(dp)]
         for s in range(n_slots):
-            if owner[s] is not None or not waiting:
+            d = s // per_shard
+            if owner[s] is not None or not waiting or d in skip:
                 continue
             q = waiting[0]
-            got = pool.take(s // per_shard, q // group, len(prompts[q // group]), budget)
+            got = pool.take(d, q // group, len(prompts[q // group]), min(chunk, budget), keep=ahead * in_flight_on[d])
             if got is None:
                 continue
             waiting.pop(0)
+            in_flight_on[d] += 1
             batch.append((s, q, got))
         if not batch:
             return table
@@ -410,12 +480,11 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         cache, logits = _prefill(graphdef, state, tokens, real, cache_dtype=cache_dtype, split_layers=split_layers)
         n = rows * group  # room for every sample of the prefilled prompts: one insert program per prefill's
         ids, row, seq = np.full((n,), n_slots, np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
-        tables = np.zeros((n, layout.pages_per_sequence), np.int32)
         prompt_pages = np.full((n, width // layout.page_size), layout.pages, np.int32)
-        for j, (s, q, (table_row, written, ticket)) in enumerate(batch):  # padding keeps out-of-range ids
-            ids[j], row[j], seq[j], tables[j], prompt_pages[j] = s, rows_of.index(q // group), q, table_row, written
-            owner[s], tickets[s] = q, ticket
-        return _insert(table, cache, logits, real, ids, row, key, seq, tables, prompt_pages)
+        for j, (s, q, (table_row, written, hold)) in enumerate(batch):  # padding keeps out-of-range ids
+            ids[j], row[j], seq[j], prompt_pages[j] = s, rows_of.index(q // group), q, written
+            owner[s], holds[s], tables[s], made[s], admitted[s] = q, hold, table_row, 0, counts["chunks"]
+        return _insert(table, cache, logits, real, ids, row, key, seq, prompt_pages)
 
     every_slot = np.tile(np.arange(per_shard, dtype=np.int32), dp)
 
@@ -446,10 +515,12 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         table = admit(empty(config, layout, budget, cache_dtype))
         fetching = []  # finished rows being fetched
         while True:
-            table, flags = _decode(graphdef, state, table, in_flight(), stop, jnp.asarray(budget, jnp.int32),
-                                   jnp.asarray(chunk, jnp.int32), params=run_params, split_layers=split_layers,
-                                   kernel=kernel)
+            held = np.array([o is not None for o in owner])
+            table, flags = _decode(graphdef, state, table, tables.copy(), held, in_flight(), stop,
+                                   jnp.asarray(budget, jnp.int32), jnp.asarray(chunk, jnp.int32), params=run_params,
+                                   split_layers=split_layers, kernel=kernel)
             counts["chunks"] += 1
+            made[held] += chunk
             preemption.check("a rollout")  # between chunks: every host stops at the same one
             for fetched in fetching:  # rows taken after the last chunk: fetched while this one ran
                 store(fetched)
@@ -462,13 +533,13 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
                 ids[:len(piece)] = piece
                 fetching.append(([owner[s] for s in piece], _take(table, ids)))
             for s in finished:  # its pages go to the next sequences
-                pool.give_back(tickets[s])
-                owner[s] = tickets[s] = None
+                pool.give_back(holds[s])
+                owner[s] = holds[s] = None
             if not waiting and all(o is None for o in owner):
                 for fetched in fetching:
                     store(fetched)
                 break
-            table = admit(table)
+            table = admit(table, skip=grow())
             if all(o is None for o in owner):  # CacheLayout.plan makes one always fit
                 raise RuntimeError(f"the KV cache pool ({layout.pages} pages) cannot hold the next sequence")
     if stats is not None:

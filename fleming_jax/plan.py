@@ -216,7 +216,7 @@ def rl_step_plan(config) -> dict:
     sequences = c.prompts_per_step * group
     cache = engine.CacheLayout.plan(
         model_config, sequences, group, config.plan.prompt_len, c.max_new_tokens, dp, r.slots or sequences,
-        r.kv_cache_gib, r.page_size, dtype, "cpu")  # no free memory known ahead: the slots' worst case
+        r.kv_cache_gib, r.page_size, dtype, "cpu")  # no free memory known ahead: half the slots at full length
     slots, width = cache.slots, cache.width
     rows = -(-sampler.bucket(min(c.prompts_per_step, slots // group), minimum=1) // dp) * dp
     programs = {}
@@ -242,13 +242,14 @@ def rl_step_plan(config) -> dict:
         programs["insert"] = compile_or_refuse(engine._insert.lower(
             table, prefilled, logits, spec((rows,), jnp.int32, batch), spec((admitted,), jnp.int32, batch),
             spec((admitted,), jnp.int32, batch), key, spec((admitted,), jnp.int32, batch),
-            spec((admitted, cache.pages_per_sequence), jnp.int32, parallel.batch_sharding(rollout, 2)),
             spec((admitted, width // cache.page_size), jnp.int32, parallel.batch_sharding(rollout, 2))),
             "the insert", config)
         scalar = spec((), jnp.int32)
         params = sampler.SamplingParams(temperature=c.temperature, top_p=c.top_p, num_samples=group, max_new_tokens=0)
         programs["decode"] = compile_or_refuse(engine._decode.lower(
-            graphdef, decode_state, table, spec((cache.slots,), jnp.int32, batch), spec((2,), jnp.int32), scalar,
+            graphdef, decode_state, table, spec((slots, cache.pages_per_sequence), jnp.int32,
+                                                parallel.batch_sharding(rollout, 2)),
+            spec((slots,), jnp.bool_, batch), spec((slots,), jnp.int32, batch), spec((2,), jnp.int32), scalar,
             scalar, params=params, split_layers=engine.splits_layers(devices[0]),
             kernel=engine.uses_kernel(devices[0], model_config, cache.page_size)),
             "the decode loop", config)
@@ -430,8 +431,12 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
         params = sampler.SamplingParams(temperature=1.0, num_samples=samples, max_new_tokens=0)
         every = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=parallel.batch_sharding(mesh, 1))
+        held = jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=parallel.batch_sharding(mesh, 1))
+        tables = jax.ShapeDtypeStruct((slots, cache.pages_per_sequence), jnp.int32,
+                                      sharding=parallel.batch_sharding(mesh, 2))
         stops = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole)
-        compiled = engine._decode.lower(graphdef, state, table, every, stops, scalar, scalar, params=params,
+        compiled = engine._decode.lower(graphdef, state, table, tables, held, every, stops, scalar, scalar,
+                                        params=params,
                                         split_layers=engine.splits_layers(devices[0]),
                                         kernel=engine.uses_kernel(devices[0], model_config, cache.page_size)).compile()
     mem = compiled.memory_analysis()

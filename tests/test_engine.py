@@ -35,7 +35,8 @@ def test_samples_do_not_depend_on_slots_or_chunk(tiny):
     runs = [engine.generate(tiny, prompts, jax.random.key(5), params, stop_ids=STOPS, slots=s, chunk=c, stats=st)
             for (s, c), st in zip([(3, 1), (6, 7), (64, 16)], stats)]
     assert 0 < runs[0].done.mean() < 1  # ragged: some stop early, some hit the budget
-    assert stats[0]["admitted_late"] == 15 and stats[1]["admitted_late"] == 12  # all but the first 3 / 6
+    # all but the first 3 / 6, and any evicted to free pages (on a CPU the pool holds half the slots at full length)
+    assert stats[0]["admitted_late"] == 15 + stats[0]["evicted"] and stats[1]["admitted_late"] == 12 + stats[1]["evicted"]
     assert stats[2]["admitted_late"] == 0  # every sequence had a slot from the start
     assert stats[1]["drain_chunks"] > 0 and stats[2]["drain_chunks"] > 0  # the tail decoded on fewer rows
     for other in runs[1:]:
@@ -51,6 +52,21 @@ def test_samples_do_not_depend_on_slots_or_chunk(tiny):
             assert out.done[i, g] == (out.tokens[i, g, n - 1] in STOPS)
             assert out.done[i, g] or n == 48
     assert len({tuple(out.tokens[0, g]) for g in range(3)}) == 3  # a group's samples differ
+
+
+def test_a_short_pool_evicts_the_youngest_and_recomputes_the_same_samples(tiny):
+    prompts = _prompts(6)  # prompts of up to 32 tokens + 48 new: 5 pages at most
+    params = SamplingParams(temperature=1.0, num_samples=3, max_new_tokens=48)
+    roomy, short = {}, {}
+    expected = engine.generate(tiny, prompts, jax.random.key(2), params, stop_ids=STOPS, slots=9, stats=roomy)
+    gib = 2 * 5 * paged.PagedCache.page_bytes(tiny.config, 16, "float32") / 2**30  # 2 sequences at full length
+    got = engine.generate(tiny, prompts, jax.random.key(2), params, stop_ids=STOPS, slots=9, kv_cache_gib=gib,
+                          stats=short)
+    assert roomy["evicted"] == 0 and short["evicted"] > 0  # replies grew past 10 pages
+    assert short["kv_peak_gib"] <= short["kv_pool_gib"] < roomy["kv_pool_gib"]
+    np.testing.assert_array_equal(got.tokens, expected.tokens)
+    np.testing.assert_array_equal(got.lengths, expected.lengths)
+    np.testing.assert_allclose(got.logprobs, expected.logprobs, atol=5e-4)
 
 
 def test_a_long_run_compiles_a_handful_of_programs(tiny):
@@ -131,15 +147,15 @@ def test_the_pallas_tpu_kernel_equals_the_xla_path():
 def test_cache_layout_follows_memory():
     config = models.config_from(presets.get("tiny"))
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4  # fp32 K and V
-    # a CPU: CPU_SLOTS sequences a device, pages for them at their longest
+    # a CPU: CPU_SLOTS sequences a device, pages for 1/OVERCOMMIT of them at their longest
     cpu = engine.CacheLayout.plan(config, 128, 8, 200, 96, dtype="float32")
-    assert cpu.slots == engine.CPU_SLOTS and cpu.width == 256 and cpu.page_size == 16
-    assert cpu.pages == cpu.slots * (256 + 96) // 16
+    assert engine.OVERCOMMIT == 2 and cpu.slots == engine.CPU_SLOTS and cpu.width == 256 and cpu.page_size == 16
+    assert cpu.pages == cpu.slots // 2 * (256 + 96) // 16
     assert cpu.pages_per_sequence == 24  # 22 pages, in whole blocks of 128 tokens (8 pages)
-    # a memory budget: the slots are what it holds at full length, in whole groups
+    # a memory budget: the slots are OVERCOMMIT x what it holds at full length, in whole groups
     gib = 64 * (256 + 96) * per_token / 2**30
     sized = engine.CacheLayout.plan(config, 1024, 8, 200, 96, kv_cache_gib=gib, dtype="float32")
-    assert sized.slots == 64 and sized.pages == 64 * 22
+    assert sized.slots == 128 and sized.pages == 64 * 22
     assert sized.bytes_per_device(config, "float32") == 64 * 22 * 16 * per_token
     # an accelerator's free memory (HBM_SHARE of it) on 2 data-parallel shards; never more than the rollout
     tpu = engine.CacheLayout.plan(config, 16, 8, 200, 96, shards=2, dtype="float32", platform="tpu",
@@ -152,9 +168,9 @@ def test_cache_layout_follows_memory():
 def test_a_groups_samples_share_their_prompts_full_pages():
     layout = engine.CacheLayout(slots=4, pages=40, page_size=16, pages_per_sequence=8, width=64, shards=2)
     pool = engine.PagePool(layout)
-    first = pool.take(1, prompt=7, length=40, budget=20)  # 2 full prompt pages + 2 of its own (40..59)
-    second = pool.take(1, prompt=7, length=40, budget=20)
-    other_shard = pool.take(0, prompt=7, length=40, budget=20)
+    first = pool.take(1, prompt=7, length=40, tokens=20)  # 2 full prompt pages + 2 of its own (40..59)
+    second = pool.take(1, prompt=7, length=40, tokens=20)
+    other_shard = pool.take(0, prompt=7, length=40, tokens=20)
     (t1, w1, _), (t2, w2, _), (t0, w0, _) = first, second, other_shard
     assert list(t1[:2]) == list(t2[:2]) and set(t1[2:4]).isdisjoint(t2[2:4])  # shared, then its own
     # global ids of what each writes: the first its 3 prompt pages, the second only its partial one
@@ -162,10 +178,13 @@ def test_a_groups_samples_share_their_prompts_full_pages():
     assert list(w2[:2]) == [40, 40] and w2[2] == 20 + t2[2]
     assert list(w0[:3]) == list(t0[:3])  # shard 0's own copy, ids 0-19
     assert pool.in_use == pool.peak == 4 + 2 + 4
-    ninth = pool.take(1, prompt=9, length=64, budget=64)  # 8 of shard 1's 14 free pages
-    assert ninth is not None and pool.take(1, prompt=10, length=64, budget=64) is None  # 8 more: 6 left
-    for ticket in (first[2], second[2], other_shard[2], ninth[2]):
-        pool.give_back(ticket)
+    assert pool.take(1, prompt=9, length=64, tokens=64, keep=7) is None  # 8 of 14 free would leave 6
+    ninth = pool.take(1, prompt=9, length=64, tokens=64, keep=6)
+    assert ninth is not None and pool.take(1, prompt=10, length=64, tokens=64) is None  # 8 more: 6 left
+    grown = pool.grow(first[2], 3)  # the first sample's reply grows by 3 pages: its own
+    assert first[2].pages[2:] == grown and len(pool.free[1]) == 3 and pool.peak == 4 + 2 + 4 + 8 + 3
+    for hold in (first[2], second[2], other_shard[2], ninth[2]):
+        pool.give_back(hold)
     assert pool.in_use == 0 and sorted(pool.free[1]) == list(range(20)) and not pool.shared
 
 

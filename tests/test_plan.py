@@ -117,10 +117,11 @@ def test_every_program_of_an_rl_step_compiles_for_a_v5p_slice(topology):
     assert p["programs"] == ["decode", "forward", "insert", "prefill", "sync", "update"]
     assert p["slots"] == 64 and p["prompt_len"] == 256
     # K and V of the one layer by hand: 64 slots over the data groups, 4 KV heads over `tensor`,
-    # pages for each slot's prompt bucket + budget (512 tokens)
+    # pages for half the slots' prompt bucket + budget (512 tokens; engine.OVERCOMMIT)
     data, tensor = p["rollout_mesh"]["data"], p["rollout_mesh"]["tensor"]
-    assert data * tensor == p["devices"] and p["cache_pages"] * p["page_size"] == (64 // data) * 512
-    kv = 2 * (64 // data) * 512 * (4 // tensor) * 64 * 2
+    full = -(-64 // (2 * data))  # sequences a shard's pool holds at full length
+    assert data * tensor == p["devices"] and p["cache_pages"] * p["page_size"] == full * 512
+    kv = 2 * full * 512 * (4 // tensor) * 64 * 2
     # + each slot's logits, outputs, segment ids and counters: the engine keeps these on every
     # device (only the K/V buffers are sharded over the data groups)
     assert kv < p["cache_bytes"] <= kv + 64 * (4096 + 3 * 256 + 512 + 8) * 4
