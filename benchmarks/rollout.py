@@ -109,8 +109,8 @@ def main():
     print(f"{sum(p.numel() for p in reference.parameters()) / 1e6:.0f}M-param Qwen2 shape, {args.prompts} prompts "
           f"x G={args.samples}, budget {args.budget}, torch threads {torch.get_num_threads()}")
     print(f"ours (RL defaults): {stats['slots']} sequences in flight, {stats['admitted_late']} admitted after the "
-          f"first chunk, {stats['drain_chunks']} of {stats['chunks']} chunks on fewer rows, KV pages used at most "
-          f"{stats['kv_peak_gib'] * 1024:.0f} MiB of the "
+          f"first chunk, {stats['evicted']} evicted, {stats['drain_chunks']} of {stats['chunks']} chunks on fewer rows, "
+          f"KV pages used at most {stats['kv_peak_gib'] * 1024:.0f} MiB of the "
           f"{stats['kv_pool_gib'] * 1024:.0f} MiB pool; transformers: {per_batch * args.samples} rows at a time")
     print(f"reply lengths (ours): mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, "
           f"max {lengths.max()}, at budget {np.mean(lengths == args.budget):.0%}")
