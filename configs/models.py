@@ -127,9 +127,11 @@ def rollout() -> ml_collections.ConfigDict:
     host, -1 = as many as divide the host's devices and the KV heads; data parallel over the
     rest). Its KV cache is paged (`page_size` tokens a page; a group's samples share their
     prompt's pages): `kv_cache_gib` of pages a device (0 = 80% of an accelerator's free memory,
-    or on a CPU what the slots need); `slots` sequences decode at once (0 = as many as the
-    pages hold at full length, 128 on a CPU; never more than the rollout has); a finished
-    one hands its slot and pages to the next every `chunk` tokens.
+    or on a CPU what half the slots need at full length); `slots` sequences decode at once
+    (0 = twice as many as the pages hold at full length, 128 on a CPU; never more than the
+    rollout has). A sequence takes pages as its reply grows (the youngest is evicted and
+    recomputed if they run out); a finished one hands its slot and pages to the next every
+    `chunk` tokens.
     `engine` "openai": an external OpenAI-compatible server (vLLM, SGLang, tpu-inference:
     `fleming_jax.remote_engine`); `server` says where: `base_url` (up to /v1), the served
     `model` name, `weights_dir` the policy is saved to after each update ("" = <workdir>/

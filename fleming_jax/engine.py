@@ -493,8 +493,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         fill them, those holding one (a power of two a shard, at least 1/DRAIN_FLOOR of the
         slots, padded with empty slots): a draining rollout's steps then cost what its
         sequences need, where a static batch would still compute every finished row."""
-        held = [[s - d * per_shard for s in range(d * per_shard, (d + 1) * per_shard) if owner[s] is not None]
-                for d in range(dp)]
+        held = [[s - d * per_shard for s in held_on(d)] for d in range(dp)]
         k = min(per_shard, bucket(max(map(len, held)), minimum=max(1, per_shard // DRAIN_FLOOR)))
         if k == per_shard:
             return every_slot
@@ -516,6 +515,8 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         fetching = []  # finished rows being fetched
         while True:
             held = np.array([o is not None for o in owner])
+            # a copy: a numpy argument may share its memory with the device buffer on a CPU, and
+            # `grow` writes `tables` while this chunk runs
             table, flags = _decode(graphdef, state, table, tables.copy(), held, in_flight(), stop,
                                    jnp.asarray(budget, jnp.int32), jnp.asarray(chunk, jnp.int32), params=run_params,
                                    split_layers=split_layers, kernel=kernel)

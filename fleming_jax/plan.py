@@ -436,8 +436,7 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
                                       sharding=parallel.batch_sharding(mesh, 2))
         stops = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=whole)
         compiled = engine._decode.lower(graphdef, state, table, tables, held, every, stops, scalar, scalar,
-                                        params=params,
-                                        split_layers=engine.splits_layers(devices[0]),
+                                        params=params, split_layers=engine.splits_layers(devices[0]),
                                         kernel=engine.uses_kernel(devices[0], model_config, cache.page_size)).compile()
     mem = compiled.memory_analysis()
     shard_bytes = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
