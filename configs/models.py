@@ -9,6 +9,7 @@ import json
 import ml_collections
 
 from fleming_jax import paths
+from fleming_jax.models.qwen import LORA_TARGETS
 
 _QWEN25 = dict(model_type="qwen2", qkv_bias=True, qk_norm=False, rope_theta=1_000_000.0,
                rms_norm_eps=1e-6, vocab_size=151936, max_position_embeddings=32768)
@@ -68,14 +69,19 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
 
         file = paths.join(name, "config.json") if paths.path(name).is_dir() else name
         arch = vars(QwenConfig.from_hf(json.loads(paths.read_text(file)), source=file)).copy()
-        for key in ("param_dtype", "compute_dtype", "remat", "attention_chunk"):
+        for key in ("param_dtype", "compute_dtype", "remat", "attention_chunk", "lora_rank", "lora_alpha",
+                    "lora_targets"):
             arch.pop(key)
     else:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)} (each but tiny "
                          f"also as PRESET@{REHEARSAL}), or a path to an HF config.json")
     return ml_collections.ConfigDict(dict(
         preset=name, hf_path="", init_from="", seed=0,
-        param_dtype="float32", compute_dtype="float32", remat="none", attention_chunk=512, **arch))
+        param_dtype="float32", compute_dtype="float32", remat="none", attention_chunk=512,
+        # LoRA (0: train every weight): adapters of this rank on these projections (PEFT's
+        # names), scaled by lora_alpha / lora_rank; only they (and their optimizer state) are
+        # trained and checkpointed, the base stays frozen and is named in each checkpoint.
+        lora_rank=0, lora_alpha=16.0, lora_targets=",".join(LORA_TARGETS), **arch))
 
 
 # Meshes per target, picked with a `@target` suffix on the preset

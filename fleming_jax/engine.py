@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import operator
 from typing import Sequence
 
 import flax
@@ -575,7 +576,7 @@ class LocalEngine(RolloutEngine):
                  kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE):
         self.mesh, self.dtype, self.slots, self.chunk, self.pad_id = mesh, dtype, slots, chunk, pad_id
         self.kv_cache_gib, self.page_size = kv_cache_gib, page_size
-        self.model, self.sync_stats = None, {}
+        self.model, self.sync_stats, self._base_from = None, {}, None
 
     @classmethod
     def of(cls, model, **kwargs) -> "LocalEngine":
@@ -585,13 +586,28 @@ class LocalEngine(RolloutEngine):
         return made
 
     def sync(self, model) -> None:
+        """A model with LoRA adapters keeps its decode copy of the base while the base arrays are
+        the ones it copied last (RL's frozen base): later syncs move only the adapters, which
+        the decode program applies beside the base weights."""
         if self.mesh is None:
             self.model = model
         else:
-            graphdef, state = nnx.split(model)
-            program = sync_program(graphdef, state, self.mesh, self.dtype or model.config.compute_dtype)
-            self.model = program(graphdef, state, previous=self.model)
-            received = program.received_bytes  # what each device received: RL logs it every step
+            graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+            last = (None, None) if self.model is None else nnx.split(self.model, nnx.LoRAParam, ...)[1:]
+            dtype, parts, received = self.dtype or model.config.compute_dtype, [], 0
+            for i, (state, previous) in enumerate(zip((adapters, base), last)):
+                leaves = jax.tree.leaves(state)
+                same_base = i == 1 and self._base_from is not None and len(leaves) == len(self._base_from) and all(
+                    map(operator.is_, leaves, self._base_from))
+                if not leaves or same_base:  # no adapters; or the base copied last time: its copy stays
+                    parts.append(previous if same_base else state)
+                    continue
+                program = sync_program(graphdef, state, self.mesh, dtype)
+                parts.append(program.copy(state, previous))
+                received = None if received is None or program.received_bytes is None else received + program.received_bytes
+            self._base_from = jax.tree.leaves(base)
+            self.model = nnx.merge(graphdef, *parts)
+            # what each device received: RL logs it every step
             self.sync_stats = {} if received is None else {"sync_received_gib": received / 2**30}
         jax.block_until_ready(nnx.state(self.model))  # done when it returns: RL times the sync
 

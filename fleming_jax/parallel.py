@@ -37,6 +37,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
+    "lora": None,  # an adapter's rank: small, whole on every device
     # Activations: features stay whole between blocks; MLP hidden units split like `mlp`.
     "act_embed": None,
     "act_mlp": "tensor",

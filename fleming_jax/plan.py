@@ -89,10 +89,10 @@ def plan(config) -> dict:
     mesh = parallel.make_mesh(config.mesh, devices)
     model_config = models.config_from(config.model)
     abstract_model = nnx.eval_shape(lambda: qwen.create(model_config))
-    graphdef, params = nnx.split(abstract_model, nnx.Param)
+    graphdef, params, frozen = nnx.split(abstract_model, train_state.trainable(model_config), ...)
     tx = train_state.make_optimizer(config.optimizer)
     abstract = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                                      opt_state=jax.eval_shape(tx.init, params))
+                                      opt_state=jax.eval_shape(tx.init, params), frozen=frozen)
     shardings = train_state.state_shardings(abstract, mesh)
 
     def place(sharding, x):  # x: an abstract leaf, or an nnx Variable holding one
@@ -105,19 +105,21 @@ def plan(config) -> dict:
     rows, length = batch["tokens"].shape
     step = train_state.make_train_step(graphdef, tx, loss, accum, mesh, shardings)
     with jax.set_mesh(mesh):
-        compiled = compile_or_refuse(step.jitted.lower(placed, batch), "the train step", config)
+        compiled = compile_or_refuse(step.jitted.lower(placed.replace(frozen=None), placed.frozen, batch),
+                                     "the train step", config)
 
     def per_device_bytes(tree):
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                    for x in jax.tree.leaves(tree))
 
     reference_bytes = 0
-    if reference_dtype:  # the KL reference: every param again, in its own dtype and the same shards
+    if reference_dtype and not model_config.lora_rank:  # the KL reference: every param again, in its own
+        # dtype and the same shards (with LoRA it is the frozen base itself: adapters off)
         itemsize = jnp.dtype(reference_dtype).itemsize
         reference_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * itemsize
                               for x in jax.tree.leaves(placed.params))
     mem = compiled.memory_analysis()
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves((params, frozen)))
     kind = devices[0].device_kind
     hbm = int(config.plan.hbm_gb * GIB) or device_memory(devices[0])
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
@@ -127,7 +129,8 @@ def plan(config) -> dict:
         mesh=dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, len(devices)))),
         batch_size=rows, seq_len=length, grad_accum_steps=accum,
         compute_dtype=model_config.compute_dtype, remat=model_config.remat,
-        params_bytes=per_device_bytes(placed.params),
+        params_bytes=per_device_bytes((placed.params, placed.frozen)),
+        trained_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
         optimizer_bytes=per_device_bytes(placed.opt_state), reference_bytes=reference_bytes,
         reference_dtype=reference_dtype,
         arguments_bytes=mem.argument_size_in_bytes, outputs_bytes=mem.output_size_in_bytes,
@@ -261,7 +264,7 @@ def rl_step_plan(config) -> dict:
         layout = {k: update_batch.get(k) for k in PACKED_BATCH}
         fwd = packed_logprobs(param_graphdef, c.logprob_chunk)
         with jax.set_mesh(mesh):
-            programs["forward"] = compile_or_refuse(fwd.lower(forward_params, layout), "the reference forward", config)
+            programs["forward"] = compile_or_refuse(fwd.lower((forward_params,), layout), "the reference forward", config)
     resident = p["params_bytes"] + p["optimizer_bytes"] + p["reference_bytes"]
     decode_bytes, table_bytes = shard_bytes(decode_state), shard_bytes(table)
     # what each engine program holds beyond the decode copy and the slots (counted once)

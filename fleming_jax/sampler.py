@@ -213,10 +213,14 @@ class SyncProgram:
 
     def __call__(self, graphdef, state, previous=None):
         """The decode copy of the model (`graphdef`, `state`), in `previous`'s buffers if given."""
+        return nnx.merge(graphdef, self.copy(state, None if previous is None else nnx.state(previous)))
+
+    def copy(self, state, previous=None):
+        """The decode copy of `state`, in the buffers of `previous` (its last copy) if given."""
         leaves = jax.tree.leaves(state)
         with jax.set_mesh(self.mesh):
             if not self.shards_move:
-                return nnx.merge(graphdef, jax.tree.unflatten(self.treedef, self._program(leaves)))
+                return jax.tree.unflatten(self.treedef, self._program(leaves))
             # the same shards, addressed through the decode mesh (no copy)
             train = [jax.make_array_from_single_device_arrays(x.shape, src, [s.data for s in x.addressable_shards])
                      for x, src in zip(leaves, self.sources)]
@@ -224,8 +228,8 @@ class SyncProgram:
                 decode = jax.jit(lambda: [jnp.zeros(a.shape, a.dtype) for a in self._abstract_decode(leaves)],
                                  out_shardings=self.targets)()
             else:
-                decode = jax.tree.leaves(nnx.state(previous))
-            return nnx.merge(graphdef, jax.tree.unflatten(self.treedef, self._program(train, decode)))
+                decode = jax.tree.leaves(previous)
+            return jax.tree.unflatten(self.treedef, self._program(train, decode))
 
     def lower(self, state):
         """The program lowered for `state`'s shapes (for the TPU compiler's memory plan)."""

@@ -1,10 +1,10 @@
 """One process of the multi-host RL test:
-`python -m tests.multihost_rl_worker PORT PID NPROC ROOT WORKDIR OUT [sigterm]`.
+`python -m tests.multihost_rl_worker PORT PID NPROC ROOT WORKDIR OUT [sigterm|lora]`.
 
 Runs `multihost_run` (tests/test_rl_stages.py) in WORKDIR on a (data=2, fsdp=4) mesh spanning
 all processes and writes its metrics rows, final params and the rows each step saw. With
 `sigterm`, process 1 (only) gets SIGTERM as step 2's rollout starts; like main.py, the worker
-then exits 0 on `Preempted`."""
+then exits 0 on `Preempted`. With `lora`, the run trains LoRA adapters on the frozen base."""
 
 import os
 import sys
@@ -29,7 +29,7 @@ def main(port, process_id, num_processes, root, workdir, out, mode="run"):
 
     signal_at = 2 if mode == "sigterm" and jax.process_index() == 1 else None
     try:
-        rows, params, seen = multihost_run(root, workdir, signal_step=signal_at)
+        rows, params, seen = multihost_run(root, workdir, signal_step=signal_at, lora=mode == "lora")
     except preemption.Preempted as e:
         print(f"preempted at {time.time():.3f}: {e}", flush=True)
         return

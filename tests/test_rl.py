@@ -333,3 +333,36 @@ def test_update_compiles_once_over_a_long_tailed_run(toy_run, tmp_path, monkeypa
     assert [c for c in compiled if c[0] > 3] == []
     assert [name for _, name in compiled].count("jit(step)") == 1
     assert shapes == {(trainer.budget.rows, trainer.budget.length, trainer.budget.scored)}
+
+
+def test_lora_rl_trains_only_adapters_against_the_base_and_syncs_only_them(toy_run, tmp_path, monkeypatch):
+    """RL with adapters on an 8-device FSDP mesh: real updates move only the adapters; the KL
+    reference is the frozen base itself under zero adapters (no copy); after the first sync
+    the engine keeps its copy of the base and receives only the adapters."""
+    import jax
+    from flax import nnx
+
+    monkeypatch.setattr(rewards, "score", toy_score)
+    config = toy_config(toy_run, steps=3, grpo=dict(beta=0.05), drop_zero_advantage_groups=False)
+    config.model.update(lora_rank=4, lora_alpha=8.0)
+    config.mesh.update(data=1, fsdp=-1)  # weights split in training: a sync moves shards
+    trainer = rl.RLTrainer(config, str(tmp_path))
+    assert len(jax.tree.leaves(trainer.state.params)) == 14  # 7 projections x (A, B)
+    base = jax.tree.leaves(trainer.state.frozen)
+    adapters_off, reference_base = trainer.reference
+    assert reference_base is trainer.state.frozen and all(not np.any(np.asarray(x)) for x in jax.tree.leaves(adapters_off))
+    before = [np.asarray(x) for x in base]
+    rows = trainer.train()
+    assert all(a is b for a, b in zip(jax.tree.leaves(trainer.state.frozen), base))  # never copied, never moved
+    jax.tree.map(np.testing.assert_array_equal, [np.asarray(x) for x in base], before)
+    b = nnx.to_pure_dict(trainer.state.params)["layers"]["q_proj_lora_b"]
+    assert np.abs(np.asarray(b)).max() > 0  # the updates reached the adapters
+    assert abs(rows[0]["kl_ref"]) < 1e-6 and rows[2]["kl_ref"] > 1e-6  # the policy leaves the base, measured against it
+    received = [r["rollout_sync_received_gib"] for r in rows]
+    decode = trainer.engine.model
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(decode, nnx.LoRAParam)))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(decode)))
+    assert received[1] == received[2] and 0 < received[1] * 2**30 <= adapter_bytes  # a device's adapter shards
+    assert received[0] > 5 * received[1] and received[0] * 2**30 <= weight_bytes
+    saved = checkpoint.lora_meta(str(tmp_path / "checkpoints"))
+    assert saved["rank"] == 4 and saved["base"]["init_from"] == os.path.join(toy_run, "init")

@@ -154,11 +154,16 @@ def multihost_config(root):
     return config
 
 
-def multihost_run(root, workdir, signal_step=None):
+def multihost_run(root, workdir, signal_step=None, lora=False):
     """3 real RL steps with beta > 0 and dynamic sampling; (rows, params, rows seen per step).
-    `signal_step=n`: this process gets SIGTERM as step n's first rollout starts."""
+    `signal_step=n`: this process gets SIGTERM as step n's first rollout starts; `lora`: rank-4
+    adapters are what trains (`params` holds them)."""
     rewards.score = toy_score  # in this process only (a worker, or under monkeypatch)
-    trainer = rl.RLTrainer(multihost_config(root), workdir)
+    config = multihost_config(root)
+    if lora:
+        config.model.update(lora_rank=4, lora_alpha=8.0)
+        config.optimizer.learning_rate = 2e-2
+    trainer = rl.RLTrainer(config, workdir)
     if signal_step:
         from tests.test_preemption import signal_in_step
 
@@ -205,6 +210,25 @@ def finish(procs):
         assert p.returncode == 0, out[-3000:]
         logs.append(out)
     return logs
+
+
+@pytest.mark.slow
+def test_lora_on_two_processes_equals_one_process(toy_run, tmp_path, monkeypatch):
+    """RL with adapters, 2 processes x 4 devices against 1 x 8: the same rows and adapters."""
+    procs = launch(toy_run, tmp_path, "mh_lora", "lora")
+    monkeypatch.setattr(rewards, "score", toy_score)
+    rows, params, _ = multihost_run(str(toy_run), str(tmp_path / "single"), lora=True)
+    finish(procs)
+    assert params and all("_lora_" in name for name in params)
+    assert any(np.abs(v).max() > 0 for name, v in params.items() if name.endswith("_b"))
+    for i in range(2):
+        got = np.load(tmp_path / f"mh_lora{i}.npz", allow_pickle=True)
+        for a, b in zip(got["rows"].tolist(), rows, strict=True):
+            for k in a:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5 if k.startswith("mismatch_") else 1e-7,
+                                           err_msg=k)
+        for name, value in params.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -120,10 +121,52 @@ def _params(trainer):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state.params))
 
 
-@pytest.mark.slow
-def test_resume_after_sigterm_equals_the_uninterrupted_run(data, tmp_path):
+def lora_on_a_saved_base(config, root) -> str:
+    """`config` set to train rank-8 adapters on a random base saved as a checkpoint; its path."""
+    base = checkpoint.save_params(str(root / "base"), create_sharded(config_from(config.model), 0))
+    config.model.update(init_from=base, lora_rank=8, lora_alpha=16.0)
+    return base
+
+
+def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(data, tmp_path):
+    from fleming_jax import models as fm
+    from fleming_jax.models import qwen
+
     root = data[0]
     config = small_config(root)
+    base = lora_on_a_saved_base(config, tmp_path)
+    config.optimizer.update(total_steps=12, warmup_steps=1, learning_rate=3e-2)
+    trainer = sft.Trainer(config, str(tmp_path / "run"))
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after < before - 0.1, (before, after)  # a random base: the adapters alone move it slowly
+    # the checkpoint: adapters and their optimizer state only, and where the base is
+    run = str(tmp_path / "run" / "checkpoints")
+    saved = checkpoint.lora_meta(run)
+    assert saved == dict(rank=8, alpha=16.0, targets=list(qwen.LORA_TARGETS), base=dict(init_from=base, hf_path="", seed=0))
+    params = ocp.StandardCheckpointer().metadata(checkpoint.params_dir(run)).item_metadata.tree
+    assert set(params) == {"layers"} and all("_lora_" in k for k in params["layers"])
+    # the next stage's init_from: the same adapters on the same base, or merged with lora_rank=0
+    again = config.model.copy_and_resolve_references()
+    again.init_from = run
+    model, _ = fm.build(again)
+    jax.tree.map(np.testing.assert_array_equal, _params(trainer), jax.tree.map(np.asarray, nnx.to_pure_dict(
+        nnx.state(model, nnx.LoRAParam))))
+    again.lora_rank = 0
+    merged, merged_config = fm.build(again)
+    assert merged_config.lora_rank == 0
+    expected = qwen.merge_lora(trainer.state.model(trainer.graphdef))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(merged)), nnx.to_pure_dict(nnx.state(expected)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_after_sigterm_equals_the_uninterrupted_run(data, tmp_path, lora):
+    root = data[0]
+    config = small_config(root)
+    if lora:
+        lora_on_a_saved_base(config, tmp_path)
     config.optimizer.update(total_steps=6, warmup_steps=2)
     full = sft.Trainer(config, str(tmp_path / "full"))
     full_rows = full.train()
@@ -142,6 +185,8 @@ def test_resume_after_sigterm_equals_the_uninterrupted_run(data, tmp_path):
     assert [r["step"] for r in rows] == [4, 5, 6]
     assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows[3:]]
     jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(full))  # bit for bit
+    if lora:
+        return
     # the params item is what the next stage's --config.model.init_from reads
     model = checkpoint.restore_model(str(tmp_path / "cut" / "checkpoints"), config_from(config.model))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))),

@@ -8,35 +8,133 @@ from fleming_jax.models import qwen
 
 _NOT_ARCH = ("preset", "hf_path", "init_from", "seed")
 NUMERICS = ("param_dtype", "compute_dtype", "remat", "attention_chunk")
+LORA = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 def config_from(model_cfg) -> qwen.QwenConfig:
     """Our QwenConfig from `config.model`; with `hf_path` set, the architecture comes from
-    that directory's config.json and only the numerics come from `config.model`."""
+    that directory's config.json and only the numerics and adapters come from `config.model`."""
+    adapters = lora_fields(model_cfg)
     if model_cfg.hf_path:
         from fleming_jax.models import hf
 
-        return hf.read_config(model_cfg.hf_path, **{k: model_cfg[k] for k in NUMERICS})
+        return hf.read_config(model_cfg.hf_path, **{k: model_cfg[k] for k in NUMERICS}, **adapters)
     fields = {f.name for f in dataclasses.fields(qwen.QwenConfig)}
     unknown = set(model_cfg.keys()) - fields - set(_NOT_ARCH)
     if unknown:
         raise ValueError(f"config.model has unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    return qwen.QwenConfig(**{k: v for k, v in model_cfg.items() if k in fields})
+    return qwen.QwenConfig(**({k: v for k, v in model_cfg.items() if k in fields} | adapters))
+
+
+def lora_fields(model_cfg) -> dict:
+    """The adapter fields of `config.model` as QwenConfig takes them (`lora_targets` is a
+    comma-separated string of PEFT module names there; none without a rank)."""
+    rank = model_cfg.get("lora_rank", 0)
+    targets = model_cfg.get("lora_targets", "")
+    targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if isinstance(targets, str) else tuple(targets)
+    return dict(lora_rank=rank, lora_alpha=float(model_cfg.get("lora_alpha", 16.0)), lora_targets=targets if rank else ())
 
 
 def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
     """The model `config.model` asks for: our checkpoint (`init_from`), an HF import
-    (`hf_path`), or a random init from `seed`, in that order of precedence."""
+    (`hf_path`), or a random init from `seed`, in that order of precedence.
+
+    With `lora_rank` > 0 the base comes from there and fresh adapters (B = 0) sit on it. A LoRA
+    run's checkpoint holds only its adapters and names its base (`checkpoint.lora_meta`): as
+    `init_from` it gives the base with those adapters, to train on with the same `lora_*`
+    settings, or merged into the weights with `lora_rank=0` (export, evaluation)."""
     config = config_from(model_cfg)
+    saved = saved_lora(model_cfg)
+    if saved is None:
+        base = _base(model_cfg, config.without_lora(), mesh)
+        return (_with_adapters(base, config, model_cfg.seed, mesh), config) if config.lora_rank else (base, config)
+    lora_config = config.replace(lora_rank=saved["rank"], lora_alpha=saved["alpha"], lora_targets=tuple(saved["targets"]))
+    if config.lora_rank and config != lora_config:
+        raise ValueError(
+            f"config.model.init_from={model_cfg.init_from} holds LoRA adapters of rank {saved['rank']}, alpha "
+            f"{saved['alpha']} on {','.join(saved['targets'])}; config.model asks for rank {config.lora_rank}, alpha "
+            f"{config.lora_alpha} on {','.join(config.lora_targets)}: continue with the same lora_* settings, or set "
+            "lora_rank=0 to load them merged into the base")
+    base_cfg = model_cfg.copy_and_resolve_references()
+    base_cfg.update(saved["base"])
+    model = _with_adapters(_base(base_cfg, config.without_lora(), mesh), lora_config, model_cfg.seed, mesh,
+                           adapters=model_cfg.init_from)
+    return (model, lora_config) if config.lora_rank else (qwen.merge_lora(model), config)
+
+
+def base_of(model_cfg) -> dict:
+    """Where the base weights under `config.model`'s adapters come from, as a LoRA checkpoint
+    records it: `init_from` / `hf_path` / `seed` (absolute paths), followed through an
+    `init_from` that is itself a LoRA checkpoint or a PEFT adapter."""
+    from fleming_jax import paths
+
+    saved = saved_lora(model_cfg)
+    if saved is not None:
+        return saved["base"]
+    absolute = lambda p: paths.absolute(p) if p and paths.exists(p) else p  # hub ids stay ids
+    return dict(init_from=absolute(model_cfg.init_from), hf_path=absolute(model_cfg.hf_path), seed=model_cfg.seed)
+
+
+def saved_lora(model_cfg) -> dict | None:
+    """What `config.model.init_from` holds when it is LoRA adapters, `{rank, alpha, targets, base}`:
+    a LoRA run's checkpoint, or a PEFT adapter directory (its base: `hf_path` when set, else the
+    adapter's `base_model_name_or_path`); None for whole weights or no `init_from`."""
+    if not model_cfg.init_from:
+        return None
+    from fleming_jax.models import hf
+    from fleming_jax.train import checkpoint
+
+    peft = hf.read_adapter_config(model_cfg.init_from)
+    if peft is not None:
+        peft["base"]["hf_path"] = model_cfg.hf_path or peft["base"]["hf_path"]
+        if not peft["base"]["hf_path"]:
+            raise ValueError(f"config.model.init_from={model_cfg.init_from} is a PEFT adapter that names no base "
+                             "model: set config.model.hf_path to the HF directory of its base")
+        return peft
+    return checkpoint.lora_meta(model_cfg.init_from)
+
+
+def checkpoint_meta(model_cfg) -> dict:
+    """What a training run's checkpoints record of `config.model` beside its arrays: for LoRA
+    (whose checkpoints hold only the adapters) the adapters' settings and their base."""
+    config = config_from(model_cfg)
+    if not config.lora_rank:
+        return {}
+    return {"lora": dict(rank=config.lora_rank, alpha=config.lora_alpha, targets=list(config.lora_targets),
+                         base=base_of(model_cfg))}
+
+
+def _base(model_cfg, config: qwen.QwenConfig, mesh):
     if model_cfg.init_from:
         from fleming_jax.train import checkpoint
 
-        return checkpoint.restore_model(model_cfg.init_from, config, mesh), config
+        return checkpoint.restore_model(model_cfg.init_from, config, mesh)
     if model_cfg.hf_path:
         from fleming_jax.models import hf
 
-        return hf.load(model_cfg.hf_path, mesh=mesh, **{k: model_cfg[k] for k in NUMERICS})
-    return create_sharded(config, model_cfg.seed, mesh), config
+        return hf.load(model_cfg.hf_path, mesh=mesh, **{k: model_cfg[k] for k in NUMERICS})[0]
+    return create_sharded(config, model_cfg.seed, mesh)
+
+
+def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, adapters: str = "") -> qwen.Qwen:
+    """`base` (a model without adapters) with the adapters of `config`: fresh from `seed`, or
+    read from the LoRA checkpoint `adapters`; each created in its shards."""
+    import jax
+    from flax import nnx
+
+    from fleming_jax import parallel
+
+    graphdef, abstract, _ = nnx.split(nnx.eval_shape(lambda: qwen.create(config, seed)), nnx.LoRAParam, ...)
+    if adapters:
+        from fleming_jax.models import hf
+        from fleming_jax.train import checkpoint
+
+        lora = (hf.load_adapter(adapters, abstract, config, mesh) if hf.read_adapter_config(adapters) is not None
+                else checkpoint.restore_state(adapters, abstract, mesh))
+    else:  # the rest of the model is dead code in this program: only the adapters are computed
+        shardings = None if mesh is None else parallel.tree_shardings(abstract, mesh)
+        lora = jax.jit(lambda: nnx.state(qwen.create(config, seed), nnx.LoRAParam), out_shardings=shardings)()
+    return nnx.merge(graphdef, lora, nnx.state(base))
 
 
 def create_sharded(config: qwen.QwenConfig, seed: int, mesh=None) -> qwen.Qwen:

@@ -66,15 +66,15 @@ class SafetensorsCheckpoint:
     header is bounded and checked (known dtypes, offsets that match the shapes and lie inside
     the file) before a byte of data is mapped, and every error names the file."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, single: str = "model.safetensors"):
         self.path = path
         path = paths.local_dir(path)  # gs:// and hub ids: a local copy to memory-map
         index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
+        single = os.path.join(path, single)
         if os.path.exists(index):
             files = _shard_names(index)
         elif os.path.exists(single):
-            files = ["model.safetensors"]
+            files = [os.path.basename(single)]
         else:
             pickles = [f for f in sorted(os.listdir(path)) if f.endswith(PICKLE_SUFFIXES)]
             if pickles:
@@ -84,7 +84,7 @@ class SafetensorsCheckpoint:
                     "environment with transformers: model.save_pretrained(out, "
                     "safe_serialization=True).")
             raise FileNotFoundError(
-                f"{path}: no model.safetensors or model.safetensors.index.json found")
+                f"{path}: no {os.path.basename(single)} or model.safetensors.index.json found")
         # name -> (file, entry, offset of the file's data section)
         self.tensors: dict[str, tuple[str, dict, int]] = {}
         for name in files:
@@ -95,6 +95,11 @@ class SafetensorsCheckpoint:
             header, data_start = _read_header(file)
             for key, entry in header.items():
                 self.tensors[key] = (file, entry, data_start)
+
+    @classmethod
+    def adapter(cls, path: str) -> "SafetensorsCheckpoint":
+        """A PEFT adapter directory's `adapter_model.safetensors`."""
+        return cls(path, single="adapter_model.safetensors")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)[1]["shape"])
@@ -329,6 +334,73 @@ def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None
     return out_dir
 
 
+PEFT_PREFIX = "base_model.model."  # PEFT's name of the adapted transformers model
+
+
+def save_adapter(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, base: str = "") -> str:
+    """Writes `model`'s LoRA adapters in PEFT's format (`adapter_config.json` +
+    `adapter_model.safetensors`, fp32), which `peft.PeftModel.from_pretrained` loads onto the
+    transformers base named `base`. Every process must call this; process 0 writes."""
+    layers = model.layers.arrays()
+    tensors = {}
+    for target in config.lora_targets:
+        module = LAYER_TENSORS[target][0].removesuffix(".weight")
+        a, b = (parallel.to_host(layers[f"{target}_lora_{x}"]) for x in "ab")
+        for i in range(config.num_layers):
+            name = f"{PEFT_PREFIX}model.layers.{i}.{module}"
+            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, config.lora_rank).T, np.float32)
+            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(config.lora_rank, -1).T, np.float32)
+    if not parallel.is_main_process():
+        return out_dir
+    paths.makedirs(out_dir)
+    out = epath.Path(out_dir)
+    (out / "adapter_model.safetensors").write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
+    _write_json(out / "adapter_config.json", dict(
+        peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=config.lora_rank,
+        lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=sorted(config.lora_targets), bias="none",
+        fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True, inference_mode=True))
+    return out_dir
+
+
+def read_adapter_config(path: str) -> dict | None:
+    """A PEFT LoRA adapter directory's settings as a LoRA checkpoint records them
+    (`checkpoint.lora_meta`; base: its `base_model_name_or_path`), or None if `path` is not one."""
+    file = paths.join(path, "adapter_config.json")
+    if not paths.exists(file):
+        return None
+    peft = json.loads(paths.read_text(file))
+    targets = peft.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unsupported = {k: peft.get(k) for k in ("peft_type", "use_rslora", "use_dora", "fan_in_fan_out", "bias",
+                                             "layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save")
+                   if peft.get(k) not in (None, False, "none", {}, [], "LORA")}
+    unknown = sorted(set(targets) - set(qwen.LORA_TARGETS))
+    if unsupported or unknown:
+        raise ValueError(f"{file}: only plain LoRA on {', '.join(qwen.LORA_TARGETS)} imports; this adapter has "
+                         f"{unsupported or ''}{' targets ' + ', '.join(unknown) if unknown else ''}")
+    return dict(rank=peft["r"], alpha=float(peft["lora_alpha"]), targets=[t for t in qwen.LORA_TARGETS if t in targets],
+                base=dict(init_from="", hf_path=peft.get("base_model_name_or_path") or "", seed=0))
+
+
+def load_adapter(path: str, abstract: nnx.State, config: qwen.QwenConfig, mesh=None) -> nnx.State:
+    """The LoRA adapters of a PEFT directory (`save_adapter`'s format) as the abstract adapter
+    state `abstract` names them, each placed in its shards on `mesh`."""
+    ckpt = SafetensorsCheckpoint.adapter(path)
+
+    def read(key, var):
+        target, which = key[1].rsplit("_lora_", 1)
+        module = LAYER_TENSORS[target][0].removesuffix(".weight")
+        stacked = []
+        for i in range(config.num_layers):
+            x = ckpt.get(f"{PEFT_PREFIX}model.layers.{i}.{module}.lora_{which.upper()}.weight")
+            stacked.append(np.asarray(x, np.float32).T.reshape(var.shape[1:]))
+        value = np.stack(stacked).astype(var.dtype)
+        return var.replace(jax.device_put(value, parallel.sharding_for(var, mesh)))
+
+    flat = [(key, read(key, var)) for key, var in nnx.to_flat_state(abstract)]
+    return nnx.from_flat_state(flat)
+
+
 def _write_json(file: epath.Path, obj) -> None:
     file.write_text(json.dumps(obj, indent=2))
 
@@ -339,9 +411,20 @@ def export_task(config, workdir: str) -> str:
 
     from fleming_jax import models
 
-    model, model_config = models.build(config.model, parallel.make_mesh(config.mesh))
+    model_cfg = config.model
+    lora = models.saved_lora(model_cfg)
+    if lora:  # a LoRA run's checkpoint: its base with its adapters, written merged and as a PEFT adapter
+        model_cfg = model_cfg.copy_and_resolve_references()
+        model_cfg.update(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=",".join(lora["targets"]))
+    model, model_config = models.build(model_cfg, parallel.make_mesh(config.mesh))
     tokenizer = toklib.load(config.export.tokenizer) if config.export.tokenizer else None
     out_dir = config.export.out_dir or str(epath.Path(workdir) / "hf")
+    if model_config.lora_rank:
+        adapter_dir = config.export.adapter_dir or str(epath.Path(workdir) / "adapter")
+        base = lora["base"] if lora else models.base_of(model_cfg)
+        save_adapter(model, model_config, adapter_dir, base=base["hf_path"] or base["init_from"])
+        print(f"PEFT adapter written to {adapter_dir}")
+        model, model_config = qwen.merge_lora(model), model_config.without_lora()
     save(model, model_config, out_dir, tokenizer=tokenizer, dtype=config.export.dtype or None,
          max_shard_bytes=config.export.max_shard_mb * 1024**2)
     logging.info("exported %s to %s", config.model.init_from or config.model.hf_path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -51,6 +52,10 @@ class QwenConfig:
     compute_dtype: str = "float32"  # activations and matmul inputs
     remat: str = "none"  # one of REMAT_POLICIES
     attention_chunk: int = 512  # queries per block of attention scores (bounds their memory)
+    # LoRA adapters (0: none): x W + (lora_alpha / lora_rank) (x A) B on each of `lora_targets`
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -65,6 +70,11 @@ class QwenConfig:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         for name in ("param_dtype", "compute_dtype"):
             jnp.dtype(getattr(self, name))  # raises on a bad dtype name
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if self.lora_rank < 0 or unknown or (self.lora_rank > 0) != bool(self.lora_targets):
+            raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: the rank must be >= 0 and "
+                             f"the targets a non-empty subset of {', '.join(LORA_TARGETS)} when the rank is > 0"
+                             + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "QwenConfig":
@@ -126,6 +136,10 @@ class QwenConfig:
 
     def replace(self, **changes) -> "QwenConfig":
         return dataclasses.replace(self, **changes)
+
+    def without_lora(self) -> "QwenConfig":
+        """The same model with no adapters (the base they sit on)."""
+        return self.replace(lora_rank=0, lora_targets=())
 
 
 @flax.struct.dataclass
@@ -192,7 +206,30 @@ def layer_param_shapes(c: QwenConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The projections LoRA can adapt (PEFT's module names), and how many weight axes after `layers`
+# each contracts with its input (o_proj: heads and head_dim; the rest: one).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_IN_AXES = {"o_proj": 2}
+
+
+def lora_param_shapes(c: QwenConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """(shape, logical axes) of each stacked adapter: `<target>_lora_a` [layers, in..., rank] and
+    `<target>_lora_b` [layers, rank, out...]."""
+    shapes, out = layer_param_shapes(c), {}
+    for target in c.lora_targets:
+        n = 1 + LORA_IN_AXES.get(target, 1)
+        shape, axes = shapes[target], LAYER_PARAMS[target]
+        out[f"{target}_lora_a"] = (shape[:n] + (c.lora_rank,), axes[:n] + ("lora",))
+        out[f"{target}_lora_b"] = ((shape[0], c.lora_rank) + shape[n:], ("layers", "lora") + axes[n:])
+    return out
+
+
 def _init_value(name: str, shape, key, dtype):
+    if name.endswith("lora_a"):  # PEFT's default: kaiming-uniform, bound 1 / sqrt(fan_in)
+        bound = 1.0 / (math.prod(shape[1:-1]) ** 0.5)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    if name.endswith("lora_b"):  # zero: a fresh adapter leaves the model as it was
+        return jnp.zeros(shape, dtype)
     if name.endswith("norm"):
         return jnp.ones(shape, dtype)
     if name.endswith("bias"):
@@ -207,9 +244,14 @@ class Layers(nnx.Module):
         for name, shape in layer_param_shapes(config).items():
             value = _init_value(name, shape, rngs.params(), config.param_dtype)
             setattr(self, name, nnx.Param(value, axes=LAYER_PARAMS[name]))
+        # adapters are LoRAParams (a kind of Param): `nnx.split(model, nnx.LoRAParam, ...)` finds them
+        for name, (shape, axes) in lora_param_shapes(config).items():
+            value = _init_value(name, shape, rngs.lora(), config.param_dtype)
+            setattr(self, name, nnx.LoRAParam(value, axes=axes))
+        self.names = tuple(layer_param_shapes(config)) + tuple(lora_param_shapes(config))
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}
+        return {n: getattr(self, n)[...] for n in self.names}
 
     def split(self) -> list[dict[str, jax.Array]]:
         """One weight dict per layer. A decode loop takes these, split once outside it, so
@@ -276,7 +318,7 @@ class Qwen(nnx.Module):
             q, k, v = qkv(p, rms_norm(x, p["input_norm"], c.rms_norm_eps), cos, sin, c)
             out, k_pages[i], v_pages[i] = paged.attention(q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], table,
                                                           index, active, kernel)
-            x = mlp_block(p, x + project("bhd,hde->be", out.astype(x.dtype), p["o_proj"])[:, None], c)
+            x = mlp_block(p, x + linear(p, "o_proj", "bhd,hde->be", out.astype(x.dtype), c)[:, None], c)
         x = rms_norm(x[:, 0], self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps)
         return self.logits(x), paged.PagedCache(k=tuple(k_pages), v=tuple(v_pages))
 
@@ -376,11 +418,62 @@ def _project_bwd(spec, out_dtype, saved, g):
 project.defvjp(_project_fwd, _project_bwd)
 
 
+def linear(p: dict, name: str, spec: str, x: jax.Array, c: QwenConfig) -> jax.Array:
+    """`x` through the layer weight `name` (`project(spec, ...)`), plus its LoRA adapter where
+    the layer has one: x W + (alpha / rank) (x A) B, never forming A B (rank << width)."""
+    y = project(spec, x, p[name])
+    if f"{name}_lora_a" not in p:
+        return y
+    down_spec, up_spec = lora_specs(spec)
+    down = project(down_spec, x, p[f"{name}_lora_a"])
+    return y + (c.lora_alpha / c.lora_rank) * project(up_spec, down, p[f"{name}_lora_b"])
+
+
+@functools.cache
+def lora_specs(spec: str) -> tuple[str, str]:
+    """The einsums of x A and (x A) B for a projection `spec` ("bte,ehd->bthd" -> "bte,er->btr",
+    "btr,rhd->bthd"): A takes the weight's contracted axes, B its output axes."""
+    inputs, out = spec.split("->")
+    x_idx, w_idx = inputs.split(",")
+    contracted = "".join(i for i in w_idx if i not in out)
+    kept = "".join(i for i in w_idx if i in out)
+    lead = "".join(i for i in x_idx if i in out)
+    return f"{x_idx},{contracted}r->{lead}r", f"{lead}r,r{kept}->{out}"
+
+
+def merged_weight(c: QwenConfig, name: str, w: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """A stacked weight with its adapter folded in: W + (alpha / rank) A B, per layer."""
+    n = LORA_IN_AXES.get(name, 1)
+    idx = "".join("cdefghij"[: w.ndim - 1])  # the weight's axes after `layers`
+    contracted, kept = idx[:n], idx[n:]
+    delta = jnp.einsum(f"l{contracted}r,lr{kept}->l{idx}", a.astype(jnp.float32), b.astype(jnp.float32))
+    return (w.astype(jnp.float32) + (c.lora_alpha / c.lora_rank) * delta).astype(w.dtype)
+
+
+def merge_lora(model: "Qwen") -> "Qwen":
+    """The model with every adapter folded into its base weight (no adapters left): what
+    export writes and what a decode copy may run."""
+    c = model.config
+    base = c.without_lora()
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: create(base)))
+    layers = model.layers.arrays()
+    merged = {n: merged_weight(c, n, layers[n], layers[f"{n}_lora_a"], layers[f"{n}_lora_b"])
+              for n in c.lora_targets}
+    flat = []
+    for key, var in nnx.to_flat_state(state):
+        if key[0] == "layers":
+            value = merged.get(key[1], layers.get(key[1]))
+        else:
+            value = getattr(model, key[0])[...]
+        flat.append((key, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def qkv(p, h, cos, sin, c: QwenConfig):
     """Queries [b, t, heads, d], keys and values [b, t, kv_heads, d] of one layer, rotated."""
-    q = project("bte,ehd->bthd", h, p["q_proj"])
-    k = project("bte,ekd->btkd", h, p["k_proj"])
-    v = project("bte,ekd->btkd", h, p["v_proj"])
+    q = linear(p, "q_proj", "bte,ehd->bthd", h, c)
+    k = linear(p, "k_proj", "bte,ekd->btkd", h, c)
+    v = linear(p, "v_proj", "bte,ekd->btkd", h, c)
     if c.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if c.qk_norm:
@@ -392,10 +485,10 @@ def qkv(p, h, cos, sin, c: QwenConfig):
 def mlp_block(p, x, c: QwenConfig):
     """The residual stream `x` after a layer's attention, through its gated MLP."""
     h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
-    gate = project("bte,em->btm", h, p["gate_proj"])
-    up = project("bte,em->btm", h, p["up_proj"])
+    gate = linear(p, "gate_proj", "bte,em->btm", h, c)
+    up = linear(p, "up_proj", "bte,em->btm", h, c)
     hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    x = x + project("btm,me->bte", hidden, p["down_proj"])
+    x = x + linear(p, "down_proj", "btm,me->bte", hidden, c)
     return parallel.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -416,7 +509,7 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
         out = causal_attention(q, keys, values, allowed, c.attention_chunk)
     else:  # a prefill: new tokens over the whole cache
         out = _attend(q, keys, values, allowed[:, None, None], "btkgd,bskd->bkgts", "bkgts,bskd->btkgd")
-    return project("bthd,hde->bte", out.reshape(b, t, heads, d), p["o_proj"]), kv
+    return linear(p, "o_proj", "bthd,hde->bte", out.reshape(b, t, heads, d), c), kv
 
 
 QUERY_BLOCK = 64  # queries per block of `causal_attention` on sequences up to attention_chunk
@@ -513,5 +606,6 @@ def apply_rope(x, cos, sin):
 
 
 def create(config: QwenConfig, seed: int = 0) -> Qwen:
-    """A randomly initialised model (parameters placed by `parallel.create_sharded` on a mesh)."""
-    return Qwen(config, rngs=nnx.Rngs(params=seed))
+    """A randomly initialised model (parameters placed by `parallel.create_sharded` on a mesh).
+    Adapters draw from their own stream, so the base weights are the same with or without them."""
+    return Qwen(config, rngs=nnx.Rngs(params=seed, lora=seed + 1))

@@ -8,6 +8,7 @@ either, straight into the shardings of the given mesh.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import jax
 import orbax.checkpoint as ocp
@@ -60,22 +61,39 @@ def params_dir(path: str) -> str:
 
 def restore_model(path: str, config: qwen.QwenConfig, mesh=None) -> qwen.Qwen:
     """The model saved at `path` (see `params_dir`), placed as `parallel.RULES` says on `mesh`."""
-    abstract = nnx.eval_shape(lambda: qwen.create(config))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: qwen.create(config)))
+    return nnx.merge(graphdef, restore_state(path, state, mesh, f"the model config ({config.model_type}, "
+                                             f"{config.num_layers} layers, hidden {config.hidden_size})"))
+
+
+def restore_state(path: str, abstract: nnx.State, mesh=None, what: str = "the model config") -> nnx.State:
+    """The params saved at `path` (see `params_dir`) as the abstract state `abstract` names
+    them (a whole model, or only its LoRA adapters), each read into its shards on `mesh`."""
     target = jax.tree.map(
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.sharding_for(v, mesh)),
-        nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+        abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     source = params_dir(path)
     checkpointer = ocp.StandardCheckpointer()
     with _no_step_metadata_warning():
         diff = shape_mismatch(checkpointer.metadata(source).item_metadata.tree, nnx.to_pure_dict(target))
     if diff:
-        raise ValueError(f"checkpoint {source} does not match the model config ({config.model_type}, "
-                         f"{config.num_layers} layers, hidden {config.hidden_size}): {diff}")
+        raise ValueError(f"checkpoint {source} does not match {what}: {diff}")
     with _no_step_metadata_warning():
         restored = checkpointer.restore(source, nnx.to_pure_dict(target))
+    state = jax.tree.map(lambda x: x, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
+    return state
+
+
+def lora_meta(path: str) -> dict | None:
+    """What a LoRA run's checkpoint at `path` records of its adapters, `{rank, alpha, targets,
+    base: {init_from, hf_path, seed}}` (its `params` hold only the adapters), or None for a
+    checkpoint of whole weights."""
+    params = paths.path(params_dir(path))
+    meta = params.parent / "meta" / "metadata"
+    if params.name != "params" or not meta.exists():
+        return None
+    return json.loads(meta.read_text()).get("lora")
 
 
 @contextlib.contextmanager

@@ -68,8 +68,9 @@ PACKED_BATCH = ("tokens", "segments", "positions", "prefixes", "targets", "sourc
 
 
 def packed_logprobs(graphdef, chunk_size: int):
-    """jitted `(params, batch) -> log-probs at a packed batch's scored positions` (`PACKED_BATCH`
-    keys): RL's reference and recompute forward, and the program `plan` compiles for it."""
-    return jax.jit(lambda params, b: token_logprobs(
-        nnx.merge(graphdef, params), b["tokens"], b["segments"], b["positions"], chunk_size=chunk_size,
+    """jitted `(weights, batch) -> log-probs at a packed batch's scored positions` (`PACKED_BATCH`
+    keys), `weights` the tuple of states `graphdef` merges with: RL's reference and recompute
+    forward, and the program `plan` compiles for it."""
+    return jax.jit(lambda weights, b: token_logprobs(
+        nnx.merge(graphdef, *weights), b["tokens"], b["segments"], b["positions"], chunk_size=chunk_size,
         at=b["targets"], sources=b["sources"], prefixes=b["prefixes"]))

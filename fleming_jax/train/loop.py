@@ -72,7 +72,7 @@ class Checkpoints:
                 continue
             nnx.replace_by_pure_dict(state.params, got["params"])
             restored = statelib.TrainState(step=jax.device_put(np.int32(step), self.shardings.step),
-                                           params=state.params, opt_state=got["opt_state"])
+                                           params=state.params, opt_state=got["opt_state"], frozen=state.frozen)
             self.log(f"resumed from {self.directory}/{step}")
             return step, restored, got
         return 0, state, None

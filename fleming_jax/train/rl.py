@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fleming_jax import engine, models, parallel, paths, preemption, progress, rewards, sampler
 from fleming_jax import tokenizer as toklib
@@ -97,14 +96,14 @@ class RLTrainer:
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
         shardings = statelib.state_shardings(self.state, self.mesh)
-        self.reference = reference_copy(self.state.params, c.reference_dtype, shardings.params) if c.grpo.beta else None
+        self.reference = reference_weights(self.state, c.reference_dtype, shardings) if c.grpo.beta else None
         loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk, tis_cap=c.tis_cap)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, c.grad_accum_steps, self.mesh,
                                                 shardings)
         logprobs = packed_logprobs(self.graphdef, c.logprob_chunk)
         # log-probs of `params` at a (global) batch's scored positions: the reference
         # policy's for the KL, the trainer's own for recompute_old_logprobs / TIS
-        self.logprobs_of = lambda params, b: self._on_mesh(logprobs, params, {k: b[k] for k in PACKED_BATCH})
+        self.logprobs_of = lambda weights, b: self._on_mesh(logprobs, weights, {k: b[k] for k in PACKED_BATCH})
         self.pool = mining.make_pool(self.records, c)
         self.rng = np.random.default_rng(c.seed)
         self.key = jax.random.key(c.seed)
@@ -123,7 +122,7 @@ class RLTrainer:
     def save(self, step: int):
         self.ckpt.save(step, self.state, dict(
             self.host_state(), stage=self.config.rl.stage,
-            reference=self.config.model.init_from or self.config.model.hf_path))
+            reference=self.config.model.init_from or self.config.model.hf_path, **models.checkpoint_meta(self.config.model)))
 
     def restore(self) -> int | None:
         """The step resumed from, or None when there is no checkpoint (a step-0 checkpoint,
@@ -150,7 +149,7 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ rollouts
     def model(self):
-        return nnx.merge(self.graphdef, self.state.params)
+        return self.state.model(self.graphdef)
 
     def policy(self) -> sampler.RolloutEngine:
         """The engine, synced with the policy once after each update, not per sampler call."""
@@ -375,9 +374,9 @@ class RLTrainer:
             laid = b.fit(seqs, part) if len(part) else []
             for rows in (laid[i:i + b.rows] for i in range(0, len(laid), b.rows)):
                 batch = parallel.global_batch(self.mesh, packing.build(seqs, rows, b.length, b.scored), whole=True)
-                for total, params in zip(out, (self.reference, self.state.params)):
+                for total, weights in zip(out, (self.reference, (self.state.params, self.state.frozen))):
                     if total is not None:
-                        total += packing.unpack(seqs, rows, parallel.to_host(self.logprobs_of(params, batch)))
+                        total += packing.unpack(seqs, rows, parallel.to_host(self.logprobs_of(weights, batch)))
         return tuple(out)
 
     def update(self, seqs: packing.Sequences) -> dict:
@@ -418,13 +417,18 @@ class RLTrainer:
         return {k: v / work["done"] for k, v in work["sums"].items()} | work["first"]
 
 
-def reference_copy(params, dtype: str, shardings):
-    """The KL reference: a copy of `params` in `dtype` ("bfloat16" or "float32") in their
-    shardings, in buffers of its own (the train step donates the state's)."""
+def reference_weights(state: statelib.TrainState, dtype: str, shardings: statelib.TrainState) -> tuple:
+    """The KL reference's weights (what `packed_logprobs` merges): a copy of the starting
+    `params` in `dtype` ("bfloat16" or "float32") in their shardings, in buffers of its own (the
+    train step donates the state's); with LoRA the frozen base itself under zero adapters (the
+    model with its adapters off: no second copy of the weights)."""
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"rl.reference_dtype={dtype!r}; choose 'bfloat16' (half the memory) or 'float32'")
-    cast = jax.jit(lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), p), out_shardings=shardings)
-    return cast(params)
+    if jax.tree.leaves(state.frozen):  # LoRA: B = 0 turns every adapter off exactly
+        zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=shardings.params)
+        return zeros(state.params), state.frozen
+    cast = jax.jit(lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), p), out_shardings=shardings.params)
+    return (cast(state.params),)
 
 
 def run(config, workdir: str) -> list[dict]:

@@ -19,7 +19,7 @@ import grain
 import jax
 from flax import nnx
 
-from fleming_jax import parallel, paths, preemption
+from fleming_jax import models, parallel, paths, preemption
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs, pipeline
 from fleming_jax.train import loop
@@ -90,8 +90,6 @@ class Trainer:
         self.train_ds = pipeline.train_dataset(examples, t.seq_len, t.batch_size, config.data.seed, pid, count)
         self.eval_data = pipeline.eval_batches(eval_examples, t.seq_len, t.batch_size)  # the same on every host
 
-        from fleming_jax import models
-
         model, _ = models.build(config.model, self.mesh)
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
@@ -99,11 +97,11 @@ class Trainer:
         loss = functools.partial(sft_loss, chunk_size=t.logprob_chunk)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, t.grad_accum_steps,
                                                 self.mesh, self.shardings)
-        eval_jit = jax.jit(lambda params, batch: loss(nnx.merge(self.graphdef, params), batch)[:2])
+        eval_jit = jax.jit(lambda params, frozen, batch: loss(nnx.merge(self.graphdef, params, frozen), batch)[:2])
 
         def eval_fn(params, batch):
             with jax.set_mesh(self.mesh):
-                return eval_jit(params, batch)
+                return eval_jit(params, self.state.frozen, batch)
         self.eval_fn = eval_fn
         c = config.checkpoint
         self.ckpt = loop.Checkpoints(workdir, c.keep, self.shardings, self._log, c.use_async,
@@ -111,7 +109,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int, iterator):
-        self.ckpt.save(step, self.state, {}, data=grain.checkpoint.CheckpointSave(_Snapshot(iterator)))
+        self.ckpt.save(step, self.state, models.checkpoint_meta(self.config.model), data=grain.checkpoint.CheckpointSave(_Snapshot(iterator)))
 
     def restore(self, iterator) -> int:
         step, self.state, _ = self.ckpt.restore(

@@ -8,6 +8,7 @@ big batch for every aggregation (token mean, sequence mean, constant normaliser)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import flax.struct
@@ -24,8 +25,12 @@ LossFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array, dict[
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: nnx.State  # fp32 master weights (the model's param_dtype)
-    opt_state: Any
+    params: nnx.State  # what trains, in the model's param_dtype: every weight, or only the LoRA adapters
+    opt_state: Any  # the optimizer's state of `params`
+    frozen: nnx.State  # the base weights under LoRA adapters (empty without): read by every step, never updated
+
+    def model(self, graphdef):
+        return nnx.merge(graphdef, self.params, self.frozen)
 
 
 def make_optimizer(opt) -> optax.GradientTransformation:
@@ -47,17 +52,23 @@ def make_optimizer(opt) -> optax.GradientTransformation:
 def init_state(model, tx: optax.GradientTransformation, mesh=None):
     """(graphdef, TrainState); with a mesh the optimizer state is created in its shards.
 
-    Every leaf is committed where the train step's outputs land (the default device, or
-    the state's shardings): jit keys its cache on that, so a mix would compile twice.
+    A model with LoRA adapters trains only them (`nnx.LoRAParam`); its other weights go to
+    `frozen`. Every leaf is committed where the train step's outputs land (the default
+    device, or the state's shardings): jit keys its cache on that, so a mix would compile twice.
     """
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, frozen = nnx.split(model, trainable(model.config), ...)
     if mesh is None:
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), frozen=frozen)
         return graphdef, jax.device_put(state, jax.devices()[0])
     abstract = jax.eval_shape(tx.init, params)
     init_opt = jax.jit(tx.init, out_shardings=parallel.tree_shardings(abstract, mesh))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params), frozen=frozen)
     return graphdef, jax.device_put(state, state_shardings(state, mesh))
+
+
+def trainable(config) -> type[nnx.Variable]:
+    """The variables a model trains: its LoRA adapters when it has them, else every weight."""
+    return nnx.LoRAParam if config.lora_rank else nnx.Param
 
 
 def state_shardings(state: TrainState, mesh) -> TrainState:
@@ -77,28 +88,29 @@ def microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
                     grad_accum_steps: int = 1, mesh=None, shardings: TrainState | None = None):
-    """The jitted `step(state, batch) -> (state, metrics)`; state buffers are donated."""
+    """The jitted `step(state, batch) -> (state, metrics)`; the trained buffers (params,
+    optimizer state) are donated, the frozen base is read in place."""
 
-    def micro_grads(params, micro):
+    def micro_grads(params, frozen, micro):
         def loss(p):
-            num, den, metrics = loss_fn(nnx.merge(graphdef, p), micro)
+            num, den, metrics = loss_fn(nnx.merge(graphdef, p, frozen), micro)
             return num, (den, metrics)
         (num, (den, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return grads, num, den, metrics
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, frozen, batch):
         micros = microbatches(batch, grad_accum_steps)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
 
         def accumulate(carry, micro):
-            grads, num, den, metrics = micro_grads(state.params, micro)
+            grads, num, den, metrics = micro_grads(state.params, frozen, micro)
             acc_grads, acc_num, acc_den, acc_metrics = carry
             acc_metrics = jax.tree.map(jnp.add, acc_metrics, metrics)
             return (jax.tree.map(jnp.add, acc_grads, grads), acc_num + num, acc_den + den,
                     acc_metrics), None
 
         first = jax.tree.map(lambda x: x[0], micros)
-        metrics0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_grads, state.params, first)[3])
+        metrics0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_grads, state.params, frozen, first)[3])
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), metrics0)
         (grads, num, den, metrics), _ = jax.lax.scan(accumulate, init, micros)
         den = jnp.maximum(den, 1e-8)
@@ -107,16 +119,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
         params = optax.apply_updates(state.params, updates)
         metrics = {k: v / grad_accum_steps for k, v in metrics.items()}
         metrics.update(loss=num / den, grad_norm=optax.tree.norm(grads))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=None), metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    batch_spec = parallel.batch_sharding(mesh)
-    jitted = jax.jit(step, in_shardings=(shardings, batch_spec), out_shardings=(shardings, None),
-                     donate_argnums=0)
+        jitted = jax.jit(step, donate_argnums=0)
+    else:
+        trained = None if shardings is None else shardings.replace(frozen=None)
+        jitted = jax.jit(step, in_shardings=(trained, None if shardings is None else shardings.frozen,
+                                             parallel.batch_sharding(mesh)),
+                         out_shardings=(trained, None), donate_argnums=0)
 
-    def run(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
-    run.jitted = jitted
+    def run(state: TrainState, batch):
+        """The step on `state`: its trained part donated, `frozen` passed through."""
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            new, metrics = jitted(state.replace(frozen=None), state.frozen, batch)
+        return new.replace(frozen=state.frozen), metrics
+    run.jitted = jitted  # (trained state without `frozen`, frozen, batch): what `plan` lowers
     return run

@@ -1,0 +1,159 @@
+"""LoRA adapters: exact at initialisation, the only thing trained, and round trips through
+PEFT's format onto the transformers base (peft itself is the reference)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from configs import models
+from fleming_jax import models as fm
+from fleming_jax import parallel
+from fleming_jax.models import hf, qwen
+from fleming_jax.train import sft
+from fleming_jax.train import state as train_state
+from tests.test_models import padded_batch
+from tests.test_parallel import OPTIMIZER, global_batch_for_test, small_model_cfg
+
+ALL = ",".join(qwen.LORA_TARGETS)
+
+
+def lora_cfg(targets=ALL, **changes):
+    return small_model_cfg(lora_rank=4, lora_alpha=8.0, lora_targets=targets, **changes)
+
+
+def flat(state) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(state)}
+
+
+def randomise_adapters(model, seed=0, scale=0.1):
+    """Nonzero A and B, so an adapter that is applied wrong shows in the logits."""
+    adapters = nnx.state(model, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(adapters))))
+    nnx.update(model, jax.tree.map(lambda x: scale * jax.random.normal(next(keys), x.shape, x.dtype), adapters))
+    return model
+
+
+def ours(model, ids, mask):
+    return np.asarray(model(ids, attention_mask=mask))
+
+
+def test_fresh_adapters_leave_the_logits_exactly_and_only_they_train():
+    ids, mask = padded_batch()
+    base, _ = fm.build(small_model_cfg())
+    model, config = fm.build(lora_cfg())
+    np.testing.assert_array_equal(ours(model, ids, mask), ours(base, ids, mask))  # B = 0
+
+    tx = train_state.make_optimizer(OPTIMIZER)
+    graphdef, state = train_state.init_state(model, tx)
+    trained, frozen = flat(state.params), flat(state.frozen)
+    assert sorted(trained) == sorted(f"layers/{t}_lora_{x}" for t in qwen.LORA_TARGETS for x in "ab")
+    assert sorted(frozen) == sorted(flat(nnx.state(base, nnx.Param)))
+    adapter_size = sum(x.size for x in trained.values())
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) < 3 * adapter_size  # Adam's moments of adapters only
+    step = train_state.make_train_step(graphdef, tx, sft.sft_loss)
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, global_batch_for_test())
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+    jax.tree.map(np.testing.assert_array_equal, flat(state.frozen), frozen)  # the base never moves
+    assert all(np.abs(v).max() > 0 for k, v in flat(state.params).items() if k.endswith("_b"))
+
+
+@pytest.mark.parametrize("spec", ["bte,ehd->bthd", "bthd,hde->bte", "bhd,hde->be", "btm,me->bte"])
+def test_adapter_path_equals_the_merged_weight(spec):
+    """x W + s (x A) B == x (W + s A B) for every projection layout the model uses."""
+    config = qwen.QwenConfig(vocab_size=8, hidden_size=6, intermediate_size=10, num_layers=1, num_heads=2,
+                             num_kv_heads=2, head_dim=3, lora_rank=2, lora_alpha=3.0, lora_targets=("o_proj",))
+    rng = np.random.default_rng(0)
+    x_idx, w_idx = spec.split("->")[0].split(",")
+    size = dict(b=2, t=3, e=6, h=2, d=3, m=10)
+    x = rng.normal(size=[size[i] for i in x_idx]).astype(np.float32)
+    w = rng.normal(size=[size[i] for i in w_idx]).astype(np.float32)
+    down, up = qwen.lora_specs(spec)
+    n = len([i for i in w_idx if i not in spec.split("->")[1]])
+    a = rng.normal(size=(1, *w.shape[:n], 2)).astype(np.float32)
+    b = rng.normal(size=(1, 2, *w.shape[n:])).astype(np.float32)
+    name = "o_proj" if n == 2 else "q_proj"
+    p = {name: w, f"{name}_lora_a": a[0], f"{name}_lora_b": b[0]}
+    merged = qwen.merged_weight(config, name, w[None], a, b)[0]
+    np.testing.assert_allclose(qwen.linear(p, name, spec, x, config), np.einsum(spec, x, merged), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,tie", [("qwen2", False), ("qwen3", True)])
+def test_peft_loads_our_adapter_onto_the_transformers_base_and_we_load_it_back(hf_dir, tmp_path, model_type, tie):
+    import peft
+
+    source = hf_dir(model_type, tie)
+    cfg = models.get(source)
+    cfg.update(hf_path=source, lora_rank=4, lora_alpha=8.0, lora_targets=ALL)
+    model, config = fm.build(cfg)
+    randomise_adapters(model)
+    adapter = hf.save_adapter(model, config, str(tmp_path / "adapter"), base=source)
+    ids, mask = padded_batch()
+    expected = ours(model, ids, mask)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(base, adapter).eval()
+    positions = np.clip(mask.cumsum(1) - 1, 0, None)
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                           position_ids=torch.tensor(positions)).logits.numpy()
+    real = mask.astype(bool)  # padded positions' logits are not defined the same way
+    np.testing.assert_allclose(expected[real], logits[real], atol=1e-4, rtol=0)
+
+    merged = hf.save(qwen.merge_lora(model), config.without_lora(), str(tmp_path / "merged"))
+    again = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        merged_logits = again(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                              position_ids=torch.tensor(positions)).logits.numpy()
+    np.testing.assert_allclose(expected[real], merged_logits[real], atol=1e-4, rtol=0)
+
+    cfg.init_from = adapter  # a PEFT adapter to continue training from
+    imported, imported_config = fm.build(cfg)
+    assert imported_config == config
+    np.testing.assert_array_equal(ours(imported, ids, mask), expected)
+
+
+def test_a_sharded_lora_model_places_adapters_and_matches_one_device():
+    import ml_collections
+
+    ids, mask = padded_batch()
+    one = randomise_adapters(fm.build(lora_cfg())[0])
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    placed, _ = fm.build(lora_cfg(), mesh)
+    nnx.update(placed, jax.device_put(nnx.state(one, nnx.LoRAParam), parallel.tree_shardings(
+        nnx.state(placed, nnx.LoRAParam), mesh)))
+    a = nnx.state(placed, nnx.LoRAParam)["layers"]["q_proj_lora_a"][...]
+    assert a.sharding.spec == parallel.logical_to_spec(("layers", "embed", "lora"))
+    expected = ours(one, ids, mask)
+    with jax.set_mesh(mesh):
+        np.testing.assert_allclose(ours(placed, ids, mask), expected, atol=1e-5)
+
+
+def test_bad_lora_settings_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="unknown: qkv_proj"):
+        fm.build(lora_cfg(targets="q_proj,qkv_proj"))
+    with pytest.raises(ValueError, match="non-empty subset"):
+        fm.build(lora_cfg(targets=""))
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), pytest.param((1, 4, 2), marks=pytest.mark.slow)])
+def test_lora_steps_on_a_mesh_equal_one_device(shape):
+    import ml_collections
+
+    from tests.test_parallel import flat_params, run_steps
+
+    lora = dict(lora_rank=4, lora_alpha=8.0, lora_targets=ALL)
+    ref_losses, ref_state = run_steps(None, **lora)
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape))))
+    losses, state = run_steps(mesh, **lora)
+    np.testing.assert_allclose(losses, ref_losses, rtol=5e-5)
+    assert ref_losses[2][0] < ref_losses[0][0]
+    ref, got = flat_params(ref_state), flat_params(state)
+    assert ref and all("lora" in name for name in ref)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-3, err_msg=name)
