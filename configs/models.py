@@ -93,6 +93,11 @@ TARGETS = {
     "8xh100": dict(data=1, fsdp=8, tensor=1),  # 7B: 45.8 of 80 GiB (32B needs 132: no)
     "v5p-128": dict(data=1, fsdp=64, tensor=1),  # 64 chips; 32B: 17.2 of 95 GiB
     "2x8xh100": dict(data=1, fsdp=16, tensor=1),  # 32B: 68.4 of 80 GiB
+    # the small slices researchers get: full-weight RL of the real presets does not fit them,
+    # LoRA RL does (docs/scale.md, "LoRA")
+    "v5p-8": dict(data=1, fsdp=4, tensor=1),
+    "v5e-16": dict(data=1, fsdp=16, tensor=1),
+    "v6e-8": dict(data=1, fsdp=8, tensor=1),
 }
 
 
@@ -158,7 +163,11 @@ def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_c
 
 
 # The TPU slice a target names, for `task=plan` (libtpu AOT; GPU targets plan on fake CPU devices).
-TOPOLOGIES = {"v5p-32": "v5p:2x2x4", "v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x4"}
+TOPOLOGIES = {"v5p-32": "v5p:2x2x4", "v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x4", "v5p-8": "v5p:2x2x1",
+              "v5e-16": "v5e:4x4", "v6e-8": "v6e:2x4"}
+# Slices of one host whose topology libtpu would otherwise split over hosts of 4 chips (v6e-8
+# is one VM with 8 chips): the chips each host has, for the rollout's tensor axis.
+HOST_BOUNDS = {"v6e-8": "2,4,1"}
 # The target a real preset is planned for without an @target: the run sizes the recipes name.
 DEFAULT_TARGETS = {"qwen2.5-7b": "v5p-32", "qwen3-32b": "v5p-128"}
 
@@ -170,6 +179,8 @@ def plan(preset: str = "tiny", target: str = "") -> ml_collections.ConfigDict:
         devices=0,  # fake this many CPU devices (0: the devices present); set, it wins over topology
         # e.g. "v5p:4x4x2" or "v5e:8x8" (needs `pip install 'jax[tpu]==0.10.2'`); "" = the devices present
         topology=TOPOLOGIES.get(target or DEFAULT_TARGETS.get(preset.removesuffix(f"@{REHEARSAL}"), ""), ""),
+        # chips per host as "x,y,z" ("" = libtpu's default for the topology: 4 a host on v5e/v6e)
+        host_bounds=HOST_BOUNDS.get(target, ""),
         hbm_gb=0.0,  # per-device memory to check the plan against (0: device's own, if known)
         prompt_len=512,  # RL: the prompt length the rollout's KV cache is planned for (a bucket of it)
     ))

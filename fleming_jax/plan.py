@@ -58,8 +58,10 @@ def _devices(plan_cfg):
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         from jax.experimental import topologies
 
+        bounds = {} if not plan_cfg.get("host_bounds") else dict(
+            chips_per_host_bounds=tuple(int(n) for n in plan_cfg.host_bounds.split(",")))
         try:
-            return topologies.get_topology_desc(platform="tpu", topology_name=plan_cfg.topology).devices
+            return topologies.get_topology_desc(platform="tpu", topology_name=plan_cfg.topology, **bounds).devices
         except Exception as e:  # libtpu missing or an unknown topology name
             raise ValueError(f"plan.topology={plan_cfg.topology!r} cannot be described: {e}. It "
                              "needs libtpu (pip install 'jax[tpu]==0.10.2') and a name like "
@@ -229,8 +231,9 @@ def rl_step_plan(config) -> dict:
         decode_state = jax.tree.unflatten(sync.treedef, [
             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
             zip(jax.tree.leaves(programs["sync"].out_info), jax.tree.leaves(programs["sync"].output_shardings))])
-        empty = engine._empty.lower(model_config, slots, cache.pages, cache.page_size, cache.pages_per_sequence,
-                                    c.max_new_tokens, dtype).compile()
+        empty = compile_or_refuse(engine._empty.lower(model_config, slots, cache.pages, cache.page_size,
+                                                      cache.pages_per_sequence, c.max_new_tokens, dtype),
+                                  f"the rollout's KV cache ({cache.pages} pages of {cache.page_size} tokens)", config)
         table = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              empty.out_info, empty.output_shardings)
         batch = parallel.batch_sharding(rollout)

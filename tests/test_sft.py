@@ -158,6 +158,18 @@ def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(dat
     assert merged_config.lora_rank == 0
     expected = qwen.merge_lora(trainer.state.model(trainer.graphdef))
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(merged)), nnx.to_pure_dict(nnx.state(expected)))
+    # export: the merged model for transformers, the adapter for peft on the base
+    from configs import export as export_config
+    from fleming_jax.models import hf
+
+    config = export_config.get_config("tiny")
+    config.model = again
+    config.model.lora_rank = 0  # as the export config comes: the checkpoint's meta says it is LoRA
+    hf.export_task(config, str(tmp_path / "export"))
+    exported, _ = hf.load(str(tmp_path / "export" / "hf"))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(exported)), nnx.to_pure_dict(nnx.state(expected)))
+    adapter = hf.read_adapter_config(str(tmp_path / "export" / "adapter"))
+    assert adapter["rank"] == 8 and adapter["base"]["hf_path"] == base
 
 
 @pytest.mark.slow

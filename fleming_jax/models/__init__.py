@@ -46,8 +46,9 @@ def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
     config = config_from(model_cfg)
     saved = saved_lora(model_cfg)
     if saved is None:
-        base = _base(model_cfg, config.without_lora(), mesh)
-        return (_with_adapters(base, config, model_cfg.seed, mesh), config) if config.lora_rank else (base, config)
+        if not config.lora_rank:
+            return _base(model_cfg, config, mesh), config
+        return _with_adapters(_base(model_cfg, base_config(config), mesh), config, model_cfg.seed, mesh), config
     lora_config = config.replace(lora_rank=saved["rank"], lora_alpha=saved["alpha"], lora_targets=tuple(saved["targets"]))
     if config.lora_rank and config != lora_config:
         raise ValueError(
@@ -57,7 +58,7 @@ def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
             "lora_rank=0 to load them merged into the base")
     base_cfg = model_cfg.copy_and_resolve_references()
     base_cfg.update(saved["base"])
-    model = _with_adapters(_base(base_cfg, config.without_lora(), mesh), lora_config, model_cfg.seed, mesh,
+    model = _with_adapters(_base(base_cfg, base_config(lora_config), mesh), lora_config, model_cfg.seed, mesh,
                            adapters=model_cfg.init_from)
     return (model, lora_config) if config.lora_rank else (qwen.merge_lora(model), config)
 
@@ -104,7 +105,13 @@ def checkpoint_meta(model_cfg) -> dict:
                          base=base_of(model_cfg))}
 
 
+def base_config(config: qwen.QwenConfig) -> qwen.QwenConfig:
+    """The config of the base under `config`'s adapters, as the adapted model holds it."""
+    return config.without_lora().replace(param_dtype=config.weight_dtype)
+
+
 def _base(model_cfg, config: qwen.QwenConfig, mesh):
+    """The weights `model_cfg` names (checkpoint, HF import or random init) as `config` holds them."""
     if model_cfg.init_from:
         from fleming_jax.train import checkpoint
 
@@ -112,7 +119,7 @@ def _base(model_cfg, config: qwen.QwenConfig, mesh):
     if model_cfg.hf_path:
         from fleming_jax.models import hf
 
-        return hf.load(model_cfg.hf_path, mesh=mesh, **{k: model_cfg[k] for k in NUMERICS})[0]
+        return hf.load(model_cfg.hf_path, mesh=mesh, **{k: getattr(config, k) for k in NUMERICS})[0]
     return create_sharded(config, model_cfg.seed, mesh)
 
 

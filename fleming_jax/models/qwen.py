@@ -141,6 +141,13 @@ class QwenConfig:
         """The same model with no adapters (the base they sit on)."""
         return self.replace(lora_rank=0, lora_targets=())
 
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype the weights are held in: `param_dtype` (the master weights that train), or
+        with adapters `compute_dtype` (a frozen base needs no master copy; adapters keep
+        `param_dtype`)."""
+        return self.compute_dtype if self.lora_rank else self.param_dtype
+
 
 @flax.struct.dataclass
 class KVCache:
@@ -242,7 +249,7 @@ class Layers(nnx.Module):
 
     def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
         for name, shape in layer_param_shapes(config).items():
-            value = _init_value(name, shape, rngs.params(), config.param_dtype)
+            value = _init_value(name, shape, rngs.params(), config.weight_dtype)
             setattr(self, name, nnx.Param(value, axes=LAYER_PARAMS[name]))
         # adapters are LoRAParams (a kind of Param): `nnx.split(model, nnx.LoRAParam, ...)` finds them
         for name, (shape, axes) in lora_param_shapes(config).items():
@@ -271,7 +278,7 @@ class Qwen(nnx.Module):
 
     def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs):
         self.config = config
-        E, V, pd = config.hidden_size, config.vocab_size, config.param_dtype
+        E, V, pd = config.hidden_size, config.vocab_size, config.weight_dtype
         self.embed_tokens = nnx.Param(_init_value("embed", (V, E), rngs.params(), pd),
                                       axes=("vocab", "embed"))
         self.layers = Layers(config, rngs)
@@ -447,12 +454,12 @@ def merged_weight(c: QwenConfig, name: str, w: jax.Array, a: jax.Array, b: jax.A
     idx = "".join("cdefghij"[: w.ndim - 1])  # the weight's axes after `layers`
     contracted, kept = idx[:n], idx[n:]
     delta = jnp.einsum(f"l{contracted}r,lr{kept}->l{idx}", a.astype(jnp.float32), b.astype(jnp.float32))
-    return (w.astype(jnp.float32) + (c.lora_alpha / c.lora_rank) * delta).astype(w.dtype)
+    return w.astype(jnp.float32) + (c.lora_alpha / c.lora_rank) * delta
 
 
 def merge_lora(model: "Qwen") -> "Qwen":
-    """The model with every adapter folded into its base weight (no adapters left): what
-    export writes and what a decode copy may run."""
+    """The model with every adapter folded into its base weight (no adapters left, weights in
+    `param_dtype`): what export writes and what evaluation runs."""
     c = model.config
     base = c.without_lora()
     graphdef, state = nnx.split(nnx.eval_shape(lambda: create(base)))
@@ -465,7 +472,7 @@ def merge_lora(model: "Qwen") -> "Qwen":
             value = merged.get(key[1], layers.get(key[1]))
         else:
             value = getattr(model, key[0])[...]
-        flat.append((key, var.replace(value)))
+        flat.append((key, var.replace(value.astype(var.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
