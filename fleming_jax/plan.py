@@ -314,8 +314,11 @@ def format_plan(p: dict) -> str:
                  f"grad_accum {p['grad_accum_steps']}"),
         ("params / device", gib(p["params_bytes"])),
         ("optimizer / device", gib(p["optimizer_bytes"])),
-        ("KL reference / device", f"{gib(p['reference_bytes'])} ({p['reference_dtype']} copy)" if p["reference_dtype"]
-         else "none (beta = 0)" if p["loss"] == "grpo" else "none (SFT)"),
+        ("KL reference / device", "none (beta = 0)" if p["loss"] == "grpo" and not p["reference_dtype"] else "none (SFT)"
+         if not p["reference_dtype"] else "0 (LoRA: the frozen base, adapters off)" if p["trained_params"] < p["params"]
+         else f"{gib(p['reference_bytes'])} ({p['reference_dtype']} copy)"),
+        ("trained", f"{p['trained_params'] / 1e6:.0f}M of the {p['params'] / 1e9:.2f}B params (LoRA adapters)")
+        if p["trained_params"] < p["params"] else None,
         ("temporaries / device", gib(p["temp_bytes"]) + "  (activations, gradients, XLA buffers)"),
         ("peak / device", gib(p["peak_bytes"]) + "  (arguments + outputs - donated + temporaries + reference)"),
         ("device memory", gib(p["hbm_bytes"]) if p["hbm_bytes"] else "unknown (set plan.hbm_gb)"),
@@ -323,6 +326,7 @@ def format_plan(p: dict) -> str:
         ("FLOPs / step", f"{p['flops_per_step']:.3e} in all, "
                          f"{p['flops_per_step'] / p['devices']:.3e} per device"),
     ]
+    rows = [row for row in rows if row]
     if "phases" in p:  # the whole RL step
         rows[-3:-3] = [
             ("rollout", f"{p['slots']} slots, {p['cache_pages']} cache pages of {p['page_size']} tokens a device "

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -79,6 +80,34 @@ def test_rl_plan_compiles_the_grpo_loss_and_counts_the_reference(beta, dtype, sh
     # a reference is held beside the step: it adds to the peak
     assert (p["peak_bytes"] >= p["reference_bytes"] + p["params_bytes"] + p["optimizer_bytes"])
     assert "KL reference / device" in plan.format_plan(p)
+
+
+def test_lora_plan_holds_the_adapters_state_and_no_reference():
+    """With adapters the plan's state is the base in compute dtype plus the adapters and their
+    Adam moments, by hand; a KL term adds no reference (it is the base, adapters off)."""
+    from configs import rl_stage1
+
+    config = rl_stage1.get_config("tiny")
+    config.mesh.update(data=1, fsdp=8, tensor=1)
+    config.model.update(lora_rank=8, lora_alpha=16.0, compute_dtype="bfloat16")
+    config.rl.update(max_new_tokens=16)
+    config.rl.grpo.beta = 0.04
+    p = plan.plan(config)
+    model = nnx.eval_shape(lambda: qwen.create(models.config_from(config.model)))
+    adapters = base = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        split = 8 if "embed" in var.get_metadata()["axes"] else 1
+        n = math.prod(var.shape) * var.dtype.itemsize // split
+        if isinstance(var, nnx.LoRAParam):
+            assert var.dtype == jnp.float32
+            adapters += n
+        else:
+            assert var.dtype == jnp.bfloat16
+            base += n
+    assert p["params_bytes"] == base + adapters
+    assert 2 * adapters <= p["optimizer_bytes"] <= 2 * adapters + 64
+    assert p["reference_bytes"] == 0 and p["trained_params"] < p["params"] / 10
+    assert "0 (LoRA: the frozen base, adapters off)" in plan.format_plan(p)
 
 
 def test_bad_device_count_is_explained():
