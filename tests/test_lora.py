@@ -118,6 +118,7 @@ def test_peft_loads_our_adapter_onto_the_transformers_base_and_we_load_it_back(h
     np.testing.assert_array_equal(ours(imported, ids, mask), expected)
 
 
+@pytest.mark.slow  # the fast tier's mesh case: test_lora_steps_on_a_mesh_equal_one_device
 def test_a_sharded_lora_model_places_adapters_and_matches_one_device():
     import ml_collections
 

@@ -82,6 +82,7 @@ def test_rl_plan_compiles_the_grpo_loss_and_counts_the_reference(beta, dtype, sh
     assert "KL reference / device" in plan.format_plan(p)
 
 
+@pytest.mark.slow
 def test_lora_plan_holds_the_adapters_state_and_no_reference():
     """With adapters the plan's state is the base in compute dtype plus the adapters and their
     Adam moments, by hand; a KL term adds no reference (it is the base, adapters off)."""
