@@ -43,8 +43,9 @@ def test_rehearsal_keeps_the_family_switches_and_is_refused_for_tiny():
 
 
 @pytest.mark.slow
-def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path, lora):
     from tests import rehearsal
 
-    times = rehearsal.rehearse("qwen2.5-7b", processes=2, devices=2, tmp=str(tmp_path))
+    times = rehearsal.rehearse("qwen2.5-7b", processes=2, devices=2, tmp=str(tmp_path), lora=lora)
     assert {s.name for s in rehearsal.stages("", "gs://b", "")} <= set(times)
