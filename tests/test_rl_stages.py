@@ -33,8 +33,9 @@ def test_kl_to_the_reference_grows_from_zero_over_real_updates(toy_run, tmp_path
     assert len(kl) == 5 and np.all(np.isfinite(kl)) and min(kl) >= 0
     assert kl == sorted(kl)  # measured: 6.9e-08, 0.016, 0.020, 0.029, 0.039
     assert kl[0] < 1e-3 and kl[-1] > 10 * max(kl[0], 1e-6) and kl[-1] > 1e-3  # grows from ~0 (bf16 copy)
-    # the reference is still the starting policy, in bf16, after 5 donated updates
-    reference = jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.reference))
+    # the reference is still the starting policy, in bf16, after 5 donated updates (its weights: one state)
+    (reference,) = trainer.reference
+    reference = jax.tree.map(np.asarray, nnx.to_pure_dict(reference))
     assert reference["layers"]["q_proj"].dtype == jax.numpy.bfloat16
     np.testing.assert_allclose(np.asarray(reference["layers"]["q_proj"], np.float32), start["layers/q_proj"],
                                rtol=1e-2, atol=1e-3)

@@ -22,7 +22,7 @@ def test_train_step_compiles_once_from_an_imported_model(tmp_path, mesh_shape):
     graphdef, state = train_state.init_state(loaded, tx, mesh)
     shardings = None if mesh is None else train_state.state_shardings(state, mesh)
     step = train_state.make_train_step(graphdef, tx, sft.sft_loss, 1, mesh, shardings)
-    jitted = step if mesh is None else step.jitted
+    jitted = step.jitted  # the jitted program under the step's wrapper
     batch = global_batch_for_test()
     for _ in range(3):
         state, _ = step(state, batch if mesh is None else parallel.global_batch(mesh, batch))
