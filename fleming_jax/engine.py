@@ -576,7 +576,7 @@ class LocalEngine(RolloutEngine):
                  kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE):
         self.mesh, self.dtype, self.slots, self.chunk, self.pad_id = mesh, dtype, slots, chunk, pad_id
         self.kv_cache_gib, self.page_size = kv_cache_gib, page_size
-        self.model, self.sync_stats, self._base_from = None, {}, None
+        self.model, self.sync_stats, self._base_from = None, {}, []
 
     @classmethod
     def of(cls, model, **kwargs) -> "LocalEngine":
@@ -594,21 +594,21 @@ class LocalEngine(RolloutEngine):
         else:
             graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
             last = (None, None) if self.model is None else nnx.split(self.model, nnx.LoRAParam, ...)[1:]
-            dtype, parts, received = self.dtype or model.config.compute_dtype, [], 0
-            for i, (state, previous) in enumerate(zip((adapters, base), last)):
-                leaves = jax.tree.leaves(state)
-                same_base = i == 1 and self._base_from is not None and len(leaves) == len(self._base_from) and all(
-                    map(operator.is_, leaves, self._base_from))
-                if not leaves or same_base:  # no adapters; or the base copied last time: its copy stays
-                    parts.append(previous if same_base else state)
+            leaves = jax.tree.leaves(base)
+            kept = last[1] is not None and len(leaves) == len(self._base_from) and all(
+                map(operator.is_, leaves, self._base_from))  # the base copied last time: its copy stays
+            parts, received = [], []
+            for state, previous, keep in ((adapters, last[0], False), (base, last[1], kept)):
+                if keep or not jax.tree.leaves(state):  # (a model without adapters has an empty state)
+                    parts.append(previous if keep else state)
                     continue
-                program = sync_program(graphdef, state, self.mesh, dtype)
+                program = sync_program(graphdef, state, self.mesh, self.dtype or model.config.compute_dtype)
                 parts.append(program.copy(state, previous))
-                received = None if received is None or program.received_bytes is None else received + program.received_bytes
-            self._base_from = jax.tree.leaves(base)
+                received.append(program.received_bytes)
+            self._base_from = leaves
             self.model = nnx.merge(graphdef, *parts)
             # what each device received: RL logs it every step
-            self.sync_stats = {} if received is None else {"sync_received_gib": received / 2**30}
+            self.sync_stats = {} if None in received else {"sync_received_gib": sum(received) / 2**30}
         jax.block_until_ready(nnx.state(self.model))  # done when it returns: RL times the sync
 
     def generate(self, prompts, key, params: SamplingParams, stop_ids) -> SampleOutput:

@@ -305,6 +305,14 @@ def train_flops(c, batch_size: int, seq_len: int) -> float:
     return flops * (4 / 3 if c.remat == "full" else 1.0)
 
 
+def _reference_line(p: dict, gib) -> str:
+    if not p["reference_dtype"]:
+        return "none (beta = 0)" if p["loss"] == "grpo" else "none (SFT)"
+    if p["trained_params"] < p["params"]:
+        return "0 (LoRA: the frozen base, adapters off)"
+    return f"{gib(p['reference_bytes'])} ({p['reference_dtype']} copy)"
+
+
 def format_plan(p: dict) -> str:
     gib = lambda b: f"{b / GIB:,.2f} GiB"
     rows = [
@@ -314,9 +322,7 @@ def format_plan(p: dict) -> str:
                  f"grad_accum {p['grad_accum_steps']}"),
         ("params / device", gib(p["params_bytes"])),
         ("optimizer / device", gib(p["optimizer_bytes"])),
-        ("KL reference / device", "none (beta = 0)" if p["loss"] == "grpo" and not p["reference_dtype"] else "none (SFT)"
-         if not p["reference_dtype"] else "0 (LoRA: the frozen base, adapters off)" if p["trained_params"] < p["params"]
-         else f"{gib(p['reference_bytes'])} ({p['reference_dtype']} copy)"),
+        ("KL reference / device", _reference_line(p, gib)),
         ("trained", f"{p['trained_params'] / 1e6:.0f}M of the {p['params'] / 1e9:.2f}B params (LoRA adapters)")
         if p["trained_params"] < p["params"] else None,
         ("temporaries / device", gib(p["temp_bytes"]) + "  (activations, gradients, XLA buffers)"),

@@ -59,7 +59,7 @@ def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
     base_cfg = model_cfg.copy_and_resolve_references()
     base_cfg.update(saved["base"])
     model = _with_adapters(_base(base_cfg, base_config(lora_config), mesh), lora_config, model_cfg.seed, mesh,
-                           adapters=model_cfg.init_from)
+                           adapters=model_cfg.init_from, peft=saved.get("format") == "peft")
     return (model, lora_config) if config.lora_rank else (qwen.merge_lora(model), config)
 
 
@@ -123,9 +123,11 @@ def _base(model_cfg, config: qwen.QwenConfig, mesh):
     return create_sharded(config, model_cfg.seed, mesh)
 
 
-def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, adapters: str = "") -> qwen.Qwen:
+def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, adapters: str = "",
+                   peft: bool = False) -> qwen.Qwen:
     """`base` (a model without adapters) with the adapters of `config`: fresh from `seed`, or
-    read from the LoRA checkpoint `adapters`; each created in its shards."""
+    read from `adapters`, a LoRA run's checkpoint or (`peft`) a PEFT adapter directory; each
+    created in its shards."""
     import jax
     from flax import nnx
 
@@ -136,7 +138,7 @@ def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, ad
         from fleming_jax.models import hf
         from fleming_jax.train import checkpoint
 
-        lora = (hf.load_adapter(adapters, abstract, config, mesh) if hf.read_adapter_config(adapters) is not None
+        lora = (hf.load_adapter(adapters, abstract, config, mesh) if peft
                 else checkpoint.restore_state(adapters, abstract, mesh))
     else:  # the rest of the model is dead code in this program: only the adapters are computed
         shardings = None if mesh is None else parallel.tree_shardings(abstract, mesh)

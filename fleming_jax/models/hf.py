@@ -55,8 +55,6 @@ TOP_TENSORS = {
     "final_norm": ("model.norm.weight", False),
     "lm_head": ("lm_head.weight", True),
 }
-# How many leading axes of our linear weights are HF's input axes (o_proj: heads, head_dim).
-LINEAR_IN_AXES = {"o_proj": 2}
 
 
 class SafetensorsCheckpoint:
@@ -206,7 +204,7 @@ def hf_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape HF stores one (unstacked) parameter of ours in."""
     key = path.split("/")[-1]
     if _is_linear(path):
-        n_in = LINEAR_IN_AXES.get(key, 1)
+        n_in = qwen.LINEAR_IN_AXES.get(key, 1)
         return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
     return (math.prod(shape),) if key.endswith("bias") else tuple(shape)
 
@@ -334,7 +332,10 @@ def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None
     return out_dir
 
 
-PEFT_PREFIX = "base_model.model."  # PEFT's name of the adapted transformers model
+def peft_tensor(target: str, layer: int, which: str) -> str:
+    """PEFT's name of layer `layer`'s adapter matrix `which` ("A" or "B") on projection `target`."""
+    module = LAYER_TENSORS[target][0].removesuffix(".weight")
+    return f"base_model.model.model.layers.{layer}.{module}.lora_{which}.weight"
 
 
 def save_adapter(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, base: str = "") -> str:
@@ -344,12 +345,10 @@ def save_adapter(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, base: 
     layers = model.layers.arrays()
     tensors = {}
     for target in config.lora_targets:
-        module = LAYER_TENSORS[target][0].removesuffix(".weight")
         a, b = (parallel.to_host(layers[f"{target}_lora_{x}"]) for x in "ab")
         for i in range(config.num_layers):
-            name = f"{PEFT_PREFIX}model.layers.{i}.{module}"
-            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, config.lora_rank).T, np.float32)
-            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(config.lora_rank, -1).T, np.float32)
+            tensors[peft_tensor(target, i, "A")] = np.ascontiguousarray(a[i].reshape(-1, config.lora_rank).T, np.float32)
+            tensors[peft_tensor(target, i, "B")] = np.ascontiguousarray(b[i].reshape(config.lora_rank, -1).T, np.float32)
     if not parallel.is_main_process():
         return out_dir
     paths.makedirs(out_dir)
@@ -364,7 +363,8 @@ def save_adapter(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, base: 
 
 def read_adapter_config(path: str) -> dict | None:
     """A PEFT LoRA adapter directory's settings as a LoRA checkpoint records them
-    (`checkpoint.lora_meta`; base: its `base_model_name_or_path`), or None if `path` is not one."""
+    (`checkpoint.lora_meta`; base: its `base_model_name_or_path`) with `format="peft"`, or None if
+    `path` is not one."""
     file = paths.join(path, "adapter_config.json")
     if not paths.exists(file):
         return None
@@ -379,7 +379,7 @@ def read_adapter_config(path: str) -> dict | None:
         raise ValueError(f"{file}: only plain LoRA on {', '.join(qwen.LORA_TARGETS)} imports; this adapter has "
                          f"{unsupported or ''}{' targets ' + ', '.join(unknown) if unknown else ''}")
     return dict(rank=peft["r"], alpha=float(peft["lora_alpha"]), targets=[t for t in qwen.LORA_TARGETS if t in targets],
-                base=dict(init_from="", hf_path=peft.get("base_model_name_or_path") or "", seed=0))
+                base=dict(init_from="", hf_path=peft.get("base_model_name_or_path") or "", seed=0), format="peft")
 
 
 def load_adapter(path: str, abstract: nnx.State, config: qwen.QwenConfig, mesh=None) -> nnx.State:
@@ -389,10 +389,9 @@ def load_adapter(path: str, abstract: nnx.State, config: qwen.QwenConfig, mesh=N
 
     def read(key, var):
         target, which = key[1].rsplit("_lora_", 1)
-        module = LAYER_TENSORS[target][0].removesuffix(".weight")
         stacked = []
         for i in range(config.num_layers):
-            x = ckpt.get(f"{PEFT_PREFIX}model.layers.{i}.{module}.lora_{which.upper()}.weight")
+            x = ckpt.get(peft_tensor(target, i, which.upper()))
             stacked.append(np.asarray(x, np.float32).T.reshape(var.shape[1:]))
         value = np.stack(stacked).astype(var.dtype)
         return var.replace(jax.device_put(value, parallel.sharding_for(var, mesh)))

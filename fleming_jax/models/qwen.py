@@ -213,10 +213,10 @@ def layer_param_shapes(c: QwenConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# The projections LoRA can adapt (PEFT's module names), and how many weight axes after `layers`
-# each contracts with its input (o_proj: heads and head_dim; the rest: one).
+# The projections LoRA can adapt (PEFT's module names), and how many axes of a linear weight
+# (after `layers`) it contracts with its input (o_proj: heads and head_dim; the rest: one).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_IN_AXES = {"o_proj": 2}
+LINEAR_IN_AXES = {"o_proj": 2}
 
 
 def lora_param_shapes(c: QwenConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -224,7 +224,7 @@ def lora_param_shapes(c: QwenConfig) -> dict[str, tuple[tuple[int, ...], tuple[s
     `<target>_lora_b` [layers, rank, out...]."""
     shapes, out = layer_param_shapes(c), {}
     for target in c.lora_targets:
-        n = 1 + LORA_IN_AXES.get(target, 1)
+        n = 1 + LINEAR_IN_AXES.get(target, 1)
         shape, axes = shapes[target], LAYER_PARAMS[target]
         out[f"{target}_lora_a"] = (shape[:n] + (c.lora_rank,), axes[:n] + ("lora",))
         out[f"{target}_lora_b"] = ((shape[0], c.lora_rank) + shape[n:], ("layers", "lora") + axes[n:])
@@ -450,7 +450,7 @@ def lora_specs(spec: str) -> tuple[str, str]:
 
 def merged_weight(c: QwenConfig, name: str, w: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     """A stacked weight with its adapter folded in: W + (alpha / rank) A B, per layer."""
-    n = LORA_IN_AXES.get(name, 1)
+    n = LINEAR_IN_AXES.get(name, 1)
     idx = "".join("cdefghij"[: w.ndim - 1])  # the weight's axes after `layers`
     contracted, kept = idx[:n], idx[n:]
     delta = jnp.einsum(f"l{contracted}r,lr{kept}->l{idx}", a.astype(jnp.float32), b.astype(jnp.float32))

@@ -90,6 +90,7 @@ class RLTrainer:
         self.prompts = record_prompts(self.tokenizer, self.records)
         self.mesh = parallel.make_mesh(config.mesh)
         model, model_config = models.build(config.model, self.mesh)
+        self.model_meta = models.checkpoint_meta(config.model)  # what every checkpoint records of the model
         rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads, self.mesh)
         self.engine = engine.from_config(config.rollout, rollout_mesh, self.tokenizer.pad_token_id or 0, workdir)
         self.synced, self.sync_seconds = False, 0.0  # whether the engine samples from the current policy
@@ -122,7 +123,7 @@ class RLTrainer:
     def save(self, step: int):
         self.ckpt.save(step, self.state, dict(
             self.host_state(), stage=self.config.rl.stage,
-            reference=self.config.model.init_from or self.config.model.hf_path, **models.checkpoint_meta(self.config.model)))
+            reference=self.config.model.init_from or self.config.model.hf_path, **self.model_meta))
 
     def restore(self) -> int | None:
         """The step resumed from, or None when there is no checkpoint (a step-0 checkpoint,

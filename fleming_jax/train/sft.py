@@ -91,6 +91,7 @@ class Trainer:
         self.eval_data = pipeline.eval_batches(eval_examples, t.seq_len, t.batch_size)  # the same on every host
 
         model, _ = models.build(config.model, self.mesh)
+        self.model_meta = models.checkpoint_meta(config.model)  # what every checkpoint records of the model
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
         self.shardings = statelib.state_shardings(self.state, self.mesh)
@@ -109,7 +110,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int, iterator):
-        self.ckpt.save(step, self.state, models.checkpoint_meta(self.config.model), data=grain.checkpoint.CheckpointSave(_Snapshot(iterator)))
+        self.ckpt.save(step, self.state, self.model_meta, data=grain.checkpoint.CheckpointSave(_Snapshot(iterator)))
 
     def restore(self, iterator) -> int:
         step, self.state, _ = self.ckpt.restore(
