@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -133,11 +134,39 @@ def sharding_for(var: nnx.Variable, mesh: jax.sharding.Mesh | None) -> jax.shard
 def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """Shardings for a pytree of parameters or of optimizer state: every nnx Variable by its
     logical axes (optax keeps the Variables, so Adam moments shard like their params);
-    other leaves (step counters, scalars) replicated."""
-    return jax.tree.map(
-        lambda x: sharding_for(x, mesh) if isinstance(x, nnx.Variable)
-        else NamedSharding(mesh, P()),
-        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    other leaves (step counters, scalars) replicated. A Variable holding several arrays (a
+    quantized weight: its values and their scales) keeps them, each split like the weight
+    along the dims it divides."""
+    def of(x):
+        if not isinstance(x, nnx.Variable):
+            return NamedSharding(mesh, P())
+        value = x.get_value()
+        if jax.tree.leaves(value) == [value]:  # one array
+            return sharding_for(x, mesh)
+        spec = logical_to_spec(x.get_metadata()["axes"])
+        return x.replace(jax.tree.map(lambda leaf: NamedSharding(mesh, _dividing(spec, leaf.shape, mesh)), value))
+    return jax.tree.map(of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def placed(tree: Any, mesh: jax.sharding.Mesh, dtype=None) -> Any:
+    """`tree` of abstract (or real) arrays as `jax.ShapeDtypeStruct`s in their `tree_shardings`,
+    floating arrays as `dtype` when given (what a program is lowered for without the arrays)."""
+    cast = lambda x: dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    leaf = lambda x, s: jax.ShapeDtypeStruct(x.shape, cast(x), sharding=s)
+
+    def place(x, s):
+        if not isinstance(x, nnx.Variable):
+            return leaf(x, s)
+        value = x.get_value()
+        shards = s.get_value() if isinstance(s, nnx.Variable) else jax.tree.map(lambda _: s, value)
+        return x.replace(jax.tree.map(leaf, value, shards))
+    return jax.tree.map(place, tree, tree_shardings(tree, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _dividing(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+    """`spec` without the mesh axes that do not divide their dim of `shape`."""
+    size = lambda axes: math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return P(*(None if axes is None or n % size(axes) else axes for axes, n in zip(spec, shape)))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:

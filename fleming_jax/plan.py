@@ -96,12 +96,7 @@ def plan(config) -> dict:
     abstract = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                                       opt_state=jax.eval_shape(tx.init, params), frozen=frozen)
     shardings = train_state.state_shardings(abstract, mesh)
-
-    def place(sharding, x):  # x: an abstract leaf, or an nnx Variable holding one
-        if isinstance(x, nnx.Variable):
-            return x.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    placed = jax.tree.map(place, shardings, abstract)
+    placed = parallel.placed(abstract, mesh)
     loss, batch, reference_dtype = task_loss(config, mesh)
     accum = config.rl.grad_accum_steps if is_rl(config) else config.train.grad_accum_steps
     rows, length = batch["tokens"].shape
@@ -205,15 +200,12 @@ def rl_step_plan(config) -> dict:
     rollout = parallel.rollout_mesh(r.tensor, model_config.num_kv_heads, mesh)
     abstract_model = nnx.eval_shape(lambda: qwen.create(model_config))
     graphdef, abstract = nnx.split(abstract_model)
-    place = lambda tree, mesh, dtype=None: jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, dtype or v.dtype, sharding=s)),
-        tree, parallel.tree_shardings(tree, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
     shard_bytes = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                                    for x in jax.tree.leaves(tree))
     mem = lambda compiled: compiled.memory_analysis()
     holds = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     dtype = r.dtype or model_config.compute_dtype
-    trained = place(abstract, mesh)
+    trained = parallel.placed(abstract, mesh)
     whole = jax.sharding.NamedSharding(rollout, jax.sharding.PartitionSpec())
     spec = lambda shape, dt, sharding=whole: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
     group = c.group_size
@@ -263,7 +255,7 @@ def rl_step_plan(config) -> dict:
     forward = c.grpo.beta or c.recompute_old_logprobs or c.tis_cap
     if forward:  # the reference's (bf16 copy) or the trainer's own log-probs of the rollout
         param_graphdef, param_state = nnx.split(abstract_model, nnx.Param)
-        forward_params = place(param_state, mesh, c.reference_dtype if c.grpo.beta else None)
+        forward_params = parallel.placed(param_state, mesh, c.reference_dtype if c.grpo.beta else None)
         layout = {k: update_batch.get(k) for k in PACKED_BATCH}
         fwd = packed_logprobs(param_graphdef, c.logprob_chunk)
         with jax.set_mesh(mesh):
@@ -431,9 +423,7 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
         dtype = config.rollout.dtype or model_config.compute_dtype
     else:
         mesh, dtype = parallel.make_mesh(config.mesh, devices), model_config.param_dtype
-    shardings = parallel.tree_shardings(abstract, mesh)
-    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, dtype, sharding=s)),
-                         abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = parallel.placed(abstract, mesh, dtype)
     dp = parallel.batch_devices(mesh)
     cache = engine.CacheLayout.plan(model_config, prompts * samples, samples, prompt_len, budget, dp,
                                     prompts * samples, page_size=config.rollout.page_size, dtype=dtype)

@@ -173,6 +173,7 @@ class SyncProgram:
     def __init__(self, state, mesh: jax.sharding.Mesh, dtype: str):
         leaves, self.treedef = jax.tree.flatten(state)
         variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        variables = [v for v in variables for _ in jax.tree.leaves(v)]  # one per array (a quantized weight has 2)
         self.mesh, self.dtype = mesh, dtype
         self.targets = jax.tree.leaves(parallel.tree_shardings(state, mesh))
         self.sources = [_same_devices_on(mesh, x.sharding, x.ndim) for x in leaves]

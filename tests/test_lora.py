@@ -4,6 +4,7 @@ PEFT's format onto the transformers base (peft itself is the reference)."""
 import jax
 import numpy as np
 import pytest
+import qwix
 import torch
 import transformers
 from flax import nnx
@@ -158,3 +159,103 @@ def test_lora_steps_on_a_mesh_equal_one_device(shape):
     assert ref and all("lora" in name for name in ref)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], atol=1e-3, err_msg=name)
+
+
+# QLoRA. NF4's 16 values as the QLoRA paper publishes them (Dettmers et al. 2023, appendix E):
+# the reference the quantized base is checked against, independent of qwix.
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171066284, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0])
+
+
+def quantized_by_hand(w: np.ndarray, qtype: str, in_axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """`w` through absmax quantization per block of `block` along `in_axis`, decoded, and where
+    the code is a tie (int8 maps each block's absmax to 127.5: rounding may go either way)."""
+    blocks = np.moveaxis(w, in_axis, -1).astype(np.float64)
+    blocks = blocks.reshape(*blocks.shape[:-1], -1, block)
+    absmax = np.abs(blocks).max(-1, keepdims=True)
+    if qtype == "int8":  # the range [-absmax, absmax] onto [-127.5, 127.5], rounded into int8
+        scale = absmax / 127.5
+        decoded = np.clip(np.round(blocks / scale), -128, 127) * scale
+        ties = np.abs(blocks) == absmax
+    else:  # the nearest of the 16 values to each weight over its block's absmax
+        decoded = NF4[np.abs(blocks[..., None] / absmax[..., None] - NF4).argmin(-1)] * absmax
+        ties = np.zeros(blocks.shape, bool)
+    back = lambda x: np.moveaxis(x.reshape(*x.shape[:-2], -1), -1, in_axis)
+    return back(decoded), back(ties)
+
+
+@pytest.mark.parametrize("qtype", ["int8", "nf4"])
+def test_quantized_base_weights_decode_as_absmax_blocks_by_hand(qtype):
+    model, _ = fm.build(lora_cfg(lora_base_quant=qtype))
+    base, _ = fm.build(small_model_cfg())
+    for name, in_axis, block in (("q_proj", 1, 64), ("o_proj", 2, 16), ("down_proj", 1, 64)):  # head_dim 16
+        q = model.layers.arrays()[name]
+        assert q.qvalue.dtype == (np.int8 if qtype == "int8" else jax.numpy.uint4)
+        expected, ties = quantized_by_hand(np.asarray(base.layers.arrays()[name]), qtype, in_axis, block)
+        got = np.asarray(qwen.dequantized(q, "float32"))
+        np.testing.assert_allclose(got[~ties], expected[~ties], atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got[ties], expected[ties], rtol=1.01 / 127, err_msg=name)  # one code apart at most
+
+
+@pytest.mark.parametrize("qtype", ["int8", "nf4"])
+def test_qlora_is_lora_on_the_decoded_base_and_trains_only_adapters(qtype):
+    ids, mask = padded_batch()
+    qlora = randomise_adapters(fm.build(lora_cfg(lora_base_quant=qtype))[0])
+    lora = randomise_adapters(fm.build(lora_cfg())[0])
+    nnx.update(lora, nnx.State({"layers": {name: qwen.dequantized(w, "float32")
+                                           for name, w in qlora.layers.arrays().items() if "lora" not in name}}))
+    expected = ours(lora, ids, mask)
+    np.testing.assert_allclose(ours(qlora, ids, mask), expected, atol=1e-5)
+    np.testing.assert_allclose(ours(qwen.merge_lora(qlora), ids, mask), expected, atol=1e-5)  # what export writes
+
+    tx = train_state.make_optimizer(OPTIMIZER)
+    graphdef, state = train_state.init_state(fm.build(lora_cfg(lora_base_quant=qtype))[0], tx)
+    frozen = flat(state.frozen)
+    step = train_state.make_train_step(graphdef, tx, sft.sft_loss)
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, global_batch_for_test())
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+    jax.tree.map(np.testing.assert_array_equal, flat(state.frozen), frozen)  # codes and scales never move
+
+
+def test_an_nf4_base_decodes_in_its_shards():
+    """Through a tensor-parallel NF4 weight (the rollout's layout) a projection moves no weight
+    between devices, as with a plain weight (qwix's own NF4 decoder flattens the codes, which
+    gathers them whole)."""
+    import ml_collections
+
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=2)))
+    model, _ = fm.build(lora_cfg(lora_base_quant="nf4"), mesh)
+    w = model.layers.arrays()["gate_proj"]
+    assert w.qvalue.sharding.spec == parallel.logical_to_spec(("layers", "embed", "mlp"))
+    x = jax.device_put(np.ones((8, 64), np.float32), parallel.batch_sharding(mesh, 2))
+    gathers = lambda decode: jax.jit(lambda x, w: x @ decode(w)[0]).lower(x, w).compile().as_text().count("all-gather(")
+    with jax.set_mesh(mesh):
+        assert gathers(lambda w: qwen.dequantized(w, "float32")) == 0
+        assert gathers(qwix.dequantize) > 0  # what this guards against
+
+
+def test_qlora_steps_on_a_mesh_equal_one_device():
+    import ml_collections
+
+    from tests.test_parallel import flat_params, run_steps
+
+    qlora = dict(lora_rank=4, lora_alpha=8.0, lora_targets=ALL, lora_base_quant="nf4")
+    ref_losses, ref_state = run_steps(None, **qlora)
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    losses, state = run_steps(mesh, **qlora)
+    np.testing.assert_allclose(losses, ref_losses, rtol=5e-5)
+    ref, got = flat_params(ref_state), flat_params(state)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-3, err_msg=name)
+
+
+def test_a_quantized_base_needs_adapters():
+    with pytest.raises(ValueError, match="lora_base_quant='int4'"):
+        fm.build(lora_cfg(lora_base_quant="int4"))
+    with pytest.raises(ValueError, match="needs adapters"):
+        qwen.QwenConfig(**{**vars(fm.config_from(small_model_cfg())), "lora_base_quant": "nf4"})

@@ -335,16 +335,18 @@ def test_update_compiles_once_over_a_long_tailed_run(toy_run, tmp_path, monkeypa
     assert shapes == {(trainer.budget.rows, trainer.budget.length, trainer.budget.scored)}
 
 
-def test_lora_rl_trains_only_adapters_against_the_base_and_syncs_only_them(toy_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant", ["", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_lora_rl_trains_only_adapters_against_the_base_and_syncs_only_them(toy_run, tmp_path, monkeypatch, quant):
     """RL with adapters on an 8-device FSDP mesh: real updates move only the adapters; the KL
     reference is the frozen base itself under zero adapters (no copy); after the first sync
-    the engine keeps its copy of the base and receives only the adapters."""
+    the engine keeps its copy of the base and receives only the adapters. With a quantized
+    base (QLoRA) the decode copy holds it quantized too."""
     import jax
     from flax import nnx
 
     monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, steps=3, grpo=dict(beta=0.05), drop_zero_advantage_groups=False)
-    config.model.update(lora_rank=4, lora_alpha=8.0)
+    config.model.update(lora_rank=4, lora_alpha=8.0, lora_base_quant=quant)
     config.mesh.update(data=1, fsdp=-1)  # weights split in training: a sync moves shards
     trainer = rl.RLTrainer(config, str(tmp_path))
     assert len(jax.tree.leaves(trainer.state.params)) == 14  # 7 projections x (A, B)
@@ -366,3 +368,6 @@ def test_lora_rl_trains_only_adapters_against_the_base_and_syncs_only_them(toy_r
     assert received[0] > 5 * received[1] and received[0] * 2**30 <= weight_bytes
     saved = checkpoint.lora_meta(str(tmp_path / "checkpoints"))
     assert saved["rank"] == 4 and saved["base"]["init_from"] == os.path.join(toy_run, "init")
+    assert saved["base_quant"] == quant
+    codes = {str(x.dtype) for x in jax.tree.leaves(nnx.state(decode)) if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating)}
+    assert codes == ({"uint4"} if quant else set())  # the NF4 codes, not a decoded copy

@@ -8,7 +8,7 @@ from fleming_jax.models import qwen
 
 _NOT_ARCH = ("preset", "hf_path", "init_from", "seed")
 NUMERICS = ("param_dtype", "compute_dtype", "remat", "attention_chunk")
-LORA = ("lora_rank", "lora_alpha", "lora_targets")
+LORA = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_quant")
 
 
 def config_from(model_cfg) -> qwen.QwenConfig:
@@ -32,7 +32,8 @@ def lora_fields(model_cfg) -> dict:
     rank = model_cfg.get("lora_rank", 0)
     targets = model_cfg.get("lora_targets", "")
     targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if isinstance(targets, str) else tuple(targets)
-    return dict(lora_rank=rank, lora_alpha=float(model_cfg.get("lora_alpha", 16.0)), lora_targets=targets if rank else ())
+    return dict(lora_rank=rank, lora_alpha=float(model_cfg.get("lora_alpha", 16.0)), lora_targets=targets if rank else (),
+                lora_base_quant=model_cfg.get("lora_base_quant", "") if rank else "")
 
 
 def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
@@ -49,13 +50,15 @@ def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
         if not config.lora_rank:
             return _base(model_cfg, config, mesh), config
         return _with_adapters(_base(model_cfg, base_config(config), mesh), config, model_cfg.seed, mesh), config
-    lora_config = config.replace(lora_rank=saved["rank"], lora_alpha=saved["alpha"], lora_targets=tuple(saved["targets"]))
+    lora_config = config.replace(lora_rank=saved["rank"], lora_alpha=saved["alpha"], lora_targets=tuple(saved["targets"]),
+                                 lora_base_quant=saved.get("base_quant", ""))
     if config.lora_rank and config != lora_config:
         raise ValueError(
             f"config.model.init_from={model_cfg.init_from} holds LoRA adapters of rank {saved['rank']}, alpha "
-            f"{saved['alpha']} on {','.join(saved['targets'])}; config.model asks for rank {config.lora_rank}, alpha "
-            f"{config.lora_alpha} on {','.join(config.lora_targets)}: continue with the same lora_* settings, or set "
-            "lora_rank=0 to load them merged into the base")
+            f"{saved['alpha']} on {','.join(saved['targets'])}, base quantized {saved.get('base_quant') or 'no'}; "
+            f"config.model asks for rank {config.lora_rank}, alpha {config.lora_alpha} on "
+            f"{','.join(config.lora_targets)}, base quantized {config.lora_base_quant or 'no'}: continue with the same "
+            "lora_* settings, or set lora_rank=0 to load them merged into the base")
     base_cfg = model_cfg.copy_and_resolve_references()
     base_cfg.update(saved["base"])
     model = _with_adapters(_base(base_cfg, base_config(lora_config), mesh), lora_config, model_cfg.seed, mesh,
@@ -102,7 +105,7 @@ def checkpoint_meta(model_cfg) -> dict:
     if not config.lora_rank:
         return {}
     return {"lora": dict(rank=config.lora_rank, alpha=config.lora_alpha, targets=list(config.lora_targets),
-                         base=base_of(model_cfg))}
+                         base_quant=config.lora_base_quant, base=base_of(model_cfg))}
 
 
 def base_config(config: qwen.QwenConfig) -> qwen.QwenConfig:
@@ -127,13 +130,16 @@ def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, ad
                    peft: bool = False) -> qwen.Qwen:
     """`base` (a model without adapters) with the adapters of `config`: fresh from `seed`, or
     read from `adapters`, a LoRA run's checkpoint or (`peft`) a PEFT adapter directory; each
-    created in its shards."""
+    created in its shards. With `lora_base_quant` the base is quantized here (QLoRA)."""
     import jax
     from flax import nnx
 
     from fleming_jax import parallel
 
-    graphdef, abstract, _ = nnx.split(nnx.eval_shape(lambda: qwen.create(config, seed)), nnx.LoRAParam, ...)
+    graphdef, abstract, abstract_base = nnx.split(nnx.eval_shape(lambda: qwen.create(config, seed)), nnx.LoRAParam, ...)
+    base_state = nnx.state(base)
+    if config.lora_base_quant:
+        base_state = _quantized(base_state, abstract_base, config.lora_base_quant, mesh)
     if adapters:
         from fleming_jax.models import hf
         from fleming_jax.train import checkpoint
@@ -143,7 +149,25 @@ def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, ad
     else:  # the rest of the model is dead code in this program: only the adapters are computed
         shardings = None if mesh is None else parallel.tree_shardings(abstract, mesh)
         lora = jax.jit(lambda: nnx.state(qwen.create(config, seed), nnx.LoRAParam), out_shardings=shardings)()
-    return nnx.merge(graphdef, lora, nnx.state(base))
+    return nnx.merge(graphdef, lora, base_state)
+
+
+def _quantized(base_state, abstract, qtype: str, mesh):
+    """The base's projection weights quantized to `qtype`, each created in its shards (the
+    full-precision base is donated: its buffers are free once this returns)."""
+    import jax
+    from flax import nnx
+
+    from fleming_jax import parallel
+
+    def quantize(state):
+        flat = [(key, var.replace(qwen.quantize_weight(key[1], var.get_value(), qtype))
+                 if key[0] == "layers" and key[1] in qwen.LORA_TARGETS else var)
+                for key, var in nnx.to_flat_state(state)]
+        return nnx.from_flat_state(flat)
+
+    shardings = None if mesh is None else parallel.tree_shardings(abstract, mesh)
+    return jax.jit(quantize, out_shardings=shardings, donate_argnums=0)(base_state)
 
 
 def create_sharded(config: qwen.QwenConfig, seed: int, mesh=None) -> qwen.Qwen:

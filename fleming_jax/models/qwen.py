@@ -18,6 +18,8 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+import qwix
 from flax import nnx
 
 from fleming_jax import paged, parallel
@@ -56,6 +58,8 @@ class QwenConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    # QLoRA: the frozen base under the adapters held quantized ("": as `weight_dtype`; BASE_QUANT)
+    lora_base_quant: str = ""
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -75,6 +79,9 @@ class QwenConfig:
             raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: the rank must be >= 0 and "
                              f"the targets a non-empty subset of {', '.join(LORA_TARGETS)} when the rank is > 0"
                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        if self.lora_base_quant not in BASE_QUANT or (self.lora_base_quant and not self.lora_rank):
+            raise ValueError(f"lora_base_quant={self.lora_base_quant!r}: choose one of {', '.join(map(repr, BASE_QUANT))}; "
+                             "a quantized base needs adapters to train (lora_rank > 0)")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "QwenConfig":
@@ -139,7 +146,7 @@ class QwenConfig:
 
     def without_lora(self) -> "QwenConfig":
         """The same model with no adapters (the base they sit on)."""
-        return self.replace(lora_rank=0, lora_targets=())
+        return self.replace(lora_rank=0, lora_targets=(), lora_base_quant="")
 
     @property
     def weight_dtype(self) -> str:
@@ -231,6 +238,44 @@ def lora_param_shapes(c: QwenConfig) -> dict[str, tuple[tuple[int, ...], tuple[s
     return out
 
 
+# QLoRA's frozen base: each projection weight in int8 or 4-bit NormalFloat (the QLoRA paper's
+# code for normally distributed weights), with one absmax scale per layer, output channel and
+# block of QUANT_BLOCK inputs along the weight's last input axis.
+BASE_QUANT = ("", "int8", "nf4")
+QUANT_BLOCK = 64
+
+
+def quantize_weight(name: str, w: jax.Array, qtype: str) -> qwix.QArray:
+    """A stacked projection weight as a qwix `QArray`, quantized one layer at a time (qwix's NF4
+    encoder works on a flattened copy of what it is given: a layer, not the whole stack)."""
+    tiled = LINEAR_IN_AXES.get(name, 1) - 1  # the last input axis of one layer's weight
+    how = dict(channelwise_axes=tuple(i for i in range(w.ndim - 1) if i != tiled),
+               tiled_axes={tiled: math.gcd(QUANT_BLOCK, w.shape[tiled + 1])})
+    return jax.lax.map(lambda x: qwix.quantize(x, jnp.int8 if qtype == "int8" else qtype, **how), w)
+
+
+def dequantized(w, dtype) -> jax.Array:
+    """A weight as a `dtype` array: a quantized base weight decoded, any other cast."""
+    if not isinstance(w, qwix.QArray):
+        return w.astype(dtype)
+    if w.qtype != "nf4":
+        return qwix.dequantize(w).astype(dtype)
+    # NF4 codes by a table lookup, elementwise: qwix decodes them through a flattened copy,
+    # which on a mesh gathers each sharded weight whole at every use
+    scale = w.scale
+    for axis, tile in enumerate(w.scale_tile_shape):
+        scale = jnp.repeat(scale, tile, axis) if tile > 1 else scale
+    return (jnp.asarray(nf4_values())[w.qvalue.astype(jnp.int32)] * scale).astype(dtype)
+
+
+@functools.cache
+def nf4_values() -> np.ndarray:
+    """The 16 values of the NF4 code, as qwix defines them (its decoder on the 16 codes)."""
+    with jax.ensure_compile_time_eval():
+        codes = qwix.QArray(jnp.arange(16, dtype=jnp.uint4), jnp.ones((1,), jnp.float32), qtype="nf4")
+        return np.asarray(qwix.dequantize(codes))
+
+
 def _init_value(name: str, shape, key, dtype):
     if name.endswith("lora_a"):  # PEFT's default: kaiming-uniform, bound 1 / sqrt(fan_in)
         bound = 1.0 / (math.prod(shape[1:-1]) ** 0.5)
@@ -250,6 +295,8 @@ class Layers(nnx.Module):
     def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
         for name, shape in layer_param_shapes(config).items():
             value = _init_value(name, shape, rngs.params(), config.weight_dtype)
+            if config.lora_base_quant and name in LORA_TARGETS:
+                value = quantize_weight(name, value, config.lora_base_quant)
             setattr(self, name, nnx.Param(value, axes=LAYER_PARAMS[name]))
         # adapters are LoRAParams (a kind of Param): `nnx.split(model, nnx.LoRAParam, ...)` finds them
         for name, (shape, axes) in lora_param_shapes(config).items():
@@ -258,13 +305,14 @@ class Layers(nnx.Module):
         self.names = tuple(layer_param_shapes(config)) + tuple(lora_param_shapes(config))
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {n: getattr(self, n)[...] for n in self.names}
+        """The stacked weights by name (a quantized base's as qwix `QArray`s)."""
+        return {n: getattr(self, n).get_value() for n in self.names}
 
     def split(self) -> list[dict[str, jax.Array]]:
         """One weight dict per layer. A decode loop takes these, split once outside it, so
         each token's step reads the weights in place instead of slicing (copying) them."""
         stacked = self.arrays()
-        return [{n: w[i] for n, w in stacked.items()} for i in range(len(stacked["input_norm"]))]
+        return [jax.tree.map(lambda w: w[i], stacked) for i in range(len(stacked["input_norm"]))]
 
 
 class Qwen(nnx.Module):
@@ -321,7 +369,7 @@ class Qwen(nnx.Module):
         cos, sin = rope_tables(index[:, None], c.head_dim, c.rope_theta)
         k_pages, v_pages = list(cache.k), list(cache.v)
         for i, p in enumerate(self.layers.split() if layers is None else layers):
-            p = jax.tree.map(lambda w: w.astype(c.compute_dtype), p)
+            p = layer_weights(p, c)
             q, k, v = qkv(p, rms_norm(x, p["input_norm"], c.rms_norm_eps), cos, sin, c)
             out, k_pages[i], v_pages[i] = paged.attention(q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], table,
                                                           index, active, kernel)
@@ -370,7 +418,7 @@ class Qwen(nnx.Module):
                    & same & (attention_mask[:, :, None] > 0))  # [batch, q, k]
 
         def block(x, p, kv=None):
-            p = jax.tree.map(lambda w: w.astype(c.compute_dtype), p)
+            p = layer_weights(p, c)
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
             attn, kv = attention(p, h, cos, sin, allowed, kv, None if cache is None else cache.index, c)
             return mlp_block(p, x + attn, c), kv
@@ -394,6 +442,11 @@ class Qwen(nnx.Module):
                 x, (k[i], v[i]) = block(x, p, (k[i], v[i]))
             new_cache = KVCache(k=tuple(k), v=tuple(v), segment=k_segment, index=cache.index + length)
         return rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps), new_cache
+
+
+def layer_weights(p: dict, c: QwenConfig) -> dict[str, jax.Array]:
+    """One layer's weights as the matmuls take them (`compute_dtype`; a quantized base decoded)."""
+    return {n: dequantized(w, c.compute_dtype) for n, w in p.items()}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
@@ -459,11 +512,11 @@ def merged_weight(c: QwenConfig, name: str, w: jax.Array, a: jax.Array, b: jax.A
 
 def merge_lora(model: "Qwen") -> "Qwen":
     """The model with every adapter folded into its base weight (no adapters left, weights in
-    `param_dtype`): what export writes and what evaluation runs."""
+    `param_dtype`; a quantized base decoded): what export writes and what evaluation runs."""
     c = model.config
     base = c.without_lora()
     graphdef, state = nnx.split(nnx.eval_shape(lambda: create(base)))
-    layers = model.layers.arrays()
+    layers = {n: dequantized(w, c.param_dtype) for n, w in model.layers.arrays().items()}
     merged = {n: merged_weight(c, n, layers[n], layers[f"{n}_lora_a"], layers[f"{n}_lora_b"])
               for n in c.lora_targets}
     flat = []
