@@ -222,6 +222,12 @@ def test_qlora_is_lora_on_the_decoded_base_and_trains_only_adapters(qtype):
     jax.tree.map(np.testing.assert_array_equal, flat(state.frozen), frozen)  # codes and scales never move
 
 
+def test_our_nf4_decoder_uses_the_code_qwix_encodes_to():
+    codes = qwix.QArray(jax.numpy.arange(16, dtype=jax.numpy.uint4), jax.numpy.ones((1,)), qtype="nf4")
+    np.testing.assert_array_equal(qwen.NF4_VALUES, np.asarray(qwix.dequantize(codes)))
+    np.testing.assert_allclose(qwen.NF4_VALUES, NF4, rtol=1e-7)
+
+
 def test_an_nf4_base_decodes_in_its_shards():
     """Through a tensor-parallel NF4 weight (the rollout's layout) a projection moves no weight
     between devices, as with a plain weight (qwix's own NF4 decoder flattens the codes, which

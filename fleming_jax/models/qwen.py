@@ -243,6 +243,11 @@ def lora_param_shapes(c: QwenConfig) -> dict[str, tuple[tuple[int, ...], tuple[s
 # block of QUANT_BLOCK inputs along the weight's last input axis.
 BASE_QUANT = ("", "int8", "nf4")
 QUANT_BLOCK = 64
+# NF4's 16 values (QLoRA paper, appendix E), the code qwix encodes to (tests check both)
+NF4_VALUES = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                       0.24611230194568634, 0.33791524171066284, 0.44070982933044434, 0.5626170039176941,
+                       0.7229568362236023, 1.0], np.float32)
 
 
 def quantize_weight(name: str, w: jax.Array, qtype: str) -> qwix.QArray:
@@ -265,15 +270,7 @@ def dequantized(w, dtype) -> jax.Array:
     scale = w.scale
     for axis, tile in enumerate(w.scale_tile_shape):
         scale = jnp.repeat(scale, tile, axis) if tile > 1 else scale
-    return (jnp.asarray(nf4_values())[w.qvalue.astype(jnp.int32)] * scale).astype(dtype)
-
-
-@functools.cache
-def nf4_values() -> np.ndarray:
-    """The 16 values of the NF4 code, as qwix defines them (its decoder on the 16 codes)."""
-    with jax.ensure_compile_time_eval():
-        codes = qwix.QArray(jnp.arange(16, dtype=jnp.uint4), jnp.ones((1,), jnp.float32), qtype="nf4")
-        return np.asarray(qwix.dequantize(codes))
+    return (jnp.asarray(NF4_VALUES)[w.qvalue.astype(jnp.int32)] * scale).astype(dtype)
 
 
 def _init_value(name: str, shape, key, dtype):
