@@ -105,10 +105,6 @@ def plan(config) -> dict:
         compiled = compile_or_refuse(step.jitted.lower(placed.replace(frozen=None), placed.frozen, batch),
                                      "the train step", config)
 
-    def per_device_bytes(tree):
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                   for x in jax.tree.leaves(tree))
-
     reference_bytes = 0
     if reference_dtype and not model_config.lora_rank:  # the KL reference: every param again, in its own
         # dtype and the same shards (with LoRA it is the frozen base itself: adapters off)
@@ -126,9 +122,9 @@ def plan(config) -> dict:
         mesh=dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, len(devices)))),
         batch_size=rows, seq_len=length, grad_accum_steps=accum,
         compute_dtype=model_config.compute_dtype, remat=model_config.remat,
-        params_bytes=per_device_bytes((placed.params, placed.frozen)),
+        params_bytes=shard_bytes((placed.params, placed.frozen)),
         trained_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-        optimizer_bytes=per_device_bytes(placed.opt_state), reference_bytes=reference_bytes,
+        optimizer_bytes=shard_bytes(placed.opt_state), reference_bytes=reference_bytes,
         reference_dtype=reference_dtype,
         arguments_bytes=mem.argument_size_in_bytes, outputs_bytes=mem.output_size_in_bytes,
         aliased_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
@@ -157,6 +153,14 @@ def task_loss(config, mesh):
     batch = {name: spec(shape, dtype) for name, (shape, dtype) in shapes.items()}
     loss = functools.partial(grpo.grpo_loss, cfg=c.grpo, chunk_size=c.logprob_chunk, tis_cap=c.tis_cap)
     return loss, batch, (c.reference_dtype if c.grpo.beta else None)
+
+
+def shard_bytes(tree) -> int:
+    """Bytes a device holds of the placed arrays in `tree` (4-bit codes packed two a byte, as on TPU)."""
+    import jax
+
+    bits = lambda dtype: 4 if dtype.name in ("int4", "uint4") else 8 * dtype.itemsize
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
 
 
 def compile_or_refuse(lowered, what: str, config):
@@ -200,8 +204,6 @@ def rl_step_plan(config) -> dict:
     rollout = parallel.rollout_mesh(r.tensor, model_config.num_kv_heads, mesh)
     abstract_model = nnx.eval_shape(lambda: qwen.create(model_config))
     graphdef, abstract = nnx.split(abstract_model)
-    shard_bytes = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                                   for x in jax.tree.leaves(tree))
     mem = lambda compiled: compiled.memory_analysis()
     holds = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     dtype = r.dtype or model_config.compute_dtype
@@ -445,7 +447,6 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
                                         params=params, split_layers=engine.splits_layers(devices[0]),
                                         kernel=engine.uses_kernel(devices[0], model_config, cache.page_size)).compile()
     mem = compiled.memory_analysis()
-    shard_bytes = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
     return dict(model=config.model.preset, layout=layout, mesh=dict(mesh.shape), dtype=dtype,
                 device_kind=devices[0].device_kind, rows=slots, cache_pages=cache.pages // dp,
                 page_size=cache.page_size, attention_kernels=len(re.findall(r"%paged_attention\S* = .*custom-call\(", compiled.as_text())),

@@ -128,13 +128,15 @@ def lora_on_a_saved_base(config, root) -> str:
     return base
 
 
-def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(data, tmp_path):
+@pytest.mark.parametrize("quant", ["", "nf4"])
+def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(data, tmp_path, quant):
     from fleming_jax import models as fm
     from fleming_jax.models import qwen
 
     root = data[0]
     config = small_config(root)
     base = lora_on_a_saved_base(config, tmp_path)
+    config.model.lora_base_quant = quant  # QLoRA: the merged model and export decode the NF4 base
     config.optimizer.update(total_steps=12, warmup_steps=1, learning_rate=3e-2)
     trainer = sft.Trainer(config, str(tmp_path / "run"))
     before = trainer.evaluate()
@@ -144,7 +146,8 @@ def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(dat
     # the checkpoint: adapters and their optimizer state only, and where the base is
     run = str(tmp_path / "run" / "checkpoints")
     saved = checkpoint.lora_meta(run)
-    assert saved == dict(rank=8, alpha=16.0, targets=list(qwen.LORA_TARGETS), base=dict(init_from=base, hf_path="", seed=0))
+    assert saved == dict(rank=8, alpha=16.0, targets=list(qwen.LORA_TARGETS), base_quant=quant,
+                         base=dict(init_from=base, hf_path="", seed=0))
     params = ocp.StandardCheckpointer().metadata(checkpoint.params_dir(run)).item_metadata.tree
     assert set(params) == {"layers"} and all("_lora_" in k for k in params["layers"])
     # the next stage's init_from: the same adapters on the same base, or merged with lora_rank=0
@@ -164,7 +167,7 @@ def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(dat
 
     config = export_config.get_config("tiny")
     config.model = again
-    config.model.lora_rank = 0  # as the export config comes: the checkpoint's meta says it is LoRA
+    config.model.update(lora_rank=0, lora_base_quant="")  # as the export config comes: the checkpoint's meta says it is LoRA
     hf.export_task(config, str(tmp_path / "export"))
     exported, _ = hf.load(str(tmp_path / "export" / "hf"))
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(exported)), nnx.to_pure_dict(nnx.state(expected)))

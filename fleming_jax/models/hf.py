@@ -414,7 +414,8 @@ def export_task(config, workdir: str) -> str:
     lora = models.saved_lora(model_cfg)
     if lora:  # a LoRA run's checkpoint: its base with its adapters, written merged and as a PEFT adapter
         model_cfg = model_cfg.copy_and_resolve_references()
-        model_cfg.update(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=",".join(lora["targets"]))
+        model_cfg.update(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=",".join(lora["targets"]),
+                         lora_base_quant=lora.get("base_quant", ""))
     model, model_config = models.build(model_cfg, parallel.make_mesh(config.mesh))
     tokenizer = toklib.load(config.export.tokenizer) if config.export.tokenizer else None
     out_dir = config.export.out_dir or str(epath.Path(workdir) / "hf")

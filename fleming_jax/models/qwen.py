@@ -270,7 +270,7 @@ def dequantized(w, dtype) -> jax.Array:
     scale = w.scale
     for axis, tile in enumerate(w.scale_tile_shape):
         scale = jnp.repeat(scale, tile, axis) if tile > 1 else scale
-    return (jnp.asarray(NF4_VALUES)[w.qvalue.astype(jnp.int32)] * scale).astype(dtype)
+    return jnp.asarray(NF4_VALUES, dtype)[w.qvalue.astype(jnp.int32)] * scale.astype(dtype)
 
 
 def _init_value(name: str, shape, key, dtype):
@@ -366,6 +366,8 @@ class Qwen(nnx.Module):
         cos, sin = rope_tables(index[:, None], c.head_dim, c.rope_theta)
         k_pages, v_pages = list(cache.k), list(cache.v)
         for i, p in enumerate(self.layers.split() if layers is None else layers):
+            if c.lora_base_quant:  # decoded after the layer before: not hoisted out of the token loop whole
+                p, x = jax.lax.optimization_barrier((p, x))
             p = layer_weights(p, c)
             q, k, v = qkv(p, rms_norm(x, p["input_norm"], c.rms_norm_eps), cos, sin, c)
             out, k_pages[i], v_pages[i] = paged.attention(q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], table,
