@@ -148,6 +148,13 @@ def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def nbytes(shape: tuple[int, ...], dtype) -> int:
+    """Bytes of an array of `shape` and `dtype` on an accelerator (4-bit codes packed two a
+    byte, as TPUs and GPUs hold them; XLA:CPU spends a byte on each)."""
+    dtype = dtype if isinstance(dtype, np.dtype) or jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else np.dtype(dtype)
+    return math.prod(shape) * (4 if dtype.name in ("int4", "uint4") else 8 * dtype.itemsize) // 8
+
+
 def placed(tree: Any, mesh: jax.sharding.Mesh, dtype=None) -> Any:
     """`tree` of abstract (or real) arrays as `jax.ShapeDtypeStruct`s in their `tree_shardings`,
     floating arrays as `dtype` when given (what a program is lowered for without the arrays)."""

@@ -159,8 +159,9 @@ def shard_bytes(tree) -> int:
     """Bytes a device holds of the placed arrays in `tree` (4-bit codes packed two a byte, as on TPU)."""
     import jax
 
-    bits = lambda dtype: 4 if dtype.name in ("int4", "uint4") else 8 * dtype.itemsize
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
+    from fleming_jax import parallel
+
+    return sum(parallel.nbytes(x.sharding.shard_shape(x.shape), x.dtype) for x in jax.tree.leaves(tree))
 
 
 def compile_or_refuse(lowered, what: str, config):

@@ -183,7 +183,7 @@ class SyncProgram:
         self.shards_move = all(m is not None for m in moves)
         # what lands on each device: its decode shard of every weight split in training (None:
         # the partitioner's path, not counted)
-        self.received_bytes = sum(math.prod(t.shard_shape(x.shape)) * jnp.dtype(self._dtype_of(x)).itemsize
+        self.received_bytes = sum(parallel.nbytes(t.shard_shape(x.shape), jnp.dtype(self._dtype_of(x)))
                                   for x, t, src in zip(leaves, self.targets, self.sources)
                                   if any(_mesh_axes(a, mesh) for a in src.spec)) if self.shards_move else None
         cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
