@@ -199,7 +199,7 @@ def test_quantized_base_weights_decode_as_absmax_blocks_by_hand(qtype):
         np.testing.assert_allclose(got[ties], expected[ties], rtol=1.01 / 127, err_msg=name)  # one code apart at most
 
 
-@pytest.mark.parametrize("qtype", ["int8", "nf4"])
+@pytest.mark.parametrize("qtype", [pytest.param("int8", marks=pytest.mark.slow), "nf4"])
 def test_qlora_is_lora_on_the_decoded_base_and_trains_only_adapters(qtype):
     ids, mask = padded_batch()
     qlora = randomise_adapters(fm.build(lora_cfg(lora_base_quant=qtype))[0])
@@ -245,6 +245,7 @@ def test_an_nf4_base_decodes_in_its_shards():
         assert gathers(qwix.dequantize) > 0  # what this guards against
 
 
+@pytest.mark.slow  # the fast tier's QLoRA mesh case: test_an_nf4_base_decodes_in_its_shards
 def test_qlora_steps_on_a_mesh_equal_one_device():
     import ml_collections
 
