@@ -128,7 +128,7 @@ def lora_on_a_saved_base(config, root) -> str:
     return base
 
 
-@pytest.mark.parametrize("quant", ["", "nf4"])
+@pytest.mark.parametrize("quant", ["", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(data, tmp_path, quant):
     from fleming_jax import models as fm
     from fleming_jax.models import qwen
