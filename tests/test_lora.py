@@ -41,6 +41,16 @@ def ours(model, ids, mask):
     return np.asarray(model(ids, attention_mask=mask))
 
 
+def sft_steps(graphdef, tx, state, n: int = 6):
+    """`state` after `n` real SFT steps on the test batch, and their losses."""
+    step = train_state.make_train_step(graphdef, tx, sft.sft_loss)
+    losses = []
+    for _ in range(n):
+        state, metrics = step(state, global_batch_for_test())
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
 def test_fresh_adapters_leave_the_logits_exactly_and_only_they_train():
     ids, mask = padded_batch()
     base, _ = fm.build(small_model_cfg())
@@ -54,11 +64,7 @@ def test_fresh_adapters_leave_the_logits_exactly_and_only_they_train():
     assert sorted(frozen) == sorted(flat(nnx.state(base, nnx.Param)))
     adapter_size = sum(x.size for x in trained.values())
     assert sum(x.size for x in jax.tree.leaves(state.opt_state)) < 3 * adapter_size  # Adam's moments of adapters only
-    step = train_state.make_train_step(graphdef, tx, sft.sft_loss)
-    losses = []
-    for _ in range(6):
-        state, metrics = step(state, global_batch_for_test())
-        losses.append(float(metrics["loss"]))
+    state, losses = sft_steps(graphdef, tx, state)
     assert losses[-1] < losses[0] - 0.1, losses
     jax.tree.map(np.testing.assert_array_equal, flat(state.frozen), frozen)  # the base never moves
     assert all(np.abs(v).max() > 0 for k, v in flat(state.params).items() if k.endswith("_b"))
@@ -213,11 +219,7 @@ def test_qlora_is_lora_on_the_decoded_base_and_trains_only_adapters(qtype):
     tx = train_state.make_optimizer(OPTIMIZER)
     graphdef, state = train_state.init_state(fm.build(lora_cfg(lora_base_quant=qtype))[0], tx)
     frozen = flat(state.frozen)
-    step = train_state.make_train_step(graphdef, tx, sft.sft_loss)
-    losses = []
-    for _ in range(6):
-        state, metrics = step(state, global_batch_for_test())
-        losses.append(float(metrics["loss"]))
+    state, losses = sft_steps(graphdef, tx, state)
     assert losses[-1] < losses[0] - 0.1, losses
     jax.tree.map(np.testing.assert_array_equal, flat(state.frozen), frozen)  # codes and scales never move
 
