@@ -43,9 +43,10 @@ def test_rehearsal_keeps_the_family_switches_and_is_refused_for_tiny():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True])
-def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path, lora):
+@pytest.mark.parametrize("lora,base_quant", [(False, ""), (True, ""), (True, "nf4")])
+def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path, lora, base_quant):
     from tests import rehearsal
 
-    times = rehearsal.rehearse("qwen2.5-7b", processes=2, devices=2, tmp=str(tmp_path), lora=lora)
+    times = rehearsal.rehearse("qwen2.5-7b", processes=2, devices=2, tmp=str(tmp_path), lora=lora,
+                               base_quant=base_quant)
     assert {s.name for s in rehearsal.stages("", "gs://b", "")} <= set(times)
