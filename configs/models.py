@@ -70,7 +70,7 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
         file = paths.join(name, "config.json") if paths.path(name).is_dir() else name
         arch = vars(QwenConfig.from_hf(json.loads(paths.read_text(file)), source=file)).copy()
         for key in ("param_dtype", "compute_dtype", "remat", "attention_chunk", "lora_rank", "lora_alpha",
-                    "lora_targets", "lora_base_quant"):
+                    "lora_targets", "lora_base_quant", "lora_dropout"):
             arch.pop(key)
     else:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)} (each but tiny "
@@ -81,8 +81,9 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
         # LoRA (0: train every weight): adapters of this rank on these projections (PEFT's
         # names), scaled by lora_alpha / lora_rank; only they (and their optimizer state) are
         # trained and checkpointed, the base stays frozen and is named in each checkpoint.
-        # lora_base_quant="int8" or "nf4" holds that frozen base quantized (QLoRA).
-        lora_rank=0, lora_alpha=16.0, lora_targets=",".join(LORA_TARGETS), lora_base_quant="", **arch))
+        # lora_dropout drops adapter inputs while training (PEFT's); lora_base_quant="int8" or
+        # "nf4" holds that frozen base quantized (QLoRA).
+        lora_rank=0, lora_alpha=16.0, lora_targets=",".join(LORA_TARGETS), lora_dropout=0.0, lora_base_quant="", **arch))
 
 
 # Meshes per target, picked with a `@target` suffix on the preset

@@ -268,3 +268,37 @@ def test_a_quantized_base_needs_adapters():
         fm.build(lora_cfg(lora_base_quant="int4"))
     with pytest.raises(ValueError, match="needs adapters"):
         qwen.QwenConfig(**{**vars(fm.config_from(small_model_cfg())), "lora_base_quant": "nf4"})
+
+
+def test_lora_dropout_drops_the_adapter_input_with_a_key_only():
+    """Inverted dropout on x before A: each key draws its own mask, the mean over masks is the
+    undropped projection, and without a key (evaluation, sampling, RL's log-probs) none."""
+    c = fm.config_from(lora_cfg(lora_dropout=0.5))
+    keys = iter(jax.random.split(jax.random.key(0), 4))
+    p = {name: jax.random.normal(next(keys), shape) for name, shape in
+         (("q_proj", (16, 2, 4)), ("q_proj_lora_a", (16, 4)), ("q_proj_lora_b", (4, 2, 4)))}
+    x = jax.random.normal(next(keys), (3, 5, 16))
+    undropped = np.asarray(qwen.linear(p, "q_proj", "bte,ehd->bthd", x, c))
+    dropped = [np.asarray(qwen.linear(p | {"dropout_key": jax.random.key(i)}, "q_proj", "bte,ehd->bthd", x, c))
+               for i in range(400)]
+    assert not np.allclose(dropped[0], dropped[1]) and not np.allclose(dropped[0], undropped)
+    base = np.asarray(qwen.project("bte,ehd->bthd", x, p["q_proj"]))
+    spread = np.abs(np.stack(dropped) - undropped).mean()
+    np.testing.assert_allclose(np.mean(dropped, axis=0), undropped, atol=0.2 * spread)  # E[mask / keep] = 1
+    a_only = np.asarray(qwen.linear(p | {"q_proj_lora_b": jax.numpy.zeros((4, 2, 4)), "dropout_key": jax.random.key(0)},
+                                    "q_proj", "bte,ehd->bthd", x, c))
+    np.testing.assert_allclose(a_only, base, atol=1e-5)  # the base projection is never dropped
+
+
+@pytest.mark.slow  # real steps with dropout: deterministic per step (resume draws the same masks)
+def test_lora_dropout_steps_are_reproducible_and_differ_from_none():
+    from tests.test_parallel import run_steps
+
+    lora = dict(lora_rank=4, lora_alpha=8.0, lora_targets=ALL)
+    dropped, _ = run_steps(None, lora_dropout=0.3, **lora)
+    again, _ = run_steps(None, lora_dropout=0.3, **lora)
+    none, _ = run_steps(None, **lora)
+    assert dropped == again
+    # [loss, grad norm] a step: with B = 0 the first loss is the same, its gradient (of B) is not
+    assert dropped[0][0] == none[0][0] and dropped[0][1] != none[0][1] and dropped[2][0] != none[2][0]
+    assert dropped[2][0] < dropped[0][0]

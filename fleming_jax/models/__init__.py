@@ -8,7 +8,7 @@ from fleming_jax.models import qwen
 
 _NOT_ARCH = ("preset", "hf_path", "init_from", "seed")
 NUMERICS = ("param_dtype", "compute_dtype", "remat", "attention_chunk")
-LORA = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_quant")
+LORA = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_quant", "lora_dropout")
 
 
 def config_from(model_cfg) -> qwen.QwenConfig:
@@ -33,7 +33,8 @@ def lora_fields(model_cfg) -> dict:
     targets = model_cfg.get("lora_targets", "")
     targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if isinstance(targets, str) else tuple(targets)
     return dict(lora_rank=rank, lora_alpha=float(model_cfg.get("lora_alpha", 16.0)), lora_targets=targets if rank else (),
-                lora_base_quant=model_cfg.get("lora_base_quant", "") if rank else "")
+                lora_base_quant=model_cfg.get("lora_base_quant", "") if rank else "",
+                lora_dropout=float(model_cfg.get("lora_dropout", 0.0)) if rank else 0.0)
 
 
 def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:

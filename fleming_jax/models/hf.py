@@ -356,7 +356,7 @@ def save_adapter(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, base: 
     (out / "adapter_model.safetensors").write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     _write_json(out / "adapter_config.json", dict(
         peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=config.lora_rank,
-        lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=sorted(config.lora_targets), bias="none",
+        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=sorted(config.lora_targets), bias="none",
         fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True, inference_mode=True))
     return out_dir
 

@@ -58,6 +58,7 @@ class QwenConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    lora_dropout: float = 0.0  # PEFT's: dropout on an adapter's input while training (`hidden_states(dropout_key=)`)
     # QLoRA: the frozen base under the adapters held quantized ("": as `weight_dtype`; BASE_QUANT)
     lora_base_quant: str = ""
 
@@ -79,6 +80,8 @@ class QwenConfig:
             raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: the rank must be >= 0 and "
                              f"the targets a non-empty subset of {', '.join(LORA_TARGETS)} when the rank is > 0"
                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout}: a probability in [0, 1)")
         if self.lora_base_quant not in BASE_QUANT or (self.lora_base_quant and not self.lora_rank):
             raise ValueError(f"lora_base_quant={self.lora_base_quant!r}: choose one of {', '.join(map(repr, BASE_QUANT))}; "
                              "a quantized base needs adapters to train (lora_rank > 0)")
@@ -146,7 +149,7 @@ class QwenConfig:
 
     def without_lora(self) -> "QwenConfig":
         """The same model with no adapters (the base they sit on)."""
-        return self.replace(lora_rank=0, lora_targets=(), lora_base_quant="")
+        return self.replace(lora_rank=0, lora_targets=(), lora_base_quant="", lora_dropout=0.0)
 
     @property
     def weight_dtype(self) -> str:
@@ -377,7 +380,7 @@ class Qwen(nnx.Module):
         return self.logits(x), paged.PagedCache(k=tuple(k_pages), v=tuple(v_pages))
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None,
-                      prefixes=None, scan_cache: bool = False):
+                      prefixes=None, scan_cache: bool = False, dropout_key=None):
         """Final-norm hidden states [batch, length, embed] (and the updated cache).
 
         Without a cache the layers run as a scan over the stacked weights (one compiled
@@ -388,6 +391,7 @@ class Qwen(nnx.Module):
         the cache's buffers, a copy, so a decode step (cache in place) does not use it.
         `prefixes` [batch, length] (no cache): for each token, another segment it also attends
         to (0: none), e.g. the prompt that several replies packed after it share.
+        `dropout_key` (training; no cache): the key of the adapters' dropout (`lora_dropout`).
         """
         c = self.config
         if attention_mask is None:
@@ -416,8 +420,10 @@ class Qwen(nnx.Module):
         allowed = ((k_slot[None, None, :] <= jnp.atleast_2d(q_slot)[:, :, None])
                    & same & (attention_mask[:, :, None] > 0))  # [batch, q, k]
 
-        def block(x, p, kv=None):
+        def block(x, p, kv=None, key=None):
             p = layer_weights(p, c)
+            if key is not None:
+                p["dropout_key"] = key  # read by `linear`
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
             attn, kv = attention(p, h, cos, sin, allowed, kv, None if cache is None else cache.index, c)
             return mlp_block(p, x + attn, c), kv
@@ -425,7 +431,11 @@ class Qwen(nnx.Module):
         if cache is None:
             if c.remat != "none":
                 block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-            x, _ = jax.lax.scan(lambda x, p: block(x, p), x, self.layers.arrays())
+            if dropout_key is not None and c.lora_dropout:
+                keys = jax.random.split(dropout_key, c.num_layers)
+                x, _ = jax.lax.scan(lambda x, p_key: block(x, p_key[0], None, p_key[1]), x, (self.layers.arrays(), keys))
+            else:
+                x, _ = jax.lax.scan(lambda x, p: block(x, p), x, self.layers.arrays())
             new_cache = None
         elif scan_cache:
             def layer(x, p_kv):
@@ -484,6 +494,10 @@ def linear(p: dict, name: str, spec: str, x: jax.Array, c: QwenConfig) -> jax.Ar
     if f"{name}_lora_a" not in p:
         return y
     down_spec, up_spec = lora_specs(spec)
+    if "dropout_key" in p:  # inverted dropout on the adapter's input only, as PEFT's lora_dropout
+        keep = jax.random.bernoulli(jax.random.fold_in(p["dropout_key"], LORA_TARGETS.index(name)),
+                                    1.0 - c.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - c.lora_dropout), 0).astype(x.dtype)
     down = project(down_spec, x, p[f"{name}_lora_a"])
     return y + (c.lora_alpha / c.lora_rank) * project(up_spec, down, p[f"{name}_lora_b"])
 

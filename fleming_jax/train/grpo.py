@@ -142,7 +142,8 @@ def grpo_loss(model, batch, cfg, chunk_size: int = 256, tis_cap: float = 0.0):
     mask = batch["completion_mask"]
     out = token_logprobs(model, batch["tokens"], batch["segments"], batch.get("positions"), chunk_size=chunk_size,
                          with_entropy=want_entropy, last=mask.shape[1], at=batch.get("targets"),
-                         sources=batch.get("sources"), prefixes=batch.get("prefixes"))
+                         sources=batch.get("sources"), prefixes=batch.get("prefixes"),
+                         dropout_key=batch.get("dropout_key"))
     logp, entropy = out if want_entropy else (out, None)
     old = batch["old_logprobs"]
     trainer_old, rollout = (old, batch["rollout_logprobs"]) if "rollout_logprobs" in batch else (logp, old)

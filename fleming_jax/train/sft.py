@@ -33,7 +33,8 @@ def sft_loss(model, batch, chunk_size: int = 256):
     batch: `tokens` [B, T], `segments` [B, T] (0 = padding, k = k-th packed example),
     `loss_weights` [B, T] (1 on assistant tokens, aligned with the token being predicted).
     """
-    logprobs = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size)
+    logprobs = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size,
+                              dropout_key=batch.get("dropout_key"))
     weights = batch["loss_weights"].astype(logprobs.dtype)
     return -(logprobs * weights).sum(), weights.sum(), {}
 

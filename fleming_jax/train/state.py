@@ -100,6 +100,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
 
     def step(state: TrainState, frozen, batch):
         micros = microbatches(batch, grad_accum_steps)
+        # each microbatch's key of the adapters' dropout (lora_dropout; unused without it):
+        # from the step number, so a resumed run draws the same masks
+        micros["dropout_key"] = jax.random.split(jax.random.fold_in(jax.random.key(0), state.step), grad_accum_steps)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
 
         def accumulate(carry, micro):
