@@ -149,9 +149,8 @@ def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def nbytes(shape: tuple[int, ...], dtype) -> int:
-    """Bytes of an array of `shape` and `dtype` on an accelerator (4-bit codes packed two a
-    byte, as TPUs and GPUs hold them; XLA:CPU spends a byte on each)."""
-    dtype = dtype if isinstance(dtype, np.dtype) or jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else np.dtype(dtype)
+    """Bytes of an array of `shape` and `dtype` (an array's `.dtype`) on an accelerator (4-bit
+    codes packed two a byte, as TPUs and GPUs hold them; XLA:CPU spends a byte on each)."""
     return math.prod(shape) * (4 if dtype.name in ("int4", "uint4") else 8 * dtype.itemsize) // 8
 
 
@@ -172,8 +171,12 @@ def placed(tree: Any, mesh: jax.sharding.Mesh, dtype=None) -> Any:
 
 def _dividing(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
     """`spec` without the mesh axes that do not divide their dim of `shape`."""
-    size = lambda axes: math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    return P(*(None if axes is None or n % size(axes) else axes for axes, n in zip(spec, shape)))
+    return P(*(None if axes is None or n % split_ways(axes, mesh) else axes for axes, n in zip(spec, shape)))
+
+
+def split_ways(axes: str | tuple[str, ...], mesh: jax.sharding.Mesh) -> int:
+    """Into how many pieces the mesh axis or axes of one PartitionSpec entry split a dim."""
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
@@ -183,8 +186,7 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
 
 def batch_devices(mesh: jax.sharding.Mesh) -> int:
     """How many ways the batch axis is split on `mesh` (a batch's rows must divide by it)."""
-    axes = RULES["batch"]
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return split_ways(RULES["batch"], mesh)
 
 
 def global_batch(mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray], whole: bool = False

@@ -431,11 +431,8 @@ class Qwen(nnx.Module):
         if cache is None:
             if c.remat != "none":
                 block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-            if dropout_key is not None and c.lora_dropout:
-                keys = jax.random.split(dropout_key, c.num_layers)
-                x, _ = jax.lax.scan(lambda x, p_key: block(x, p_key[0], None, p_key[1]), x, (self.layers.arrays(), keys))
-            else:
-                x, _ = jax.lax.scan(lambda x, p: block(x, p), x, self.layers.arrays())
+            keys = jax.random.split(dropout_key, c.num_layers) if dropout_key is not None and c.lora_dropout else None
+            x, _ = jax.lax.scan(lambda x, p_key: block(x, p_key[0], None, p_key[1]), x, (self.layers.arrays(), keys))
             new_cache = None
         elif scan_cache:
             def layer(x, p_kv):
