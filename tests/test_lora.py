@@ -206,7 +206,7 @@ def test_quantized_base_weights_decode_as_absmax_blocks_by_hand(qtype):
 
 
 @pytest.mark.parametrize("qtype", [pytest.param("int8", marks=pytest.mark.slow), "nf4"])
-def test_qlora_is_lora_on_the_decoded_base_and_trains_only_adapters(qtype):
+def test_qlora_is_lora_on_the_decoded_base(qtype):
     ids, mask = padded_batch()
     qlora = randomise_adapters(fm.build(lora_cfg(lora_base_quant=qtype))[0])
     lora = randomise_adapters(fm.build(lora_cfg())[0])
@@ -216,6 +216,10 @@ def test_qlora_is_lora_on_the_decoded_base_and_trains_only_adapters(qtype):
     np.testing.assert_allclose(ours(qlora, ids, mask), expected, atol=1e-5)
     np.testing.assert_allclose(ours(qwen.merge_lora(qlora), ids, mask), expected, atol=1e-5)  # what export writes
 
+
+@pytest.mark.slow  # real steps on a quantized base (the fast tier: test_qlora_is_lora_on_the_decoded_base)
+@pytest.mark.parametrize("qtype", ["int8", "nf4"])
+def test_qlora_trains_only_adapters(qtype):
     tx = train_state.make_optimizer(OPTIMIZER)
     graphdef, state = train_state.init_state(fm.build(lora_cfg(lora_base_quant=qtype))[0], tx)
     frozen = flat(state.frozen)
