@@ -144,7 +144,9 @@ def rollout() -> ml_collections.ConfigDict:
     (0 = twice as many as the pages hold at full length, 128 on a CPU; never more than the
     rollout has). A sequence takes pages as its reply grows (the youngest is evicted and
     recomputed if they run out); a finished one hands its slot and pages to the next every
-    `chunk` tokens.
+    `chunk` tokens. `devices`: how many devices (the last ones) the engine gets to itself, the
+    trainer keeping the rest (one host; 0: both use all); with `rl.max_staleness` > 0 the two
+    groups work at once.
     `engine` "openai": an external OpenAI-compatible server (vLLM, SGLang, tpu-inference:
     `fleming_jax.remote_engine`); `server` says where: `base_url` (up to /v1), the served
     `model` name, `weights_dir` the policy is saved to after each update ("" = <workdir>/
@@ -154,7 +156,7 @@ def rollout() -> ml_collections.ConfigDict:
     server = ml_collections.ConfigDict(dict(base_url="", model="", weights_dir="", reload_url="", api_key_env="",
                                             max_concurrency=16, timeout_s=600.0))
     return ml_collections.ConfigDict(dict(engine="local", tensor=-1, dtype="", slots=0, kv_cache_gib=0.0, page_size=16,
-                                           chunk=16, server=server))
+                                           chunk=16, devices=0, server=server))
 
 
 def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:

@@ -94,7 +94,16 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # ~2 when the mismatch metrics show a far share above ~1e-3); it recomputes pi_old.
         recompute_old_logprobs=False,
         tis_cap=0.0,
+        # Rollouts sampled ahead of the update (asynchronous GRPO): step t trains on a rollout of
+        # the weights at the start of step t - max_staleness, sampled on a worker thread while
+        # the updates before it run (on rollout.devices of its own, or interleaved on the same
+        # devices). 0: the synchronous run. Stale samples are corrected by the ratio to their
+        # behaviour log-probs (clipped), or with tis_cap by TIS against recomputed pi_old.
+        max_staleness=0,
+        # importance_sampling_level "sequence": GSPO (one ratio per reply, the exp of its tokens'
+        # mean log-ratio, clipped to [1 - seq_eps_low, 1 + seq_eps_high], GSPO's range)
         grpo=dict(loss_mode="clipped", advantage="std", eps_low=0.2, eps_high=0.28, beta=0.0,
+                  importance_sampling_level="token", seq_eps_low=3e-4, seq_eps_high=4e-4,
                   entropy_coef=0.0, log_entropy=False, aggregation="token_mean",
                   loss_normalizer=96.0 if tiny else 4096.0),
         miner=dict(wrong_below=0.5, retire_after=8, hopeless_after=16, retry_rate=0.05,

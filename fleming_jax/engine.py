@@ -570,13 +570,19 @@ class LocalEngine(RolloutEngine):
     """`generate` on a copy of the policy in the decode layout: `sync` casts it to `dtype` and
     reshards it onto `mesh` (`sampler.sync_program`, one jitted program, into the last copy's
     buffers); with no mesh it samples from the model as given. `slots`, `kv_cache_gib`,
-    `page_size`: the paged cache's knobs (`generate`; 0 = sized from memory)."""
+    `page_size`: the paged cache's knobs (`generate`; 0 = sized from memory).
+
+    `mirror`: where `mesh` has devices of its own (RL's `rollout.devices`), the decode layout
+    over the trainer's devices (`parallel.rollout_mesh` over them). The policy is cast and
+    resharded there, then each shard is copied to the rollout device that holds the same
+    piece on the same host (`parallel.move`): no program spans both device groups."""
 
     def __init__(self, mesh=None, dtype: str | None = None, slots: int = 0, chunk: int = 16, pad_id: int = 0,
-                 kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE):
+                 kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE, mirror=None):
         self.mesh, self.dtype, self.slots, self.chunk, self.pad_id = mesh, dtype, slots, chunk, pad_id
-        self.kv_cache_gib, self.page_size = kv_cache_gib, page_size
-        self.model, self.sync_stats, self._base_from = None, {}, []
+        self.kv_cache_gib, self.page_size, self.mirror = kv_cache_gib, page_size, mirror
+        self.model, self.sync_stats = None, {}
+        self._base_from, self._base_copy = [], None
 
     @classmethod
     def of(cls, model, **kwargs) -> "LocalEngine":
@@ -586,30 +592,47 @@ class LocalEngine(RolloutEngine):
         return made
 
     def sync(self, model) -> None:
-        """A model with LoRA adapters keeps its decode copy of the base while the base arrays are
-        the ones it copied last (RL's frozen base): later syncs move only the adapters, which
-        the decode program applies beside the base weights."""
-        if self.mesh is None:
-            self.model = model
-        else:
-            graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
-            last = (None, None) if self.model is None else nnx.split(self.model, nnx.LoRAParam, ...)[1:]
-            leaves = jax.tree.leaves(base)
-            kept = last[1] is not None and len(leaves) == len(self._base_from) and all(
-                map(operator.is_, leaves, self._base_from))  # the base copied last time: its copy stays
-            parts, received = [], []
-            for state, previous, keep in ((adapters, last[0], False), (base, last[1], kept)):
-                if keep or not jax.tree.leaves(state):  # (a model without adapters has an empty state)
-                    parts.append(previous if keep else state)
-                    continue
-                program = sync_program(graphdef, state, self.mesh, self.dtype or model.config.compute_dtype)
-                parts.append(program.copy(state, previous))
-                received.append(program.received_bytes)
-            self._base_from = leaves
-            self.model = nnx.merge(graphdef, *parts)
-            # what each device received: RL logs it every step
-            self.sync_stats = {} if None in received else {"sync_received_gib": sum(received) / 2**30}
+        """Sample from `model` from now on; its decode copy takes the buffers of the last one."""
+        self.use(self.decode_copy(model, reuse=True))
+
+    def use(self, copy: tuple) -> None:
+        """Sample from a `decode_copy` from now on."""
+        self.model, self.sync_stats = copy
         jax.block_until_ready(nnx.state(self.model))  # done when it returns: RL times the sync
+
+    def decode_copy(self, model, reuse: bool = False) -> tuple:
+        """(`model` in the decode layout, what each device received): in new buffers, or with
+        `reuse` in those of the copy in use (nothing may be sampling from it). A model with
+        LoRA adapters keeps the decode copy of its base while the base arrays are the ones
+        copied last (RL's frozen base): later copies move only the adapters, which the decode
+        program applies beside the base weights."""
+        if self.mesh is None:
+            return model, {}
+        graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+        last = (None, None) if self.model is None or not reuse else nnx.split(self.model, nnx.LoRAParam, ...)[1:]
+        leaves = jax.tree.leaves(base)
+        kept = self._base_copy is not None and len(leaves) == len(self._base_from) and all(
+            map(operator.is_, leaves, self._base_from))  # the base copied last time: its copy stays
+        parts, received = [], []
+        for state, previous, keep in ((adapters, last[0], False), (base, last[1], kept)):
+            if keep or not jax.tree.leaves(state):  # (a model without adapters has an empty state)
+                parts.append(self._base_copy if keep else state)
+                continue
+            copied, moved = self._copy(graphdef, state, previous, self.dtype or model.config.compute_dtype)
+            parts.append(copied)
+            received.append(moved)
+        self._base_from, self._base_copy = leaves, parts[1]
+        # what each device received: RL logs it every step
+        return nnx.merge(graphdef, *parts), {} if None in received else {"sync_received_gib": sum(received) / 2**30}
+
+    def _copy(self, graphdef, state, previous, dtype: str) -> tuple:
+        """(`state` cast and resharded into the decode layout, bytes a device received)."""
+        if self.mirror is None:
+            program = sync_program(graphdef, state, self.mesh, dtype)
+            return program.copy(state, previous), program.received_bytes
+        program = sync_program(graphdef, state, self.mirror, dtype)
+        staged = program.copy(state)
+        return parallel.move(staged, parallel.tree_shardings(state, self.mesh)), program.received_bytes
 
     def generate(self, prompts, key, params: SamplingParams, stop_ids) -> SampleOutput:
         if self.model is None:
@@ -620,12 +643,13 @@ class LocalEngine(RolloutEngine):
                         page_size=self.page_size)
 
 
-def from_config(rollout, mesh=None, pad_id: int = 0, workdir: str = "") -> RolloutEngine:
-    """The engine `rollout.engine` names: "local" (this module) or "openai" (an external
-    OpenAI-compatible server, `remote_engine.OpenAIEngine`; its weights go under `workdir`)."""
+def from_config(rollout, mesh=None, pad_id: int = 0, workdir: str = "", mirror=None) -> RolloutEngine:
+    """The engine `rollout.engine` names: "local" (this module; `mirror`: see `LocalEngine`) or
+    "openai" (an external OpenAI-compatible server, `remote_engine.OpenAIEngine`; its weights
+    go under `workdir`)."""
     if rollout.engine == "local":
         return LocalEngine(mesh, rollout.dtype or None, rollout.slots, rollout.chunk, pad_id, rollout.kv_cache_gib,
-                           rollout.page_size)
+                           rollout.page_size, mirror)
     if rollout.engine == "openai":
         from fleming_jax import remote_engine
 

@@ -63,26 +63,66 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def default_devices() -> list:
+    """All devices of all hosts, shuffled the same way on every host under
+    `FLEMING_SHUFFLE_DEVICES=<seed>` (see `make_mesh`)."""
+    devices = jax.devices()
+    if os.environ.get("FLEMING_SHUFFLE_DEVICES"):
+        order = np.random.default_rng(int(os.environ["FLEMING_SHUFFLE_DEVICES"])).permutation(len(devices))
+        devices = [devices[i] for i in order]
+    return list(devices)
+
+
+def split_devices(rollout: int) -> tuple[list, list]:
+    """(the trainer's devices, the rollout engine's): the last `rollout` of the default devices
+    go to rollouts (RL's `rollout.devices`; 0: none, both use all). One host only for now."""
+    devices = default_devices()
+    if rollout == 0:
+        return devices, []
+    if jax.process_count() > 1:
+        raise ValueError(f"rollout.devices={rollout}: a device group of the rollout's own runs on one host for now "
+                         f"(this job has {jax.process_count()} processes); set rollout.devices=0")
+    if not 0 < rollout < len(devices):
+        raise ValueError(f"rollout.devices={rollout} must leave the trainer at least one of the {len(devices)} "
+                         "devices (0: rollouts and training share all of them)")
+    return devices[:-rollout], devices[-rollout:]
+
+
+def move(tree: Any, shardings: Any) -> Any:
+    """`tree`'s arrays onto the devices of `shardings` (a tree of the same structure) whose
+    shards have the arrays' own shard shapes: each shard is copied from a device of the same
+    host holding the same piece. Host-local copies only (JAX moves an array between different
+    device sets of several hosts only on TPU's runtime)."""
+    leaves, treedef = jax.tree.flatten(tree)
+
+    def one(x, sharding):
+        key = lambda index: tuple(i.indices(n)[:2] for i, n in zip(index, x.shape))
+        pieces = {key(shard.index): shard.data for shard in x.addressable_shards}
+        wanted = sharding.addressable_devices_indices_map(x.shape)
+        missing = [d for d, index in wanted.items() if key(index) not in pieces]
+        if missing:
+            raise ValueError(f"no device of this host holds the piece of a {x.shape} array that {missing[0]} needs: "
+                             "both device groups must split weights the same way on every host")
+        return jax.make_array_from_single_device_arrays(
+            x.shape, sharding, [jax.device_put(pieces[key(index)], d) for d, index in wanted.items()])
+    return jax.tree.unflatten(treedef, [one(x, s) for x, s in zip(leaves, jax.tree.leaves(shardings))])
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts).
 
     `FLEMING_SHUFFLE_DEVICES=<seed>` (the rehearsal sets it) shuffles the default devices, the
     same way on every host, across hosts: a TPU slice's mesh orders its chips along the torus,
     not by id or host, and code that assumes one order then fails on CPU too."""
-    if devices is None:
-        devices = jax.devices()
-        if os.environ.get("FLEMING_SHUFFLE_DEVICES"):
-            order = np.random.default_rng(int(os.environ["FLEMING_SHUFFLE_DEVICES"])).permutation(len(devices))
-            devices = [devices[i] for i in order]
-    devices = list(devices)
+    devices = list(default_devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def rollout_mesh(tensor: int, num_kv_heads: int, over: jax.sharding.Mesh) -> jax.sharding.Mesh:
+def rollout_mesh(tensor: int, num_kv_heads: int, over) -> jax.sharding.Mesh:
     """The decode layout's mesh over the devices of `over` (the mesh the policy is trained or
-    built on), in `over`'s device order: tensor parallel over groups of `tensor` devices, data
+    built on, or a list of devices of the rollout's own), in `over`'s device order: tensor parallel over groups of `tensor` devices, data
     parallel over the groups (the `fsdp` axis has size 1, so no weight is gathered per token).
 
     One device order for both meshes is what lets a single program move the policy between
@@ -94,7 +134,7 @@ def rollout_mesh(tensor: int, num_kv_heads: int, over: jax.sharding.Mesh) -> jax
     `tensor=-1` takes the largest count that divides both the host's device count and the KV
     heads (a v5p host's 4 chips for Qwen2.5-7B's 4 KV heads; 8 GPUs for Qwen3-32B's 8).
     """
-    devices = np.array(list(over.devices.flat), dtype=object)
+    devices = np.array(list(over.devices.flat) if isinstance(over, jax.sharding.Mesh) else list(over), dtype=object)
     local = min(collections.Counter(d.process_index for d in devices).values())
     if tensor == -1:
         tensor = math.gcd(local, num_kv_heads)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 
 import numpy as np
 
@@ -24,6 +25,7 @@ class Preempted(BaseException):
 
 
 _flag: list[bool] | None = None  # this host's SIGTERM flag while a job listens for it
+_deferring = threading.local()  # threads whose checks wait for the main thread's (see `deferred`)
 
 
 @contextlib.contextmanager
@@ -58,7 +60,20 @@ def requested() -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(mine))))
 
 
+@contextlib.contextmanager
+def deferred():
+    """`check` does nothing in this thread for the duration: RL's rollouts sampled ahead of
+    the update finish, and the main thread's checks stop the run (one host only)."""
+    _deferring.on = True
+    try:
+        yield
+    finally:
+        _deferring.on = False
+
+
 def check(where: str) -> None:
     """Raises `Preempted` on every host at once when any host got SIGTERM."""
+    if getattr(_deferring, "on", False):
+        return
     if requested():
         raise Preempted(f"SIGTERM during {where}")

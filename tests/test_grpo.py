@@ -15,7 +15,8 @@ from fleming_jax import models
 
 def cfg(**changes):
     base = dict(loss_mode="clipped", eps_low=0.2, eps_high=0.28, beta=0.0, entropy_coef=0.0,
-                log_entropy=False, aggregation="sequence_mean", loss_normalizer=1.0, advantage="std")
+                log_entropy=False, aggregation="sequence_mean", loss_normalizer=1.0, advantage="std",
+                importance_sampling_level="token", seq_eps_low=3e-4, seq_eps_high=4e-4)
     return ml_collections.ConfigDict(base | changes)
 
 
@@ -83,6 +84,22 @@ def test_paper_loss_is_minus_advantage_times_sequence_logprob():
     # L = -(1/N) sum_i A_i log pi(y_i|x)
     expected = -(1.0 * np.log(0.25) + -0.5 * np.log(0.125)) / 2
     assert float(num / den) == pytest.approx(expected, rel=1e-6)
+
+
+def test_sequence_mean_by_hand():
+    """GSPO's per-sequence mean log-ratio: a packed row's sequences apart, masked tokens out,
+    and the GSPO ratio clipped to its own range."""
+    values = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0, 9.0], [2.0, 4.0, 6.0, 1.0, 1.0, 1.0]])
+    mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    ids = jnp.array([[1, 1, 2, 2, 2, 1], [2, 2, 2, 3, 3, 3]])
+    np.testing.assert_allclose(grpo.sequence_mean(values, mask, ids),
+                               [[1.5, 1.5, 3.5, 3.5, 3.5, 1.5], [4.0, 4.0, 4.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(grpo.sequence_mean(values, mask), [[2.5] * 6, [4.0] * 6])  # a row: one sequence
+    old = jnp.zeros((1, 3))
+    logp = jnp.array([[0.1, -0.1, 0.003]])  # mean log-ratio 0.001 > 4e-4: clipped for A > 0
+    loss, metrics = grpo.token_terms(logp, old, jnp.array([1.0]), cfg(importance_sampling_level="sequence"))
+    np.testing.assert_allclose(loss, -(1 + 4e-4) * jnp.ones((1, 3)), rtol=1e-6)
+    assert float(metrics["clip_high"].mean()) == 1.0
 
 
 def test_aggregations_by_hand():

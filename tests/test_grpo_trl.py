@@ -48,15 +48,16 @@ def test_advantages_equal_trl(scale_rewards, mode):
     np.testing.assert_allclose(ours, trl_advantages(rewards, scale_rewards), atol=1e-5)
 
 
-def trl_loss(loss_type: str, beta: float, logp, old, ref, adv, mask):
-    """TRL's `_compute_loss` on a stand-in trainer; (loss, d loss / d logp)."""
+def trl_loss(loss_type: str, beta: float, logp, old, ref, adv, mask, level="token", eps=(0.2, 0.28)):
+    """TRL's `_compute_loss` on a stand-in trainer (importance sampling `level`, clip range
+    `eps`); (loss, d loss / d logp)."""
     leaf = torch.tensor(logp, requires_grad=True)
     accelerator = types.SimpleNamespace(num_processes=1, sync_gradients=True, gather=lambda x: x,
                                         reduce=lambda x, reduction="sum": x)
     trainer = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (leaf, torch.zeros_like(leaf), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
-        beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, use_vllm=False,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level,
+        beta=beta, loss_type=loss_type, epsilon_low=eps[0], epsilon_high=eps[1], use_vllm=False,
         args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
         model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
         max_completion_length=T, accelerator=accelerator, aux_loss_enabled=False, _entropy_bonus_enabled=False,
@@ -75,22 +76,33 @@ def trl_loss(loss_type: str, beta: float, logp, old, ref, adv, mask):
 LOSS_TYPES = {"grpo": ("sequence_mean", 1.0), "dapo": ("token_mean", 1.0), "dr_grpo": ("sequence_sum", float(T))}
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
-def test_loss_and_gradient_equal_trl(loss_type, beta):
+def test_loss_and_gradient_equal_trl(loss_type, beta, level):
+    """GRPO's token ratio and GSPO's sequence ratio (`importance_sampling_level`), each with
+    ratios on both sides of its clip range (GSPO's own, 3e-4 / 4e-4)."""
     rng = np.random.default_rng(1)
     old = np.log(rng.uniform(0.05, 0.95, (B, T))).astype(np.float32)
-    logp = (old + rng.normal(0, 0.3, (B, T))).astype(np.float32)  # ratios on both sides of the clip range
+    noise = 0.3 if level == "token" else 1e-3  # GSPO: a sequence's mean log-ratio near its small range
+    logp = (old + rng.normal(0, noise, (B, T))).astype(np.float32)
     ref = (old + rng.normal(0, 0.3, (B, T))).astype(np.float32)
     lengths = rng.integers(1, T + 1, B)
     mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
     adv = np.asarray(grpo.group_advantages(jnp.asarray(rng.normal(size=(B // G, G)), jnp.float32))).reshape(-1)
-    expected, expected_grad = trl_loss(loss_type, beta, logp, old, ref, adv, mask)
+    c = cfg(beta=beta, importance_sampling_level=level)
+    eps = (c.eps_low, c.eps_high) if level == "token" else (c.seq_eps_low, c.seq_eps_high)
+    expected, expected_grad = trl_loss(loss_type, beta, logp, old, ref, adv, mask, level, eps)
     aggregation, normalizer = LOSS_TYPES[loss_type]
-    c = cfg(beta=beta, aggregation=aggregation, loss_normalizer=normalizer)
+    c.update(aggregation=aggregation, loss_normalizer=normalizer)
+    if level == "sequence":  # some sequences clipped, some not, both directions
+        mean = (np.log(np.exp(logp - old)) * mask).sum(1) / mask.sum(1)
+        clipped = (mean < -eps[0]) & (adv < 0) | (mean > eps[1]) & (adv > 0)
+        assert 0 < clipped.sum() < B, mean
 
     def ours(lp):
-        per_token, _ = grpo.token_terms(lp, jnp.asarray(old), jnp.asarray(adv), c, jnp.asarray(ref))
+        per_token, _ = grpo.token_terms(lp, jnp.asarray(old), jnp.asarray(adv), c, jnp.asarray(ref),
+                                        mask=jnp.asarray(mask))
         num, den = grpo.aggregate(per_token, jnp.asarray(mask), aggregation, normalizer)
         return num / den
     value, grad = jax.value_and_grad(ours)(jnp.asarray(logp))

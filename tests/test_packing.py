@@ -197,14 +197,15 @@ def loss_and_grads(graphdef, params, batch, c, accum, tis_cap):
 
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
-@pytest.mark.parametrize("beta,entropy_coef,tis_cap", [(0.0, 0.0, 0.0), (0.1, 0.01, 2.0)])
+@pytest.mark.parametrize("beta,entropy_coef,tis_cap,level", [(0.0, 0.0, 0.0, "token"), (0.1, 0.01, 2.0, "token"),
+                                                              (0.0, 0.0, 0.0, "sequence")])
 @pytest.mark.slow
-def test_packed_equals_one_sequence_per_row(aggregation, beta, entropy_coef, tis_cap):
+def test_packed_equals_one_sequence_per_row(aggregation, beta, entropy_coef, tis_cap, level):
     """fp32, ragged lengths, gradient accumulation over 2 microbatches: packed batches (rows of
     the longest sequence's bucket, alone or with shared prompts, and rows of 64 with shared
     prompts: whole groups after one prompt) give the padded batch's loss and gradient, the KL
     reference, TIS and entropy terms included (reference and trainer log-probs computed in
-    each layout, as the RL step does)."""
+    each layout, as the RL step does); GSPO's sequence ratios too (several sequences a row)."""
     model, _ = models.build(small_model_cfg(seed=3))
     reference, _ = models.build(small_model_cfg(seed=4))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -216,7 +217,8 @@ def test_packed_equals_one_sequence_per_row(aggregation, beta, entropy_coef, tis
     # rollout's log-probs further off (TIS weights both sides of 1)
     seqs.per_token["old_logprobs"] = np.where(mask, own + rng.normal(0, 0.2, own.shape), 0).astype(np.float32)
     seqs.per_token["rollout_logprobs"] = np.where(mask, own + rng.normal(0, 0.5, own.shape), 0).astype(np.float32)
-    c = cfg(aggregation=aggregation, beta=beta, entropy_coef=entropy_coef, loss_normalizer=24.0)
+    c = cfg(aggregation=aggregation, beta=beta, entropy_coef=entropy_coef, loss_normalizer=24.0,
+            importance_sampling_level=level, seq_eps_low=0.05, seq_eps_high=0.05)  # some sequences clipped
     results = {}
     for pack_length, share in ((0, False), (-1, False), (-1, True), (64, True)):
         seqs.share_prompts = share

@@ -6,7 +6,9 @@ Two objectives (`loss_mode`):
   "sequence_sum", loss_normalizer=1 for the exact formula).
 - "clipped": the PPO-style surrogate of GRPO/DAPO, -min(rho A, clip(rho, 1-eps_low,
   1+eps_high) A) per token with rho = pi/pi_old, plus beta * KL(pi || pi_ref) with the k3
-  estimator, minus an optional entropy bonus.
+  estimator, minus an optional entropy bonus. With `importance_sampling_level="sequence"`
+  (GSPO, TRL's name) rho is one ratio per sequence, exp of its tokens' mean log-ratio,
+  clipped to [1 - seq_eps_low, 1 + seq_eps_high] (GSPO's own small range).
 Aggregation returns (numerator, denominator) so that gradient accumulation in
 `train.state.make_train_step` reproduces the full-batch loss exactly.
 
@@ -61,23 +63,51 @@ def mismatch_terms(trainer_logp, rollout_logp, tis_cap: float = 0.0):
     return metrics, weights
 
 
-def token_terms(logp, old_logp, advantages, cfg, ref_logp=None, entropy=None, tis_weights=None):
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def sequence_mean(values: jax.Array, mask: jax.Array, sequence_ids: jax.Array | None = None) -> jax.Array:
+    """Each token's sequence's mean of `values` over its masked tokens, at every token [B, T].
+    `sequence_ids` [B, T] tell a row's sequences apart (packed rows hold several); None: a
+    row is one sequence."""
+    mask = mask.astype(values.dtype)
+    if sequence_ids is None:
+        return ((values * mask).sum(-1, keepdims=True) / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+                * jnp.ones_like(values))
+    rows, width = values.shape
+    ids = (jnp.arange(rows)[:, None] * (width + 1) + sequence_ids).reshape(-1)  # unique over the batch
+    n = rows * (width + 1)
+    sums = jax.ops.segment_sum((values * mask).reshape(-1), ids, n)
+    counts = jax.ops.segment_sum(mask.reshape(-1), ids, n)
+    return (sums / jnp.maximum(counts, 1.0))[ids].reshape(rows, width)
+
+
+def token_terms(logp, old_logp, advantages, cfg, ref_logp=None, entropy=None, tis_weights=None, mask=None,
+                sequence_ids=None):
     """Per-token loss [B, T] and per-token metric maps, for completion tokens of B sequences.
 
     advantages: [B] (one per row, broadcast over its tokens) or [B, T] (per token: packed
     rows hold several sequences); tis_weights [B, T] multiply the policy term (not the KL
-    or entropy terms).
+    or entropy terms). GSPO (`cfg.importance_sampling_level` "sequence") needs the `mask`
+    and, in packed rows, `sequence_ids` (see `sequence_mean`).
     """
     adv = advantages[:, None] if advantages.ndim == 1 else advantages
-    ratio = jnp.exp(logp - old_logp)
+    level = cfg.importance_sampling_level
+    if level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"rl.grpo.importance_sampling_level={level!r}; choose one of {IMPORTANCE_LEVELS}")
+    log_ratio = logp - old_logp
+    low, high = (cfg.eps_low, cfg.eps_high) if level == "token" else (cfg.seq_eps_low, cfg.seq_eps_high)
+    if level == "sequence":
+        log_ratio = sequence_mean(log_ratio, jnp.ones_like(logp) if mask is None else mask, sequence_ids)
+    ratio = jnp.exp(log_ratio)
     metrics = {}
     if cfg.loss_mode == "paper":
         loss = -adv * logp
     elif cfg.loss_mode == "clipped":
-        clipped = jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
+        clipped = jnp.clip(ratio, 1 - low, 1 + high)
         loss = -jnp.minimum(ratio * adv, clipped * adv)
-        metrics["clip_low"] = ((ratio < 1 - cfg.eps_low) & (adv < 0)).astype(jnp.float32)
-        metrics["clip_high"] = ((ratio > 1 + cfg.eps_high) & (adv > 0)).astype(jnp.float32)
+        metrics["clip_low"] = ((ratio < 1 - low) & (adv < 0)).astype(jnp.float32)
+        metrics["clip_high"] = ((ratio > 1 + high) & (adv > 0)).astype(jnp.float32)
     else:
         raise ValueError(f"loss_mode {cfg.loss_mode!r}; choose 'paper' or 'clipped'")
     if tis_weights is not None:
@@ -148,8 +178,12 @@ def grpo_loss(model, batch, cfg, chunk_size: int = 256, tis_cap: float = 0.0):
     old = batch["old_logprobs"]
     trainer_old, rollout = (old, batch["rollout_logprobs"]) if "rollout_logprobs" in batch else (logp, old)
     mismatch, weights = mismatch_terms(trainer_old, rollout, tis_cap)
+    sequence_ids = None
+    if cfg.importance_sampling_level == "sequence":  # each scored token's sequence: its segment id
+        at, segments = batch.get("targets"), batch["segments"]
+        sequence_ids = segments[:, -mask.shape[1]:] if at is None else jnp.take_along_axis(segments, at, axis=1)
     loss, token_metrics = token_terms(logp, old, batch["advantages"], cfg, batch.get("ref_logprobs"), entropy,
-                                      weights if tis_cap else None)
+                                      weights if tis_cap else None, mask, sequence_ids)
     token_metrics |= mismatch
     num, den = aggregate(loss, mask, cfg.aggregation, cfg.loss_normalizer, batch.get("token_share"))
     tokens = jnp.maximum(mask.sum(), 1.0)

@@ -16,6 +16,9 @@ key is derived from the step, so a resumed run continues exactly as the uninterr
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from fleming_jax import engine, models, parallel, paths, preemption, progress, rewards, sampler
 from fleming_jax import tokenizer as toklib
@@ -54,6 +58,33 @@ def rollout_batch(prompts: list[list[int]], out: sampler.SampleOutput, advantage
     (or a multiple of `rows` when those do not hold the sequences)."""
     seqs = packing.Sequences.from_rollout(prompts, out, advantages, keep, share_prompts)
     return packing.build(seqs, *packing.lay_out(seqs, pack_length, rows))
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's sampled and scored groups, as `produce` hands them to `consume`: the step's
+    metrics row so far, the sequences to train on (None: no group had signal), whether its
+    first draw was sparse (the plateau counter) and `version`, the step whose starting
+    weights sampled it."""
+
+    step: int
+    version: int
+    row: dict
+    seqs: packing.Sequences | None
+    sparse: bool
+
+    def to_json(self) -> dict:
+        return dict(dataclasses.asdict(self), seqs=self.seqs and self.seqs.to_text())
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "Rollout":
+        return cls(**dict(saved, seqs=saved["seqs"] and packing.Sequences.from_text(saved["seqs"])))
+
+
+def finished(value) -> concurrent.futures.Future:
+    done = concurrent.futures.Future()
+    done.set_result(value)
+    return done
 
 
 def concat_outputs(a: sampler.SampleOutput, b: sampler.SampleOutput) -> sampler.SampleOutput:
@@ -88,12 +119,30 @@ class RLTrainer:
                              if config.data.eval else [])
         self.stop_ids = toklib.stop_ids(self.tokenizer)
         self.prompts = record_prompts(self.tokenizer, self.records)
-        self.mesh = parallel.make_mesh(config.mesh)
+        self.ahead = c.max_staleness  # how many steps ahead of the update rollouts are sampled
+        if (self.ahead or config.rollout.devices) and config.rollout.engine != "local":
+            raise ValueError("rl.max_staleness > 0 and rollout.devices need the in-tree engine "
+                             f"(rollout.engine='local', not {config.rollout.engine!r})")
+        if self.ahead and jax.process_count() > 1:
+            raise ValueError(f"rl.max_staleness={self.ahead}: rollouts sampled ahead of the update run on one host "
+                             f"for now (this job has {jax.process_count()} processes); set rl.max_staleness=0")
+        train_devices, rollout_devices = parallel.split_devices(config.rollout.devices)
+        self.mesh = parallel.make_mesh(config.mesh, train_devices)
         model, model_config = models.build(config.model, self.mesh)
         self.model_meta = models.checkpoint_meta(config.model)  # what every checkpoint records of the model
-        rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads, self.mesh)
-        self.engine = engine.from_config(config.rollout, rollout_mesh, self.tokenizer.pad_token_id or 0, workdir)
+        kv_heads = model_config.num_kv_heads
+        rollout_mesh = parallel.rollout_mesh(config.rollout.tensor, kv_heads, rollout_devices or self.mesh)
+        mirror = parallel.rollout_mesh(rollout_mesh.shape["tensor"], kv_heads, self.mesh) if rollout_devices else None
+        self.engine = engine.from_config(config.rollout, rollout_mesh, self.tokenizer.pad_token_id or 0, workdir,
+                                         mirror)
         self.synced, self.sync_seconds = False, 0.0  # whether the engine samples from the current policy
+        # Step t's rollout is sampled from the weights at the start of step t - max_staleness;
+        # with max_staleness > 0 on a worker thread while the main thread updates (0: in the
+        # step, the synchronous run). `inflight`: (step, future Rollout), oldest first;
+        # `snapshot`: a decode copy of the current weights for the rollouts launched ahead.
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout")
+        self.inflight, self.next_launch, self.snapshot = collections.deque(), 0, None
+        self.worker_free_since = time.perf_counter()
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
         shardings = statelib.state_shardings(self.state, self.mesh)
@@ -107,6 +156,9 @@ class RLTrainer:
         self.logprobs_of = lambda weights, b: self._on_mesh(logprobs, weights, {k: b[k] for k in PACKED_BATCH})
         self.pool = mining.make_pool(self.records, c)
         self.rng = np.random.default_rng(c.seed)
+        # At max_staleness 0 the picks and the update's shuffles take turns on one stream; with
+        # rollouts sampled ahead they would interleave by timing, so the update gets its own.
+        self.shuffle_rng = self.rng if not self.ahead else np.random.default_rng([c.seed, 1])
         self.key = jax.random.key(c.seed)
         self.sparse_steps = 0
         self.ckpt = loop.Checkpoints(workdir, config.checkpoint.keep, shardings, self._log)
@@ -135,30 +187,68 @@ class RLTrainer:
         return step
 
     def host_state(self) -> dict:
-        """What a checkpoint holds besides the arrays: the RNG, the pool, the counters, and an
-        update preempted between optimizer steps (`one_step`)."""
+        """What a checkpoint holds besides the arrays: the RNGs, the pool, the counters, an
+        update preempted between optimizer steps (`one_step`) and the rollouts sampled ahead
+        (waited for: the pool and the RNG have moved past them)."""
+        self.drain()
         pending = self.pending and dict(self.pending, seqs=self.pending["seqs"].to_text())
         return dict(rng=self.rng.bit_generator.state, pool=self.pool.state_dict(), sparse_steps=self.sparse_steps,
-                    pending=pending)
+                    pending=pending, shuffle_rng=self.shuffle_rng.bit_generator.state,
+                    inflight=[future.result().to_json() for _, future in self.inflight], next_launch=self.next_launch)
 
     def load_host_state(self, meta: dict) -> None:
         self.rng.bit_generator.state = meta["rng"]
+        self.shuffle_rng.bit_generator.state = meta["shuffle_rng"]
         self.pool.load_state_dict(meta["pool"])
         self.sparse_steps = meta["sparse_steps"]
         pending = meta.get("pending")
         self.pending = pending and dict(pending, seqs=packing.Sequences.from_text(pending["seqs"]))
+        self.inflight = collections.deque((r["step"], finished(Rollout.from_json(r))) for r in meta["inflight"])
+        self.next_launch = meta["next_launch"]
 
     # ------------------------------------------------------------------ rollouts
     def model(self):
         return self.state.model(self.graphdef)
 
     def policy(self) -> sampler.RolloutEngine:
-        """The engine, synced with the policy once after each update, not per sampler call."""
+        """The engine, synced with the current weights (once after each update, not per sampler
+        call), for the main thread's own sampling: no rollout runs meanwhile."""
+        self.drain()
         if not self.synced:
             t0 = time.perf_counter()
-            self.engine.sync(self.model())
-            self.sync_seconds, self.synced = time.perf_counter() - t0, True
+            if self.snapshot is not None:  # the current weights' copy, made for a rollout ahead
+                self.engine.use(self.snapshot)
+            else:
+                self.engine.sync(self.model())
+                self.snapshot = (self.engine.model, self.engine.sync_stats) if self.ahead else None
+            self.sync_seconds, self.synced = self.sync_seconds + time.perf_counter() - t0, True
         return self.engine
+
+    def drain(self) -> None:
+        """Waits for every rollout in flight (raising what one raised)."""
+        for _, future in self.inflight:
+            future.result()
+
+    def launch(self, step: int) -> None:
+        """Hands the worker the rollouts of the steps up to `step` + max_staleness not yet
+        launched, each sampled from the weights as they are now (step t's from the weights at
+        the start of step t - max_staleness)."""
+        while self.next_launch <= min(step + self.ahead, self.config.rl.steps - 1):
+            weights = None  # max_staleness 0: the engine synced in place (nothing samples meanwhile)
+            if self.ahead:
+                t0 = time.perf_counter()
+                if self.snapshot is None:
+                    self.snapshot = self.engine.decode_copy(self.model())
+                    jax.block_until_ready(nnx.state(self.snapshot[0]))
+                self.sync_seconds += time.perf_counter() - t0
+                weights, self.synced = self.snapshot, False  # the worker installs it
+            else:
+                self.policy()
+            t = self.next_launch  # (max_staleness 0: sampled here, on the thread SIGTERM's handler runs in)
+            produced = self.worker.submit(self.produce, t, step, weights) if self.ahead else finished(
+                self.produce(t, step, weights))
+            self.inflight.append((t, produced))
+            self.next_launch += 1
 
     def sampling(self, samples: int, temperature: float | None = None) -> sampler.SamplingParams:
         c = self.config.rl
@@ -166,8 +256,9 @@ class RLTrainer:
                                       top_p=c.top_p, num_samples=samples, max_new_tokens=c.max_new_tokens)
 
     def rollout(self, indices: list[int], key, samples: int):
-        """Samples `samples` completions per prompt; returns (output, scores [n, g])."""
-        out = self.policy().generate([self.prompts[i] for i in indices], key, self.sampling(samples), self.stop_ids)
+        """Samples `samples` completions per prompt from the engine's weights; returns
+        (output, scores [n, g])."""
+        out = self.engine.generate([self.prompts[i] for i in indices], key, self.sampling(samples), self.stop_ids)
         texts = completion_texts(self.tokenizer, out)
         scores = [[rewards.score(t, self.records[i], self.config.rl.reward) for t in row]
                   for i, row in zip(indices, texts)]
@@ -190,6 +281,7 @@ class RLTrainer:
             self._log(f"pool pass: {len(outcomes)}/{len(indices)} questions scored before the preemption, "
                       f"read from {saved_file}")
         shown = progress.Progress(len(indices), f"questions scored x {k}", self._log, start=len(outcomes))
+        self.policy()
         try:
             for start in range(len(outcomes), len(indices), per_call):
                 chunk = indices[start:start + per_call]
@@ -222,9 +314,12 @@ class RLTrainer:
                 if self.pool.stops_on_plateau and self.sparse_steps >= c.sparsity_patience:
                     return (f"reward sparsity above {c.sparsity_threshold} for {self.sparse_steps} steps: "
                             f"stage {c.stage} has plateaued")
-            return loop.train_loop(start=step, total=c.steps, one_step=self.logged_step, save=self.save,
-                                   every=self.config.checkpoint.every, ckpt=self.ckpt, workdir=self.workdir,
-                                   log=self._log, on_step=on_step, stop_early=plateau)
+            try:
+                return loop.train_loop(start=step, total=c.steps, one_step=self.logged_step, save=self.save,
+                                       every=self.config.checkpoint.every, ckpt=self.ckpt, workdir=self.workdir,
+                                       log=self._log, on_step=on_step, stop_early=plateau)
+            finally:
+                self.worker.shutdown(cancel_futures=True)
 
     def logged_step(self, step: int) -> dict:
         c = self.config.rl
@@ -262,13 +357,15 @@ class RLTrainer:
     pending: dict | None = None
 
     def one_step(self, step: int) -> dict:
-        """One RL step. Preempted during its rollout, it puts the host state back as it was at
-        the step's start (nothing else has changed yet). Preempted between two optimizer steps
-        of its update (the state has moved), it keeps the update's progress (`pending`) in the
-        host state and replaces a checkpoint of the step's start, so the checkpoint `train_loop`
-        saves holds the partly updated state and what is left of the update, and the rerun
-        finishes the step from there. Either way the resumed run is the uninterrupted one."""
-        boundary = self.host_state()
+        """One RL step. Preempted during its rollout (max_staleness 0: the rollout checks), it
+        puts the host state back as it was at the step's start (nothing else has changed yet).
+        Preempted between two optimizer steps of its update (the state has moved), it keeps
+        the update's progress (`pending`) in the host state and replaces a checkpoint of the
+        step's start, so the checkpoint `train_loop` saves holds the partly updated state and
+        what is left of the update, and the rerun finishes the step from there. Rollouts
+        sampled ahead finish first and go into the checkpoint (`host_state`). Either way the
+        resumed run is the uninterrupted one."""
+        boundary = None if self.ahead else self.host_state()  # (ahead, only the update checks)
         try:
             return self._one_step(step) if self.pending is None else self.finish_update(step)
         except preemption.Preempted:
@@ -291,42 +388,68 @@ class RLTrainer:
         return row | dict(time_update=time.perf_counter() - t) | metrics
 
     def _one_step(self, step: int) -> dict:
+        self.sync_seconds = 0.0
+        self.launch(step)
+        t0 = time.perf_counter()
+        rollout = self.inflight[0][1].result()  # what the worker raised comes up here
+        return self.consume(step, rollout, time.perf_counter() - t0)
+
+    def produce(self, step: int, version: int, weights) -> Rollout:
+        """Step `step`'s rollout (on the worker thread): draw prompts, sample and score their
+        groups (refilled under dynamic sampling), the advantages and the groups to train on;
+        `weights`: the decode copy to sample from (None: the engine's)."""
         c = self.config.rl
-        key = jax.random.fold_in(self.key, step)
-        t0, self.sync_seconds = time.perf_counter(), 0.0
-        indices = self.pick(c.prompts_per_step)
-        out, reward, correct, fmt = self.sample_groups(indices, key)
-        engine_stats = {f"rollout_{k}": v for k, v in self.engine.stats.items()}  # the first rollout's
-        zero = np.all(reward == reward[:, :1], axis=1)
-        self.sparse_steps = self.sparse_steps + 1 if zero.mean() > c.sparsity_threshold else 0
-        refills = 0
-        # Dynamic sampling (DAPO): top the batch up with fresh prompts until it holds
-        # prompts_per_step groups with signal, or max_refills rounds have run.
-        while c.dynamic_sampling and (~zero).sum() < c.prompts_per_step and refills < c.max_refills:
-            refills += 1
-            more = self.pick(c.prompts_per_step - int((~zero).sum()))
-            extra = self.sample_groups(more, jax.random.fold_in(key, refills))
-            indices = indices + more
-            out = concat_outputs(out, extra[0])
-            reward, correct, fmt = (np.concatenate([a, b]) for a, b in zip((reward, correct, fmt), extra[1:]))
+        with preemption.deferred() if self.ahead else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            idle = t0 - self.worker_free_since
+            if weights is not None:
+                self.engine.use(weights)
+            key = jax.random.fold_in(self.key, step)
+            indices = self.pick(c.prompts_per_step)
+            out, reward, correct, fmt = self.sample_groups(indices, key)
+            engine_stats = {f"rollout_{k}": v for k, v in self.engine.stats.items()}  # the first rollout's
             zero = np.all(reward == reward[:, :1], axis=1)
-        advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
-        keep = ~zero if c.drop_zero_advantage_groups or c.dynamic_sampling else np.ones_like(zero)
-        keep &= np.cumsum(keep) <= c.prompts_per_step  # refills may overshoot
-        t1 = time.perf_counter()
-        lengths = out.lengths.astype(float)
-        levels = self.pool.levels()
-        row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-                   accuracy=float(correct.mean()), format=float(fmt.mean()),
-                   advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
-                   refills=refills, trained_groups=int(keep.sum()),
-                   completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
-                   stopped=float(out.done.mean()), time_generate=t1 - t0, time_sync=self.sync_seconds,
-                   **engine_stats, **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
-        metrics = {}
-        if keep.any():
+            sparse = bool(zero.mean() > c.sparsity_threshold)
+            refills = 0
+            # Dynamic sampling (DAPO): top the batch up with fresh prompts until it holds
+            # prompts_per_step groups with signal, or max_refills rounds have run.
+            while c.dynamic_sampling and (~zero).sum() < c.prompts_per_step and refills < c.max_refills:
+                refills += 1
+                more = self.pick(c.prompts_per_step - int((~zero).sum()))
+                extra = self.sample_groups(more, jax.random.fold_in(key, refills))
+                indices = indices + more
+                out = concat_outputs(out, extra[0])
+                reward, correct, fmt = (np.concatenate([a, b]) for a, b in zip((reward, correct, fmt), extra[1:]))
+                zero = np.all(reward == reward[:, :1], axis=1)
+            advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
+            keep = ~zero if c.drop_zero_advantage_groups or c.dynamic_sampling else np.ones_like(zero)
+            keep &= np.cumsum(keep) <= c.prompts_per_step  # refills may overshoot
+            lengths = out.lengths.astype(float)
+            levels = self.pool.levels()
+            row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
+                       accuracy=float(correct.mean()), format=float(fmt.mean()),
+                       advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
+                       refills=refills, trained_groups=int(keep.sum()),
+                       completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
+                       stopped=float(out.done.mean()), time_generate=time.perf_counter() - t0, time_rollout_idle=idle,
+                       **engine_stats, **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
             seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep,
-                                                  share_prompts=c.share_prompts)
+                                                  share_prompts=c.share_prompts) if keep.any() else None
+            self.worker_free_since = time.perf_counter()
+            return Rollout(step, version, row, seqs, sparse)
+
+    def consume(self, step: int, rollout: Rollout, waited: float) -> dict:
+        """Step `step`'s update on its rollout (on the main thread): the plateau counter, the
+        reference / recomputed log-probs, the optimizer steps; the step's metrics row.
+        `waited`: how long the trainer waited for the rollout (its idle time)."""
+        c = self.config.rl
+        self.sparse_steps = self.sparse_steps + 1 if rollout.sparse else 0
+        row = rollout.row | dict(time_sync=self.sync_seconds, time_rollout_wait=waited,
+                                 policy_version=rollout.version, staleness=step - rollout.version)
+        t1 = time.perf_counter()
+        metrics, seqs = {}, rollout.seqs
+        self.inflight.popleft()
+        if seqs is not None:
             recompute = c.recompute_old_logprobs or c.tis_cap
             if c.grpo.beta or recompute:  # forwards over the rollout in the update's batch shape
                 ref, own = self.forward_logprobs(seqs, c.grpo.beta, recompute)
@@ -386,7 +509,8 @@ class RLTrainer:
         `rl.update_budget`) and is one optimizer step. All of an update's minibatches have the
         same shape. Every host builds the same rows and feeds its own."""
         c = self.config.rl
-        parts = [part for _ in range(c.mu) for part in np.array_split(self.rng.permutation(len(seqs)), c.minibatches)
+        parts = [part for _ in range(c.mu) for part in np.array_split(self.shuffle_rng.permutation(len(seqs)),
+                                                                     c.minibatches)
                  if len(part)]  # (fewer sequences than minibatches: fewer steps)
         budget = self.budget
         laid = packing.minibatch_rows(seqs, parts, budget)
@@ -403,7 +527,7 @@ class RLTrainer:
             preemption.check(f"the update (before optimizer step {work['done'] + 1} of {len(work['laid'])})")
             mini = packing.build(work["seqs"], work["laid"][work["done"]], work["length"], work["scored"])
             self.state, metrics = step_fn(self.state, parallel.global_batch(self.mesh, mini, whole=True))
-            self.synced = False  # the next rollout re-syncs
+            self.synced, self.snapshot = False, None  # the next rollout re-syncs
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (np.isfinite(loss) and np.isfinite(grad_norm)):
                 raise FloatingPointError(
