@@ -14,6 +14,8 @@ import json
 import os
 import time
 
+import numpy as np
+
 from fleming_jax import models, parallel, paths
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data.records import QARecord, read_jsonl, write_jsonl
@@ -207,7 +209,36 @@ def make_plots(report: dict, workdir: str) -> list[str]:
         _savefig(fig, paths.join(workdir, "rl_curves.png"))
         plt.close(fig)
         written.append("rl_curves.png")
+    rows = [r for stage_rows in runs.values() for r in stage_rows if "time_rollout_idle" in r]
+    if rows:
+        written.append(timeline_plot(plt, rows, paths.join(workdir, "rl_timeline.png")))
     return written
+
+
+# Where each device group's time goes in an RL step: (metrics key, label) busy first.
+TIMELINE = {"trainer": [("time_update", "update"), ("time_sync", "sync"), ("time_rollout_wait", "waits for rollout")],
+            "rollout": [("time_generate", "rollout"), ("time_rollout_idle", "idle")]}
+
+
+def timeline_plot(plt, rows: list[dict], file: str) -> str:
+    """Per RL step (both stages in turn), the trainer's and the rollout engine's time as
+    stacked bars: with `rl.max_staleness` > 0 each group's idle time shrinks."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), sharey=True)
+    steps = np.arange(1, len(rows) + 1)
+    for ax, (group, parts) in zip(axes, TIMELINE.items()):
+        bottom = np.zeros(len(rows))
+        for key, label in parts:
+            values = np.array([r.get(key, 0.0) for r in rows])
+            ax.bar(steps, values, bottom=bottom, label=label, width=0.9)
+            bottom += values
+        ax.set_title("trainer" if group == "trainer" else "rollout engine")
+        ax.set_xlabel("RL step (stage 1, then stage 2)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("seconds")
+    fig.tight_layout()
+    _savefig(fig, file)
+    plt.close(fig)
+    return os.path.basename(file)
 
 
 def _savefig(fig, file: str) -> None:

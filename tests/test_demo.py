@@ -26,7 +26,8 @@ def test_demo_pipeline_connects_every_stage(tmp_path):
     for stage, r in report["held_out"].items():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 8, stage
     assert (tmp_path / "report.md").read_text().count("| rl_stage2 |") == 1
-    assert os.path.getsize(tmp_path / "accuracy.png") > 0 and os.path.getsize(tmp_path / "rl_curves.png") > 0
+    for plot in ("accuracy.png", "rl_curves.png", "rl_timeline.png"):
+        assert os.path.getsize(tmp_path / plot) > 0, plot
     assert_export_answers_like_our_sampler(tmp_path, max_new_tokens=24)  # the ci budget's eval length
     # A rerun skips every finished stage.
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -83,14 +83,17 @@ def test_each_update_trains_on_the_rollout_of_the_weights_one_update_old(toy_run
 
 @pytest.mark.slow
 def test_killed_async_run_resumes_exactly(toy_run, tmp_path, monkeypatch):
-    """Killed after step 4 (a checkpoint holding step 5's rollout, sampled ahead), the
-    resumed run ends with the uninterrupted run's params."""
+    """Stage 2 (the miner observes each rollout as the worker finishes it) with dynamic
+    sampling (refills in the worker): killed after step 4, with a checkpoint holding step 5's
+    rollout sampled ahead, the resumed run ends with the uninterrupted run's params and pool."""
     monkeypatch.setattr(rewards, "score", toy_score)
-    full = rl.RLTrainer(async_config(toy_run), str(tmp_path / "full"))
-    full.train()
+    config = lambda: async_config(toy_run, stage=2, dynamic_sampling=True, max_refills=2)
+    full = rl.RLTrainer(config(), str(tmp_path / "full"))
+    rows = full.train()
+    assert sum(r["refills"] for r in rows) > 0
     with pytest.raises(Killed):
-        rl.RLTrainer(async_config(toy_run), str(tmp_path / "split")).train(on_step=kill_at(4))
-    resumed = rl.RLTrainer(async_config(toy_run), str(tmp_path / "split"))
+        rl.RLTrainer(config(), str(tmp_path / "split")).train(on_step=kill_at(4))
+    resumed = rl.RLTrainer(config(), str(tmp_path / "split"))
     resumed.train()
     a, b = params_of(full.model()), params_of(resumed.model())
     for name in a:

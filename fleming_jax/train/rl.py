@@ -388,11 +388,10 @@ class RLTrainer:
         return row | dict(time_update=time.perf_counter() - t) | metrics
 
     def _one_step(self, step: int) -> dict:
-        self.sync_seconds = 0.0
+        self.sync_seconds, t0 = 0.0, time.perf_counter()
         self.launch(step)
-        t0 = time.perf_counter()
         rollout = self.inflight[0][1].result()  # what the worker raised comes up here
-        return self.consume(step, rollout, time.perf_counter() - t0)
+        return self.consume(step, rollout, time.perf_counter() - t0 - self.sync_seconds)
 
     def produce(self, step: int, version: int, weights) -> Rollout:
         """Step `step`'s rollout (on the worker thread): draw prompts, sample and score their
@@ -441,7 +440,8 @@ class RLTrainer:
     def consume(self, step: int, rollout: Rollout, waited: float) -> dict:
         """Step `step`'s update on its rollout (on the main thread): the plateau counter, the
         reference / recomputed log-probs, the optimizer steps; the step's metrics row.
-        `waited`: how long the trainer waited for the rollout (its idle time)."""
+        `waited`: how long the trainer waited for the rollout (its idle time; all of the
+        rollout's at max_staleness 0)."""
         c = self.config.rl
         self.sparse_steps = self.sparse_steps + 1 if rollout.sparse else 0
         row = rollout.row | dict(time_sync=self.sync_seconds, time_rollout_wait=waited,
