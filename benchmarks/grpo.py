@@ -117,6 +117,7 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
 
     c = rl_stage1.get_config().rl  # our GRPO defaults: clipped 0.2/0.28, token mean, no KL
     c.pack_length, c.share_prompts = pack_length, share_prompts
+    components = rewards.load_components(c.rewards)  # the default reward: correctness + format
     tok = toklib.load(path)
     prompts = record_prompts(tok, records)
     model, _ = hf.load(path)
@@ -140,8 +141,9 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
         start = time.perf_counter()
         texts = completion_texts(tok, out)
         t0 = time.perf_counter()
-        reward = np.array([[rewards.score(x, r, c.reward)["reward"] for x in row]
-                           for r, row in zip(records, texts)])
+        reward = np.array(rewards.score_components(
+            components, [x for row in texts for x in row], [r for r, row in zip(records, texts) for _ in row])["reward"]
+        ).reshape(len(texts), -1)
         t1 = time.perf_counter()
         advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
         batch = rl.rollout_batch(prompts, out, advantages, np.ones(len(prompts), bool), accum, c.pack_length,

@@ -82,7 +82,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         sparsity_threshold=0.9,  # share of all-equal-reward groups that signals a plateau...
         sparsity_patience=5,  # ...for this many consecutive steps
         eval_every=10, eval_size=64 if tiny else 512,
-        reward=dict(accuracy=1.0, format=0.1),
+        # The reward: a weighted sum of components, each a batched function named
+        # 'module:function' (fn(completions, records, **its other keys) -> a float each; see
+        # fleming_jax.rewards). The paper's: correctness and format adherence, no length term.
+        # `correctness` is also what the pool counts as solved (1.0): keep a component of that name.
+        rewards=dict(correctness=dict(fn="fleming_jax.rewards:correctness", weight=1.0),
+                     format=dict(fn="fleming_jax.rewards:format_adherence", weight=0.1)),
         # the KL reference (beta > 0): its own copy of the starting weights, bf16 (2 bytes a
         # parameter, sharded like the params) or "float32" (exact, twice that)
         reference_dtype="bfloat16",

@@ -28,6 +28,9 @@ str methods); text inside the answer tag longer than `MAX_ANSWER_CHARS` is not a
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
+import math
 import re
 import unicodedata
 from typing import Any, Mapping, Sequence
@@ -47,15 +50,6 @@ _LETTER_RE = re.compile(r"(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])(?!\w))\s*[
 # Option text followed by its letter in brackets: "Aspirin (B)".
 _TEXT_LETTER_RE = re.compile(r"(.*?)\s*(?:\(([A-Za-z])\)|\[([A-Za-z])\])\s*\.?", re.DOTALL)
 _DECORATION = " \t\r\n*_`'\""
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    """Reward = accuracy * correct + format * well_formed. The paper gives no weights; the
-    format term is small so it shapes the output without ever outweighing a right answer."""
-
-    accuracy: float = 1.0
-    format: float = 0.1
 
 
 def _tags(completion: str) -> list[tuple[str, int, int]]:
@@ -160,30 +154,83 @@ def format_ok(completion: str) -> bool:
             and bool(completion[t1:t2].strip()) and bool(completion[a1:a2].strip()))
 
 
-def _config(config: RewardConfig | Mapping[str, Any] | None) -> RewardConfig:
-    if config is None or isinstance(config, RewardConfig):
-        return config or RewardConfig()
-    weights = dict(config)  # also an ml_collections.ConfigDict
-    known = {f.name for f in dataclasses.fields(RewardConfig)}
-    if set(weights) - known:
-        raise ValueError(f"unknown reward weights {sorted(set(weights) - known)}; expected {sorted(known)}")
-    return RewardConfig(**weights)
+def score(completion: str, record: QARecord) -> dict[str, float]:
+    """{'accuracy', 'format'}: a reply's two 0/1 terms (evaluation's per-sample scores; RL's
+    reward is the weighted sum of `rl.rewards`, below)."""
+    return dict(accuracy=float(is_correct(completion, record)), format=float(format_ok(completion)))
 
 
-def score(completion: str, record: QARecord,
-          config: RewardConfig | Mapping[str, Any] | None = None) -> dict[str, float]:
-    """{'reward', 'accuracy', 'format'}: the weighted reward and its two 0/1 terms."""
-    weights = _config(config)
-    accuracy = float(is_correct(completion, record))
-    fmt = float(format_ok(completion))
-    return dict(reward=weights.accuracy * accuracy + weights.format * fmt, accuracy=accuracy, format=fmt)
+# ------------------------------------------------------------------ reward components (RL's `rl.rewards`)
+# A reward component is a batched function `fn(completions, records, **kwargs) -> one float
+# per completion` (completions: the decoded replies, list[str]; records: each reply's
+# QARecord; kwargs: the component's own config keys besides fn and weight). RL's reward is
+# the weighted sum of its components; the component named PASS decides what counts as solved
+# (value 1.0) for the pool's grading and mining and the `accuracy` metric.
+
+PASS = "correctness"
 
 
-def score_batch(completions: Sequence[str], records: Sequence[QARecord],
-                config: RewardConfig | Mapping[str, Any] | None = None) -> list[dict[str, float]]:
-    """score() for each (completion, record) pair, e.g. a GRPO group's rollouts."""
-    if len(completions) != len(records):
-        raise ValueError(f"{len(completions)} completions but {len(records)} records; "
-                         "pass one record per completion (repeat a record for its group)")
-    weights = _config(config)
-    return [score(c, r, weights) for c, r in zip(completions, records)]
+def correctness(completions: Sequence[str], records: Sequence[QARecord]) -> list[float]:
+    """1.0 where the reply's single final answer is the record's (`is_correct`), else 0.0."""
+    return [float(is_correct(c, r)) for c, r in zip(completions, records)]
+
+
+def format_adherence(completions: Sequence[str], records: Sequence[QARecord]) -> list[float]:
+    """1.0 where the reply is exactly `<think>…</think> <answer>…</answer>` (`format_ok`)."""
+    return [float(format_ok(c)) for c in completions]
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    name: str
+    fn: Any
+    weight: float
+    kwargs: Mapping[str, Any]
+
+
+def load_components(spec: Mapping[str, Mapping[str, Any]], key: str = "rl.rewards") -> list[Component]:
+    """The components of `spec` ({name: {fn: "module:function", weight: w, **kwargs}}),
+    imported and checked against the signature, so a bad entry fails in one line at start-up."""
+    out = []
+    for name, entry in dict(spec).items():
+        entry = dict(entry)
+        where = f"{key}.{name}"
+        target, weight = entry.pop("fn", None), entry.pop("weight", 1.0)
+        if not isinstance(target, str) or target.count(":") != 1:
+            raise ValueError(f"{where}.fn={target!r}: name a function as 'module:function' "
+                             "(e.g. 'fleming_jax.rewards:correctness')")
+        module_name, function = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"{where}.fn={target!r}: cannot import {module_name!r} ({e}); put it on PYTHONPATH") from e
+        fn = getattr(module, function, None)
+        if not callable(fn):
+            raise ValueError(f"{where}.fn={target!r}: {module_name} has no function {function!r}")
+        try:
+            inspect.signature(fn).bind([], [], **entry)
+        except TypeError as e:
+            raise ValueError(f"{where}: {target}({', '.join(['completions', 'records', *entry])}) does not fit its "
+                             f"signature {inspect.signature(fn)} ({e}); a reward takes (completions, records, "
+                             "**its config keys)") from e
+        if not isinstance(weight, (int, float)):
+            raise ValueError(f"{where}.weight={weight!r}: a number")
+        out.append(Component(name, fn, float(weight), entry))
+    if PASS not in {c.name for c in out}:
+        raise ValueError(f"{key} has no {PASS!r} component: name the reward whose 1.0 means solved (the pool's "
+                         f"grading and mining count it) {PASS!r}, e.g. {key}.{PASS}.fn='fleming_jax.rewards:correctness'")
+    return out
+
+
+def score_components(components: Sequence[Component], completions: Sequence[str],
+                     records: Sequence[QARecord]) -> dict[str, list[float]]:
+    """Each component's value for each completion, and `reward`, their weighted sum."""
+    values = {}
+    for c in components:
+        got = [float(v) for v in c.fn(list(completions), list(records), **c.kwargs)]
+        if len(got) != len(completions) or not all(map(math.isfinite, got)):
+            raise ValueError(f"reward {c.name!r} ({c.fn.__module__}:{c.fn.__name__}) returned {len(got)} values "
+                             f"for {len(completions)} completions, or a non-finite one: one finite float each")
+        values[c.name] = got
+    values["reward"] = [sum(c.weight * values[c.name][i] for c in components) for i in range(len(completions))]
+    return values

@@ -11,14 +11,12 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np  # noqa: E402
 
-from fleming_jax import rewards  # noqa: E402
 from fleming_jax.train import rl  # noqa: E402
 from tests.test_hf import params_of  # noqa: E402
-from tests.test_rl import toy_config, toy_score  # noqa: E402
+from tests.test_rl import toy_config  # noqa: E402
 
 
 def main(root, workdir, stage, out):
-    rewards.score = toy_score
     config = toy_config(root, int(stage), steps=5)
     config.checkpoint.every = 1
     trainer = rl.RLTrainer(config, workdir)

@@ -22,7 +22,7 @@ from fleming_jax.models import hf
 from fleming_jax.train import rl, sft
 from tests.test_evaluate import task_config, tiny_run, toy_extract  # noqa: F401 (fixture)
 from tests.test_evaluate import toy_score as eval_score
-from tests.test_rl import toy_config, toy_run, toy_score  # noqa: F401 (fixture)
+from tests.test_rl import toy_config, toy_run  # noqa: F401 (fixture)
 from tests.test_teachers import KEY, FakeServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,6 @@ def test_api_key_never_reaches_any_output(tmp_path, env_key, outcome):
 
 @pytest.mark.slow
 def test_rl_drops_and_counts_bad_records_and_trains(toy_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rewards, "score", toy_score)
     train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     good = [qa(i) for i in range(6)]
     bad = [qa(10, answer="Z"), qa(11, answer=None), qa(12, answer=1), qa(13, question=LONG),

@@ -90,6 +90,16 @@ def test_pipeline_runs_with_every_path_on_gcs(emulator, kg_records, tmp_path, mo
     resumed = rl.RLTrainer(_rl_config(rl_stage1, f"{g}/sft/checkpoints", steps=2), f"{g}/rl1")
     assert [r["step"] for r in resumed.train()] == [2]
     jax.tree.map(np.testing.assert_array_equal, _params(resumed.model()), _params(full.model()))
+    # TensorBoard: each run's event files (the preempted one's and the rerun's) uploaded beside it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = tmp_path / "events"
+    for f in paths.path(f"{g}/rl1/tensorboard").iterdir():
+        (events / f.name).parent.mkdir(exist_ok=True)
+        (events / f.name).write_bytes(f.read_bytes())
+    assert len(list(events.iterdir())) == 2
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("reward_mean")] == [1, 2]
 
     # rl stage 2, 1 step, from stage 1's gs:// checkpoints; then export and eval
     rl.run(_rl_config(rl_stage2, f"{g}/rl1/checkpoints", steps=1), f"{g}/rl2")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 from collections import Counter
 
 import numpy as np
@@ -9,7 +10,18 @@ import pytest
 
 from fleming_jax.data.records import QARecord
 from fleming_jax.train import mining
-from tests.test_rl import toy_config, toy_run  # noqa: F401 (toy_run is a fixture)
+from tests.test_rl import toy_config, toy_rewards, toy_run  # noqa: F401 (toy_run is a fixture)
+
+CALLS = Counter()  # how often `planted` scored each record (a test sets it)
+
+
+def planted(completions, records):
+    """Questions 0-7 always right (Easy), 8-15 right every other try (Moderate)."""
+    out = []
+    for r in records:
+        CALLS[r.id] += 1
+        out.append(float(int(r.id) < 8 or CALLS[r.id] % 2 == 0))
+    return out
 
 
 def records(n=20, difficult=()):
@@ -122,16 +134,11 @@ def test_stage1_pool_graded_by_real_rollouts_draws_easy_and_moderate(toy_run, tm
     """The real pass: the trainer's sampler writes 4 replies per question, rewards score them,
     the pool grades from them. Rewards are planted per question: 0-7 always right (Easy), 8-15
     right every other try (2 of 4: Moderate)."""
-    from fleming_jax import rewards
     from fleming_jax.train import rl
     calls = Counter()
-
-    def planted(completion, record, config=None):
-        calls[record.id] += 1
-        r = float(int(record.id) < 8 or calls[record.id] % 2 == 0)
-        return dict(reward=r, accuracy=r, format=r)
-    monkeypatch.setattr(rewards, "score", planted)
-    trainer = rl.RLTrainer(toy_config(toy_run, 1, grade_k=4), str(tmp_path))
+    monkeypatch.setattr(sys.modules[__name__], "CALLS", calls)
+    trainer = rl.RLTrainer(toy_config(toy_run, 1, grade_k=4, rewards=toy_rewards("tests.test_mining:planted")),
+                           str(tmp_path))
     lines = []
     assert trainer.pool.prepare(trainer.score_pool, lines.append).startswith("graded 16 records")
     # 16 questions x 4 tries = 64 sequences of at most 8 new tokens = 512 tokens

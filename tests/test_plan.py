@@ -179,11 +179,9 @@ def test_rl_plan_compiles_the_update_batch_rl_runs(toy_run, tmp_path, monkeypatc
     """A real RL step (KL reference, recomputed old log-probs, 2 accumulation steps) and
     `task=plan` for the same config decide the update batch with one function: the same
     arrays, shapes and dtypes, whatever each rollout's lengths."""
-    from fleming_jax import rewards
     from fleming_jax.train import rl
-    from tests.test_rl import toy_config, toy_score
+    from tests.test_rl import toy_config
 
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, steps=1, recompute_old_logprobs=True, grad_accum_steps=2, drop_zero_advantage_groups=False,
                         grpo=dict(beta=0.04), reference_dtype="float32")
     trainer = rl.RLTrainer(config, str(tmp_path))

@@ -19,7 +19,7 @@ from fleming_jax.train import rl, sft
 from fleming_jax.data.records import format_reply
 from tests.test_distill import REASONING, record
 from tests.test_hf import params_of
-from tests.test_rl import toy_config, toy_run, toy_score  # noqa: F401 (toy_run is a fixture)
+from tests.test_rl import toy_config, toy_run  # noqa: F401 (toy_run is a fixture)
 from tests import test_evaluate
 from tests.test_evaluate import tiny_run  # noqa: F401 (a fixture)
 from tests.test_sft import multihost_config, multihost_run, uneven_data
@@ -84,7 +84,6 @@ def test_sigterm_mid_rollout_saves_the_last_step_and_resumes_exactly(toy_run, tm
     """Stage 2 with dynamic sampling: the signal lands in a refill rollout, after the step's
     first rollout has fed the miner and drawn prompts; the host state goes back to the step's
     start, so the saved step resumes as the uninterrupted run."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = lambda: toy_config(toy_run, 2, steps=3, dynamic_sampling=True, max_refills=4)
     full_calls = []
     full = signal_on_rollout(rl.RLTrainer(config(), str(tmp_path / "full")), set(), full_calls)
@@ -113,7 +112,6 @@ def test_preempted_pool_pass_keeps_its_chunks_and_step_zero_keeps_the_pass(toy_r
     """Stage 2's scoring pass in two chunks, preempted in the second: the first chunk's
     outcomes are kept and not asked again. Then preempted in step 1's rollout: a step-0
     checkpoint holds the pass, so the next rerun does not score again."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = lambda: toy_config(toy_run, 2, steps=1, group_size=4)  # 16 questions, 8 per pass call
     full_calls = []
     full = signal_on_rollout(rl.RLTrainer(config(), str(tmp_path / "full")), set(), full_calls)
@@ -170,7 +168,6 @@ def test_sigterm_between_optimizer_steps_saves_the_partial_update_and_resumes_ex
     The rerun finishes step 3 without a new rollout; SIGTERM again in step 4's first optimizer
     step (no checkpoint of step 3 to replace); the last rerun gives the uninterrupted run's
     params, pool and metrics."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = lambda: toy_config(toy_run, steps=5, mu=2, minibatches=2, drop_zero_advantage_groups=False)
     full = rl.RLTrainer(config(), str(tmp_path / "full"))
     full.train()

@@ -6,6 +6,7 @@ import string
 import ml_collections
 import pytest
 
+from configs import rl_stage1
 from fleming_jax import rewards
 from fleming_jax.data.records import QARecord, format_reply
 
@@ -126,10 +127,15 @@ TABLE = [
 ]
 
 
+DEFAULT = rewards.load_components(rl_stage1.get_config().rl.rewards)  # the paper's: correctness + 0.1 format
+
+
 @pytest.mark.parametrize("name,completion,record,reward,accuracy,fmt", TABLE, ids=[t[0] for t in TABLE])
 def test_reward_table(name, completion, record, reward, accuracy, fmt):
-    got = rewards.score(completion, record)
-    assert got == pytest.approx(dict(reward=reward, accuracy=accuracy, format=fmt)), name
+    """The default `rl.rewards` (RL's reward) and `score` (evaluation's terms) on each case."""
+    got = rewards.score_components(DEFAULT, [completion], [record])
+    assert got == pytest.approx(dict(reward=[reward], correctness=[accuracy], format=[fmt])), name
+    assert rewards.score(completion, record) == dict(accuracy=accuracy, format=fmt)
     assert rewards.is_correct(completion, record) == bool(accuracy)
     assert rewards.format_ok(completion) == bool(fmt)
 
@@ -149,22 +155,45 @@ def test_duplicate_option_texts_are_ambiguous():
     assert rewards.is_correct(format_reply(R, "A"), record)
 
 
-def test_weights_from_config_dict_and_configdict():
-    wrong, right = format_reply(R, "C"), OK
-    config = rewards.RewardConfig(accuracy=2.0, format=0.5)
-    assert rewards.score(right, MCQ, config)["reward"] == pytest.approx(2.5)
-    assert rewards.score(wrong, MCQ, dict(format=0.5))["reward"] == pytest.approx(0.5)
-    assert rewards.score(right, MCQ, ml_collections.ConfigDict(dict(accuracy=1.0, format=0.0)))["reward"] == 1.0
-    assert rewards.RewardConfig() == rewards.RewardConfig(accuracy=1.0, format=0.1)
-    with pytest.raises(ValueError, match=r"unknown reward weights \['length'\]"):
-        rewards.score(right, MCQ, dict(length=-0.1))
+def letter_share(completions, records, letter="B"):
+    return [c.count(letter) / max(len(c), 1) for c in completions]
 
 
-def test_score_batch_keeps_order_and_checks_lengths():
-    got = rewards.score_batch([OK, format_reply(R, "C"), ""], [MCQ] * 3, dict(accuracy=1.0, format=0.5))
-    assert [g["reward"] for g in got] == [1.5, 0.5, 0.0]
-    with pytest.raises(ValueError, match="2 completions but 1 records"):
-        rewards.score_batch([OK, OK], [MCQ])
+def one_value(completions, records):
+    return [1.0]
+
+
+def test_components_weights_kwargs_and_order():
+    spec = ml_collections.ConfigDict(dict(
+        correctness=dict(fn="fleming_jax.rewards:correctness", weight=2.0),
+        format=dict(fn="fleming_jax.rewards:format_adherence", weight=0.5),
+        letters=dict(fn="tests.test_rewards:letter_share", weight=-1.0, letter="C")))
+    components = rewards.load_components(spec)
+    got = rewards.score_components(components, [OK, format_reply(R, "C"), "CC"], [MCQ] * 3)
+    c_share = format_reply(R, "C").count("C") / len(format_reply(R, "C"))
+    assert got["correctness"] == [1.0, 0.0, 0.0] and got["format"] == [1.0, 1.0, 0.0] and got["letters"][2] == 1.0
+    assert got["reward"] == pytest.approx([2.5 - got["letters"][0], 0.5 - c_share, -1.0])
+
+
+@pytest.mark.parametrize("entry,message", [
+    (dict(fn="fleming_jax.rewards.correctness"), "as 'module:function'"),
+    (dict(fn="no_such_module:f"), "cannot import 'no_such_module'"),
+    (dict(fn="fleming_jax.rewards:nothing"), "has no function 'nothing'"),
+    (dict(fn="tests.test_rewards:letter_share", colour="red"), "does not fit its signature"),
+    (dict(fn="fleming_jax.rewards:correctness", weight="high"), "a number"),
+])
+def test_bad_components_fail_in_one_line(entry, message):
+    with pytest.raises(ValueError, match=message) as got:
+        rewards.load_components(dict(correctness=dict(fn="fleming_jax.rewards:correctness"), mine=entry))
+    assert "rl.rewards." in str(got.value) and "\n" not in str(got.value)
+
+
+def test_a_pass_component_and_one_value_each():
+    with pytest.raises(ValueError, match="no 'correctness' component"):
+        rewards.load_components(dict(mine=dict(fn="fleming_jax.rewards:format_adherence")))
+    with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
+        rewards.score_components(rewards.load_components(dict(correctness=dict(fn="tests.test_rewards:one_value"))),
+                                 [OK, OK], [MCQ] * 2)
 
 
 def test_record_whose_answer_is_not_an_option_letter_is_refused():

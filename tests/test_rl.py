@@ -1,7 +1,9 @@
 """The RL loop: a toy verifiable task is learned, and a killed run resumes exactly."""
 
 import contextlib
+import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -18,10 +20,26 @@ from tests.test_hf import params_of
 DIGITS = set("0123456789")
 
 
-def toy_score(completion, record, config=None):
-    """A verifiable toy task any random model can start on: reply starting with a digit."""
-    r = float(completion[:1] in DIGITS)
-    return dict(reward=r, accuracy=r, format=r)
+def digit_first(completions, records):
+    """A verifiable toy task any random model can start on: reply starting with a digit (the
+    toy runs' `correctness` reward, named in their config)."""
+    return [float(c[:1] in DIGITS) for c in completions]
+
+
+def odd_length(completions, records):
+    return [float(len(c) % 2) for c in completions]
+
+
+PLANTED = iter(())  # the next call numbers of `planted_even_ids` (a test sets it)
+
+
+def planted_even_ids(completions, records):
+    """Even record ids right on every other call, odd ones never."""
+    return [float(int(r.id) % 2 == 0 and next(PLANTED) % 2 == 0) for r in records]
+
+
+def toy_rewards(fn="tests.test_rl:digit_first"):
+    return dict(correctness=dict(fn=fn, weight=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +71,7 @@ def toy_config(root, stage=1, **rl_changes):
     config.data.update(train=os.path.join(root, "train.jsonl"), eval="")
     config.rl.update(dict(steps=6, prompts_per_step=4, group_size=8, max_new_tokens=8, grade_k=0, score_k=2,
                           sparsity_patience=1000) | rl_changes)
+    config.rl.rewards = rl_changes.get("rewards", toy_rewards())
     config.optimizer.learning_rate = 2e-2
     config.checkpoint.every = 2
     return config
@@ -63,7 +82,6 @@ def toy_config(root, stage=1, **rl_changes):
 def test_toy_task_is_learned(toy_run, tmp_path, monkeypatch, engine):
     """Through the in-tree engine, and through an OpenAI-compatible server that reloads the
     policy from disk after every update (`remote_engine`, a vLLM-like fake on 127.0.0.1)."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, steps=30)
     with contextlib.ExitStack() as stack:
         if engine == "openai":
@@ -82,6 +100,34 @@ def test_toy_task_is_learned(toy_run, tmp_path, monkeypatch, engine):
         assert server.requests >= 30 * 4
 
 
+def test_a_reward_module_of_the_users_own_changes_what_rl_optimises(toy_run, tmp_path, monkeypatch):
+    """A reward written in a temp dir, named in `rl.rewards` with its own keyword, and the
+    built-in `correctness` at weight 0: over 10 real steps the replies fill with the letter it
+    pays for; its component is logged in metrics.jsonl and TensorBoard's event files."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "my_reward.py").write_text(
+        "def letter_share(completions, records, letter):\n"
+        "    return [c.count(letter) / max(len(c), 1) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mine"))
+    config = toy_config(toy_run, steps=10, rewards=dict(
+        correctness=dict(fn="tests.test_rl:digit_first", weight=0.0),
+        prefer_b=dict(fn="my_reward:letter_share", weight=1.0, letter="B")))
+    rows = rl.RLTrainer(config, str(tmp_path / "run")).train()
+    share = [r["reward_prefer_b"] for r in rows]
+    print("share of B per step", np.round(share, 3))
+    assert np.mean(share[-3:]) > 0.3 > 3 * np.mean(share[:3]), share
+    assert [r["reward_mean"] for r in rows] == share  # the weight-0 correctness adds nothing
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    assert [r["reward_prefer_b"] for r in logged] == share and "reward_prefer_b_positive" in logged[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    got = [(e.step, e.value) for e in events.Scalars("reward_prefer_b")]
+    assert [step for step, _ in got] == list(range(1, 11))
+    np.testing.assert_allclose([v for _, v in got], share, rtol=1e-6)
+
+
 class Killed(Exception):
     """Stands for a kill between steps (the run gets no chance to save)."""
 
@@ -97,7 +143,6 @@ def kill_at(n: int):
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(toy_run, tmp_path, monkeypatch, stage):
-    monkeypatch.setattr(rewards, "score", toy_score)
     picked = {}
 
     def record_picks(trainer, workdir):
@@ -173,10 +218,8 @@ def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monke
     Rows of 144 (the prompt bucket 128 + the reply bucket 16) hold a prompt of 116 and three
     replies of 8: the 32 sequences need 12 rows, more than the budget's 8 (half of the worst
     case's 16), so they take 16, and the forward runs them 8 rows at a time (one shape)."""
-    monkeypatch.setattr(rewards, "score", lambda c, r, cfg=None: dict(reward=float(len(c) % 2), accuracy=0.0,
-                                                                      format=0.0))
     config = toy_config(toy_run, grpo=dict(beta=0.1), reference_dtype="float32", pack_length=pack_length,
-                        drop_zero_advantage_groups=False)
+                        drop_zero_advantage_groups=False, rewards=toy_rewards("tests.test_rl:odd_length"))
     trainer = rl.RLTrainer(config, str(tmp_path))
     seen, shapes, logprobs_of = [], set(), trainer.logprobs_of
     trainer.update = lambda seqs: seen.append(seqs) or {}
@@ -202,11 +245,10 @@ def completion_mask(seqs):
 def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(toy_run, tmp_path, monkeypatch, dynamic):
     """Even record ids give mixed rewards within a group, odd ones all zero. The first draw
     has one useful group; each refill asks for the missing count: 3 (1 useful), 2 (1), 1 (1)."""
-    calls = iter(range(10_000))
-    monkeypatch.setattr(rewards, "score", lambda c, r, cfg=None: (
-        lambda x: dict(reward=x, accuracy=x, format=1.0))(float(int(r.id) % 2 == 0 and next(calls) % 2 == 0)))
+    monkeypatch.setattr(sys.modules[__name__], "PLANTED", iter(range(10_000)))
     trainer = rl.RLTrainer(toy_config(toy_run, 2, prompts_per_step=4, group_size=8, dynamic_sampling=dynamic,
-                                      max_refills=3), str(tmp_path))
+                                      max_refills=3, rewards=toy_rewards("tests.test_rl:planted_even_ids")),
+                           str(tmp_path))
     draws = iter([[1, 3, 5, 0], [2, 7, 9], [11, 4, 13], [6, 8]])
     asked = []
     trainer.pick = lambda n: asked.append(n) or next(draws)[:n] if dynamic else [1, 3, 5, 0]
@@ -231,7 +273,6 @@ def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, 
     """One real step with the rollout decoding in `dtype`: the mismatch metrics are ~0 for an
     fp32 rollout and clearly not for bf16; with recompute_old_logprobs the update's pi_old is
     the trainer's own forward and the rollout's log-probs ride along."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, steps=1, recompute_old_logprobs=True)
     config.rollout.dtype = dtype
     trainer = rl.RLTrainer(config, str(tmp_path))
@@ -259,7 +300,6 @@ def test_packed_update_equals_one_sequence_per_row(toy_run, tmp_path, monkeypatc
     """One real RL step (rollout, reference and recomputed log-probs, optimizer steps) with
     rows of 256 tokens (several sequences each, replies after their group's one prompt) and
     with one sequence per row: the same loss, gradient norm and params, from fewer tokens."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     got = {}
     for pack_length in (0, 256):
         config = toy_config(toy_run, steps=1, pack_length=pack_length, drop_zero_advantage_groups=False, **changes)
@@ -292,7 +332,6 @@ def test_update_compiles_once_over_a_long_tailed_run(toy_run, tmp_path, monkeypa
     compiles in the first steps and none after step 3; the update compiles once, in the
     budget's shape (before the budget, row counts and scored widths followed each rollout:
     4 update programs, at steps 1, 5, 6 and 13)."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, steps=20, prompts_per_step=32, max_new_tokens=64, pack_length=128)
     config.optimizer.learning_rate = 2e-3  # slow enough that the replies stay long-tailed
     config.checkpoint.every = 1000
@@ -344,7 +383,6 @@ def test_lora_rl_trains_only_adapters_against_the_base_and_syncs_only_them(toy_r
     import jax
     from flax import nnx
 
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, steps=3, grpo=dict(beta=0.05), drop_zero_advantage_groups=False)
     config.model.update(lora_rank=4, lora_alpha=8.0, lora_base_quant=quant)
     config.mesh.update(data=1, fsdp=-1)  # weights split in training: a sync moves shards

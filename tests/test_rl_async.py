@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fleming_jax import parallel, preemption, rewards
+from fleming_jax import parallel, preemption
 from fleming_jax.train import rl
 from tests.test_hf import params_of
 from tests.test_packing import logprobs_at
-from tests.test_rl import Killed, kill_at, toy_config, toy_run, toy_score  # noqa: F401 (toy_run: a fixture)
+from tests.test_rl import Killed, kill_at, toy_config, toy_run  # noqa: F401 (toy_run: a fixture)
 
 
 def async_config(root, **changes):
@@ -53,7 +53,6 @@ def test_each_update_trains_on_the_rollout_of_the_weights_one_update_old(toy_run
     sampled by the weights at the start of step t - 1 (their behaviour log-probs are that
     model's, not the current one's), pi_old is the current weights' own forward, and the
     update's first loss is the TIS-weighted surrogate computed here by hand."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = async_config(toy_run, steps=4, tis_cap=2.0, drop_zero_advantage_groups=False)
     trainer = rl.RLTrainer(config, str(tmp_path))
     starts, trained = [], []  # the weights at each step's start; what each update got
@@ -86,7 +85,6 @@ def test_killed_async_run_resumes_exactly(toy_run, tmp_path, monkeypatch):
     """Stage 2 (the miner observes each rollout as the worker finishes it) with dynamic
     sampling (refills in the worker): killed after step 4, with a checkpoint holding step 5's
     rollout sampled ahead, the resumed run ends with the uninterrupted run's params and pool."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = lambda: async_config(toy_run, stage=2, dynamic_sampling=True, max_refills=2)
     full = rl.RLTrainer(config(), str(tmp_path / "full"))
     rows = full.train()
@@ -107,7 +105,6 @@ def test_sigterm_mid_update_saves_the_rollout_sampled_ahead_and_resumes_exactly(
     state, the rest of the update and step 4's rollout, sampled ahead from the weights at the
     start of step 3 (the worker finishes it: its checks defer to the main thread's). The rerun
     samples nothing for step 4 and ends with the uninterrupted run's params and pool."""
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = lambda: async_config(toy_run, steps=5, minibatches=2, drop_zero_advantage_groups=False)
     full = rl.RLTrainer(config(), str(tmp_path / "full"))
     full.train()
@@ -138,7 +135,6 @@ def test_sigterm_mid_update_saves_the_rollout_sampled_ahead_and_resumes_exactly(
 
 @pytest.mark.slow
 def test_toy_task_is_learned_one_update_stale(toy_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "score", toy_score)
     rows = rl.RLTrainer(async_config(toy_run, steps=30, tis_cap=2.0), str(tmp_path)).train()
     first = np.mean([r["reward_mean"] for r in rows[:3]])
     last = np.mean([r["reward_mean"] for r in rows[-3:]])

@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fleming_jax import models, parallel, rewards
+from fleming_jax import models, parallel
 from fleming_jax.train import rl
 from tests.test_hf import params_of
 from tests.test_parallel import ROOT, free_port
-from tests.test_rl import Killed, kill_at, model_cfg, toy_config, toy_run, toy_score  # noqa: F401 (toy_run is a fixture)
+from tests.test_rl import Killed, kill_at, model_cfg, toy_config, toy_run  # noqa: F401 (toy_run is a fixture)
 
 
 @pytest.mark.slow
 def test_kl_to_the_reference_grows_from_zero_over_real_updates(toy_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, steps=5, dynamic_sampling=True, max_refills=4, grpo=dict(beta=0.04))
     config.optimizer.learning_rate = 5e-3
     trainer = rl.RLTrainer(config, str(tmp_path))
@@ -52,7 +51,6 @@ def planted(indices, k):
 
 @pytest.mark.slow
 def test_stage1_grades_then_draws_easy_and_moderate_1_to_1_and_resumes_the_same(toy_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = lambda: toy_config(toy_run, 1, steps=4, grade_k=4)
     picks = {}
 
@@ -111,7 +109,6 @@ def corrupt(step_dir, how: str):
 
 @pytest.mark.slow
 def test_resume_walks_back_over_corrupt_checkpoints(toy_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rewards, "score", toy_score)
     config = toy_config(toy_run, 2, steps=4, group_size=8)
     config.checkpoint.every = 1
     full = rl.RLTrainer(config, str(tmp_path / "full"))
@@ -159,7 +156,6 @@ def multihost_run(root, workdir, signal_step=None, lora=False):
     """3 real RL steps with beta > 0 and dynamic sampling; (rows, params, rows seen per step).
     `signal_step=n`: this process gets SIGTERM as step n's first rollout starts; `lora`: rank-4
     adapters are what trains (`params` holds them)."""
-    rewards.score = toy_score  # in this process only (a worker, or under monkeypatch)
     config = multihost_config(root)
     if lora:
         config.model.update(lora_rank=4, lora_alpha=8.0)
@@ -217,7 +213,6 @@ def finish(procs):
 def test_lora_on_two_processes_equals_one_process(toy_run, tmp_path, monkeypatch):
     """RL with adapters, 2 processes x 4 devices against 1 x 8: the same rows and adapters."""
     procs = launch(toy_run, tmp_path, "mh_lora", "lora")
-    monkeypatch.setattr(rewards, "score", toy_score)
     rows, params, _ = multihost_run(str(toy_run), str(tmp_path / "single"), lora=True)
     finish(procs)
     assert params and all("_lora_" in name for name in params)
@@ -238,7 +233,6 @@ def test_two_processes_equal_one_process_and_stop_together_on_one_sigterm(toy_ru
     alone as step 2's rollout starts: both stop at the same decode chunk, save step 1 and exit
     0, and rerunning resumes to the uninterrupted 2-process run's params and metrics."""
     procs = launch(toy_run, tmp_path, "mh")
-    monkeypatch.setattr(rewards, "score", toy_score)
     rows, params, seen = multihost_run(str(toy_run), str(tmp_path / "single"))
     finish(procs)
     config = multihost_config(str(toy_run))

@@ -1,16 +1,21 @@
-"""Training metrics: metrics.jsonl, and TensorBoard event files when tensorboardX is there."""
+"""Training metrics: metrics.jsonl (the source of truth) and TensorBoard event files beside it."""
 
 from __future__ import annotations
 
 import json
+import tempfile
+
+import tensorboardX
 
 from fleming_jax import paths
 
 
 class MetricsWriter:
-    """Appends one JSON row per logged step; only process 0 writes. A run resumed from
-    `resume_step` first drops the rows past that step (written after the checkpoint it
-    resumes from), so the file holds each step once."""
+    """Appends one JSON row per logged step and the same scalars to `<workdir>/tensorboard`;
+    only process 0 writes. A run resumed from `resume_step` first drops the rows past that
+    step (written after the checkpoint it resumes from), so the file holds each step once.
+    On gs:// the event file is written locally and uploaded at each `close` (the end of a
+    stage, a preemption)."""
 
     def __init__(self, workdir: str, main: bool, resume_step: int = 0):
         path = paths.join(workdir, "metrics.jsonl")
@@ -20,13 +25,12 @@ class MetricsWriter:
             if len(kept) != len(lines):
                 paths.write_text(path, "".join(kept))
         self.file = paths.Appender(path) if main else None
-        self.tb = None
+        self.tb, self.upload = None, None
         if main:
-            try:
-                import tensorboardX
-                self.tb = tensorboardX.SummaryWriter(paths.join(workdir, "tensorboard"))
-            except ImportError:
-                pass
+            events = paths.join(workdir, "tensorboard")
+            if paths.is_remote(workdir):
+                self.upload, events = (events, tempfile.mkdtemp(prefix="tensorboard-"))
+            self.tb = tensorboardX.SummaryWriter(events)
 
     def write(self, row: dict):
         if self.file:
@@ -42,6 +46,8 @@ class MetricsWriter:
             self.file.close()
         if self.tb:
             self.tb.close()
+            if self.upload:
+                paths.upload_dir(self.tb.logdir, self.upload)
 
 
 def _step(line: str) -> float:

@@ -104,6 +104,7 @@ class RLTrainer:
                              "or --config.model.hf_path=<HF dir>")
         if config.model.init_from:
             paths.require(config.model.init_from, "config.model.init_from", f"run `{config.init_from_producer}` first")
+        self.rewards = rewards.load_components(c.rewards)  # (a bad entry stops here, before any model)
         self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
         model_config = models.config_from(config.model)
         if len(self.tokenizer) > model_config.vocab_size:
@@ -257,12 +258,12 @@ class RLTrainer:
 
     def rollout(self, indices: list[int], key, samples: int):
         """Samples `samples` completions per prompt from the engine's weights; returns
-        (output, scores [n, g])."""
+        (output, {reward component or "reward": values [n, g]})."""
         out = self.engine.generate([self.prompts[i] for i in indices], key, self.sampling(samples), self.stop_ids)
-        texts = completion_texts(self.tokenizer, out)
-        scores = [[rewards.score(t, self.records[i], self.config.rl.reward) for t in row]
-                  for i, row in zip(indices, texts)]
-        return out, scores
+        texts = [t for row in completion_texts(self.tokenizer, out) for t in row]
+        records = [self.records[i] for i in indices for _ in range(samples)]
+        scores = rewards.score_components(self.rewards, texts, records)
+        return out, {k: np.array(v).reshape(len(indices), samples) for k, v in scores.items()}
 
     def score_pool(self, indices: list[int], k: int) -> list[list[bool]]:
         """k samples per question, as many rows per sampler call as a training rollout has;
@@ -286,7 +287,7 @@ class RLTrainer:
             for start in range(len(outcomes), len(indices), per_call):
                 chunk = indices[start:start + per_call]
                 _, scores = self.rollout(chunk, jax.random.fold_in(key, start), k)
-                outcomes += [[s["accuracy"] == 1.0 for s in row] for row in scores]
+                outcomes += (scores[rewards.PASS] == 1.0).tolist()
                 shown.update(len(outcomes))
         except preemption.Preempted:
             if self.main:
@@ -343,14 +344,11 @@ class RLTrainer:
         return row
 
     def sample_groups(self, indices: list[int], key):
-        """Rollout of `indices` -> (output, rewards [n, G], correct [n, G], format [n, G]); the
-        pool observes every outcome."""
+        """Rollout of `indices` -> (output, {reward component or "reward": values [n, G]}); the
+        pool observes every outcome (solved: the PASS component is 1)."""
         out, scores = self.rollout(indices, key, self.config.rl.group_size)
-        reward, accuracy, fmt = (np.array([[s[k] for s in row] for row in scores], float)
-                                 for k in ("reward", "accuracy", "format"))
-        correct = accuracy == 1.0
-        self.pool.observe(indices, correct.tolist())
-        return out, reward, correct, fmt
+        self.pool.observe(indices, (scores[rewards.PASS] == 1.0).tolist())
+        return out, scores
 
     # An update's progress while it runs (None between steps): the step, its metrics row so
     # far, the sequences, their minibatch rows, the optimizer steps done and their metric sums.
@@ -405,7 +403,8 @@ class RLTrainer:
                 self.engine.use(weights)
             key = jax.random.fold_in(self.key, step)
             indices = self.pick(c.prompts_per_step)
-            out, reward, correct, fmt = self.sample_groups(indices, key)
+            out, scores = self.sample_groups(indices, key)
+            reward = scores["reward"]
             engine_stats = {f"rollout_{k}": v for k, v in self.engine.stats.items()}  # the first rollout's
             zero = np.all(reward == reward[:, :1], axis=1)
             sparse = bool(zero.mean() > c.sparsity_threshold)
@@ -418,15 +417,18 @@ class RLTrainer:
                 extra = self.sample_groups(more, jax.random.fold_in(key, refills))
                 indices = indices + more
                 out = concat_outputs(out, extra[0])
-                reward, correct, fmt = (np.concatenate([a, b]) for a, b in zip((reward, correct, fmt), extra[1:]))
+                scores = {k: np.concatenate([v, extra[1][k]]) for k, v in scores.items()}
+                reward = scores["reward"]
                 zero = np.all(reward == reward[:, :1], axis=1)
             advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
             keep = ~zero if c.drop_zero_advantage_groups or c.dynamic_sampling else np.ones_like(zero)
             keep &= np.cumsum(keep) <= c.prompts_per_step  # refills may overshoot
             lengths = out.lengths.astype(float)
             levels = self.pool.levels()
+            components = {f"reward_{c.name}{tail}": float(f(scores[c.name])) for c in self.rewards
+                          for tail, f in (("", np.mean), ("_positive", lambda v: np.mean(v > 0)))}
             row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-                       accuracy=float(correct.mean()), format=float(fmt.mean()),
+                       accuracy=float(np.mean(scores[rewards.PASS] == 1.0)), **components,
                        advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
                        refills=refills, trained_groups=int(keep.sum()),
                        completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
