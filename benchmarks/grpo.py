@@ -142,7 +142,7 @@ def ours(path: str, records: list[QARecord], group: int, new_tokens: int, accum:
         texts = completion_texts(tok, out)
         t0 = time.perf_counter()
         reward = np.array(rewards.score_components(
-            components, [x for row in texts for x in row], [r for r, row in zip(records, texts) for _ in row])["reward"]
+            components, [x for row in texts for x in row], [r for r, row in zip(records, texts) for _ in row])[0]["reward"]
         ).reshape(len(texts), -1)
         t1 = time.perf_counter()
         advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))

@@ -163,7 +163,8 @@ def score(completion: str, record: QARecord) -> dict[str, float]:
 # ------------------------------------------------------------------ reward components (RL's `rl.rewards`)
 # A reward component is a batched function `fn(completions, records, **kwargs) -> one float
 # per completion` (completions: the decoded replies, list[str]; records: each reply's
-# QARecord; kwargs: the component's own config keys besides fn and weight). RL's reward is
+# QARecord; kwargs: the component's own config keys besides fn and weight), or -> (those
+# floats, {name: number} to log for the batch, e.g. a judge's request counts). RL's reward is
 # the weighted sum of its components; the component named PASS decides what counts as solved
 # (value 1.0) for the pool's grading and mining and the `accuracy` metric.
 
@@ -223,14 +224,19 @@ def load_components(spec: Mapping[str, Mapping[str, Any]], key: str = "rl.reward
 
 
 def score_components(components: Sequence[Component], completions: Sequence[str],
-                     records: Sequence[QARecord]) -> dict[str, list[float]]:
-    """Each component's value for each completion, and `reward`, their weighted sum."""
-    values = {}
+                     records: Sequence[QARecord]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """(each component's value for each completion and `reward`, their weighted sum; what the
+    components report of the batch, as `<component>_<name>`)."""
+    values, reported = {}, {}
     for c in components:
-        got = [float(v) for v in c.fn(list(completions), list(records), **c.kwargs)]
+        got = c.fn(list(completions), list(records), **c.kwargs)
+        if isinstance(got, tuple):
+            got, extra = got
+            reported.update({f"{c.name}_{k}": float(v) for k, v in extra.items()})
+        got = [float(v) for v in got]
         if len(got) != len(completions) or not all(map(math.isfinite, got)):
             raise ValueError(f"reward {c.name!r} ({c.fn.__module__}:{c.fn.__name__}) returned {len(got)} values "
                              f"for {len(completions)} completions, or a non-finite one: one finite float each")
         values[c.name] = got
     values["reward"] = [sum(c.weight * values[c.name][i] for c in components) for i in range(len(completions))]
-    return values
+    return values, reported

@@ -133,7 +133,7 @@ DEFAULT = rewards.load_components(rl_stage1.get_config().rl.rewards)  # the pape
 @pytest.mark.parametrize("name,completion,record,reward,accuracy,fmt", TABLE, ids=[t[0] for t in TABLE])
 def test_reward_table(name, completion, record, reward, accuracy, fmt):
     """The default `rl.rewards` (RL's reward) and `score` (evaluation's terms) on each case."""
-    got = rewards.score_components(DEFAULT, [completion], [record])
+    got, _ = rewards.score_components(DEFAULT, [completion], [record])
     assert got == pytest.approx(dict(reward=[reward], correctness=[accuracy], format=[fmt])), name
     assert rewards.score(completion, record) == dict(accuracy=accuracy, format=fmt)
     assert rewards.is_correct(completion, record) == bool(accuracy)
@@ -169,7 +169,8 @@ def test_components_weights_kwargs_and_order():
         format=dict(fn="fleming_jax.rewards:format_adherence", weight=0.5),
         letters=dict(fn="tests.test_rewards:letter_share", weight=-1.0, letter="C")))
     components = rewards.load_components(spec)
-    got = rewards.score_components(components, [OK, format_reply(R, "C"), "CC"], [MCQ] * 3)
+    got, reported = rewards.score_components(components, [OK, format_reply(R, "C"), "CC"], [MCQ] * 3)
+    assert reported == {}
     c_share = format_reply(R, "C").count("C") / len(format_reply(R, "C"))
     assert got["correctness"] == [1.0, 0.0, 0.0] and got["format"] == [1.0, 1.0, 0.0] and got["letters"][2] == 1.0
     assert got["reward"] == pytest.approx([2.5 - got["letters"][0], 0.5 - c_share, -1.0])

@@ -258,12 +258,12 @@ class RLTrainer:
 
     def rollout(self, indices: list[int], key, samples: int):
         """Samples `samples` completions per prompt from the engine's weights; returns
-        (output, {reward component or "reward": values [n, g]})."""
+        (output, {reward component or "reward": values [n, g]}, what the components reported)."""
         out = self.engine.generate([self.prompts[i] for i in indices], key, self.sampling(samples), self.stop_ids)
         texts = [t for row in completion_texts(self.tokenizer, out) for t in row]
         records = [self.records[i] for i in indices for _ in range(samples)]
-        scores = rewards.score_components(self.rewards, texts, records)
-        return out, {k: np.array(v).reshape(len(indices), samples) for k, v in scores.items()}
+        scores, reported = rewards.score_components(self.rewards, texts, records)
+        return out, {k: np.array(v).reshape(len(indices), samples) for k, v in scores.items()}, reported
 
     def score_pool(self, indices: list[int], k: int) -> list[list[bool]]:
         """k samples per question, as many rows per sampler call as a training rollout has;
@@ -286,7 +286,7 @@ class RLTrainer:
         try:
             for start in range(len(outcomes), len(indices), per_call):
                 chunk = indices[start:start + per_call]
-                _, scores = self.rollout(chunk, jax.random.fold_in(key, start), k)
+                _, scores, _ = self.rollout(chunk, jax.random.fold_in(key, start), k)
                 outcomes += (scores[rewards.PASS] == 1.0).tolist()
                 shown.update(len(outcomes))
         except preemption.Preempted:
@@ -344,11 +344,11 @@ class RLTrainer:
         return row
 
     def sample_groups(self, indices: list[int], key):
-        """Rollout of `indices` -> (output, {reward component or "reward": values [n, G]}); the
-        pool observes every outcome (solved: the PASS component is 1)."""
-        out, scores = self.rollout(indices, key, self.config.rl.group_size)
+        """Rollout of `indices` -> (output, {reward component or "reward": values [n, G]}, what
+        the components reported); the pool observes every outcome (solved: PASS is 1)."""
+        out, scores, reported = self.rollout(indices, key, self.config.rl.group_size)
         self.pool.observe(indices, (scores[rewards.PASS] == 1.0).tolist())
-        return out, scores
+        return out, scores, reported
 
     # An update's progress while it runs (None between steps): the step, its metrics row so
     # far, the sequences, their minibatch rows, the optimizer steps done and their metric sums.
@@ -403,7 +403,7 @@ class RLTrainer:
                 self.engine.use(weights)
             key = jax.random.fold_in(self.key, step)
             indices = self.pick(c.prompts_per_step)
-            out, scores = self.sample_groups(indices, key)
+            out, scores, reported = self.sample_groups(indices, key)
             reward = scores["reward"]
             engine_stats = {f"rollout_{k}": v for k, v in self.engine.stats.items()}  # the first rollout's
             zero = np.all(reward == reward[:, :1], axis=1)
@@ -418,6 +418,7 @@ class RLTrainer:
                 indices = indices + more
                 out = concat_outputs(out, extra[0])
                 scores = {k: np.concatenate([v, extra[1][k]]) for k, v in scores.items()}
+                reported = {k: v + extra[2].get(k, 0.0) for k, v in reported.items()}
                 reward = scores["reward"]
                 zero = np.all(reward == reward[:, :1], axis=1)
             advantages = np.asarray(grpo.group_advantages(jnp.asarray(reward), c.grpo.advantage))
@@ -427,6 +428,7 @@ class RLTrainer:
             levels = self.pool.levels()
             components = {f"reward_{c.name}{tail}": float(f(scores[c.name])) for c in self.rewards
                           for tail, f in (("", np.mean), ("_positive", lambda v: np.mean(v > 0)))}
+            components |= {f"reward_{k}": v for k, v in reported.items()}  # summed over the step's rollouts
             row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
                        accuracy=float(np.mean(scores[rewards.PASS] == 1.0)), **components,
                        advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),

@@ -1,0 +1,118 @@
+"""The LLM-judge reward against a local OpenAI-compatible chat server that grades by script."""
+
+import http.server
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fleming_jax import judge
+from fleming_jax.data.records import QARecord
+from fleming_jax.train import rl
+from tests.test_rl import Killed, kill_at, toy_config, toy_rewards, toy_run  # noqa: F401 (toy_run: a fixture)
+
+KEY = "sk-judge-secret-777"
+
+
+class JudgeServer:
+    """Grades the answer in the prompt: "right" 9, "wrong" 2, "rambling" no SCORE line, "slow"
+    answers after 1 s; anything else (a toy model's reply) by its length. Counts requests."""
+
+    def __init__(self):
+        self.requests, self.keys, self.lock = [], set(), threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                answer = body["messages"][0]["content"].split("Answer to grade:\n", 1)[1].rsplit("\n\nJudge", 1)[0]
+                with outer.lock:
+                    outer.requests.append(answer)
+                    outer.keys.add(self.headers.get("Authorization"))
+                if answer == "slow":
+                    time.sleep(1.0)
+                verdict = {"right": "It matches.\nSCORE: 9", "wrong": "SCORE: 2", "rambling": "Hard to say."}.get(
+                    answer, f"SCORE: {len(answer) % 11}")
+                data = json.dumps(dict(choices=[dict(index=0, message=dict(role="assistant", content=verdict))],
+                                       usage=dict(total_tokens=10))).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client timed out and hung up
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    judge._caches.clear()
+    s = JudgeServer()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def test_parse_takes_the_last_score_line_out_of_ten():
+    assert judge.parse("ok\nSCORE: 7") == 0.7 and judge.parse("SCORE: 3\nOn reflection:\nSCORE: 10") == 1.0
+    assert judge.parse("no, SCORE: 10") is None  # a line of its own
+    assert judge.parse("score:4.5 ") == 0.45
+    assert judge.parse("SCORE: 11") is None and judge.parse("I give it a 7") is None and judge.parse("") is None
+
+
+def test_scores_counts_failures_and_asks_each_pair_once(server, tmp_path, caplog, capsys):
+    record = QARecord(id="1", source="t", question="What lowers LDL?", answer="Statins")
+    replies = ["right", "wrong", "rambling", "slow", "right"]
+    settings = dict(base_url=server.url, model="judge", api_key_env="JUDGE_KEY", cache=str(tmp_path / "judge.jsonl"),
+                    timeout_s=0.2, max_retries=0)
+    with caplog.at_level(logging.DEBUG):
+        values, counts = judge.score(replies, [record] * 5, **settings)
+    assert values == [0.9, 0.2, 0.0, 0.0, 0.9]
+    assert counts == dict(requests=4, cached=1, unparsable=1, failed=1, tokens=30, seconds=counts["seconds"])
+    assert sorted(server.requests) == ["rambling", "right", "slow", "wrong"]  # the repeated pair asked once
+    assert server.keys == {f"Bearer {KEY}"}
+    out = capsys.readouterr()
+    assert KEY not in out.out + out.err + caplog.text
+    # a fresh process (a resumed run) reads the cache: only the failed request is asked again
+    judge._caches.clear()
+    values, counts = judge.score(replies, [record] * 5, **settings)
+    assert values == [0.9, 0.2, 0.0, 0.0, 0.9] and counts["requests"] == 1 and counts["cached"] == 4
+    assert server.requests[4:] == ["slow"]
+    with pytest.raises(ValueError, match="needs base_url"):
+        judge.score(replies, [record] * 5, base_url="", model="judge")
+
+
+@pytest.mark.slow
+def test_rl_with_the_judge_reward_logs_it_and_a_rerun_step_asks_nothing(toy_run, server, tmp_path):
+    """Real RL steps scored by the judge (its verdict by reply length here), checkpoints every
+    2 steps: killed after step 3 (unsaved), the rerun repeats step 3's rollout exactly and
+    finds every verdict in the cache."""
+    rewards = dict(toy_rewards(), judge=dict(fn="fleming_jax.judge:score", weight=1.0, base_url=server.url,
+                                               model="judge", api_key_env="JUDGE_KEY",
+                                               cache=str(tmp_path / "judge.jsonl")))
+    config = lambda: toy_config(toy_run, steps=4, rewards=rewards)
+    with pytest.raises(Killed):
+        rl.RLTrainer(config(), str(tmp_path / "run")).train(on_step=kill_at(3))
+    asked = len(server.requests)
+    judge._caches.clear()  # as a new process would start
+    rows = rl.RLTrainer(config(), str(tmp_path / "run")).train()
+    assert [r["step"] for r in rows] == [3, 4]
+    assert rows[0]["reward_judge_requests"] == 0 and rows[0]["reward_judge_cached"] == 32
+    assert len(server.requests) == asked + rows[1]["reward_judge_requests"] > asked
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert {"reward_judge", "reward_judge_positive", "reward_judge_tokens"} <= set(logged[0])
+    assert np.isclose(logged[0]["reward_mean"], logged[0]["reward_judge"] + logged[0]["reward_correctness"])
+    assert all(r["reward_judge_tokens"] == 10 * r["reward_judge_requests"] and r["reward_judge_seconds"] >= 0
+               for r in logged)  # the server's usage: 10 tokens a verdict
