@@ -159,7 +159,7 @@ def test_api_key_never_reaches_any_output(tmp_path, env_key, outcome):
 # ------------------------------------------------------------------ RL and SFT: dropped, counted, run completes
 
 @pytest.mark.slow
-def test_rl_drops_and_counts_bad_records_and_trains(toy_run, tmp_path, monkeypatch, capsys):
+def test_rl_drops_and_counts_bad_records_and_trains(toy_run, tmp_path, capsys):
     train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     good = [qa(i) for i in range(6)]
     bad = [qa(10, answer="Z"), qa(11, answer=None), qa(12, answer=1), qa(13, question=LONG),

@@ -175,7 +175,7 @@ def test_plan_refuses_a_preset_on_a_slice_too_small_for_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_rl_plan_compiles_the_update_batch_rl_runs(toy_run, tmp_path, monkeypatch):
+def test_rl_plan_compiles_the_update_batch_rl_runs(toy_run, tmp_path):
     """A real RL step (KL reference, recomputed old log-probs, 2 accumulation steps) and
     `task=plan` for the same config decide the update batch with one function: the same
     arrays, shapes and dtypes, whatever each rollout's lengths."""

@@ -80,7 +80,7 @@ def signal_in_step(trainer, step: int):
 
 
 @pytest.mark.slow
-def test_sigterm_mid_rollout_saves_the_last_step_and_resumes_exactly(toy_run, tmp_path, monkeypatch):
+def test_sigterm_mid_rollout_saves_the_last_step_and_resumes_exactly(toy_run, tmp_path):
     """Stage 2 with dynamic sampling: the signal lands in a refill rollout, after the step's
     first rollout has fed the miner and drawn prompts; the host state goes back to the step's
     start, so the saved step resumes as the uninterrupted run."""
@@ -108,7 +108,7 @@ def test_sigterm_mid_rollout_saves_the_last_step_and_resumes_exactly(toy_run, tm
 
 
 @pytest.mark.slow
-def test_preempted_pool_pass_keeps_its_chunks_and_step_zero_keeps_the_pass(toy_run, tmp_path, monkeypatch):
+def test_preempted_pool_pass_keeps_its_chunks_and_step_zero_keeps_the_pass(toy_run, tmp_path):
     """Stage 2's scoring pass in two chunks, preempted in the second: the first chunk's
     outcomes are kept and not asked again. Then preempted in step 1's rollout: a step-0
     checkpoint holds the pass, so the next rerun does not score again."""
@@ -161,7 +161,7 @@ def signal_in_update(trainer, step: int, after: int, log: list):
 
 
 @pytest.mark.slow
-def test_sigterm_between_optimizer_steps_saves_the_partial_update_and_resumes_exactly(toy_run, tmp_path, monkeypatch):
+def test_sigterm_between_optimizer_steps_saves_the_partial_update_and_resumes_exactly(toy_run, tmp_path):
     """mu=2 x 2 minibatches: 4 optimizer steps an update, checkpoints every 2 steps. SIGTERM
     in step 3's second optimizer step: the update stops before its third, and the checkpoint
     of step 2 is replaced by one of the partly updated state with the rest of the update.

@@ -10,7 +10,7 @@ import pytest
 from jax import monitoring
 
 from configs import rl_stage1, rl_stage2
-from fleming_jax import models, rewards
+from fleming_jax import models
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data.records import QARecord, write_jsonl
 from fleming_jax.train import checkpoint, rl
@@ -79,7 +79,7 @@ def toy_config(root, stage=1, **rl_changes):
 
 @pytest.mark.parametrize("engine", ["local", "openai"])
 @pytest.mark.slow
-def test_toy_task_is_learned(toy_run, tmp_path, monkeypatch, engine):
+def test_toy_task_is_learned(toy_run, tmp_path, engine):
     """Through the in-tree engine, and through an OpenAI-compatible server that reloads the
     policy from disk after every update (`remote_engine`, a vLLM-like fake on 127.0.0.1)."""
     config = toy_config(toy_run, steps=30)
@@ -142,7 +142,7 @@ def kill_at(n: int):
 
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.slow
-def test_killed_run_resumes_exactly(toy_run, tmp_path, monkeypatch, stage):
+def test_killed_run_resumes_exactly(toy_run, tmp_path, stage):
     picked = {}
 
     def record_picks(trainer, workdir):
@@ -212,7 +212,7 @@ def test_rollout_batch_keeps_groups_one_sequence_per_row_or_packed():
 
 
 @pytest.mark.parametrize("pack_length", [pytest.param(512, marks=pytest.mark.slow), 128])
-def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, monkeypatch, pack_length):
+def test_reference_logprobs_cover_the_completion_window(toy_run, tmp_path, pack_length):
     """With beta > 0 the frozen reference scores each sequence's completion (in packed rows);
     at the first step it is the rollout policy, so it matches the sampler's own log-probs.
     Rows of 144 (the prompt bucket 128 + the reply bucket 16) hold a prompt of 116 and three
@@ -269,7 +269,7 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(toy_run
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.slow
-def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, monkeypatch, dtype):
+def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, dtype):
     """One real step with the rollout decoding in `dtype`: the mismatch metrics are ~0 for an
     fp32 rollout and clearly not for bf16; with recompute_old_logprobs the update's pi_old is
     the trainer's own forward and the rollout's log-probs ride along."""
@@ -296,7 +296,7 @@ def test_rollout_trainer_mismatch_is_measured_and_recomputed(toy_run, tmp_path, 
     pytest.param(dict(grpo=dict(beta=0.04, aggregation="sequence_mean"), reference_dtype="float32",
                       recompute_old_logprobs=True, grad_accum_steps=2), marks=pytest.mark.slow),
 ])
-def test_packed_update_equals_one_sequence_per_row(toy_run, tmp_path, monkeypatch, changes):
+def test_packed_update_equals_one_sequence_per_row(toy_run, tmp_path, changes):
     """One real RL step (rollout, reference and recomputed log-probs, optimizer steps) with
     rows of 256 tokens (several sequences each, replies after their group's one prompt) and
     with one sequence per row: the same loss, gradient norm and params, from fewer tokens."""
@@ -326,7 +326,7 @@ def test_packed_update_equals_one_sequence_per_row(toy_run, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_update_compiles_once_over_a_long_tailed_run(toy_run, tmp_path, monkeypatch):
+def test_update_compiles_once_over_a_long_tailed_run(toy_run, tmp_path):
     """20 steps with long-tailed replies (16 more stop tokens: ~5% a token, so a mean of ~20
     of up to 64) and 1 to 32 groups kept a step: every program a step runs (rollout, update)
     compiles in the first steps and none after step 3; the update compiles once, in the
@@ -375,7 +375,7 @@ def test_update_compiles_once_over_a_long_tailed_run(toy_run, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("quant", ["", pytest.param("nf4", marks=pytest.mark.slow)])
-def test_lora_rl_trains_only_adapters_against_the_base_and_syncs_only_them(toy_run, tmp_path, monkeypatch, quant):
+def test_lora_rl_trains_only_adapters_against_the_base_and_syncs_only_them(toy_run, tmp_path, quant):
     """RL with adapters on an 8-device FSDP mesh: real updates move only the adapters; the KL
     reference is the frozen base itself under zero adapters (no copy); after the first sync
     the engine keeps its copy of the base and receives only the adapters. With a quantized

@@ -22,6 +22,14 @@ def async_config(root, **changes):
     return config
 
 
+def assert_same_run(full, resumed):
+    """The resumed run ends with the uninterrupted one's params (bit for bit) and pool."""
+    a, b = params_of(full.model()), params_of(resumed.model())
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert full.pool.state_dict() == resumed.pool.state_dict()
+
+
 def test_move_copies_each_shard_to_the_device_that_holds_the_same_piece():
     devices = jax.devices()
     mesh = lambda ds: jax.sharding.Mesh(np.array(ds).reshape(2, 2), ("a", "b"))
@@ -48,7 +56,7 @@ def test_bad_splits_say_what_to_set(toy_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_each_update_trains_on_the_rollout_of_the_weights_one_update_old(toy_run, tmp_path, monkeypatch):
+def test_each_update_trains_on_the_rollout_of_the_weights_one_update_old(toy_run, tmp_path):
     """Staleness 1 on 4 + 4 devices, fp32 rollouts, TIS capped at 2: step t's replies were
     sampled by the weights at the start of step t - 1 (their behaviour log-probs are that
     model's, not the current one's), pi_old is the current weights' own forward, and the
@@ -81,7 +89,7 @@ def test_each_update_trains_on_the_rollout_of_the_weights_one_update_old(toy_run
 
 
 @pytest.mark.slow
-def test_killed_async_run_resumes_exactly(toy_run, tmp_path, monkeypatch):
+def test_killed_async_run_resumes_exactly(toy_run, tmp_path):
     """Stage 2 (the miner observes each rollout as the worker finishes it) with dynamic
     sampling (refills in the worker): killed after step 4, with a checkpoint holding step 5's
     rollout sampled ahead, the resumed run ends with the uninterrupted run's params and pool."""
@@ -93,14 +101,11 @@ def test_killed_async_run_resumes_exactly(toy_run, tmp_path, monkeypatch):
         rl.RLTrainer(config(), str(tmp_path / "split")).train(on_step=kill_at(4))
     resumed = rl.RLTrainer(config(), str(tmp_path / "split"))
     resumed.train()
-    a, b = params_of(full.model()), params_of(resumed.model())
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert full.pool.state_dict() == resumed.pool.state_dict()
+    assert_same_run(full, resumed)
 
 
 @pytest.mark.slow
-def test_sigterm_mid_update_saves_the_rollout_sampled_ahead_and_resumes_exactly(toy_run, tmp_path, monkeypatch):
+def test_sigterm_mid_update_saves_the_rollout_sampled_ahead_and_resumes_exactly(toy_run, tmp_path):
     """SIGTERM in step 3's update (2 minibatches): the checkpoint holds the partly updated
     state, the rest of the update and step 4's rollout, sampled ahead from the weights at the
     start of step 3 (the worker finishes it: its checks defer to the main thread's). The rerun
@@ -127,14 +132,11 @@ def test_sigterm_mid_update_saves_the_rollout_sampled_ahead_and_resumes_exactly(
     resumed.produce = lambda step, version, weights: sampled.append(step) or produce(step, version, weights)
     resumed.train()
     assert sampled == [4]  # step 4's rollout came from the checkpoint
-    a, b = params_of(full.model()), params_of(resumed.model())
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert full.pool.state_dict() == resumed.pool.state_dict()
+    assert_same_run(full, resumed)
 
 
 @pytest.mark.slow
-def test_toy_task_is_learned_one_update_stale(toy_run, tmp_path, monkeypatch):
+def test_toy_task_is_learned_one_update_stale(toy_run, tmp_path):
     rows = rl.RLTrainer(async_config(toy_run, steps=30, tis_cap=2.0), str(tmp_path)).train()
     first = np.mean([r["reward_mean"] for r in rows[:3]])
     last = np.mean([r["reward_mean"] for r in rows[-3:]])

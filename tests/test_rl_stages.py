@@ -21,7 +21,7 @@ from tests.test_rl import Killed, kill_at, model_cfg, toy_config, toy_run  # noq
 
 
 @pytest.mark.slow
-def test_kl_to_the_reference_grows_from_zero_over_real_updates(toy_run, tmp_path, monkeypatch):
+def test_kl_to_the_reference_grows_from_zero_over_real_updates(toy_run, tmp_path):
     config = toy_config(toy_run, steps=5, dynamic_sampling=True, max_refills=4, grpo=dict(beta=0.04))
     config.optimizer.learning_rate = 5e-3
     trainer = rl.RLTrainer(config, str(tmp_path))
@@ -50,7 +50,7 @@ def planted(indices, k):
 
 
 @pytest.mark.slow
-def test_stage1_grades_then_draws_easy_and_moderate_1_to_1_and_resumes_the_same(toy_run, tmp_path, monkeypatch):
+def test_stage1_grades_then_draws_easy_and_moderate_1_to_1_and_resumes_the_same(toy_run, tmp_path):
     config = lambda: toy_config(toy_run, 1, steps=4, grade_k=4)
     picks = {}
 
@@ -108,7 +108,7 @@ def corrupt(step_dir, how: str):
 
 
 @pytest.mark.slow
-def test_resume_walks_back_over_corrupt_checkpoints(toy_run, tmp_path, monkeypatch, capsys):
+def test_resume_walks_back_over_corrupt_checkpoints(toy_run, tmp_path, capsys):
     config = toy_config(toy_run, 2, steps=4, group_size=8)
     config.checkpoint.every = 1
     full = rl.RLTrainer(config, str(tmp_path / "full"))
@@ -210,7 +210,7 @@ def finish(procs):
 
 
 @pytest.mark.slow
-def test_lora_on_two_processes_equals_one_process(toy_run, tmp_path, monkeypatch):
+def test_lora_on_two_processes_equals_one_process(toy_run, tmp_path):
     """RL with adapters, 2 processes x 4 devices against 1 x 8: the same rows and adapters."""
     procs = launch(toy_run, tmp_path, "mh_lora", "lora")
     rows, params, _ = multihost_run(str(toy_run), str(tmp_path / "single"), lora=True)
@@ -228,7 +228,7 @@ def test_lora_on_two_processes_equals_one_process(toy_run, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_and_stop_together_on_one_sigterm(toy_run, tmp_path, monkeypatch):
+def test_two_processes_equal_one_process_and_stop_together_on_one_sigterm(toy_run, tmp_path):
     """2 processes x 4 devices = 1 x 8 with the configured rows; then SIGTERM to process 1
     alone as step 2's rollout starts: both stop at the same decode chunk, save step 1 and exit
     0, and rerunning resumes to the uninterrupted 2-process run's params and metrics."""
