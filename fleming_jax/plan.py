@@ -275,6 +275,13 @@ def rl_step_plan(config) -> dict:
     )
     if forward:
         phases["forward"] = resident + holds(mem(programs["forward"])) - shard_bytes(forward_params)
+    if c.max_staleness:  # rollouts sampled ahead run beside the update, on the same devices
+        if r.devices:
+            raise ValueError(f"task=plan does not plan rollout.devices={r.devices} (a device group of the engine's "
+                             "own) yet; plan max_staleness on shared devices (rollout.devices=0)")
+        # the update's peak plus the engine's: the copy it samples from and one per launched rollout
+        phases["overlap"] = (p["peak_bytes"] + (c.max_staleness + 1) * decode_bytes + table_bytes
+                             + max(0, engine_peak))
     peak = max(phases.values())
     return p | dict(
         programs=sorted(programs) + ["update"], rollout_mesh=dict(rollout.shape), rollout_dtype=dtype, slots=slots,

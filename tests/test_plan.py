@@ -161,6 +161,25 @@ def test_every_program_of_an_rl_step_compiles_for_a_v5p_slice(topology):
 
 
 @pytest.mark.slow
+def test_rollouts_sampled_ahead_add_their_decode_copies_to_the_update():
+    """rl.max_staleness=1 on shared devices: an "overlap" phase holds the update's peak plus
+    two decode copies (the one sampling, the one launched) and the KV cache, and is the step's
+    peak; a device group of the engine's own is refused (not planned yet)."""
+    from configs import rl_stage1
+
+    config = rl_stage1.get_config("tiny")
+    config.mesh.update(data=1, fsdp=8, tensor=1)
+    config.rl.update(max_new_tokens=16, prompts_per_step=4, max_staleness=1)
+    p = plan.rl_step_plan(config)
+    assert p["phases"]["overlap"] >= p["update_peak_bytes"] + 2 * p["decode_bytes"] + p["cache_bytes"]
+    assert p["peak_bytes"] == p["phases"]["overlap"] > p["phases"]["rollout"]
+    assert "overlap phase / device" in plan.format_plan(p)
+    config.rollout.devices = 4
+    with pytest.raises(ValueError, match="rollout.devices=4"):
+        plan.rl_step_plan(config)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_plan_refuses_a_preset_on_a_slice_too_small_for_it(tmp_path):
     """Qwen2.5-7B's RL step on a v5e-4 (4 chips of 16 GiB): its fp32 weights and Adam state
