@@ -28,6 +28,13 @@ def test_demo_pipeline_connects_every_stage(tmp_path):
     assert (tmp_path / "report.md").read_text().count("| rl_stage2 |") == 1
     for plot in ("accuracy.png", "rl_curves.png", "rl_timeline.png"):
         assert os.path.getsize(tmp_path / plot) > 0, plot
+    # every training stage's curves in TensorBoard (`tensorboard --logdir <workdir>` shows them all)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    for stage, tag, steps in (("sft", "loss", 6), ("rl_stage1", "reward_mean", 2), ("rl_stage2", "reward_mean", 2)):
+        # (the ci budget: 6 SFT steps, 2 + 2 RL steps)
+        events = EventAccumulator(str(tmp_path / stage / "tensorboard"))
+        events.Reload()
+        assert events.Scalars(tag)[-1].step == steps, stage  # up to the stage's last step
     assert_export_answers_like_our_sampler(tmp_path, max_new_tokens=24)  # the ci budget's eval length
     # A rerun skips every finished stage.
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
