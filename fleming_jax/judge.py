@@ -93,15 +93,15 @@ def score(completions: Sequence[str], records: Sequence[QARecord], *, base_url: 
     """The judge's score of each reply (0 where unparsable or failed) and the batch's counts."""
     if not base_url or not model:
         raise ValueError("the judge reward needs base_url (the server's /v1 URL) and model (the served name)")
-    return parallel.on_main(_score_here, list(completions), [r.to_dict() for r in records], base_url, model,
-                            api_key_env, template, cache, max_concurrency, timeout_s, max_retries, max_tokens)
+    values, counts = parallel.on_main(_score_here, list(completions), list(records), base_url, model, api_key_env,
+                                      template, cache, max_concurrency, timeout_s, max_retries, max_tokens)
+    return values, counts  # a tuple again (process 0's result reaches the other hosts as JSON: a list)
 
 
 def _score_here(completions, records, base_url, model, api_key_env, template, cache, max_concurrency, timeout_s,
                 max_retries, max_tokens):
     from fleming_jax.distill.teachers import HttpTeacher, TeacherError
 
-    records = [QARecord.from_dict(r) for r in records]
     client_key = (base_url, model, api_key_env, timeout_s, max_retries, max_concurrency)
     if client_key not in _clients:
         _clients[client_key] = HttpTeacher(base_url, model, api_key_env=api_key_env or None, timeout_s=timeout_s,
@@ -110,9 +110,10 @@ def _score_here(completions, records, base_url, model, api_key_env, template, ca
     keys = [_key(r, c) for c, r in zip(completions, records)]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
     counts = dict(requests=len(todo), cached=len(keys) - len(todo), unparsable=0, failed=0, tokens=0)
-    lock = threading.Lock()
+    lock, failed = threading.Lock(), set()
 
     def ask(i):
+        """The verdict's score (None: unparsable); a failed request goes into `failed`."""
         body = dict(model=client.model, n=1, temperature=0.0, max_tokens=max_tokens,
                     messages=[{"role": "user", "content": prompt(records[i], completions[i], template)}])
         try:
@@ -120,20 +121,21 @@ def _score_here(completions, records, base_url, model, api_key_env, template, ca
             verdict = reply["choices"][0]["message"].get("content") or ""
         except (TeacherError, KeyError, IndexError, TypeError, AttributeError):
             with lock:
-                counts["failed"] += 1
-            return None  # not cached: a later step asks again
+                failed.add(i)
+            return None
         with lock:
             counts["tokens"] += int((reply.get("usage") or {}).get("total_tokens", 0))
         got = parse(verdict)
         if got is None:
             with lock:
                 counts["unparsable"] += 1
-        return got, True
+        return got
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_concurrency) as pool:
         answers = list(pool.map(ask, todo))
-    new = {keys[i]: a[0] for i, a in zip(todo, answers) if a is not None}
+    counts["failed"] = len(failed)
+    new = {keys[i]: got for i, got in zip(todo, answers) if i not in failed}  # failed: asked again later
     known.update(new)
     if cache and new:
         appender = _appenders.setdefault(cache, paths.Appender(cache))

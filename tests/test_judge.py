@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from fleming_jax import judge
+from fleming_jax import judge, parallel, rewards
 from fleming_jax.data.records import QARecord
 from fleming_jax.train import rl
 from tests.test_rl import Killed, kill_at, toy_config, toy_rewards, toy_run  # noqa: F401 (toy_run: a fixture)
@@ -72,7 +72,7 @@ def test_parse_takes_the_last_score_line_out_of_ten():
     assert judge.parse("SCORE: 11") is None and judge.parse("I give it a 7") is None and judge.parse("") is None
 
 
-def test_scores_counts_failures_and_asks_each_pair_once(server, tmp_path, caplog, capsys):
+def test_scores_counts_failures_and_asks_each_pair_once(server, tmp_path, caplog, capsys, monkeypatch):
     record = QARecord(id="1", source="t", question="What lowers LDL?", answer="Statins")
     replies = ["right", "wrong", "rambling", "slow", "right"]
     settings = dict(base_url=server.url, model="judge", api_key_env="JUDGE_KEY", cache=str(tmp_path / "judge.jsonl"),
@@ -90,6 +90,11 @@ def test_scores_counts_failures_and_asks_each_pair_once(server, tmp_path, caplog
     values, counts = judge.score(replies, [record] * 5, **settings)
     assert values == [0.9, 0.2, 0.0, 0.0, 0.9] and counts["requests"] == 1 and counts["cached"] == 4
     assert server.requests[4:] == ["slow"]
+    # another host gets process 0's result as JSON (a list): still (values, counts) for the rewards
+    monkeypatch.setattr(parallel, "on_main", lambda work, *args: json.loads(json.dumps(work(*args))))
+    component = rewards.Component("judge", judge.score, 1.0, settings)
+    values, reported = rewards.score_components([component], replies, [record] * 5)
+    assert values["judge"] == [0.9, 0.2, 0.0, 0.0, 0.9] and reported["judge_cached"] == 4
     with pytest.raises(ValueError, match="needs base_url"):
         judge.score(replies, [record] * 5, base_url="", model="judge")
 
