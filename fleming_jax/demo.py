@@ -217,7 +217,7 @@ def make_plots(report: dict, workdir: str) -> list[str]:
 
 # Where each device group's time goes in an RL step: (metrics key, label) busy first.
 TIMELINE = {"trainer": [("time_update", "update"), ("time_sync", "sync"), ("time_rollout_wait", "waits for rollout")],
-            "rollout": [("time_generate", "rollout"), ("time_rollout_idle", "idle")]}
+            "rollout engine": [("time_generate", "rollout"), ("time_rollout_idle", "idle")]}
 
 
 def timeline_plot(plt, rows: list[dict], file: str) -> str:
@@ -231,7 +231,7 @@ def timeline_plot(plt, rows: list[dict], file: str) -> str:
             values = np.array([r.get(key, 0.0) for r in rows])
             ax.bar(steps, values, bottom=bottom, label=label, width=0.9)
             bottom += values
-        ax.set_title("trainer" if group == "trainer" else "rollout engine")
+        ax.set_title(group)
         ax.set_xlabel("RL step (stage 1, then stage 2)")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("seconds")

@@ -122,8 +122,9 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
 
 def rollout_mesh(tensor: int, num_kv_heads: int, over) -> jax.sharding.Mesh:
     """The decode layout's mesh over the devices of `over` (the mesh the policy is trained or
-    built on, or a list of devices of the rollout's own), in `over`'s device order: tensor parallel over groups of `tensor` devices, data
-    parallel over the groups (the `fsdp` axis has size 1, so no weight is gathered per token).
+    built on, or a list of devices of the rollout's own), in `over`'s device order: tensor
+    parallel over groups of `tensor` devices, data parallel over the groups (the `fsdp` axis
+    has size 1, so no weight is gathered per token).
 
     One device order for both meshes is what lets a single program move the policy between
     them: JAX refuses a computation whose shardings order the same devices differently, and

@@ -139,7 +139,7 @@ class RLTrainer:
         self.synced, self.sync_seconds = False, 0.0  # whether the engine samples from the current policy
         # Step t's rollout is sampled from the weights at the start of step t - max_staleness;
         # with max_staleness > 0 on a worker thread while the main thread updates (0: in the
-        # step, the synchronous run). `inflight`: (step, future Rollout), oldest first;
+        # step, the synchronous run). `inflight`: each launched step's future Rollout, oldest first;
         # `snapshot`: a decode copy of the current weights for the rollouts launched ahead.
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout")
         self.inflight, self.next_launch, self.snapshot = collections.deque(), 0, None
@@ -195,7 +195,7 @@ class RLTrainer:
         pending = self.pending and dict(self.pending, seqs=self.pending["seqs"].to_text())
         return dict(rng=self.rng.bit_generator.state, pool=self.pool.state_dict(), sparse_steps=self.sparse_steps,
                     pending=pending, shuffle_rng=self.shuffle_rng.bit_generator.state,
-                    inflight=[future.result().to_json() for _, future in self.inflight], next_launch=self.next_launch)
+                    inflight=[future.result().to_json() for future in self.inflight], next_launch=self.next_launch)
 
     def load_host_state(self, meta: dict) -> None:
         self.rng.bit_generator.state = meta["rng"]
@@ -204,7 +204,7 @@ class RLTrainer:
         self.sparse_steps = meta["sparse_steps"]
         pending = meta.get("pending")
         self.pending = pending and dict(pending, seqs=packing.Sequences.from_text(pending["seqs"]))
-        self.inflight = collections.deque((r["step"], finished(Rollout.from_json(r))) for r in meta["inflight"])
+        self.inflight = collections.deque(finished(Rollout.from_json(r)) for r in meta["inflight"])
         self.next_launch = meta["next_launch"]
 
     # ------------------------------------------------------------------ rollouts
@@ -227,7 +227,7 @@ class RLTrainer:
 
     def drain(self) -> None:
         """Waits for every rollout in flight (raising what one raised)."""
-        for _, future in self.inflight:
+        for future in self.inflight:
             future.result()
 
     def launch(self, step: int) -> None:
@@ -246,9 +246,8 @@ class RLTrainer:
             else:
                 self.policy()
             t = self.next_launch  # (max_staleness 0: sampled here, on the thread SIGTERM's handler runs in)
-            produced = self.worker.submit(self.produce, t, step, weights) if self.ahead else finished(
-                self.produce(t, step, weights))
-            self.inflight.append((t, produced))
+            self.inflight.append(self.worker.submit(self.produce, t, step, weights) if self.ahead else finished(
+                self.produce(t, step, weights)))
             self.next_launch += 1
 
     def sampling(self, samples: int, temperature: float | None = None) -> sampler.SamplingParams:
@@ -388,7 +387,7 @@ class RLTrainer:
     def _one_step(self, step: int) -> dict:
         self.sync_seconds, t0 = 0.0, time.perf_counter()
         self.launch(step)
-        rollout = self.inflight[0][1].result()  # what the worker raised comes up here
+        rollout = self.inflight[0].result()  # what the worker raised comes up here
         return self.consume(step, rollout, time.perf_counter() - t0 - self.sync_seconds)
 
     def produce(self, step: int, version: int, weights) -> Rollout:
