@@ -62,5 +62,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         limit=0,  # at most this many questions per benchmark (0 = all)
         seed=0,
         model_name="",  # the table's row label (default: the checkpoint path)
+        # An LLM judge also scores every sample (open-ended answers: `fleming_jax.judge.score`'s
+        # keys; base_url "" = off): the table adds the judge's mean score (0-1).
+        judge=dict(base_url="", model="", api_key_env="", cache="", max_concurrency=8, timeout_s=120.0),
     ))
     return config

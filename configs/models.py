@@ -159,6 +159,14 @@ def rollout() -> ml_collections.ConfigDict:
                                            chunk=16, devices=0, server=server))
 
 
+def metrics() -> ml_collections.ConfigDict:
+    """Where a training job's curves go besides `<workdir>/metrics.jsonl` (the source of truth)
+    and `<workdir>/tensorboard` (always): `wandb` a Weights & Biases project the same rows are
+    mirrored to ("" = off; needs `pip install wandb`; with WANDB_MODE=offline the run is
+    written under `<workdir>/wandb` without an account, for `wandb sync` later)."""
+    return ml_collections.ConfigDict(dict(wandb=""))
+
+
 def optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> ml_collections.ConfigDict:
     """AdamW + warmup/cosine + global-norm clipping (fleming_jax.train.state.make_optimizer)."""
     return ml_collections.ConfigDict(dict(

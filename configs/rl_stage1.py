@@ -85,9 +85,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # The reward: a weighted sum of components, each a batched function named
         # 'module:function' (fn(completions, records, **its other keys) -> a float each; see
         # fleming_jax.rewards). The paper's: correctness and format adherence, no length term.
-        # `correctness` is also what the pool counts as solved (1.0): keep a component of that name.
         rewards=dict(correctness=dict(fn="fleming_jax.rewards:correctness", weight=1.0),
                      format=dict(fn="fleming_jax.rewards:format_adherence", weight=0.1)),
+        # What counts as solved (the pool's grading and mining, the `accuracy` metric): a reply
+        # whose component `solved_by` is `solved_at` or more. Open-ended records scored by an
+        # LLM judge: solved_by="judge" (its component's name), solved_at=0.8 (8/10 and up).
+        solved_by="correctness", solved_at=1.0,
         # the KL reference (beta > 0): its own copy of the starting weights, bf16 (2 bytes a
         # parameter, sharded like the params) or "float32" (exact, twice that)
         reference_dtype="bfloat16",
@@ -114,6 +117,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         miner=dict(wrong_below=0.5, retire_after=8, hopeless_after=16, retry_rate=0.05,
                    right_to_wrong=(1.0, 2.0), difficult_weight=2.0),
     ))
+    config.metrics = models.metrics()
     config.checkpoint = ml_collections.ConfigDict(dict(every=10 if tiny else 50, keep=3))
     config.optimizer = models.optimizer(2e-4 if tiny else 1e-6, 0, 10_000)
     config.optimizer.weight_decay = 0.0

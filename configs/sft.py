@@ -38,6 +38,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         train=f"{DATA}/train.jsonl", eval=f"{DATA}/validation.jsonl", seed=0))
     # an HF tokenizer directory; "" = model.hf_path's, else a small BPE built from the train chats
     config.tokenizer = ""
+    config.metrics = models.metrics()
     config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, use_async=True))
     config.optimizer = models.optimizer(run["learning_rate"], run["warmup_steps"], run["total_steps"])
     config.plan = models.plan(preset, target)

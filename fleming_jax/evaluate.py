@@ -1,4 +1,5 @@
-"""Closed-ended accuracy of a model on QA records, through the engine and the reward code.
+"""Accuracy of a model on QA records, through the engine and the reward code (and, for open-ended
+answers, an LLM judge's mean score: `eval.judge`).
 
 `evaluate_records` is the library call (the RL stages' held-out curve, the demo): records in,
 summary dict out, no files. `run` is task `eval`: any checkpoint on any set of benchmark
@@ -102,6 +103,22 @@ def summarize(rows: Sequence[dict]) -> dict:
                 majority_accuracy=float(np.mean([r["vote_correct"] for r in rows])),
                 format_error_rate=1.0 - float(np.mean([f for r in rows for f in r["format"]])),
                 mean_length=float(np.mean([n for r in rows for n in r["lengths"]])))
+
+
+def judge_outputs(records: Sequence[QARecord], outputs: list[dict], settings) -> dict:
+    """Every sample scored by the LLM judge (`fleming_jax.judge.score` with `settings`: base_url,
+    model, ...; open-ended answers a string match cannot check): each output row gets `judge`
+    (its samples' scores, 0 where a verdict was unparsable or failed); returns the mean over
+    questions of their samples' mean (`judge_score`) and the judge's counts."""
+    from fleming_jax import judge
+
+    samples = [(record, text) for record, row in zip(records, outputs) for text in row["completions"]]
+    values, counts = judge.score([t for _, t in samples], [r for r, _ in samples], **dict(settings))
+    start = 0
+    for row in outputs:
+        row["judge"], start = values[start:start + len(row["completions"])], start + len(row["completions"])
+    return dict(judge_score=float(np.mean([np.mean(row["judge"]) for row in outputs])),
+                judge={k: round(v, 2) for k, v in counts.items()})
 
 
 # ---------------------------------------------------------------- through the engine
@@ -217,6 +234,8 @@ def markdown(results: dict) -> str:
     kinds = [("accuracy", "greedy" if results["sampling"]["temperature"] == 0 else "pass@1")]
     if k > 1:
         kinds = [("accuracy", f"pass@1, k={k}"), ("majority_accuracy", f"maj@{k}")]
+    if "judge_score" in macro:
+        kinds.append(("judge_score", "judge's mean score"))
     lines = ["| Model | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
     lines += [f"| {model} ({what}) | " + " | ".join(_pct(b[n][key]) for n in names) + f" | {_pct(macro[key])} |"
               for key, what in kinds]
@@ -270,8 +289,12 @@ def run(config, workdir: str) -> dict:
         summary = evaluate_records(engine, tokenizer, records, params, key=jax.random.fold_in(jax.random.key(e.seed), i),
                                    batch_size=e.batch_size, progress=progress)
         outputs = summary.pop("outputs")
+        if e.judge.base_url:
+            summary |= judge_outputs(records, outputs, e.judge)
+            log(f"{name}: judge's mean score {summary['judge_score']:.3f} ({summary['judge']})")
         results["benchmarks"][name] = summary | dict(reader=report, seconds=round(time.perf_counter() - t0, 2))
-        keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length")
+        keys = ("accuracy", "majority_accuracy", "format_error_rate", "mean_length") + (
+            ("judge_score",) if e.judge.base_url else ())
         results["macro"] = {k: macro_average({n: r[k] for n, r in results["benchmarks"].items()}) for k in keys}
         results["pending"] = [n for n, _, _ in benchmarks[i + 1:]]
         if main:

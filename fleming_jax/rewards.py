@@ -165,10 +165,9 @@ def score(completion: str, record: QARecord) -> dict[str, float]:
 # per completion` (completions: the decoded replies, list[str]; records: each reply's
 # QARecord; kwargs: the component's own config keys besides fn and weight), or -> (those
 # floats, {name: number} to log for the batch, e.g. a judge's request counts). RL's reward is
-# the weighted sum of its components; the component named PASS decides what counts as solved
-# (value 1.0) for the pool's grading and mining and the `accuracy` metric.
-
-PASS = "correctness"
+# the weighted sum of its components; one component (`rl.solved_by`, "correctness" by default)
+# decides what counts as solved (its value >= `rl.solved_at`) for the pool's grading and mining
+# and the `accuracy` metric.
 
 
 def correctness(completions: Sequence[str], records: Sequence[QARecord]) -> list[float]:
@@ -189,7 +188,8 @@ class Component:
     kwargs: Mapping[str, Any]
 
 
-def load_components(spec: Mapping[str, Mapping[str, Any]], key: str = "rl.rewards") -> list[Component]:
+def load_components(spec: Mapping[str, Mapping[str, Any]], solved_by: str = "correctness",
+                    key: str = "rl.rewards") -> list[Component]:
     """The components of `spec` ({name: {fn: "module:function", weight: w, **kwargs}}),
     imported and checked against the signature, so a bad entry fails in one line at start-up."""
     out = []
@@ -217,9 +217,10 @@ def load_components(spec: Mapping[str, Mapping[str, Any]], key: str = "rl.reward
         if not isinstance(weight, (int, float)):
             raise ValueError(f"{where}.weight={weight!r}: a number")
         out.append(Component(name, fn, float(weight), entry))
-    if PASS not in {c.name for c in out}:
-        raise ValueError(f"{key} has no {PASS!r} component: name the reward whose 1.0 means solved (the pool's "
-                         f"grading and mining count it) {PASS!r}, e.g. {key}.{PASS}.fn='fleming_jax.rewards:correctness'")
+    if solved_by not in {c.name for c in out}:
+        raise ValueError(f"rl.solved_by={solved_by!r} is not one of {key}'s components {sorted(spec)}: name the "
+                         "component whose value says solved (the pool's grading and mining count it; "
+                         "'correctness' for closed questions, a judge's component for open-ended ones)")
     return out
 
 

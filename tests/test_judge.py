@@ -9,33 +9,37 @@ import time
 import numpy as np
 import pytest
 
-from fleming_jax import judge, parallel, rewards
-from fleming_jax.data.records import QARecord
+from configs import eval as eval_config
+from fleming_jax import evaluate, judge, parallel, rewards
+from fleming_jax.data.records import QARecord, read_jsonl, write_jsonl
 from fleming_jax.train import rl
-from tests.test_rl import Killed, kill_at, toy_config, toy_rewards, toy_run  # noqa: F401 (toy_run: a fixture)
+from tests.test_rl import Killed, kill_at, model_cfg, toy_config, toy_rewards, toy_run  # noqa: F401 (toy_run: a fixture)
 
 KEY = "sk-judge-secret-777"
 
 
 class JudgeServer:
     """Grades the answer in the prompt: "right" 9, "wrong" 2, "rambling" no SCORE line, "slow"
-    answers after 1 s; anything else (a toy model's reply) by its length. Counts requests."""
+    answers after 1 s; anything else (a toy model's reply) 10 if it starts with a digit, else 1.
+    Keeps each request's answer and prompt."""
 
     def __init__(self):
-        self.requests, self.keys, self.lock = [], set(), threading.Lock()
+        self.requests, self.prompts, self.keys, self.lock = [], [], set(), threading.Lock()
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                answer = body["messages"][0]["content"].split("Answer to grade:\n", 1)[1].rsplit("\n\nJudge", 1)[0]
+                content = body["messages"][0]["content"]
+                answer = content.split("Answer to grade:\n", 1)[1].rsplit("\n\nJudge", 1)[0]
                 with outer.lock:
                     outer.requests.append(answer)
+                    outer.prompts.append(content)
                     outer.keys.add(self.headers.get("Authorization"))
                 if answer == "slow":
                     time.sleep(1.0)
                 verdict = {"right": "It matches.\nSCORE: 9", "wrong": "SCORE: 2", "rambling": "Hard to say."}.get(
-                    answer, f"SCORE: {len(answer) % 11}")
+                    answer, f"SCORE: {10 if answer[:1].isdigit() else 1}")
                 data = json.dumps(dict(choices=[dict(index=0, message=dict(role="assistant", content=verdict))],
                                        usage=dict(total_tokens=10))).encode()
                 try:
@@ -121,3 +125,41 @@ def test_rl_with_the_judge_reward_logs_it_and_a_rerun_step_asks_nothing(toy_run,
     assert np.isclose(logged[0]["reward_mean"], logged[0]["reward_judge"] + logged[0]["reward_correctness"])
     assert all(r["reward_judge_tokens"] == 10 * r["reward_judge_requests"] and r["reward_judge_seconds"] >= 0
                for r in logged)  # the server's usage: 10 tokens a verdict
+
+
+@pytest.mark.slow
+def test_open_ended_records_flow_through_rl_and_eval_with_the_judge(toy_run, server, tmp_path):
+    """Records without options (a reference answer and a rubric) pass the data checks (a
+    non-text rubric is dropped), RL optimises the judge's score with the judge deciding what
+    counts as solved (`rl.solved_by`), and eval reports the judge's mean score: the mean of
+    each question's verdicts, by hand from the replies."""
+    rubric = "Full marks only for a reply that opens with a digit."
+    records = [QARecord(id=str(i), source="open", question=f"question {i}: which option?", answer=str(i % 10),
+                        meta=dict(rubric=rubric)) for i in range(16)]
+    bad = QARecord(id="99", source="open", question="question 99: which option?", answer="9", meta=dict(rubric=5))
+    write_jsonl(str(tmp_path / "open.jsonl"), records + [bad])
+    settings = dict(base_url=server.url, model="judge", api_key_env="JUDGE_KEY")
+    config = toy_config(toy_run, steps=30, rewards=dict(judge=dict(fn="fleming_jax.judge:score", weight=1.0, **settings)),
+                        solved_by="judge", solved_at=1.0)
+    config.data.train = str(tmp_path / "open.jsonl")
+    rows = rl.RLTrainer(config, str(tmp_path / "run")).train()
+    first, last = np.mean([r["accuracy"] for r in rows[:3]]), np.mean([r["accuracy"] for r in rows[-3:]])
+    assert first < 0.5 and last > 0.9, [round(r["accuracy"], 2) for r in rows]
+    np.testing.assert_allclose([r["reward_judge"] for r in rows], [0.1 + 0.9 * r["accuracy"] for r in rows])
+    assert all(f"Grading rubric:\n{rubric}" in p for p in server.prompts)
+    assert not any("question 99" in p for p in server.prompts)  # the record with a non-text rubric
+
+    config = eval_config.get_config("tiny")
+    config.model = model_cfg(str(toy_run))
+    config.model.init_from = str(tmp_path / "run" / "checkpoints")
+    config.tokenizer = str(toy_run / "tokenizer")
+    config.benchmarks = [dict(format="jsonl", path=str(tmp_path / "open.jsonl"), name="open")]
+    config.eval.update(max_new_tokens=8, judge=settings)
+    results = evaluate.run(config, str(tmp_path / "eval"))
+    got = results["benchmarks"]["open"]
+    assert got["reader"]["dropped"] == {"rubric_not_text": 1} and got["n"] == 16
+    outputs = list(read_jsonl(str(tmp_path / "eval" / "outputs" / "open.jsonl")))
+    by_hand = [1.0 if row["completions"][0][:1].isdigit() else 0.1 for row in outputs]
+    assert [row["judge"] for row in outputs] == [[v] for v in by_hand]
+    assert got["judge_score"] == pytest.approx(np.mean(by_hand)) and got["judge_score"] > 0.9
+    assert "judge's mean score" in open(tmp_path / "eval" / "results.md").read()

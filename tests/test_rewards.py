@@ -190,8 +190,9 @@ def test_bad_components_fail_in_one_line(entry, message):
 
 
 def test_a_pass_component_and_one_value_each():
-    with pytest.raises(ValueError, match="no 'correctness' component"):
+    with pytest.raises(ValueError, match="rl.solved_by='correctness' is not one of rl.rewards's components"):
         rewards.load_components(dict(mine=dict(fn="fleming_jax.rewards:format_adherence")))
+    assert len(rewards.load_components(dict(mine=dict(fn="fleming_jax.rewards:format_adherence")), "mine")) == 1
     with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
         rewards.score_components(rewards.load_components(dict(correctness=dict(fn="tests.test_rewards:one_value"))),
                                  [OK, OK], [MCQ] * 2)

@@ -3,7 +3,9 @@
 import contextlib
 import json
 import os
+import pathlib
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -100,10 +102,48 @@ def test_toy_task_is_learned(toy_run, tmp_path, engine):
         assert server.requests >= 30 * 4
 
 
+def wandb_history(workdir, wait_s: float = 60.0) -> list[dict]:
+    """The history rows ({key: value}, "_step"; a histogram's parts as `<key>/values` ...) of
+    the offline W&B run under `workdir`, read from its .wandb file: LevelDB-log records (32 KiB
+    blocks, 7-byte record headers, after a 7-byte file header) of wandb's own protobuf `Record`.
+    wandb's service finishes writing the file after `finish()` returns: read until it holds
+    the run's `exit` record."""
+    from wandb.proto import wandb_internal_pb2
+
+    (file,) = (pathlib.Path(workdir) / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, ended = _wandb_records(file.read_bytes(), wandb_internal_pb2.Record)
+        if ended or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(data: bytes, record_type) -> tuple[list[dict], bool]:
+    pos, chunks, rows, ended = 7, b"", [], False
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a FULL record, or the LAST chunk of one
+            record = record_type.FromString(chunks)
+            chunks = b""
+            ended |= record.WhichOneof("record_type") == "exit"
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows, ended
+
+
 def test_a_reward_module_of_the_users_own_changes_what_rl_optimises(toy_run, tmp_path, monkeypatch):
     """A reward written in a temp dir, named in `rl.rewards` with its own keyword, and the
     built-in `correctness` at weight 0: over 10 real steps the replies fill with the letter it
-    pays for; its component is logged in metrics.jsonl and TensorBoard's event files."""
+    pays for; its component is logged in metrics.jsonl, TensorBoard's event files and an
+    offline W&B run (`metrics.wandb`), with each step's reply lengths as a histogram."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "my_reward.py").write_text(
         "def letter_share(completions, records, letter):\n"
@@ -112,6 +152,9 @@ def test_a_reward_module_of_the_users_own_changes_what_rl_optimises(toy_run, tmp
     config = toy_config(toy_run, steps=10, rewards=dict(
         correctness=dict(fn="tests.test_rl:digit_first", weight=0.0),
         prefer_b=dict(fn="my_reward:letter_share", weight=1.0, letter="B")))
+    config.metrics.wandb = "fleming-tests"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     rows = rl.RLTrainer(config, str(tmp_path / "run")).train()
     share = [r["reward_prefer_b"] for r in rows]
     print("share of B per step", np.round(share, 3))
@@ -121,11 +164,21 @@ def test_a_reward_module_of_the_users_own_changes_what_rl_optimises(toy_run, tmp
         logged = [json.loads(line) for line in f]
     assert [r["reward_prefer_b"] for r in logged] == share and "reward_prefer_b_positive" in logged[0]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"histograms": 0})  # 0: keep all
     events.Reload()
     got = [(e.step, e.value) for e in events.Scalars("reward_prefer_b")]
     assert [step for step, _ in got] == list(range(1, 11))
     np.testing.assert_allclose([v for _, v in got], share, rtol=1e-6)
+    lengths = [r["histogram/completion_length"] for r in logged]
+    assert len(lengths[0]) == 4 * 8 and all(1 <= n <= 8 for n in lengths[0])  # prompts x group, max_new_tokens
+    histograms = events.Histograms("histogram/completion_length")
+    assert [h.step for h in histograms] == list(range(1, 11))
+    assert [(h.histogram_value.num, h.histogram_value.sum) for h in histograms] == [(len(n), sum(n)) for n in lengths]
+    history = wandb_history(tmp_path / "run")
+    assert [h["_step"] for h in history] == list(range(1, 11))
+    np.testing.assert_allclose([h["reward_prefer_b"] for h in history], share, rtol=1e-6)
+    assert history[-1]["histogram/reward/_type"] == "histogram"
+    assert sum(history[-1]["histogram/completion_length/values"]) == len(lengths[-1])
 
 
 class Killed(Exception):

@@ -326,6 +326,9 @@ def check(record: QARecord) -> QARecord:
             raise Malformed("answer_not_in_options")
     elif not isinstance(record.answer, str) or not record.answer.strip():
         raise Malformed("missing_answer")
+    rubric = (record.meta or {}).get("rubric")  # an open-ended record's grading rubric, for the judge
+    if rubric is not None and (not isinstance(rubric, str) or not rubric.strip()):
+        raise Malformed("rubric_not_text")
     return record
 
 

@@ -145,7 +145,7 @@ class Checkpoints:
 def train_loop(*, start: int, total: int, one_step: Callable[[int], dict | None], save: Callable[[int], None],
                every: int, ckpt: Checkpoints, workdir: str, log: Callable[[str], None],
                on_step: Callable[[int], None] | None = None,
-               stop_early: Callable[[int], str | None] = lambda step: None) -> list[dict]:
+               stop_early: Callable[[int], str | None] = lambda step: None, config=None) -> list[dict]:
     """Runs `one_step(step)` from `start` to `total`; returns the rows it logged.
 
     `one_step` returns a metrics row (written with its `step`) or None (not a logging
@@ -153,9 +153,12 @@ def train_loop(*, start: int, total: int, one_step: Callable[[int], dict | None]
     state (RL: during the rollout), so the state is still the last finished step's. A
     checkpoint is saved every `every` steps, at `total`, at an early stop (`stop_early(step)`
     returns the reason) and on preemption, which then raises `Preempted` on every host;
-    `on_step(step)` runs after each step (tests use it to interrupt a run).
+    `on_step(step)` runs after each step (tests use it to interrupt a run). `config`: the job's
+    (its `metrics.wandb` names a W&B project the rows are mirrored to).
     """
-    writer = MetricsWriter(workdir, parallel.is_main_process(), resume_step=start)
+    wandb = (config.get("metrics") or {}).get("wandb", "") if config is not None else ""
+    writer = MetricsWriter(workdir, parallel.is_main_process(), resume_step=start, wandb=wandb,
+                           config=config.to_dict() if wandb else None)
     rows, step = [], start
     with preemption.listening():
         try:
@@ -173,7 +176,7 @@ def train_loop(*, start: int, total: int, one_step: Callable[[int], dict | None]
                 if row is not None:
                     row = {"step": step, **row}
                     rows.append(row)
-                    writer.write({k: v for k, v in row.items() if not isinstance(v, list)})
+                    writer.write(row)
                 reason = stop_early(step)
                 if step % every == 0 or step == total or reason:
                     save(step)

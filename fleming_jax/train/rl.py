@@ -104,7 +104,7 @@ class RLTrainer:
                              "or --config.model.hf_path=<HF dir>")
         if config.model.init_from:
             paths.require(config.model.init_from, "config.model.init_from", f"run `{config.init_from_producer}` first")
-        self.rewards = rewards.load_components(c.rewards)  # (a bad entry stops here, before any model)
+        self.rewards = rewards.load_components(c.rewards, c.solved_by)  # (a bad entry stops here, before any model)
         self.tokenizer = toklib.load(config.tokenizer or config.model.hf_path)
         model_config = models.config_from(config.model)
         if len(self.tokenizer) > model_config.vocab_size:
@@ -286,7 +286,7 @@ class RLTrainer:
             for start in range(len(outcomes), len(indices), per_call):
                 chunk = indices[start:start + per_call]
                 _, scores, _ = self.rollout(chunk, jax.random.fold_in(key, start), k)
-                outcomes += (scores[rewards.PASS] == 1.0).tolist()
+                outcomes += self.solved(scores).tolist()
                 shown.update(len(outcomes))
         except preemption.Preempted:
             if self.main:
@@ -317,7 +317,7 @@ class RLTrainer:
             try:
                 return loop.train_loop(start=step, total=c.steps, one_step=self.logged_step, save=self.save,
                                        every=self.config.checkpoint.every, ckpt=self.ckpt, workdir=self.workdir,
-                                       log=self._log, on_step=on_step, stop_early=plateau)
+                                       log=self._log, on_step=on_step, stop_early=plateau, config=self.config)
             finally:
                 self.worker.shutdown(cancel_futures=True)
 
@@ -342,11 +342,17 @@ class RLTrainer:
                   + f" ({row['time_generate']:.1f}s gen, {row['time_update']:.1f}s update)" + (f" {left}" if left else ""))
         return row
 
+    def solved(self, scores: dict) -> np.ndarray:
+        """Which replies count as solved (the pool's grading and mining, the `accuracy` metric):
+        component `rl.solved_by` at `rl.solved_at` or more."""
+        c = self.config.rl
+        return np.asarray(scores[c.solved_by]) >= c.solved_at
+
     def sample_groups(self, indices: list[int], key):
         """Rollout of `indices` -> (output, {reward component or "reward": values [n, G]}, what
-        the components reported); the pool observes every outcome (solved: PASS is 1)."""
+        the components reported); the pool observes every outcome (`solved`)."""
         out, scores, reported = self.rollout(indices, key, self.config.rl.group_size)
-        self.pool.observe(indices, (scores[rewards.PASS] == 1.0).tolist())
+        self.pool.observe(indices, self.solved(scores).tolist())
         return out, scores, reported
 
     # An update's progress while it runs (None between steps): the step, its metrics row so
@@ -429,10 +435,11 @@ class RLTrainer:
                           for tail, f in (("", np.mean), ("_positive", lambda v: np.mean(v > 0)))}
             components |= {f"reward_{k}": v for k, v in reported.items()}  # summed over the step's rollouts
             row = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-                       accuracy=float(np.mean(scores[rewards.PASS] == 1.0)), **components,
+                       accuracy=float(np.mean(self.solved(scores))), **components,
                        advantage_abs_mean=float(np.abs(advantages).mean()), zero_advantage_groups=float(zero.mean()),
                        refills=refills, trained_groups=int(keep.sum()),
                        completion_length=float(lengths.mean()), completion_length_max=float(lengths.max()),
+                       **{"histogram/reward": reward.ravel().tolist(), "histogram/completion_length": out.lengths.ravel().tolist()},
                        stopped=float(out.done.mean()), time_generate=time.perf_counter() - t0, time_rollout_idle=idle,
                        **engine_stats, **mining.level_counts([levels[i] for i in indices]), **self.pool.summary())
             seqs = packing.Sequences.from_rollout([self.prompts[i] for i in indices], out, advantages, keep,

@@ -164,7 +164,7 @@ class Trainer:
             return row
         return loop.train_loop(start=step, total=total, one_step=one_step, save=lambda s: self.save(s, iterator),
                                every=self.config.checkpoint.every, ckpt=self.ckpt, workdir=self.workdir,
-                               log=self._log, on_step=on_step)
+                               log=self._log, on_step=on_step, config=self.config)
 
 
 def run(config, workdir: str) -> list[dict]:
