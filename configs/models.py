@@ -1,4 +1,4 @@
-"""Model presets: the tiny test/demo model and the real Qwen shapes.
+"""Model presets: the tiny test/demo model and the real Qwen and Llama 3.x shapes.
 
 Numbers come from each model's published `config.json`. `get(name)` also accepts a path
 (local or gs://) to any HF `config.json` (or the directory holding it).
@@ -15,6 +15,11 @@ _QWEN25 = dict(model_type="qwen2", qkv_bias=True, qk_norm=False, rope_theta=1_00
                rms_norm_eps=1e-6, vocab_size=151936, max_position_embeddings=32768)
 _QWEN3 = dict(model_type="qwen3", qkv_bias=False, qk_norm=True, rope_theta=1_000_000.0,
               rms_norm_eps=1e-6, vocab_size=151936, head_dim=128, max_position_embeddings=40960)
+
+# Llama 3.x: Qwen2's block without biases, rope theta 500k with Llama 3's frequency scaling
+_LLAMA3 = dict(model_type="llama", qkv_bias=False, qk_norm=False, rope_theta=500_000.0, rope_type="llama3",
+               rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_position=8192,
+               rms_norm_eps=1e-5, vocab_size=128256, max_position_embeddings=131072)
 
 
 def _shape(layers, hidden, heads, kv_heads, mlp, tie, head_dim=None):
@@ -38,6 +43,9 @@ PRESETS = {
     "qwen3-8b": _QWEN3 | _shape(36, 4096, 32, 8, 12288, False, head_dim=128),
     "qwen3-14b": _QWEN3 | _shape(40, 5120, 40, 8, 17408, False, head_dim=128),
     "qwen3-32b": _QWEN3 | _shape(64, 5120, 64, 8, 25600, False, head_dim=128),
+    "llama3.2-1b": _LLAMA3 | _shape(16, 2048, 32, 8, 8192, True, head_dim=64) | dict(rope_factor=32.0),
+    "llama3.2-3b": _LLAMA3 | _shape(28, 3072, 24, 8, 8192, True, head_dim=128) | dict(rope_factor=32.0),
+    "llama3.1-8b": _LLAMA3 | _shape(32, 4096, 32, 8, 14336, False, head_dim=128) | dict(rope_factor=8.0),
 }
 
 
@@ -181,7 +189,7 @@ TOPOLOGIES = {"v5p-32": "v5p:2x2x4", "v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x4"
 # is one VM with 8 chips): the chips each host has, for the rollout's tensor axis.
 HOST_BOUNDS = {"v6e-8": "2,4,1"}
 # The target a real preset is planned for without an @target: the run sizes the recipes name.
-DEFAULT_TARGETS = {"qwen2.5-7b": "v5p-32", "qwen3-32b": "v5p-128"}
+DEFAULT_TARGETS = {"qwen2.5-7b": "v5p-32", "qwen3-32b": "v5p-128", "llama3.1-8b": "v5p-32"}
 
 
 def plan(preset: str = "tiny", target: str = "") -> ml_collections.ConfigDict:

@@ -137,10 +137,15 @@ def load(path: str):
     return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
+# Tokens that end a turn or a text besides EOS: Qwen's, and Llama 3's (end of turn, of a tool
+# call's message, of the text: its generation_config's eos ids)
+STOP_TOKENS = (IM_END, ENDOFTEXT, "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
 def stop_ids(tokenizer) -> list[int]:
-    """Token ids that end a reply: EOS, `<|im_end|>` and `<|endoftext|>` where they exist."""
+    """Token ids that end a reply: EOS and the `STOP_TOKENS` the vocabulary has."""
     vocab = tokenizer.get_vocab()
-    ids = [tokenizer.eos_token_id] + [vocab[t] for t in (IM_END, ENDOFTEXT) if t in vocab]
+    ids = [tokenizer.eos_token_id] + [vocab[t] for t in STOP_TOKENS if t in vocab]
     return sorted({i for i in ids if i is not None})
 
 

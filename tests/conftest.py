@@ -36,13 +36,21 @@ TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_
 
 
 def make_hf_model(model_type: str, tie: bool, seed: int = 0, **overrides):
-    """A tiny random transformers Qwen2/Qwen3 model; every weight (norms and biases too)
-    is random so a mapping mistake anywhere shows in the logits."""
+    """A tiny random transformers Qwen2/Qwen3/Llama model; every weight (norms and biases too)
+    is random so a mapping mistake anywhere shows in the logits. The Llama has Llama 3's rope
+    scaling with an original context of 32 tokens, so scaled, blended and kept frequencies all
+    act within a 12-token test."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    if model_type == "qwen2":
+    if model_type == "llama":
+        rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=32)
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(tie_word_embeddings=tie, head_dim=24, **(TINY_HF | dict(rope_parameters=rope)
+                                                                               | overrides)))
+    elif model_type == "qwen2":
         model = transformers.Qwen2ForCausalLM(
             transformers.Qwen2Config(tie_word_embeddings=tie, **(TINY_HF | overrides)))
     else:

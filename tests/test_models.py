@@ -1,4 +1,4 @@
-"""The Qwen2/Qwen3 port against transformers, and its own padding, packing and cache rules."""
+"""The Qwen2/Qwen3/Llama port against transformers, and its own padding, packing and cache rules."""
 
 import numpy as np
 import pytest
@@ -33,7 +33,7 @@ def padded_batch(seed=0, batch=4, length=12, left=True):
     return ids, mask
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("left", [True, False])
 def test_logits_match_transformers(hf_dir, model_type, tie, left):
@@ -41,6 +41,7 @@ def test_logits_match_transformers(hf_dir, model_type, tie, left):
     model, config = hf.load(path)
     assert (config.qkv_bias, config.qk_norm, config.tie_embeddings) == (
         model_type == "qwen2", model_type == "qwen3", tie)
+    assert config.rope_type == ("llama3" if model_type == "llama" else "default")
     ids, mask = padded_batch(left=left)
     ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     ref = reference_logits(path, ids, mask)
@@ -75,7 +76,7 @@ def test_packed_segments_do_not_attend_across_examples(hf_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
 def test_kv_cache_prefill_then_decode_equals_full_forward(hf_dir, model_type):
     model, config = hf.load(hf_dir(model_type))
     ids, mask = padded_batch(length=12)
@@ -157,3 +158,21 @@ def test_blocked_attention_equals_full_attention_with_gradients(hf_dir, monkeypa
     np.testing.assert_allclose(a, b, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["llama3.1-8b", "llama3.2-1b"])
+def test_llama3_rope_frequencies_equal_transformers(preset):
+    """Llama 3's scaled rotary frequencies for the real presets (every band: scaled, blended,
+    kept) against transformers' own llama3 rope init."""
+    from configs import models
+    from fleming_jax.models import config_from
+
+    config = config_from(models.get(preset))
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+    inv_freq, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    ours = qwen.rope_frequencies(config)
+    np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
+    unscaled = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim))
+    ratio = unscaled / ours
+    assert ratio.min() == pytest.approx(1.0) and ratio.max() == pytest.approx(config.rope_factor)
+    assert ((ratio > 1.01) & (ratio < config.rope_factor - 0.01)).any()  # the blended band

@@ -20,7 +20,7 @@ def flat(config) -> dict:
     return out
 
 
-@pytest.mark.parametrize("preset", ["qwen2.5-7b", "qwen3-32b"])
+@pytest.mark.parametrize("preset", ["qwen2.5-7b", "qwen3-32b", "llama3.1-8b"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_rehearsal_config_differs_from_the_real_one_only_in_model_dimensions(name, preset):
     module = importlib.import_module(f"configs.{name}")
@@ -32,7 +32,7 @@ def test_rehearsal_config_differs_from_the_real_one_only_in_model_dimensions(nam
 
 
 def test_rehearsal_keeps_the_family_switches_and_is_refused_for_tiny():
-    for preset in ("qwen2.5-7b", "qwen3-32b"):
+    for preset in ("qwen2.5-7b", "qwen3-32b", "llama3.1-8b"):
         real, small = models.get(preset), models.get(f"{preset}@rehearsal")
         for key in ("model_type", "qkv_bias", "qk_norm", "tie_embeddings", "rope_theta", "rms_norm_eps"):
             assert small[key] == real[key], (preset, key)
@@ -43,10 +43,10 @@ def test_rehearsal_keeps_the_family_switches_and_is_refused_for_tiny():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora,base_quant", [(False, ""), (True, ""), (True, "nf4")])
-def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path, lora, base_quant):
+@pytest.mark.parametrize("preset,lora,base_quant", [("qwen2.5-7b", False, ""), ("qwen2.5-7b", True, ""),
+                                                     ("qwen2.5-7b", True, "nf4"), ("llama3.1-8b", False, "")])
+def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path, preset, lora, base_quant):
     from tests import rehearsal
 
-    times = rehearsal.rehearse("qwen2.5-7b", processes=2, devices=2, tmp=str(tmp_path), lora=lora,
-                               base_quant=base_quant)
+    times = rehearsal.rehearse(preset, processes=2, devices=2, tmp=str(tmp_path), lora=lora, base_quant=base_quant)
     assert {s.name for s in rehearsal.stages("", "gs://b", "")} <= set(times)

@@ -1,7 +1,8 @@
-"""The Qwen2 / Qwen2.5 / Qwen3 decoder in Flax NNX.
+"""The Qwen2 / Qwen2.5 / Qwen3 and Llama 3.x decoder in Flax NNX.
 
-One module covers both families: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
-head_dim (Qwen3), tied embeddings and GQA are config switches. Layer weights are stacked
+One module covers the three: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
+head_dim (Qwen3), Llama 3's rope scaling (`rope_type="llama3"`; Llama is Qwen2's block
+without the biases), tied embeddings and GQA are config switches. Layer weights are stacked
 on a leading `layers` axis and the decoder is a `jax.lax.scan` over a pure block function,
 so a 64-layer model compiles as fast as a 2-layer one. Every parameter carries logical
 axis names in its `axes` metadata; `fleming_jax.parallel` maps them to mesh axes, so this
@@ -24,7 +25,9 @@ from flax import nnx
 
 from fleming_jax import paged, parallel
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+ROPE_TYPES = ("default", "llama3")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -45,6 +48,13 @@ class QwenConfig:
     head_dim: int
     model_type: str = "qwen2"
     rope_theta: float = 1_000_000.0
+    # "llama3": Llama 3.1+'s frequency scaling (HF's `rope_parameters`: factor, low/high frequency
+    # factors, the original context); "default": none
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
     qkv_bias: bool = True
@@ -67,6 +77,8 @@ class QwenConfig:
             raise ValueError(
                 f"unknown model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -97,12 +109,21 @@ class QwenConfig:
             )
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+        if rope_type not in ROPE_TYPES or (rope_type == "llama3" and model_type != "llama"):
+            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported for {model_type} "
+                             f"(supported: 'default', and 'llama3' for llama)")
         if hf.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
-        if model_type == "qwen3" and hf.get("attention_bias"):
-            raise ValueError(f"{source}: qwen3 with attention_bias=true is not supported")
+        if model_type in ("qwen3", "llama") and (hf.get("attention_bias") or hf.get("mlp_bias")):
+            raise ValueError(f"{source}: {model_type} with attention_bias or mlp_bias true is not supported")
+        if model_type == "llama" and hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: llama with hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        scaling = {}
+        if rope_type == "llama3":
+            scaling = dict(rope_type="llama3", rope_factor=float(rope["factor"]),
+                           rope_low_freq_factor=float(rope["low_freq_factor"]),
+                           rope_high_freq_factor=float(rope["high_freq_factor"]),
+                           rope_original_max_position=int(rope["original_max_position_embeddings"]))
         heads = hf["num_attention_heads"]
         fields = dict(
             model_type=model_type,
@@ -119,6 +140,7 @@ class QwenConfig:
             qkv_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            **scaling,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -127,7 +149,7 @@ class QwenConfig:
         """The HF `config.json` fields that describe this architecture."""
         hf = dict(
             model_type=self.model_type,
-            architectures=["Qwen2ForCausalLM" if self.model_type == "qwen2" else "Qwen3ForCausalLM"],
+            architectures=[ARCHITECTURES[self.model_type]],
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -135,13 +157,19 @@ class QwenConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             hidden_act="silu",
-            rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+            rope_parameters={"rope_theta": self.rope_theta, "rope_type": self.rope_type} | (
+                dict(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                     high_freq_factor=self.rope_high_freq_factor,
+                     original_max_position_embeddings=self.rope_original_max_position)
+                if self.rope_type == "llama3" else {}),
             rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_embeddings,
             max_position_embeddings=self.max_position_embeddings,
         )
         if self.model_type == "qwen3":
             hf.update(head_dim=self.head_dim, attention_bias=False)
+        if self.model_type == "llama":
+            hf.update(head_dim=self.head_dim, attention_bias=False, mlp_bias=False)
         return hf
 
     def replace(self, **changes) -> "QwenConfig":
@@ -366,7 +394,7 @@ class Qwen(nnx.Module):
         `kernel`: the Pallas TPU attention kernel (`paged.attention`)."""
         c = self.config
         x = self.embed(tokens[:, None])
-        cos, sin = rope_tables(index[:, None], c.head_dim, c.rope_theta)
+        cos, sin = rope_tables(index[:, None], c)
         k_pages, v_pages = list(cache.k), list(cache.v)
         for i, p in enumerate(self.layers.split() if layers is None else layers):
             if c.lora_base_quant:  # decoded after the layer before: not hoisted out of the token loop whole
@@ -402,7 +430,7 @@ class Qwen(nnx.Module):
             if cache is not None:  # continue counting after the tokens already cached
                 positions = positions + jnp.sum(cache.segment > 0, axis=1, keepdims=True)
         x = self.embed(input_ids)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        cos, sin = rope_tables(positions, c)
 
         length = input_ids.shape[1]
         if cache is None:
@@ -661,9 +689,28 @@ def positions_from_mask(segments: jax.Array) -> jax.Array:
     return jnp.where(segments > 0, t - start_index, 0)
 
 
-def rope_tables(positions, head_dim: int, theta: float):
-    """cos/sin [batch, length, 1, head_dim] for rotary embeddings (HF's default rope)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_frequencies(c: QwenConfig) -> np.ndarray:
+    """The rotary frequencies [head_dim / 2] (float32, as HF computes them): theta^(-2i/d), and
+    with `rope_type="llama3"` the long wavelengths divided by `rope_factor`, blended smoothly
+    between the low- and high-frequency cutoffs of the original context."""
+    d = c.head_dim
+    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    if c.rope_type != "llama3":
+        return inv_freq.astype(np.float32)
+    wavelength = 2 * math.pi / inv_freq
+    low_cut = c.rope_original_max_position / c.rope_low_freq_factor  # longer: scaled
+    high_cut = c.rope_original_max_position / c.rope_high_freq_factor  # shorter: kept
+    scaled = np.where(wavelength > low_cut, inv_freq / c.rope_factor, inv_freq)
+    smooth = (c.rope_original_max_position / wavelength - c.rope_low_freq_factor) / (
+        c.rope_high_freq_factor - c.rope_low_freq_factor)
+    blended = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+    between = (wavelength >= high_cut) & (wavelength <= low_cut)
+    return np.where(between, blended, scaled).astype(np.float32)
+
+
+def rope_tables(positions, c: QwenConfig):
+    """cos/sin [batch, length, 1, head_dim] for rotary embeddings at `positions`."""
+    inv_freq = jnp.asarray(rope_frequencies(c))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)
