@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import operator
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax
 import jax
@@ -371,7 +371,8 @@ class PagePool:
 def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: SamplingParams,
              stop_ids: Sequence[int] = (), slots: int = 0, chunk: int = 16, mesh=None,
              cache_dtype: str | None = None, pad_id: int = 0, stats: dict | None = None,
-             kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE) -> SampleOutput:
+             kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE,
+             on_prompt_done: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> SampleOutput:
     """`params.num_samples` completions of each prompt, at most `slots` sequences in flight
     (0: from memory, `CacheLayout.plan`, with `kv_cache_gib` of cache pages a device); the
     same SampleOutput for any `slots`, `chunk` and pool (the same samples, too).
@@ -389,7 +390,9 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     receives `admitted_late` (sequences admitted after the first chunk), `chunks`,
     `drain_chunks` (those decoded on fewer rows than slots), `evicted` (sequences evicted to
     free pages), `slots`, `kv_pool_gib` (the pool a device holds) and `kv_peak_gib` (the most
-    of it sequences held at once).
+    of it sequences held at once). `on_prompt_done(i, tokens [G, max_new_tokens], lengths [G])`
+    is called on the host as soon as every sample of prompt i is fetched, while later chunks
+    decode (RL scores a group's replies then; tokens past a sample's length are not its own).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompts")
@@ -502,6 +505,8 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         pad = lambda h: h + [min(set(range(per_shard)) - set(h))] * (k - len(h))
         return np.concatenate([pad(h) for h in held]).astype(np.int32)
 
+    unfetched = np.full((len(prompts),), group)  # samples of each prompt not yet on the host
+
     def store(fetched):
         seqs, (tokens, logprobs, model_logprobs, steps) = fetched
         host = [parallel.to_host(x) for x in (tokens, logprobs, model_logprobs, steps)]
@@ -510,6 +515,9 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
             for name, values in zip(("tokens", "logprobs", "model_logprobs"), host):
                 out[name][i, g] = values[j]
             lengths[i, g] = host[3][j]
+            unfetched[i] -= 1
+            if on_prompt_done and not unfetched[i]:
+                on_prompt_done(i, out["tokens"][i].copy(), lengths[i].copy())
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         table = admit(empty(config, layout, budget, cache_dtype))
@@ -634,13 +642,13 @@ class LocalEngine(RolloutEngine):
         staged = program.copy(state)
         return parallel.move(staged, parallel.tree_shardings(state, self.mesh)), program.received_bytes
 
-    def generate(self, prompts, key, params: SamplingParams, stop_ids) -> SampleOutput:
+    def generate(self, prompts, key, params: SamplingParams, stop_ids, on_prompt_done=None) -> SampleOutput:
         if self.model is None:
             raise RuntimeError("LocalEngine.generate before sync: sync the policy first")
         self.stats = dict(self.sync_stats)
         return generate(self.model, prompts, key, params, stop_ids=stop_ids, slots=self.slots, chunk=self.chunk,
                         mesh=self.mesh, pad_id=self.pad_id, stats=self.stats, kv_cache_gib=self.kv_cache_gib,
-                        page_size=self.page_size)
+                        page_size=self.page_size, on_prompt_done=on_prompt_done)
 
 
 def from_config(rollout, mesh=None, pad_id: int = 0, workdir: str = "", mirror=None) -> RolloutEngine:

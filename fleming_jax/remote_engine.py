@@ -63,7 +63,7 @@ class OpenAIEngine(RolloutEngine):
         parallel.on_main(self.client.post, self.reload_url, {"model_path": self.weights_dir})
 
     def generate(self, prompts: Sequence[Sequence[int]], key, params: SamplingParams,
-                 stop_ids: Sequence[int]) -> SampleOutput:
+                 stop_ids: Sequence[int], on_prompt_done=None) -> SampleOutput:
         seeds = [int(s) for s in jax.random.randint(key, (len(prompts),), 0, 2**31 - 1)]
         replies = parallel.on_main(self._complete_all, [list(map(int, p)) for p in prompts], seeds, params,
                                    list(map(int, stop_ids)))
@@ -79,6 +79,8 @@ class OpenAIEngine(RolloutEngine):
                 out.tokens[i, g, :n], out.model_logprobs[i, g, :n] = tokens, logprobs
                 out.lengths[i, g], out.done[i, g] = n, stopped
         out.logprobs[:] = out.model_logprobs
+        for i in range(len(prompts) if on_prompt_done else 0):  # the server answered every prompt at once
+            on_prompt_done(i, out.tokens[i].copy(), out.lengths[i].copy())
         return out
 
     def _complete_all(self, prompts, seeds, params: SamplingParams, stop_ids) -> list:

@@ -67,8 +67,10 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], key, params: SamplingParams,
-                 stop_ids: Sequence[int]) -> SampleOutput:
-        """`params.num_samples` completions of each prompt; `key` seeds the draws."""
+                 stop_ids: Sequence[int], on_prompt_done=None) -> SampleOutput:
+        """`params.num_samples` completions of each prompt; `key` seeds the draws.
+        `on_prompt_done(i, tokens [G, max_new_tokens], lengths [G])`: called once per prompt
+        when its samples are all on the host (the local engine: while it decodes the rest)."""
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:

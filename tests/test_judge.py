@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import eval as eval_config
-from fleming_jax import evaluate, judge, parallel, rewards
+from fleming_jax import engine, evaluate, judge, parallel, rewards
 from fleming_jax.data.records import QARecord, read_jsonl, write_jsonl
 from fleming_jax.train import rl
 from tests.test_rl import Killed, kill_at, model_cfg, toy_config, toy_rewards, toy_run  # noqa: F401 (toy_run: a fixture)
@@ -163,3 +163,34 @@ def test_open_ended_records_flow_through_rl_and_eval_with_the_judge(toy_run, ser
     assert [row["judge"] for row in outputs] == [[v] for v in by_hand]
     assert got["judge_score"] == pytest.approx(np.mean(by_hand)) and got["judge_score"] > 0.9
     assert "judge's mean score" in open(tmp_path / "eval" / "results.md").read()
+
+
+@pytest.mark.slow
+def test_a_groups_replies_are_judged_while_the_engine_decodes_the_next_groups(toy_run, server, tmp_path, monkeypatch):
+    """One group decodes at a time (rollout.slots = G): four waves of 4 decode calls (2 chunks
+    of 4 tokens, then the calls that find them finished and admit the next). The ninth call (the
+    third wave's) waits up to 10 s for the judge's first request, which can only come from the
+    first group being scored beside the decoding; each reply still gets its own scores."""
+    settings = dict(fn="fleming_jax.judge:score", weight=1.0, base_url=server.url, model="judge",
+                    api_key_env="JUDGE_KEY")
+    config = toy_config(toy_run, steps=1, rewards=dict(toy_rewards(), judge=settings))
+    config.rollout.update(slots=8, chunk=4)
+    real, heard = engine._decode, []
+
+    def decode(*args, **kwargs):
+        heard.append(None)
+        if len(heard) == 9:
+            deadline = time.monotonic() + 10
+            while not server.requests and time.monotonic() < deadline:
+                time.sleep(0.01)
+            heard[-1] = len(server.requests)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_decode", decode)
+    (row,) = rl.RLTrainer(config, str(tmp_path / "run")).train()
+    assert len(heard) == 16 and heard[8] >= 1, heard  # the judge heard of group 1 while wave 3 decoded
+    assert row["reward_judge_requests"] + row["reward_judge_cached"] == 32  # summed over the 4 groups
+    # each reply's two components side by side: digit first -> 1 + 1.0, else 0 + 0.1
+    per_reply = np.round(row["histogram/reward"], 6)
+    assert set(per_reply) <= {0.1, 2.0} and np.mean(per_reply == 2.0) == row["accuracy"]
+    assert row["reward_judge"] == pytest.approx(0.1 + 0.9 * row["accuracy"])

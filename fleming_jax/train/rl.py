@@ -257,12 +257,32 @@ class RLTrainer:
 
     def rollout(self, indices: list[int], key, samples: int):
         """Samples `samples` completions per prompt from the engine's weights; returns
-        (output, {reward component or "reward": values [n, g]}, what the components reported)."""
-        out = self.engine.generate([self.prompts[i] for i in indices], key, self.sampling(samples), self.stop_ids)
-        texts = [t for row in completion_texts(self.tokenizer, out) for t in row]
-        records = [self.records[i] for i in indices for _ in range(samples)]
-        scores, reported = rewards.score_components(self.rewards, texts, records)
-        return out, {k: np.array(v).reshape(len(indices), samples) for k, v in scores.items()}, reported
+        (output, {reward component or "reward": values [n, g]}, what the components reported).
+        On one process each prompt's replies are scored as soon as they are all finished, on a
+        thread, while the engine decodes the rest (an LLM judge's requests overlap the decoding);
+        on several, after the rollout in one batch (the judge's broadcast from process 0 must not
+        interleave with the decode's collectives)."""
+        prompts, params = [self.prompts[i] for i in indices], self.sampling(samples)
+        if jax.process_count() > 1:
+            out = self.engine.generate(prompts, key, params, self.stop_ids)
+            texts = [t for row in completion_texts(self.tokenizer, out) for t in row]
+            records = [self.records[i] for i in indices for _ in range(samples)]
+            scores, reported = rewards.score_components(self.rewards, texts, records)
+            return out, {k: np.array(v).reshape(len(indices), samples) for k, v in scores.items()}, reported
+        scoring, groups = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rewards"), {}
+
+        def score_group(j, tokens, lengths):
+            texts = [self.tokenizer.decode(t[:n - int(n > 0 and t[n - 1] in self.stop_ids)])
+                     for t, n in zip(tokens, lengths)]
+            groups[j] = scoring.submit(rewards.score_components, self.rewards, texts, [self.records[indices[j]]] * samples)
+        try:
+            out = self.engine.generate(prompts, key, params, self.stop_ids, on_prompt_done=score_group)
+            done = [groups[j].result() for j in range(len(indices))]
+        finally:
+            scoring.shutdown(cancel_futures=True)
+        scores = {k: np.array([values[k] for values, _ in done]) for k in done[0][0]}
+        reported = {k: sum(r.get(k, 0.0) for _, r in done) for k in {k for _, r in done for k in r}}
+        return out, scores, reported
 
     def score_pool(self, indices: list[int], k: int) -> list[list[bool]]:
         """k samples per question, as many rows per sampler call as a training rollout has;
