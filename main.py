@@ -97,6 +97,18 @@ def setup_compile_cache(directory: str | None) -> dict:
     return stats
 
 
+def split_cpu(config) -> None:
+    """`config.cpu_devices=N` (N > 0) makes JAX see the host's CPU as N devices, before any backend
+    starts. XLA:CPU leaves cores idle inside much of one device's programs; the demo on 2 cores
+    runs ~20% faster as 2 devices (docs/demo_rl.md). GPUs and TPUs are not affected; 0 keeps
+    JAX's default (one device, or XLA_FLAGS' --xla_force_host_platform_device_count)."""
+    count = config.get("cpu_devices") or 0
+    if count:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", int(count))
+
+
 def keep_compile_cache_in_step() -> None:
     """Turns the persistent compile cache off on several CPU processes (the hosts a test or the
     rehearsal stands in for). Only process 0 writes the cache and the processes' keys differ, so
@@ -141,6 +153,7 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", str(config.get("task")))
     logging.info("task=%s workdir=%s", config.get("task"), workdir)
+    split_cpu(config)
     cache = compile_cache_dir(config, workdir)
     stats = setup_compile_cache(cache)
     try:

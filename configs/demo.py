@@ -2,8 +2,8 @@
 
 python main.py --config=configs/demo.py --workdir=runs/demo
 python main.py --config=configs/demo.py:ci --workdir=/tmp/demo   # a couple of minutes, for CI
-python main.py --config=configs/demo.py:lora --workdir=runs/demo_lora   # both RL stages train LoRA adapters
-python main.py --config=configs/demo.py:qlora --workdir=runs/demo_qlora   # ... on an NF4 base (QLoRA)
+python main.py --config=configs/demo.py:full_weights --workdir=runs/demo_fw   # both RL stages train every weight
+python main.py --config=configs/demo.py:qlora --workdir=runs/demo_qlora   # the RL adapters on an NF4 base (QLoRA)
 
 Each stage's full config sits under `config.stages.<stage>`, so any knob can be changed
 from the command line, e.g. `--config.stages.sft.optimizer.total_steps=400`. Inputs and
@@ -14,40 +14,32 @@ import ml_collections
 
 from configs import distill, export, rl_stage1, rl_stage2, sft, synthesize
 
-# Budgets: "full" takes 14 min 22 s on 2 CPU cores from a cold compile cache (quiet Xeon, 2026-12-04);
-# "ci" only checks that everything connects.
+# Budgets: "full" takes 14 min 27 s on 2 CPU cores from a cold compile cache (quiet Xeon,
+# 2026-12-05, as 2 JAX devices: config.cpu_devices); "ci" only checks that everything connects.
 # 40 diseases keep the graph small enough that the tiny model learns which disease fits
 # which findings within the SFT budget (held-out questions ask about the same diseases).
+# The cold start trains every weight (a random init has nothing to adapt); both RL stages
+# train rank-16 adapters on all seven projections (alpha 32, a learning rate 10x a full-weight
+# one's: adapters start at B = 0 and move the model through a rank-16 product). On five seeds
+# (docs/demo_rl.md) adapters lost no seed where full-weight RL lost two, and the steps the
+# 2-device layout saves went to RL: 36 steps of stage 1, 16 of stage 2 (24 and 12 before).
 # RL stage 1 grades a 512-question pool with 2 tries each before it starts (the paper's
-# grading pass: 1,024 sequences, ~32 s; Easy 76 / Moderate 189 / Difficult 247 for seed 0) and
-# draws the 1:1 Easy:Moderate blend from it. Seed 0 with 600 held-out questions (2026-12-04):
-# sft 0.388 -> rl_stage1 0.467 (paired gain +0.078 [+0.032, +0.123]) -> rl_stage2 0.478,
-# against 0.405 / 0.428 drawing ungraded from the whole training set. (Grading all 2,870
-# questions x 4 tries took 26-41 min on the old engine; a graded 128-question pool was fitted in
-# a few steps while held-out accuracy fell.) Stage 2 scores a
-# 256-question subset (2 tries each) to seed its miner, and steps at a third of stage 1's
-# learning rate: its mined pool is skewed toward the letters the policy under-picks, and
-# at 1e-4 it over-corrected that prior in a trial (held-out 0.45 -> 0.31; 0.32 with the
-# paper's mean-only advantages) where 3e-5 kept stage 1's accuracy.
-# The ci budget does not grade: its 6-step SFT model solves nothing, so every question
-# would grade Difficult and stage 1's Easy:Moderate blend would have nothing to draw.
+# grading pass: 1,024 sequences, ~30 s) and draws the 1:1 Easy:Moderate blend from it. Stage 2
+# scores a 256-question subset (2 tries each) to seed its miner, at a third of stage 1's
+# learning rate (its mined pool is skewed toward the letters the policy under-picks; a full
+# rate over-corrected that prior in a trial). "full_weights" is the same demo with full-weight
+# RL (lr 1e-4 / 3e-5, 24 + 12 steps: the default until 2026-12-05), "qlora" the adapters on
+# the cold start's NF4 copy. The ci budget does not grade: its 6-step SFT model solves
+# nothing, so every question would grade Difficult and the blend would have nothing to draw.
+_FULL = dict(diseases=40, questions=3600, held_out=0.17, sft_steps=260, rl1_steps=36, rl2_steps=16, eval_size=600,
+             new_tokens=128, eval_new_tokens=160, rl1_pool=512, grade_k=2, rl2_pool=256, score_k=2, rl1_lr=1e-3,
+             rl2_lr=3e-4, lora_rank=16, lora_alpha=32.0)
 BUDGETS = {
-    "full": dict(diseases=40, questions=3600, held_out=0.17, sft_steps=260, rl1_steps=24, rl2_steps=12, eval_size=600,
-                 new_tokens=128, eval_new_tokens=160, rl1_pool=512, grade_k=2, rl2_pool=256, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
-    # the cold start trains every weight (a random init has nothing to adapt); both RL stages
-    # train rank-16 adapters on it, at a learning rate 10x the full-weight one's (adapters
-    # start at B = 0 and move the model through a rank-16 product), and export writes the
-    # merged model and the PEFT adapter
-    "lora": dict(diseases=40, questions=3600, held_out=0.17, sft_steps=260, rl1_steps=24, rl2_steps=12, eval_size=600,
-                 new_tokens=128, eval_new_tokens=160, rl1_pool=512, grade_k=2, rl2_pool=256, score_k=2, rl1_lr=1e-3,
-                 rl2_lr=3e-4, lora_rank=16, lora_alpha=32.0),
-    # QLoRA: the same adapters on the cold start's weights held in NF4 (the base both RL stages
-    # sample from, train against and export merged with)
-    "qlora": dict(diseases=40, questions=3600, held_out=0.17, sft_steps=260, rl1_steps=24, rl2_steps=12, eval_size=600,
-                  new_tokens=128, eval_new_tokens=160, rl1_pool=512, grade_k=2, rl2_pool=256, score_k=2, rl1_lr=1e-3,
-                  rl2_lr=3e-4, lora_rank=16, lora_alpha=32.0, lora_base_quant="nf4"),
-    "ci": dict(diseases=40, questions=300, held_out=0.05, sft_steps=6, rl1_steps=2, rl2_steps=2, eval_size=8, new_tokens=24,
-               eval_new_tokens=24, rl1_pool=32, grade_k=0, rl2_pool=32, score_k=2, rl1_lr=1e-4, rl2_lr=3e-5),
+    "full": _FULL,
+    "full_weights": _FULL | dict(rl1_steps=24, rl2_steps=12, rl1_lr=1e-4, rl2_lr=3e-5, lora_rank=0),
+    "qlora": _FULL | dict(lora_base_quant="nf4"),
+    "ci": _FULL | dict(questions=300, held_out=0.05, sft_steps=6, rl1_steps=2, rl2_steps=2, eval_size=8, new_tokens=24,
+                       eval_new_tokens=24, rl1_pool=32, grade_k=0, rl2_pool=32),
 }
 
 
@@ -56,6 +48,7 @@ def get_config(budget: str = "full") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "demo"
     config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
+    config.cpu_devices = 2  # a CPU-only host as 2 JAX devices (both cores busy; 0: JAX's default of one)
     config.seed = 0  # training seed of every stage; the synthesised data does not depend on it
     config.demo = ml_collections.ConfigDict(dict(eval_size=b["eval_size"], eval_max_new_tokens=b["eval_new_tokens"]))
     stages = ml_collections.ConfigDict()
@@ -73,7 +66,7 @@ def get_config(budget: str = "full") -> ml_collections.ConfigDict:
         stage = module.get_config("tiny")
         stage.rl.update(dict(steps=steps, max_new_tokens=b["new_tokens"], eval_every=max(steps, 1),
                              eval_size=min(64, b["eval_size"]), max_pool=pool))
-        stage.optimizer.learning_rate = lr  # 1e-3 wrecked the SFT policy in a trial (held-out 0.41 -> 0.09 in 4 steps)
+        stage.optimizer.learning_rate = lr  # full weights: 1e-3 wrecked the SFT policy in a trial (0.41 -> 0.09 in 4 steps)
         stage.model.update(lora_rank=b.get("lora_rank", 0), lora_alpha=b.get("lora_alpha", 16.0),
                            lora_base_quant=b.get("lora_base_quant", ""))
         stages[name] = stage

@@ -14,6 +14,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 
 from fleming_jax import models, parallel, paths
@@ -90,6 +91,7 @@ def run(config, workdir: str) -> dict:
     report = {"stages": {}, "held_out": {}}
     if paths.exists(report_file):
         report = json.loads(paths.read_text(report_file))
+    report["devices"] = f"{jax.device_count()} {jax.default_backend()}"  # e.g. "2 cpu": config.cpu_devices
     for i, name in enumerate(STAGES, 1):
         stage_dir = paths.join(workdir, name)
         if paths.exists(paths.join(stage_dir, "DONE")):
@@ -150,7 +152,8 @@ def save_report(report: dict, workdir: str) -> None:
     total = sum(s["seconds"] for s in report["stages"].values())
     evaluation = sum(r.get("seconds", 0.0) for r in report["held_out"].values())
     md = ["# fleming-jax demo report", "", format_table(report), "",
-          f"Time: {total:.0f} s in the stages + {evaluation:.0f} s of held-out evaluation.", ""]
+          f"Time: {total:.0f} s in the stages + {evaluation:.0f} s of held-out evaluation, on "
+          f"{report.get('devices', '?')} devices.", ""]
     md += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     paths.write_text(paths.join(workdir, "report.md"), "\n".join(md) + "\n")
 

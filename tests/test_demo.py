@@ -23,6 +23,7 @@ def test_demo_pipeline_connects_every_stage(tmp_path):
     with open(tmp_path / "report.json") as f:
         report = json.load(f)
     assert set(report["held_out"]) == {"init", "sft", "rl_stage1", "rl_stage2"}
+    assert report["devices"] == "2 cpu"  # the demo's config.cpu_devices
     for stage, r in report["held_out"].items():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 8, stage
     assert (tmp_path / "report.md").read_text().count("| rl_stage2 |") == 1
