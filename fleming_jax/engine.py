@@ -372,7 +372,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
              stop_ids: Sequence[int] = (), slots: int = 0, chunk: int = 16, mesh=None,
              cache_dtype: str | None = None, pad_id: int = 0, stats: dict | None = None,
              kv_cache_gib: float = 0.0, page_size: int = PAGE_SIZE,
-             on_prompt_done: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> SampleOutput:
+             on_prompt_done: Callable[[int, SampleOutput], None] | None = None) -> SampleOutput:
     """`params.num_samples` completions of each prompt, at most `slots` sequences in flight
     (0: from memory, `CacheLayout.plan`, with `kv_cache_gib` of cache pages a device); the
     same SampleOutput for any `slots`, `chunk` and pool (the same samples, too).
@@ -390,9 +390,9 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
     receives `admitted_late` (sequences admitted after the first chunk), `chunks`,
     `drain_chunks` (those decoded on fewer rows than slots), `evicted` (sequences evicted to
     free pages), `slots`, `kv_pool_gib` (the pool a device holds) and `kv_peak_gib` (the most
-    of it sequences held at once). `on_prompt_done(i, tokens [G, max_new_tokens], lengths [G])`
-    is called on the host as soon as every sample of prompt i is fetched, while later chunks
-    decode (RL scores a group's replies then; tokens past a sample's length are not its own).
+    of it sequences held at once). `on_prompt_done(i, output)` is called on the host as soon as
+    every sample of prompt i is fetched, while later chunks decode (RL scores a group's replies
+    then): `output` is prompt i's part of the SampleOutput (a leading axis of 1), final already.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompts")
@@ -507,6 +507,16 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
 
     unfetched = np.full((len(prompts),), group)  # samples of each prompt not yet on the host
 
+    def output(part: slice) -> SampleOutput:
+        """Prompts `part`'s samples as they are returned (views): nothing after a sequence's end,
+        `done` where a stop token ended it."""
+        arrays, n = {name: values[part] for name, values in out.items()}, lengths[part]
+        last = np.take_along_axis(arrays["tokens"], np.maximum(n - 1, 0)[..., None], -1)[..., 0]
+        stopped = (n > 0) & np.isin(last, list(stop_ids))
+        for values in arrays.values():
+            values[np.arange(budget)[None, None, :] >= n[..., None]] = 0
+        return SampleOutput(**arrays, lengths=n, done=stopped)
+
     def store(fetched):
         seqs, (tokens, logprobs, model_logprobs, steps) = fetched
         host = [parallel.to_host(x) for x in (tokens, logprobs, model_logprobs, steps)]
@@ -517,7 +527,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
             lengths[i, g] = host[3][j]
             unfetched[i] -= 1
             if on_prompt_done and not unfetched[i]:
-                on_prompt_done(i, out["tokens"][i].copy(), lengths[i].copy())
+                on_prompt_done(i, output(slice(i, i + 1)))
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         table = admit(empty(config, layout, budget, cache_dtype))
@@ -556,12 +566,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         device_gib = layout.bytes_per_device(config, cache_dtype) / 2**30
         stats.update(counts, slots=n_slots, kv_pool_gib=device_gib,
                      kv_peak_gib=device_gib * pool.peak / (layout.pages // dp) / dp)
-    last = np.take_along_axis(out["tokens"], np.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
-    stopped = (lengths > 0) & np.isin(last, list(stop_ids))
-    for name in out:  # nothing after the end of a sequence
-        out[name][np.arange(budget)[None, None, :] >= lengths[..., None]] = 0
-    return SampleOutput(tokens=out["tokens"], logprobs=out["logprobs"], model_logprobs=out["model_logprobs"],
-                        lengths=lengths, done=stopped)
+    return output(slice(None))
 
 
 def free_memory(device) -> int | None:

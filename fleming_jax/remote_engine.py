@@ -80,7 +80,7 @@ class OpenAIEngine(RolloutEngine):
                 out.lengths[i, g], out.done[i, g] = n, stopped
         out.logprobs[:] = out.model_logprobs
         for i in range(len(prompts) if on_prompt_done else 0):  # the server answered every prompt at once
-            on_prompt_done(i, out.tokens[i].copy(), out.lengths[i].copy())
+            on_prompt_done(i, out.prompt(i))
         return out
 
     def _complete_all(self, prompts, seeds, params: SamplingParams, stop_ids) -> list:

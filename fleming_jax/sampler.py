@@ -53,6 +53,10 @@ class SampleOutput:
     lengths: np.ndarray
     done: np.ndarray
 
+    def prompt(self, i: int) -> "SampleOutput":
+        """Prompt i's samples alone (views, a leading axis of 1)."""
+        return SampleOutput(**{f.name: getattr(self, f.name)[i:i + 1] for f in dataclasses.fields(self)})
+
 
 class RolloutEngine(abc.ABC):
     """Token ids in, `SampleOutput` out, from the weights last synced. Every process calls each
@@ -69,8 +73,9 @@ class RolloutEngine(abc.ABC):
     def generate(self, prompts: Sequence[Sequence[int]], key, params: SamplingParams,
                  stop_ids: Sequence[int], on_prompt_done=None) -> SampleOutput:
         """`params.num_samples` completions of each prompt; `key` seeds the draws.
-        `on_prompt_done(i, tokens [G, max_new_tokens], lengths [G])`: called once per prompt
-        when its samples are all on the host (the local engine: while it decodes the rest)."""
+        `on_prompt_done(i, output)`: called once per prompt with its part of the output (a
+        leading axis of 1) when its samples are all on the host (the local engine: while it
+        decodes the rest)."""
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:

@@ -145,7 +145,7 @@ class Checkpoints:
 def train_loop(*, start: int, total: int, one_step: Callable[[int], dict | None], save: Callable[[int], None],
                every: int, ckpt: Checkpoints, workdir: str, log: Callable[[str], None],
                on_step: Callable[[int], None] | None = None,
-               stop_early: Callable[[int], str | None] = lambda step: None, config=None) -> list[dict]:
+               config, stop_early: Callable[[int], str | None] = lambda step: None) -> list[dict]:
     """Runs `one_step(step)` from `start` to `total`; returns the rows it logged.
 
     `one_step` returns a metrics row (written with its `step`) or None (not a logging
@@ -156,7 +156,7 @@ def train_loop(*, start: int, total: int, one_step: Callable[[int], dict | None]
     `on_step(step)` runs after each step (tests use it to interrupt a run). `config`: the job's
     (its `metrics.wandb` names a W&B project the rows are mirrored to).
     """
-    wandb = (config.get("metrics") or {}).get("wandb", "") if config is not None else ""
+    wandb = (config.get("metrics") or {}).get("wandb", "")
     writer = MetricsWriter(workdir, parallel.is_main_process(), resume_step=start, wandb=wandb,
                            config=config.to_dict() if wandb else None)
     rows, step = [], start

@@ -271,9 +271,8 @@ class RLTrainer:
             return out, {k: np.array(v).reshape(len(indices), samples) for k, v in scores.items()}, reported
         scoring, groups = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rewards"), {}
 
-        def score_group(j, tokens, lengths):
-            texts = [self.tokenizer.decode(t[:n - int(n > 0 and t[n - 1] in self.stop_ids)])
-                     for t, n in zip(tokens, lengths)]
+        def score_group(j, group):
+            (texts,) = completion_texts(self.tokenizer, group)
             groups[j] = scoring.submit(rewards.score_components, self.rewards, texts, [self.records[indices[j]]] * samples)
         try:
             out = self.engine.generate(prompts, key, params, self.stop_ids, on_prompt_done=score_group)
