@@ -152,9 +152,9 @@ def rollout() -> ml_collections.ConfigDict:
     (0 = twice as many as the pages hold at full length, 128 on a CPU; never more than the
     rollout has). A sequence takes pages as its reply grows (the youngest is evicted and
     recomputed if they run out); a finished one hands its slot and pages to the next every
-    `chunk` tokens. `devices`: how many devices (the last ones) the engine gets to itself, the
-    trainer keeping the rest (one host; 0: both use all); with `rl.max_staleness` > 0 the two
-    groups work at once.
+    `chunk` tokens. `devices`: how many devices the engine gets to itself (the last
+    devices / hosts of each host), the trainer keeping the rest (0: both use all); with
+    `rl.max_staleness` > 0 the two groups work at once (on several hosts they must be split).
     `engine` "openai": an external OpenAI-compatible server (vLLM, SGLang, tpu-inference:
     `fleming_jax.remote_engine`); `server` says where: `base_url` (up to /v1), the served
     `model` name, `weights_dir` the policy is saved to after each update ("" = <workdir>/

@@ -8,10 +8,13 @@ degree is a config change (`config.mesh`), never a code change.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import glob
 import json
 import math
 import os
+import threading
 from typing import Any, Callable
 
 import jax
@@ -74,18 +77,22 @@ def default_devices() -> list:
 
 
 def split_devices(rollout: int) -> tuple[list, list]:
-    """(the trainer's devices, the rollout engine's): the last `rollout` of the default devices
-    go to rollouts (RL's `rollout.devices`; 0: none, both use all). One host only for now."""
+    """(the trainer's devices, the rollout engine's): the last `rollout` / process_count of
+    each host's default devices go to rollouts (RL's `rollout.devices`; 0: none, both use all).
+    Every host keeps devices of both groups, so the weights reach the rollouts by host-local
+    copies (`move`)."""
     devices = default_devices()
     if rollout == 0:
         return devices, []
-    if jax.process_count() > 1:
-        raise ValueError(f"rollout.devices={rollout}: a device group of the rollout's own runs on one host for now "
-                         f"(this job has {jax.process_count()} processes); set rollout.devices=0")
-    if not 0 < rollout < len(devices):
-        raise ValueError(f"rollout.devices={rollout} must leave the trainer at least one of the {len(devices)} "
-                         "devices (0: rollouts and training share all of them)")
-    return devices[:-rollout], devices[-rollout:]
+    hosts, per_host = jax.process_count(), len(devices) // jax.process_count()
+    if rollout % hosts or not 0 < rollout // hosts < per_host:
+        raise ValueError(f"rollout.devices={rollout} must be a multiple of the {hosts} hosts that leaves the trainer "
+                         f"at least one of each host's {per_host} devices (0: rollouts and training share all "
+                         f"{len(devices)} of them)")
+    taken = set()
+    for p in range(hosts):
+        taken.update([d for d in devices if d.process_index == p][-(rollout // hosts):])
+    return [d for d in devices if d not in taken], [d for d in devices if d in taken]
 
 
 def move(tree: Any, shardings: Any) -> Any:
@@ -369,11 +376,60 @@ def on_main(work: Callable[..., Any], *args) -> Any:
 
 
 def _from_main(value: Any) -> Any:
-    """Process 0's JSON-able `value` on every host (a collective)."""
-    from jax.experimental import multihost_utils
-
+    """Process 0's JSON-able `value` on every host (a collective: `gather_hosts`)."""
     main = is_main_process()
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if main else None
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size if main else 0)))
-    data = multihost_utils.broadcast_one_to_all(data if main else np.zeros(size, np.uint8))
-    return json.loads(np.asarray(data).tobytes())
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if main else np.zeros(0, np.uint8)
+    size = int(gather_hosts(np.int32(data.size))[0])
+    padded = np.zeros(max(64, 1 << (size - 1).bit_length()), np.uint8)  # few shapes, few compiles
+    padded[:data.size] = data
+    return json.loads(gather_hosts(padded)[0][:size].tobytes())
+
+
+_agreeing = threading.local()  # the devices this thread's host agreements run on (`agreements_on`)
+
+
+@contextlib.contextmanager
+def agreements_on(devices: list | None):
+    """This thread's host agreements (`gather_hosts`: preemption checks, process 0's
+    broadcasts, checkpoint verdicts) run on `devices` for the duration (None: all devices).
+    Why: a device runs programs in the order they are launched, and a collective waits for
+    the same program on every host. Two threads launching onto the same devices interleave in
+    a different order on each host and deadlock; each thread keeping to a device group of its
+    own (RL's trainer and its rollouts sampled ahead) keeps one order everywhere."""
+    previous = getattr(_agreeing, "devices", None)
+    _agreeing.devices = None if devices is None else tuple(devices)
+    try:
+        yield
+    finally:
+        _agreeing.devices = previous
+
+
+def gather_hosts(value: Any) -> np.ndarray:
+    """Every process's `value` (the same shape and dtype on each) stacked in process order;
+    on several hosts a collective over this thread's agreement group (`agreements_on`):
+    every host calls it at the same point."""
+    value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value[None]
+    mesh = _hosts_mesh(getattr(_agreeing, "devices", None) or tuple(jax.devices()))
+    with jax.set_mesh(mesh):  # (the caller's may be another: the engine's, the trainer's)
+        spread = jax.make_array_from_process_local_data(NamedSharding(mesh, P("hosts")), value[None])
+        return np.asarray(_replicated(mesh)(spread))
+
+
+@functools.cache
+def _hosts_mesh(devices: tuple) -> jax.sharding.Mesh:
+    """`devices` as a (hosts, devices of a host) mesh: a host's value is whole on each of its
+    devices (every device of the group takes part, as in JAX's own `process_allgather`)."""
+    by_host = collections.defaultdict(list)
+    for d in devices:
+        by_host[d.process_index].append(d)
+    if len(by_host) != jax.process_count() or len({len(v) for v in by_host.values()}) != 1:
+        raise ValueError(f"host agreements need the same number of devices on each of the {jax.process_count()} "
+                         f"hosts; this device group has {dict(sorted((p, len(v)) for p, v in by_host.items()))}")
+    return jax.sharding.Mesh(np.array([by_host[p] for p in sorted(by_host)]), ("hosts", "local"))
+
+
+@functools.cache
+def _replicated(mesh: jax.sharding.Mesh):
+    return jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))

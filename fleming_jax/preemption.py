@@ -55,15 +55,15 @@ def requested() -> bool:
     mine = bool(_flag)
     if jax.process_count() == 1:
         return mine
-    from jax.experimental import multihost_utils
+    from fleming_jax import parallel
 
-    return bool(np.any(multihost_utils.process_allgather(np.int32(mine))))
+    return bool(np.any(parallel.gather_hosts(np.int32(mine))))
 
 
 @contextlib.contextmanager
 def deferred():
     """`check` does nothing in this thread for the duration: RL's rollouts sampled ahead of
-    the update finish, and the main thread's checks stop the run (one host only)."""
+    the update finish, and the main thread's checks stop the run."""
     _deferring.on = True
     try:
         yield

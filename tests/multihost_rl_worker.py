@@ -1,10 +1,12 @@
 """One process of the multi-host RL test:
-`python -m tests.multihost_rl_worker PORT PID NPROC ROOT WORKDIR OUT [sigterm|lora]`.
+`python -m tests.multihost_rl_worker PORT PID NPROC ROOT WORKDIR OUT [MODE]`, MODE: run, or any
+of sigterm, lora, ahead joined by "+".
 
 Runs `multihost_run` (tests/test_rl_stages.py) in WORKDIR on a (data=2, fsdp=4) mesh spanning
 all processes and writes its metrics rows, final params and the rows each step saw. With
 `sigterm`, process 1 (only) gets SIGTERM as step 2's rollout starts; like main.py, the worker
-then exits 0 on `Preempted`. With `lora`, the run trains LoRA adapters on the frozen base."""
+then exits 0 on `Preempted`. With `lora`, the run trains LoRA adapters on the frozen base; with
+`ahead`, rollouts are sampled one update ahead on a device group of their own."""
 
 import os
 import sys
@@ -27,9 +29,11 @@ def main(port, process_id, num_processes, root, workdir, out, mode="run"):
     assert jax.process_count() == int(num_processes) and jax.device_count() == 8
     from tests.test_rl_stages import multihost_run
 
-    signal_at = 2 if mode == "sigterm" and jax.process_index() == 1 else None
+    modes = mode.split("+")
+    signal_at = 2 if "sigterm" in modes and jax.process_index() == 1 else None
     try:
-        rows, params, seen = multihost_run(root, workdir, signal_step=signal_at, lora=mode == "lora")
+        rows, params, seen = multihost_run(root, workdir, signal_step=signal_at, lora="lora" in modes,
+                                           ahead="ahead" in modes)
     except preemption.Preempted as e:
         print(f"preempted at {time.time():.3f}: {e}", flush=True)
         return

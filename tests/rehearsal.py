@@ -1,6 +1,7 @@
 """The rehearsal: a real job's shape on one machine (docs/scale.md, "Rehearsal").
 
 python -m tests.rehearsal [--preset=qwen2.5-7b] [--processes=2] [--devices=2] [--lora [--base-quant=nf4]]
+    [--ahead=1]
 
 Every task of the pipeline, synthesize -> distill -> sft -> rl_stage1 (graded) -> rl_stage2 ->
 export -> eval (of the exported model), runs as N processes x M CPU devices joined by
@@ -11,7 +12,8 @@ OpenAI-compatible server; each process orders the devices as a shuffled TPU mesh
 (FLEMING_SHUFFLE_DEVICES); the configs are `PRESET@rehearsal`: the real preset's defaults with
 only the model shrunk (configs/models.py). With --lora both RL stages train LoRA adapters on
 the SFT checkpoint (their checkpoints name it as the base) and export also writes the PEFT adapter;
---base-quant=nf4 holds that base in NF4 (QLoRA).
+--base-quant=nf4 holds that base in NF4 (QLoRA). --ahead=K samples both RL stages' rollouts K updates
+ahead (`rl.max_staleness`) on half of each host's devices (`rollout.devices`).
 Besides paths, the flags in HOW_MUCH are the only changes from the real job (how much work,
 never how). A stage passes when every process exits 0 and its outputs are in the bucket.
 """
@@ -69,13 +71,15 @@ class Stage(NamedTuple):
     says: str = ""  # a line process 0 must print
 
 
-def stages(preset: str, bucket: str, teacher_url: str, lora: bool = False, base_quant: str = "") -> list[Stage]:
+def stages(preset: str, bucket: str, teacher_url: str, lora: bool = False, base_quant: str = "",
+           ahead: int = 0, rollout_devices: int = 0) -> list[Stage]:
     """The pipeline in order, wired the way the configs' docstrings chain a real 7B / 32B job."""
     model = f"{preset}@rehearsal"
     base, synth = f"{bucket}/base_model", f"{bucket}/synthesize"
     data = [f"--config.data.train={synth}/train.jsonl", f"--config.data.eval={synth}/validation.jsonl"]
     rl = [f"--config.tokenizer={base}", *data] + (["--config.model.lora_rank=16", "--config.model.lora_alpha=32",
                                                    f"--config.model.lora_base_quant={base_quant}"] if lora else [])
+    rl += [f"--config.rl.max_staleness={ahead}", f"--config.rollout.devices={rollout_devices}"] if ahead else []
     return [
         Stage("synthesize", "configs/synthesize.py", synth, [], ["train.jsonl", "validation.jsonl", "report.json"]),
         Stage("distill", "configs/distill.py", f"{bucket}/distill",
@@ -279,7 +283,8 @@ def run_checked(stage: Stage, processes: int, homes: list[str], env: dict, tmp: 
 
 
 def rehearse(preset: str = "qwen2.5-7b", processes: int = 2, devices: int = 2, tmp: str | None = None,
-             timeout: float = 900.0, log=print, lora: bool = False, base_quant: str = "") -> dict[str, float]:
+             timeout: float = 900.0, log=print, lora: bool = False, base_quant: str = "",
+             ahead: int = 0) -> dict[str, float]:
     """Runs the whole pipeline; each stage's wall seconds (StageFailed at the first failure)."""
     tmp = tmp or tempfile.mkdtemp(prefix="rehearsal-")
     emulator, teacher = Emulator(), Teacher()
@@ -302,7 +307,7 @@ def rehearse(preset: str = "qwen2.5-7b", processes: int = 2, devices: int = 2, t
             worker_dir(home)
         log(f"[rehearsal] {preset}@rehearsal, {processes} processes x {devices} CPU devices, {bucket} on "
             f"{emulator.url}, logs in {tmp}/logs")
-        for stage in stages(preset, bucket, teacher.url, lora, base_quant):
+        for stage in stages(preset, bucket, teacher.url, lora, base_quant, ahead, processes * devices // 2):
             times[stage.name] = run_checked(stage, processes, homes, env, tmp, timeout, emulator, teacher, log)
     finally:
         teacher.shutdown()
@@ -320,10 +325,12 @@ def main():
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per stage")
     parser.add_argument("--lora", action="store_true", help="both RL stages train LoRA adapters")
     parser.add_argument("--base-quant", default="", help="with --lora: the base held in int8 or nf4 (QLoRA)")
+    parser.add_argument("--ahead", type=int, default=0, help="RL rollouts sampled this many updates ahead, on "
+                        "half of each host's devices")
     args = parser.parse_args()
     try:
         rehearse(args.preset, args.processes, args.devices, timeout=args.timeout, lora=args.lora,
-                 base_quant=args.base_quant)
+                 base_quant=args.base_quant, ahead=args.ahead)
     except StageFailed as e:
         sys.exit(f"[rehearsal] failed: {e}")
 

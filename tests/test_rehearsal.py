@@ -43,10 +43,12 @@ def test_rehearsal_keeps_the_family_switches_and_is_refused_for_tiny():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,lora,base_quant", [("qwen2.5-7b", False, ""), ("qwen2.5-7b", True, ""),
-                                                     ("qwen2.5-7b", True, "nf4"), ("llama3.1-8b", False, "")])
-def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path, preset, lora, base_quant):
+@pytest.mark.parametrize("preset,lora,base_quant,ahead", [
+    ("qwen2.5-7b", False, "", 0), ("qwen2.5-7b", True, "", 0), ("qwen2.5-7b", True, "nf4", 0),
+    ("llama3.1-8b", False, "", 0), ("qwen2.5-7b", True, "", 1)])
+def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path, preset, lora, base_quant, ahead):
     from tests import rehearsal
 
-    times = rehearsal.rehearse(preset, processes=2, devices=2, tmp=str(tmp_path), lora=lora, base_quant=base_quant)
+    times = rehearsal.rehearse(preset, processes=2, devices=2, tmp=str(tmp_path), lora=lora, base_quant=base_quant,
+                               ahead=ahead)
     assert {s.name for s in rehearsal.stages("", "gs://b", "")} <= set(times)

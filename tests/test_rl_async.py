@@ -47,7 +47,7 @@ def test_move_copies_each_shard_to_the_device_that_holds_the_same_piece():
 def test_bad_splits_say_what_to_set(toy_run, tmp_path):
     config = async_config(toy_run)
     config.rollout.devices = 8
-    with pytest.raises(ValueError, match="at least one of the 8"):
+    with pytest.raises(ValueError, match="at least one of each host's 8 devices"):
         rl.RLTrainer(config, str(tmp_path))
     config = async_config(toy_run)
     config.rollout.engine = "openai"

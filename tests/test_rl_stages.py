@@ -152,14 +152,19 @@ def multihost_config(root):
     return config
 
 
-def multihost_run(root, workdir, signal_step=None, lora=False):
+def multihost_run(root, workdir, signal_step=None, lora=False, ahead=False):
     """3 real RL steps with beta > 0 and dynamic sampling; (rows, params, rows seen per step).
     `signal_step=n`: this process gets SIGTERM as step n's first rollout starts; `lora`: rank-4
-    adapters are what trains (`params` holds them)."""
+    adapters are what trains (`params` holds them); `ahead`: rollouts sampled one update ahead
+    on half of each host's devices (`rl.max_staleness=1`, `rollout.devices`), fp32."""
     config = multihost_config(root)
     if lora:
         config.model.update(lora_rank=4, lora_alpha=8.0)
         config.optimizer.learning_rate = 2e-2
+    if ahead:
+        config.rl.max_staleness = 1
+        config.rollout.update(devices=4, dtype="float32")
+        config.mesh.update(data=2, fsdp=-1)
     trainer = rl.RLTrainer(config, workdir)
     if signal_step:
         from tests.test_preemption import signal_in_step
@@ -200,6 +205,27 @@ def launch(root, tmp_path, workdir, mode="run"):
     return procs
 
 
+def assert_like_one_process(tmp_path, name, rows, params, seen=None):
+    """Both processes of the 2-process run `name` logged the 1-process run's rows (and `seen`)
+    and ended with its params, up to reduction order."""
+    for i in range(2):
+        got = np.load(tmp_path / f"{name}{i}.npz", allow_pickle=True)
+        if seen is not None:
+            assert [tuple(s) for s in got["seen"].tolist()] == [tuple(s) for s in seen]
+        for a, b in zip(got["rows"].tolist(), rows, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                # fp32 rollouts: the mismatch metrics are rounding noise (~1e-7 a token), and the
+                # 2-process run sums in another order
+                atol = 1e-5 if k.startswith("mismatch_") else 1e-7
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=atol, err_msg=k)
+        # Adam's m / sqrt(v) magnifies reduction-order noise where a gradient is ~0 (the decode
+        # layout's tensor-parallel sums run across processes in one run, inside one in the
+        # other): measured 4e-6 at most, against 1.5e-2 that 3 steps at lr 5e-3 can move a weight
+        for key, value in params.items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
 def finish(procs):
     logs = []
     for p in procs:
@@ -217,14 +243,7 @@ def test_lora_on_two_processes_equals_one_process(toy_run, tmp_path):
     finish(procs)
     assert params and all("_lora_" in name for name in params)
     assert any(np.abs(v).max() > 0 for name, v in params.items() if name.endswith("_b"))
-    for i in range(2):
-        got = np.load(tmp_path / f"mh_lora{i}.npz", allow_pickle=True)
-        for a, b in zip(got["rows"].tolist(), rows, strict=True):
-            for k in a:
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5 if k.startswith("mismatch_") else 1e-7,
-                                           err_msg=k)
-        for name, value in params.items():
-            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert_like_one_process(tmp_path, "mh_lora", rows, params)
 
 
 @pytest.mark.slow
@@ -245,21 +264,7 @@ def test_two_processes_equal_one_process_and_stop_together_on_one_sigterm(toy_ru
         # that x the number of processes
         assert ref_rows == tokens == other and tokens % 8 == 0, (seen, rows)
         assert tokens <= max(8, row["trained_groups"] * c.group_size), (seen, rows)
-    for i in range(2):
-        got = np.load(tmp_path / f"mh{i}.npz", allow_pickle=True)
-        assert [tuple(s) for s in got["seen"].tolist()] == [tuple(s) for s in seen]
-        for a, b in zip(got["rows"].tolist(), rows):
-            assert a.keys() == b.keys()
-            for k in a:
-                # fp32 rollouts: the mismatch metrics are rounding noise (~1e-7 a token), and the
-                # 2-process run sums in another order
-                atol = 1e-5 if k.startswith("mismatch_") else 1e-7
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=atol, err_msg=k)
-        # Adam's m / sqrt(v) magnifies reduction-order noise where a gradient is ~0 (the decode
-        # layout's tensor-parallel sums run across processes in one run, inside one in the
-        # other): measured 4e-6 at most, against 1.5e-2 that 3 steps at lr 5e-3 can move a weight
-        for name, value in params.items():
-            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert_like_one_process(tmp_path, "mh", rows, params, seen)
 
     logs = finish(launch(toy_run, tmp_path, "mh_cut", "sigterm"))
     assert "preempted at" in logs[0] and "preempted at" in logs[1], logs  # process 0 was never signalled
@@ -272,6 +277,32 @@ def test_two_processes_equal_one_process_and_stop_together_on_one_sigterm(toy_ru
     for i in range(2):
         got = np.load(tmp_path / f"mh_cut{i}.npz", allow_pickle=True)
         assert got["rows"].tolist() == uninterrupted["rows"].tolist()[1:]
+        for name in params:
+            np.testing.assert_array_equal(got[name], uninterrupted[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_rollouts_sampled_ahead_on_two_processes_equal_one_process_and_stop_together(toy_run, tmp_path):
+    """`rl.max_staleness=1` with `rollout.devices` on 2 processes x 4 devices (each host gives
+    2 to rollouts) against 1 x 8 (4 + 4): the same rows, staleness and params. Then SIGTERM to
+    process 1 alone while a rollout is sampled ahead on the worker thread: both hosts
+    stop at the same check (the trainer's agreements run on its own devices, the rollout's on
+    theirs), save, exit 0, and the rerun ends with the uninterrupted 2-process run's params."""
+    procs = launch(toy_run, tmp_path, "mh_ahead", "ahead")
+    rows, params, _ = multihost_run(str(toy_run), str(tmp_path / "single"), ahead=True)
+    finish(procs)
+    assert [r["staleness"] for r in rows] == [0, 1, 1] and [r["policy_version"] for r in rows] == [0, 0, 1]
+    assert_like_one_process(tmp_path, "mh_ahead", rows, params)
+
+    logs = finish(launch(toy_run, tmp_path, "mh_ahead_cut", "ahead+sigterm"))
+    assert all("preempted at" in log for log in logs), logs
+    assert not (tmp_path / "mh_ahead_cut0.npz").exists()
+    logs = finish(launch(toy_run, tmp_path, "mh_ahead_cut", "ahead"))
+    assert "resumed from" in logs[0], logs[0][-3000:]
+    uninterrupted = np.load(tmp_path / "mh_ahead0.npz", allow_pickle=True)
+    for i in range(2):
+        got = np.load(tmp_path / f"mh_ahead_cut{i}.npz", allow_pickle=True)
+        assert got["rows"].tolist() == uninterrupted["rows"].tolist()[-len(got["rows"]):]
         for name in params:
             np.testing.assert_array_equal(got[name], uninterrupted[name], err_msg=name)
 

@@ -61,7 +61,7 @@ class Checkpoints:
     def restore(self, state: statelib.TrainState, extra_args: Callable[[], dict] = dict):
         """(step, state, meta) of the newest step that restores, or (0, state, None).
 
-        Every host tries the step and they agree (`_agree`): a step damaged on any host is
+        Every host tries the step and they agree (`parallel.gather_hosts`): a step damaged on any host is
         moved aside on all (`_skip`); any other failure (storage, memory, a config for
         another model, a bug) stops every host and moves nothing."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -92,12 +92,12 @@ class Checkpoints:
                     meta=ocp.args.JsonRestore(), **extra))
             if got["meta"] is None or got["meta"].get("step") != step:
                 why = f"its meta item says step {(got['meta'] or {}).get('step')}"
-        except Exception as e:  # noqa: BLE001 -- sorted here; every host must reach _agree
+        except Exception as e:  # noqa: BLE001 -- sorted here; every host must reach the verdicts' gather
             error = self._config_mismatch(directory, abstract)
             if error is None:
                 why = damaged(e)
                 error = None if why else unreadable(directory, e)
-        verdicts = list(_agree(2 if error is not None else 1 if why else 0))
+        verdicts = list(parallel.gather_hosts(np.int32(2 if error is not None else 1 if why else 0)))
         if why and not parallel.is_main_process():  # process 0 logs the step; this host's reason goes here
             print(f"[process {jax.process_index()}] checkpoint {directory} is damaged: {why}", file=sys.stderr,
                   flush=True)
@@ -130,7 +130,7 @@ class Checkpoints:
                 paths.move(str(self.directory / str(step)), target)
             except OSError as e:
                 moved = e
-        if 1 in _agree(int(moved is not None)):
+        if 1 in parallel.gather_hosts(np.int32(moved is not None)):
             raise moved or RestoreFailed(f"process 0 could not move damaged checkpoint step {step} aside "
                                          f"(its log says why)")
         paths.forget_listings(str(self.directory / str(step)))  # process 0 moved it: no host may still list it
@@ -244,15 +244,6 @@ def _short(e: BaseException) -> str:
                   r'Error opening "\w+" driver: '):
         text = re.sub(noise, "", text)
     return f"{type(e).__name__}: {text[:200]}"
-
-
-def _agree(verdict: int) -> np.ndarray:
-    """Every process's `verdict` (a small int), in process order."""
-    if jax.process_count() == 1:
-        return np.array([verdict])
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.int32(verdict))).reshape(-1)
 
 
 @contextlib.contextmanager

@@ -124,10 +124,19 @@ class RLTrainer:
         if (self.ahead or config.rollout.devices) and config.rollout.engine != "local":
             raise ValueError("rl.max_staleness > 0 and rollout.devices need the in-tree engine "
                              f"(rollout.engine='local', not {config.rollout.engine!r})")
-        if self.ahead and jax.process_count() > 1:
-            raise ValueError(f"rl.max_staleness={self.ahead}: rollouts sampled ahead of the update run on one host "
-                             f"for now (this job has {jax.process_count()} processes); set rl.max_staleness=0")
+        if self.ahead and jax.process_count() > 1 and not config.rollout.devices:
+            raise ValueError(f"rl.max_staleness={self.ahead} on {jax.process_count()} hosts needs a device group of the "
+                             "rollouts' own: set rollout.devices (e.g. half of the devices). Sharing the devices, the "
+                             "two threads would launch programs in a different order on each host, and deadlock")
         train_devices, rollout_devices = parallel.split_devices(config.rollout.devices)
+        # the devices each thread's host agreements run on (`parallel.agreements_on`): its own group
+        self.groups = (train_devices, rollout_devices) if rollout_devices else (None, None)
+        # Rollouts sampled ahead run on a thread beside the update, except on several CPU processes:
+        # XLA's CPU client launches a process's collectives one at a time in one queue for all its
+        # devices, so two threads would queue them in a different order on each host and deadlock
+        # (TPU and GPU runtimes order them per device). There they run in the main thread at
+        # their launch: the same samples, versions and updates, without the overlap.
+        self.overlap = self.ahead and not (jax.process_count() > 1 and jax.devices()[0].platform == "cpu")
         self.mesh = parallel.make_mesh(config.mesh, train_devices)
         model, model_config = models.build(config.model, self.mesh)
         self.model_meta = models.checkpoint_meta(config.model)  # what every checkpoint records of the model
@@ -246,7 +255,7 @@ class RLTrainer:
             else:
                 self.policy()
             t = self.next_launch  # (max_staleness 0: sampled here, on the thread SIGTERM's handler runs in)
-            self.inflight.append(self.worker.submit(self.produce, t, step, weights) if self.ahead else finished(
+            self.inflight.append(self.worker.submit(self.produce, t, step, weights) if self.overlap else finished(
                 self.produce(t, step, weights)))
             self.next_launch += 1
 
@@ -320,7 +329,7 @@ class RLTrainer:
     # ------------------------------------------------------------------ loop
     def train(self, on_step=None) -> list[dict]:
         c = self.config.rl
-        with preemption.listening():  # from the stage-start pass on
+        with preemption.listening(), parallel.agreements_on(self.groups[0]):  # from the stage-start pass on
             step = self.restore()
             if step is None:
                 step = 0
@@ -393,7 +402,9 @@ class RLTrainer:
         except preemption.Preempted:
             if self.pending is None:
                 self.load_host_state(boundary)
-            elif self.ckpt.latest_step() == step:
+                raise
+            self.drain()  # orbax's barriers are collectives over every device: no rollout may run beside them
+            if self.ckpt.latest_step() == step:
                 self.ckpt.wait()
                 self.ckpt.manager.delete(step)
             raise
@@ -420,7 +431,7 @@ class RLTrainer:
         groups (refilled under dynamic sampling), the advantages and the groups to train on;
         `weights`: the decode copy to sample from (None: the engine's)."""
         c = self.config.rl
-        with preemption.deferred() if self.ahead else contextlib.nullcontext():
+        with (preemption.deferred() if self.ahead else contextlib.nullcontext()), parallel.agreements_on(self.groups[1]):
             t0 = time.perf_counter()
             idle = t0 - self.worker_free_since
             if weights is not None:
