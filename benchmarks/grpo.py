@@ -1,13 +1,14 @@
 """One GRPO step: fleming-jax vs TRL's `GRPOTrainer` (PyTorch, CPU), with a phase breakdown.
 
 One step = generate G=8 completions for each of 8 QA prompts (temperature 1.0, budget 256
-new tokens), score them with `fleming_jax.rewards.score`, group advantages, and one optimizer
+new tokens), score them with RL's default reward (`rl.rewards`: correctness + format), group advantages, and one optimizer
 step (AdamW, clipped token-mean GRPO loss, no KL) on the 64 sequences. Reply lengths are
 long-tailed by default, as RL replies are: a reply ends at any of `vocab x 4 / budget` fixed
 stop tokens (`benchmarks/rollout.py`'s set; the random model's next-token distribution is
 nearly uniform, so lengths are geometric with a mean of about a quarter of the budget,
 capped), on both sides (TRL gets them as the model's `eos_token_id` list, so it masks after
-them too). `--lengths equal`: no early stop, every reply runs to the budget. Both sides start from the same ~100M-parameter Qwen2-shaped model with random
+them too). `--lengths equal`: no early stop, every reply runs to the budget. Both sides start from the same ~100M-parameter Qwen2-shaped model (`--family llama`: a Llama 3
+one of that shape) with random
 weights (built with transformers, saved, loaded into ours with `hf.load`) and the same
 tokenizer (`fleming_jax.tokenizer.build`, saved beside it). Each side runs one warm-up step
 and then one timed step (ours: the warm-up is the same step from the same state, so it
@@ -33,7 +34,7 @@ update (ours keeps the zero-advantage groups here).
 
 pip install -r benchmarks/requirements.txt   # trl
 python benchmarks/grpo.py [--prompts 8] [--group 8] [--new_tokens 256] [--grad_accum 4] [--lengths equal]
-                          [--pack_length 0] [--no-share_prompts]
+                          [--pack_length 0] [--no-share_prompts] [--family llama]
 
 Takes 10-20 minutes on 2 CPU cores (two steps per side); the sides run one after the other,
 so other jobs on the machine skew the ratio.
@@ -86,15 +87,17 @@ def make_records(n: int) -> list[QARecord]:
             for i, (q, o, a) in enumerate(QUESTIONS[i % len(QUESTIONS)] for i in range(n))]
 
 
-def build_checkpoint(path: str, records: list[QARecord]) -> int:
-    """The random model (transformers) and the tokenizer, saved into `path`; returns #params."""
+def build_checkpoint(path: str, records: list[QARecord], family: str = "qwen2") -> int:
+    """The random model of `family` (an HF model_type, built by transformers) and the
+    tokenizer, saved into `path`; returns #params."""
     import torch
     import transformers
 
     from fleming_jax import tokenizer as toklib
 
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SHAPE))
+    config = transformers.AutoConfig.for_model(family, **SHAPE)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
     texts = [user_prompt(r) for r in records] * 4
     toklib.build(texts, path, vocab_size=2048)
@@ -174,8 +177,10 @@ def trl_side(path: str, records: list[QARecord], group: int, new_tokens: int, ac
     import transformers
     import trl
 
+    from configs import rl_stage1
     from fleming_jax import rewards
 
+    components = rewards.load_components(rl_stage1.get_config().rl.rewards)  # ours' reward: correctness + format
     torch.set_num_threads(os.cpu_count())
     times: dict[str, float] = collections.defaultdict(float)
     in_rollout = []
@@ -205,7 +210,7 @@ def trl_side(path: str, records: list[QARecord], group: int, new_tokens: int, ac
 
     def reward(completions, index, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [rewards.score(t, records[i])["reward"] for t, i in zip(texts, index)]
+        return rewards.score_components(components, texts, [records[i] for i in index])[0]["reward"]
 
     data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": user_prompt(r)}], "index": i}
                                        for i, r in enumerate(records)])
@@ -250,17 +255,19 @@ def main():
     parser.add_argument("--pack_length", type=int, default=-1, help="ours: rl.pack_length (0: one sequence a row)")
     parser.add_argument("--share_prompts", action=argparse.BooleanOptionalAction, default=True,
                         help="ours: rl.share_prompts")
+    parser.add_argument("--family", choices=("qwen2", "llama"), default="qwen2",
+                        help="the model's HF model_type (llama: the same shape without q/k/v biases)")
     args = parser.parse_args()
     records = make_records(args.prompts)
     with tempfile.TemporaryDirectory() as path:
-        n_params = build_checkpoint(path, records)
+        n_params = build_checkpoint(path, records, args.family)
         stops = (long_tail_stops(SHAPE["vocab_size"], args.new_tokens, np.random.default_rng(0))
                  if args.lengths == "long_tailed" else [])
         work = (path, records, args.group, args.new_tokens, args.grad_accum, stops)
         rows = {"fleming-jax": ours(*work, args.pack_length, args.share_prompts), "trl": trl_side(*work)}
     a, b = rows["fleming-jax"], rows["trl"]
     total_a, total_b = sum(a.values()), sum(b.values())
-    print(f"{n_params / 1e6:.0f}M-param Qwen2 shape (fp32), {args.prompts} prompts x G={args.group} x "
+    print(f"{n_params / 1e6:.0f}M-param {args.family} (Qwen2 shape, fp32), {args.prompts} prompts x G={args.group} x "
           f"{args.new_tokens} new tokens ({args.lengths.replace('_', '-')} lengths), update in {args.grad_accum} microbatches, {os.cpu_count()} CPU cores; "
           "seconds of the step after one warm-up")
     print(f"| {'phase':<20} | fleming-jax | trl (torch) | trl / ours |")

@@ -2,6 +2,7 @@
 
 python benchmarks/sft.py [--preset tiny --batch 8 --seq 256 --steps 10]
 python benchmarks/sft.py --preset 100m   # the ~100M Qwen2-shaped model of benchmarks/rollout.py
+python benchmarks/sft.py --family llama  # the same shape as Llama 3 (no q/k/v biases), against LlamaForCausalLM
 
 Same model (random init from the preset), same batch of tokens, AdamW, fp32, on this CPU.
 MFU is against a measured fp32 matmul peak of this machine. Prints a table and, last,
@@ -68,14 +69,10 @@ def peer(model_cfg, batch, steps):
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    hf = transformers.Qwen2Config(
-        vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
-        intermediate_size=model_cfg.intermediate_size, num_hidden_layers=model_cfg.num_layers,
-        num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_kv_heads,
-        rms_norm_eps=model_cfg.rms_norm_eps, tie_word_embeddings=model_cfg.tie_embeddings,
-        rope_parameters={"rope_theta": model_cfg.rope_theta, "rope_type": "default"},
-        max_position_embeddings=model_cfg.max_position_embeddings)
-    model = transformers.Qwen2ForCausalLM(hf).train()
+    from fleming_jax.models import config_from
+
+    hf = transformers.AutoConfig.for_model(**config_from(model_cfg).to_hf())  # the same architecture
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.from_numpy(batch["tokens"]).long()
 
@@ -93,18 +90,32 @@ def peer(model_cfg, batch, steps):
     return (time.perf_counter() - t) / steps, loss
 
 
-def hundred_million():
-    """`config.model` of benchmarks/rollout.py's ~100M model (untied embeddings)."""
+def from_hf(hf_config: dict):
+    """`config.model` for an HF config.json's contents."""
     import json
     import tempfile
 
-    from benchmarks.rollout import SHAPE
     from configs import models as presets
 
     file = os.path.join(tempfile.mkdtemp(), "config.json")
     with open(file, "w") as f:
-        json.dump(dict(SHAPE, model_type="qwen2", rms_norm_eps=1e-6), f)
+        json.dump(hf_config, f)
     return presets.get(file)
+
+
+def hundred_million():
+    """`config.model` of benchmarks/rollout.py's ~100M model (untied embeddings)."""
+    from benchmarks.rollout import SHAPE
+
+    return from_hf(dict(SHAPE, model_type="qwen2", rms_norm_eps=1e-6))
+
+
+def as_family(model_cfg, family: str):
+    """`model_cfg`'s shape as another family (an HF model_type: llama drops Qwen2's q/k/v biases)."""
+    from fleming_jax.models import config_from
+
+    hf = config_from(model_cfg).to_hf()
+    return model_cfg if family == hf["model_type"] else from_hf(hf | {"model_type": family})
 
 
 def main():
@@ -113,11 +124,14 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--family", choices=("qwen2", "llama"), default=None,
+                        help="the preset's shape built as this family (default: the preset's own)")
     args = parser.parse_args()
     from configs import models as presets
     from fleming_jax.models import config_from
 
     model_cfg = presets.get(args.preset) if args.preset != "100m" else hundred_million()
+    model_cfg = as_family(model_cfg, args.family) if args.family else model_cfg
     cfg = config_from(model_cfg)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
@@ -131,7 +145,7 @@ def main():
     peak = matmul_peak()
     rows = [("fleming-jax (jit, AdamW)", *ours(model_cfg, batch, args.steps)),
             ("torch + transformers (eager, AdamW)", *peer(model_cfg, batch, args.steps))]
-    print(f"model {args.preset} ({params / 1e6:.2f}M params), batch {args.batch} x {args.seq} tokens, "
+    print(f"model {args.preset} as {cfg.model_type} ({params / 1e6:.2f}M params), batch {args.batch} x {args.seq} tokens, "
           f"{os.cpu_count()} CPU cores, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"| {'implementation':<36} | step (s) | tokens/s | MFU | loss |")
     print(f"|{'-' * 38}|----------|----------|-----|------|")
