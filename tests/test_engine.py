@@ -28,6 +28,7 @@ def _prompts(n, seed=0):
     return [[int(t) for t in rng.integers(20, 4000, size=k)] for k in rng.integers(2, 30, size=n)]
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_slots_or_chunk(tiny):
     prompts = _prompts(6)
     params = SamplingParams(temperature=1.0, top_p=0.95, num_samples=3, max_new_tokens=48)

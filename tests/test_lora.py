@@ -149,7 +149,8 @@ def test_bad_lora_settings_are_refused_in_one_line():
         fm.build(lora_cfg(targets=""))
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), pytest.param((1, 4, 2), marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
 def test_lora_steps_on_a_mesh_equal_one_device(shape):
     import ml_collections
 

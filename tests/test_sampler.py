@@ -82,6 +82,7 @@ def test_logprobs_of_own_tokens_equal_a_full_forward(qwen2, temperature, top_k):
             assert (out.logprobs[i, 0, :n] >= scaled[i, -n:] - 1e-4).all()
 
 
+@pytest.mark.slow
 def test_top_k_one_and_tiny_temperature_equal_greedy(qwen2):
     batch = prompts(2)
     greedy = generate(qwen2, batch, jax.random.key(0), SamplingParams(temperature=0, max_new_tokens=32))
