@@ -134,8 +134,9 @@ class RLTrainer:
         # Rollouts sampled ahead run on a thread beside the update, except on several CPU processes:
         # XLA's CPU client launches a process's collectives one at a time in one queue for all its
         # devices, so two threads would queue them in a different order on each host and deadlock
-        # (TPU and GPU runtimes order them per device). There they run in the main thread at
-        # their launch: the same samples, versions and updates, without the overlap.
+        # (XLA's GPU client orders them per device; a TPU chip runs its own queue: not run here
+        # on either). There they run in the main thread at their launch: the same samples,
+        # versions and updates, without the overlap.
         self.overlap = self.ahead and not (jax.process_count() > 1 and jax.devices()[0].platform == "cpu")
         self.mesh = parallel.make_mesh(config.mesh, train_devices)
         model, model_config = models.build(config.model, self.mesh)
