@@ -1,15 +1,16 @@
 """One GRPO step: fleming-jax vs TRL's `GRPOTrainer` (PyTorch, CPU), with a phase breakdown.
 
 One step = generate G=8 completions for each of 8 QA prompts (temperature 1.0, budget 256
-new tokens), score them with RL's default reward (`rl.rewards`: correctness + format), group advantages, and one optimizer
-step (AdamW, clipped token-mean GRPO loss, no KL) on the 64 sequences. Reply lengths are
+new tokens), score them with RL's default reward (`rl.rewards`: correctness + format), group
+advantages, and one optimizer step (AdamW, clipped token-mean GRPO loss, no KL) on the 64
+sequences. Reply lengths are
 long-tailed by default, as RL replies are: a reply ends at any of `vocab x 4 / budget` fixed
 stop tokens (`benchmarks/rollout.py`'s set; the random model's next-token distribution is
 nearly uniform, so lengths are geometric with a mean of about a quarter of the budget,
 capped), on both sides (TRL gets them as the model's `eos_token_id` list, so it masks after
-them too). `--lengths equal`: no early stop, every reply runs to the budget. Both sides start from the same ~100M-parameter Qwen2-shaped model (`--family llama`: a Llama 3
-one of that shape) with random
-weights (built with transformers, saved, loaded into ours with `hf.load`) and the same
+them too). `--lengths equal`: no early stop, every reply runs to the budget. Both sides start
+from the same ~100M-parameter Qwen2-shaped model (`--family llama`: a Llama 3 one of that shape)
+with random weights (built with transformers, saved, loaded into ours with `hf.load`) and the same
 tokenizer (`fleming_jax.tokenizer.build`, saved beside it). Each side runs one warm-up step
 and then one timed step (ours: the warm-up is the same step from the same state, so it
 compiles every shape the timed step runs; compilation is excluded).

@@ -64,14 +64,13 @@ def ours(model_cfg, batch, steps):
     return (time.perf_counter() - t) / steps, float(m["loss"])
 
 
-def peer(model_cfg, batch, steps):
+def peer(cfg, batch, steps):
+    """`cfg`: our model config (a QwenConfig); transformers builds the same architecture."""
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    from fleming_jax.models import config_from
-
-    hf = transformers.AutoConfig.for_model(**config_from(model_cfg).to_hf())  # the same architecture
+    hf = transformers.AutoConfig.for_model(**cfg.to_hf())
     model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.from_numpy(batch["tokens"]).long()
@@ -144,7 +143,7 @@ def main():
     flops = flops_per_step(cfg, params, n_tokens, args.seq)
     peak = matmul_peak()
     rows = [("fleming-jax (jit, AdamW)", *ours(model_cfg, batch, args.steps)),
-            ("torch + transformers (eager, AdamW)", *peer(model_cfg, batch, args.steps))]
+            ("torch + transformers (eager, AdamW)", *peer(cfg, batch, args.steps))]
     print(f"model {args.preset} as {cfg.model_type} ({params / 1e6:.2f}M params), batch {args.batch} x {args.seq} tokens, "
           f"{os.cpu_count()} CPU cores, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"| {'implementation':<36} | step (s) | tokens/s | MFU | loss |")

@@ -226,6 +226,18 @@ def assert_like_one_process(tmp_path, name, rows, params, seen=None):
             np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
 
 
+def assert_resumed_like(tmp_path, resumed, uninterrupted, params, first_row=None):
+    """Both processes of the resumed 2-process run logged the uninterrupted run's last rows
+    (from `first_row`; None: as many as it logged) and ended with its params, bit for bit."""
+    full = np.load(tmp_path / f"{uninterrupted}0.npz", allow_pickle=True)
+    for i in range(2):
+        got = np.load(tmp_path / f"{resumed}{i}.npz", allow_pickle=True)
+        start = -len(got["rows"]) if first_row is None else first_row
+        assert got["rows"].tolist() == full["rows"].tolist()[start:]
+        for name in params:
+            np.testing.assert_array_equal(got[name], full[name], err_msg=name)
+
+
 def finish(procs):
     logs = []
     for p in procs:
@@ -273,19 +285,15 @@ def test_two_processes_equal_one_process_and_stop_together_on_one_sigterm(toy_ru
     assert not (tmp_path / "mh_cut0.npz").exists()
     logs = finish(launch(toy_run, tmp_path, "mh_cut"))
     assert "resumed from" in logs[0], logs[0][-3000:]
-    uninterrupted = np.load(tmp_path / "mh0.npz", allow_pickle=True)
-    for i in range(2):
-        got = np.load(tmp_path / f"mh_cut{i}.npz", allow_pickle=True)
-        assert got["rows"].tolist() == uninterrupted["rows"].tolist()[1:]
-        for name in params:
-            np.testing.assert_array_equal(got[name], uninterrupted[name], err_msg=name)
+    assert_resumed_like(tmp_path, "mh_cut", "mh", params, 1)
 
 
 @pytest.mark.slow
 def test_rollouts_sampled_ahead_on_two_processes_equal_one_process_and_stop_together(toy_run, tmp_path):
     """`rl.max_staleness=1` with `rollout.devices` on 2 processes x 4 devices (each host gives
-    2 to rollouts) against 1 x 8 (4 + 4): the same rows, staleness and params. Then SIGTERM to
-    process 1 alone while a rollout is sampled ahead on the worker thread: both hosts
+    2 to rollouts; on CPU processes the rollouts sampled ahead run in the main thread, see
+    `RLTrainer.overlap`) against 1 x 8 (4 + 4, on the worker thread): the same rows, staleness
+    and params. Then SIGTERM to process 1 alone while a rollout is sampled ahead: both hosts
     stop at the same check (the trainer's agreements run on its own devices, the rollout's on
     theirs), save, exit 0, and the rerun ends with the uninterrupted 2-process run's params."""
     procs = launch(toy_run, tmp_path, "mh_ahead", "ahead")
@@ -299,12 +307,7 @@ def test_rollouts_sampled_ahead_on_two_processes_equal_one_process_and_stop_toge
     assert not (tmp_path / "mh_ahead_cut0.npz").exists()
     logs = finish(launch(toy_run, tmp_path, "mh_ahead_cut", "ahead"))
     assert "resumed from" in logs[0], logs[0][-3000:]
-    uninterrupted = np.load(tmp_path / "mh_ahead0.npz", allow_pickle=True)
-    for i in range(2):
-        got = np.load(tmp_path / f"mh_ahead_cut{i}.npz", allow_pickle=True)
-        assert got["rows"].tolist() == uninterrupted["rows"].tolist()[-len(got["rows"]):]
-        for name in params:
-            np.testing.assert_array_equal(got[name], uninterrupted[name], err_msg=name)
+    assert_resumed_like(tmp_path, "mh_ahead_cut", "mh_ahead", params)
 
 
 @pytest.mark.slow
