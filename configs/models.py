@@ -1,4 +1,4 @@
-"""Model presets: the tiny test/demo model and the real Qwen and Llama 3.x shapes.
+"""Model presets: the tiny test/demo model and the real Qwen, Qwen3-MoE and Llama 3.x shapes.
 
 Numbers come from each model's published `config.json`. `get(name)` also accepts a path
 (local or gs://) to any HF `config.json` (or the directory holding it).
@@ -15,6 +15,8 @@ _QWEN25 = dict(model_type="qwen2", qkv_bias=True, qk_norm=False, rope_theta=1_00
                rms_norm_eps=1e-6, vocab_size=151936, max_position_embeddings=32768)
 _QWEN3 = dict(model_type="qwen3", qkv_bias=False, qk_norm=True, rope_theta=1_000_000.0,
               rms_norm_eps=1e-6, vocab_size=151936, head_dim=128, max_position_embeddings=40960)
+
+_QWEN3_MOE = _QWEN3 | dict(model_type="qwen3_moe", num_experts=128, experts_per_token=8, norm_topk_prob=True)
 
 # Llama 3.x: Qwen2's block without biases, rope theta 500k with Llama 3's frequency scaling
 _LLAMA3 = dict(model_type="llama", qkv_bias=False, qk_norm=False, rope_theta=500_000.0, rope_type="llama3",
@@ -46,6 +48,10 @@ PRESETS = {
     "llama3.2-1b": _LLAMA3 | _shape(16, 2048, 32, 8, 8192, True, head_dim=64) | dict(rope_factor=32.0),
     "llama3.2-3b": _LLAMA3 | _shape(28, 3072, 24, 8, 8192, True, head_dim=128) | dict(rope_factor=32.0),
     "llama3.1-8b": _LLAMA3 | _shape(32, 4096, 32, 8, 14336, False, head_dim=128) | dict(rope_factor=8.0),
+    # Qwen3-MoE: Qwen3's attention, 128 routed experts in every layer, 8 per token
+    "qwen3-30b-a3b": _QWEN3_MOE | _shape(48, 2048, 32, 4, 6144, False, head_dim=128) | dict(moe_intermediate_size=768),
+    "qwen3-235b-a22b": _QWEN3_MOE | _shape(94, 4096, 64, 4, 12288, False, head_dim=128)
+    | dict(moe_intermediate_size=1536),
 }
 
 
@@ -58,6 +64,7 @@ PRESETS = {
 REHEARSAL = "rehearsal"
 REHEARSAL_SHAPE = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
                        intermediate_size=128, vocab_size=1024)
+REHEARSAL_EXPERTS = dict(num_experts=8, experts_per_token=2, moe_intermediate_size=32)  # routing still differs per token
 
 
 def get(name: str = "tiny") -> ml_collections.ConfigDict:
@@ -69,7 +76,7 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
     """
     base, _, rehearsal = name.partition("@")
     if rehearsal == REHEARSAL and base in PRESETS and base != "tiny":
-        arch = PRESETS[base] | REHEARSAL_SHAPE
+        arch = PRESETS[base] | REHEARSAL_SHAPE | (REHEARSAL_EXPERTS if PRESETS[base].get("num_experts") else {})
     elif name in PRESETS:
         arch = dict(PRESETS[name])
     elif paths.exists(name):  # an HF config.json or its directory, local or gs://
@@ -91,7 +98,13 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
         # trained and checkpointed, the base stays frozen and is named in each checkpoint.
         # lora_dropout drops adapter inputs while training (PEFT's); lora_base_quant="int8" or
         # "nf4" holds that frozen base quantized (QLoRA).
-        lora_rank=0, lora_alpha=16.0, lora_targets=",".join(LORA_TARGETS), lora_dropout=0.0, lora_base_quant="", **arch))
+        lora_rank=0, lora_alpha=16.0, lora_targets=",".join(_lora_targets(arch)), lora_dropout=0.0, lora_base_quant="",
+        **arch))
+
+
+def _lora_targets(arch: dict) -> list[str]:
+    """Every projection PEFT names, or a mixture-of-experts model's attention ones (its MLP is experts)."""
+    return [t for t in LORA_TARGETS if not arch.get("num_experts") or t in ("q_proj", "k_proj", "v_proj", "o_proj")]
 
 
 # Meshes per target, picked with a `@target` suffix on the preset
@@ -110,6 +123,12 @@ TARGETS = {
     "v6e-8": dict(data=1, fsdp=8, tensor=1),
 }
 
+# The expert axis a mixture-of-experts model takes out of each target's FSDP devices: whole
+# torus axes on a TPU (jax.make_mesh maps each mesh axis to a product of physical ones: 16 is
+# 4x4 of a v5p cube, 8 one side of v5e's 8x8), a host's 8 GPUs or both hosts' 16.
+EXPERT_AXIS = {"v5p-32": 16, "v5e-64": 8, "8xh100": 8, "v5p-128": 16, "2x8xh100": 16, "v5p-8": 4, "v5e-16": 16,
+               "v6e-8": 8}
+
 
 def split_target(preset: str) -> tuple[str, str]:
     """'qwen2.5-7b@v5p-32' -> ('qwen2.5-7b', 'v5p-32'); 'qwen2.5-7b@rehearsal' ->
@@ -123,12 +142,22 @@ def split_target(preset: str) -> tuple[str, str]:
 
 
 def mesh_for(preset: str, target: str = "") -> ml_collections.ConfigDict:
-    """The target's mesh; else data-parallel for tiny and FSDP over all devices otherwise."""
+    """The target's mesh; else data-parallel for tiny and FSDP over all devices otherwise.
+
+    A mixture-of-experts preset trades FSDP for expert parallelism: on a target, groups of
+    `EXPERT_AXIS[target]` of the FSDP devices form the `expert` axis (each device holds that
+    fraction of each layer's experts and gathers its group's tokens; the other weights stay
+    split over all of them); without one, every device is on the `expert` axis."""
     if target:
-        return ml_collections.ConfigDict(TARGETS[target])
-    if preset == "tiny":
-        return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+        mesh = dict(TARGETS[target], expert=1)
+    elif preset == "tiny":
+        mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    else:
+        mesh = dict(data=1, fsdp=-1, expert=1, tensor=1)
+    if PRESETS.get(preset.partition("@")[0], {}).get("num_experts"):
+        mesh["expert"] = EXPERT_AXIS[target] if target else -1
+        mesh["fsdp"] = mesh["fsdp"] // mesh["expert"] if target else 1
+    return ml_collections.ConfigDict(mesh)
 
 
 def distributed() -> ml_collections.ConfigDict:
@@ -189,7 +218,8 @@ TOPOLOGIES = {"v5p-32": "v5p:2x2x4", "v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x4"
 # is one VM with 8 chips): the chips each host has, for the rollout's tensor axis.
 HOST_BOUNDS = {"v6e-8": "2,4,1"}
 # The target a real preset is planned for without an @target: the run sizes the recipes name.
-DEFAULT_TARGETS = {"qwen2.5-7b": "v5p-32", "qwen3-32b": "v5p-128", "llama3.1-8b": "v5p-32"}
+DEFAULT_TARGETS = {"qwen2.5-7b": "v5p-32", "qwen3-32b": "v5p-128", "llama3.1-8b": "v5p-32", "qwen3-30b-a3b": "v5p-128",
+                   "qwen3-235b-a22b": "v5p-128"}
 
 
 def plan(preset: str = "tiny", target: str = "") -> ml_collections.ConfigDict:

@@ -31,6 +31,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         batch_size=run["batch_size"],  # global, in packed sequences
         grad_accum_steps=1,
         logprob_chunk=256,  # tokens per chunk of the vocab projection
+        # mixture-of-experts models: this times the router's load-balancing loss is added to the
+        # loss (transformers' Qwen3-MoE value; 0 = off); dense models ignore it
+        router_aux_loss_coef=0.001,
         log_every=10, eval_every=50,  # steps; eval also at the end
     ))
     # SFT JSONL ({id, messages, meta}); eval="" skips the held-out loss

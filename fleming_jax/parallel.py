@@ -25,16 +25,22 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fleming_jax.openai_api import ServerError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 # FSDP shards parameters over `fsdp`; tensor parallelism shards heads/mlp/vocab over
-# `tensor`; the batch is split over `data` x `fsdp`.
+# `tensor`; expert parallelism (mixture-of-experts models) gives each device of the `expert`
+# axis its own experts, and shards every other weight over it like FSDP; the batch is split
+# over `data` x `fsdp` x `expert`.
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),
+    "expert": "expert",  # the stacked experts of a layer
+    "expert_embed": "fsdp",  # an expert weight's features (its experts already split over `expert`)
+    "router_in": None,  # the router: small, whole on every device
+    "router_out": None,
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -49,8 +55,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes from `config.mesh`; one entry may be -1 ("the rest")."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    """(data, fsdp, expert, tensor) sizes from `config.mesh` (an axis it lacks: 1); one entry may
+    be -1 ("the rest")."""
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, "
                          "with at most one -1")
@@ -116,7 +123,7 @@ def move(tree: Any, shardings: Any) -> Any:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts).
+    """A (data, fsdp, expert, tensor) mesh over `devices` (default: all devices of all hosts).
 
     `FLEMING_SHUFFLE_DEVICES=<seed>` (the rehearsal sets it) shuffles the default devices, the
     same way on every host, across hosts: a TPU slice's mesh orders its chips along the torus,
@@ -130,8 +137,8 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
 def rollout_mesh(tensor: int, num_kv_heads: int, over) -> jax.sharding.Mesh:
     """The decode layout's mesh over the devices of `over` (the mesh the policy is trained or
     built on, or a list of devices of the rollout's own), in `over`'s device order: tensor
-    parallel over groups of `tensor` devices, data parallel over the groups (the `fsdp` axis
-    has size 1, so no weight is gathered per token).
+    parallel over groups of `tensor` devices, data parallel over the groups (the `fsdp` and
+    `expert` axes have size 1, so no weight is gathered per token; a group holds whole experts).
 
     One device order for both meshes is what lets a single program move the policy between
     them: JAX refuses a computation whose shardings order the same devices differently, and
@@ -152,11 +159,11 @@ def rollout_mesh(tensor: int, num_kv_heads: int, over) -> jax.sharding.Mesh:
     groups = len(devices) // tensor
     one_host = lambda grid: all(len({d.process_index for d in g}) == 1 for g in grid)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    # runs: grid [data, fsdp, tensor]; strided: grid [tensor, fsdp, data]; both keep `over`'s order
+    # runs: grid [data, fsdp, expert, tensor]; strided: grid [tensor, expert, fsdp, data]; both keep `over`'s order
     runs = devices.reshape(groups, tensor)
     if one_host(runs) or not one_host(devices.reshape(tensor, groups).T):
-        return jax.sharding.Mesh(runs.reshape(groups, 1, tensor), MESH_AXES, axis_types=auto)
-    return jax.sharding.Mesh(devices.reshape(tensor, 1, groups), MESH_AXES[::-1], axis_types=auto)
+        return jax.sharding.Mesh(runs.reshape(groups, 1, 1, tensor), MESH_AXES, axis_types=auto)
+    return jax.sharding.Mesh(devices.reshape(tensor, 1, 1, groups), MESH_AXES[::-1], axis_types=auto)
 
 
 def logical_to_spec(axes: tuple[str | None, ...]) -> P:

@@ -146,7 +146,8 @@ def task_loss(config, mesh):
         t = config.train
         shape = (t.batch_size, t.seq_len)
         batch = dict(tokens=spec(shape, jnp.int32), segments=spec(shape, jnp.int32), loss_weights=spec(shape, jnp.float32))
-        return (lambda model, b: sft.sft_loss(model, b, chunk_size=t.logprob_chunk)), batch, None
+        return (lambda model, b: sft.sft_loss(model, b, chunk_size=t.logprob_chunk,
+                                                router_aux_loss_coef=t.router_aux_loss_coef)), batch, None
     c = config.rl  # the update batch RL runs: its budget for prompts of plan.prompt_len tokens
     budget = packing.update_budget(c, config.plan.prompt_len, parallel.batch_devices(mesh))
     shapes = packing.batch_shapes(budget.rows, budget.length, budget.scored, packing.update_arrays(c))
@@ -296,10 +297,13 @@ def train_flops(c, batch_size: int, seq_len: int) -> float:
     once, so it is not used): 6 x weights x tokens, plus attention scores and values
     (12 x layers x heads x head_dim x the keys a query scores, per token: about half of
     seq_len up to `attention_chunk`, where query blocks skip the keys after them, all of it
-    above), plus one more forward under full rematerialisation."""
+    above), plus one more forward under full rematerialisation. A mixture-of-experts layer
+    counts the experts a token is routed to, not all of them."""
     from fleming_jax.models import qwen
 
-    weights = sum(math.prod(s) for s in qwen.layer_param_shapes(c).values())
+    routed = c.experts_per_token / c.num_experts if c.num_experts else 1.0
+    weights = sum(math.prod(s) * (routed if name.startswith("expert_") else 1.0)
+                  for name, s in qwen.layer_param_shapes(c).items())
     weights += c.hidden_size * c.vocab_size  # the output projection
     tokens = batch_size * seq_len
     keys = qwen.keys_per_query(seq_len, c.attention_chunk)

@@ -36,7 +36,7 @@ TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_
 
 
 def make_hf_model(model_type: str, tie: bool, seed: int = 0, **overrides):
-    """A tiny random transformers Qwen2/Qwen3/Llama model; every weight (norms and biases too)
+    """A tiny random transformers Qwen2/Qwen3/Qwen3-MoE/Llama model; every weight (norms and biases too)
     is random so a mapping mistake anywhere shows in the logits. The Llama has Llama 3's rope
     scaling with an original context of 32 tokens, so scaled, blended and kept frequencies all
     act within a 12-token test."""
@@ -50,6 +50,10 @@ def make_hf_model(model_type: str, tie: bool, seed: int = 0, **overrides):
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(tie_word_embeddings=tie, head_dim=24, **(TINY_HF | dict(rope_parameters=rope)
                                                                                | overrides)))
+    elif model_type == "qwen3_moe":  # 8 experts, 2 a token: routing differs per token
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            tie_word_embeddings=tie, head_dim=24, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            norm_topk_prob=True, **(TINY_HF | overrides)))
     elif model_type == "qwen2":
         model = transformers.Qwen2ForCausalLM(
             transformers.Qwen2Config(tie_word_embeddings=tie, **(TINY_HF | overrides)))

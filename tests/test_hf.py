@@ -20,7 +20,7 @@ def params_of(model):
     return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.mark.parametrize("model_type,tie", [("qwen2", False), ("qwen3", True),
+@pytest.mark.parametrize("model_type,tie", [("qwen2", False), ("qwen3", True), ("qwen3_moe", False),
                                             pytest.param("llama", False, marks=pytest.mark.slow)])
 def test_export_loads_in_transformers_with_identical_logits(hf_dir, tmp_path, model_type, tie):
     source = hf_dir(model_type, tie)
@@ -70,7 +70,7 @@ def test_refuses_unknown_model_type(hf_dir, tmp_path):
     cfg["model_type"] = "gemma3_text"
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(ValueError, match=r"config.json: unknown model_type 'gemma3_text'.*qwen2, qwen3, llama"):
+    with pytest.raises(ValueError, match=r"config.json: unknown model_type 'gemma3_text'.*qwen2, qwen3, qwen3_moe, llama"):
         hf.load(path)
 
 
@@ -111,6 +111,8 @@ PUBLISHED_NON_EMBEDDING = {
     "qwen3-14b": 13.2, "qwen3-32b": 31.2,
     # Llama 3.x: the cards' totals (1.24B, 3.21B, 8.03B) less the embeddings
     "llama3.2-1b": 0.97, "llama3.2-3b": 2.82, "llama3.1-8b": 6.98,
+    # Qwen3-MoE: every expert counted (the cards: 29.9B and 234B non-embedding)
+    "qwen3-30b-a3b": 29.9, "qwen3-235b-a22b": 234.0,
 }
 
 

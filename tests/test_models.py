@@ -1,4 +1,4 @@
-"""The Qwen2/Qwen3/Llama port against transformers, and its own padding, packing and cache rules."""
+"""The Qwen2/Qwen3/Qwen3-MoE/Llama port against transformers, and its own padding, packing and cache rules."""
 
 import numpy as np
 import pytest
@@ -33,14 +33,15 @@ def padded_batch(seed=0, batch=4, length=12, left=True):
     return ids, mask
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
-@pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("model_type,tie,left", [
+    (t, tie, left) for t in ("qwen2", "qwen3", "llama") for tie in (False, True) for left in (True, False)] + [
+    ("qwen3_moe", False, True)] + [pytest.param("qwen3_moe", *p, marks=pytest.mark.slow)
+                                   for p in ((True, True), (False, False))])
 def test_logits_match_transformers(hf_dir, model_type, tie, left):
     path = hf_dir(model_type, tie)
     model, config = hf.load(path)
-    assert (config.qkv_bias, config.qk_norm, config.tie_embeddings) == (
-        model_type == "qwen2", model_type == "qwen3", tie)
+    assert (config.qkv_bias, config.qk_norm, config.tie_embeddings, config.num_experts) == (
+        model_type == "qwen2", model_type.startswith("qwen3"), tie, 8 * (model_type == "qwen3_moe"))
     assert config.rope_type == ("llama3" if model_type == "llama" else "default")
     ids, mask = padded_batch(left=left)
     ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
@@ -76,7 +77,7 @@ def test_packed_segments_do_not_attend_across_examples(hf_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "llama"])
 def test_kv_cache_prefill_then_decode_equals_full_forward(hf_dir, model_type):
     model, config = hf.load(hf_dir(model_type))
     ids, mask = padded_batch(length=12)

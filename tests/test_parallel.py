@@ -90,8 +90,10 @@ def flat_params(state):
             for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
 
 
-@pytest.mark.parametrize("shape", [pytest.param(s, marks=pytest.mark.slow) for s in ((8, 1, 1), (1, 8, 1), (1, 4, 2))] + [(2, 2, 2)])
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=pytest.mark.slow)
+                                   for s in ((8, 1, 1, 1), (1, 8, 1, 1), (1, 4, 1, 2), (1, 2, 2, 2))] + [(2, 2, 1, 2)])
 def test_sharded_steps_equal_single_device(single_device_run, shape):
+    """(data, fsdp, expert, tensor): on a dense model the expert axis splits weights and batch like FSDP."""
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape))))
     ref_losses, ref_state = single_device_run
     losses, state = run_steps(mesh)
@@ -110,12 +112,12 @@ def test_sharded_steps_equal_single_device(single_device_run, shape):
     for name in ref_grads:
         np.testing.assert_allclose(mesh_grads[name], ref_grads[name], atol=1e-5, err_msg=name)
     expected = {  # what the rules table says, written out by hand
-        "['layers']['q_proj']": P(None, "fsdp", "tensor", None),
-        "['layers']['o_proj']": P(None, "tensor", None, "fsdp"),
-        "['layers']['down_proj']": P(None, "tensor", "fsdp"),
+        "['layers']['q_proj']": P(None, ("fsdp", "expert"), "tensor", None),
+        "['layers']['o_proj']": P(None, "tensor", None, ("fsdp", "expert")),
+        "['layers']['down_proj']": P(None, "tensor", ("fsdp", "expert")),
         "['layers']['k_bias']": P(None, "tensor", None),
         "['layers']['input_norm']": P(None, None),
-        "['embed_tokens']": P("tensor", "fsdp"),
+        "['embed_tokens']": P("tensor", ("fsdp", "expert")),
     }
     for path, var in jax.tree_util.tree_flatten_with_path(
             state.params, is_leaf=lambda x: hasattr(x, "get_metadata"))[0]:
@@ -126,7 +128,7 @@ def test_sharded_steps_equal_single_device(single_device_run, shape):
             assert spec == expected[key], key
     # Adam moments are sharded like their parameters.
     mu = state.opt_state[1][0].mu["layers"]["q_proj"][...]
-    assert mu.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert mu.sharding.spec == P(None, ("fsdp", "expert"), "tensor", None)
 
 
 def test_gradient_accumulation_equals_one_big_batch(single_device_run):
@@ -163,7 +165,7 @@ def test_sharded_init_is_created_in_shards_and_equals_unsharded():
     sharded, _ = fm.build(small_model_cfg(seed=7), mesh)
     plain, _ = fm.build(small_model_cfg(seed=7))
     q = sharded.layers.q_proj[...]
-    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert q.sharding.spec == P(None, ("fsdp", "expert"), "tensor", None)
     assert q.addressable_shards[0].data.shape == (2, 16, 2, 16)
     np.testing.assert_array_equal(np.asarray(q), np.asarray(plain.layers.q_proj[...]))
 
@@ -175,7 +177,7 @@ def test_hf_import_places_tensors_into_their_shards(hf_dir):
     sharded, _ = hf.load(hf_dir("qwen3"), mesh=mesh)
     plain, _ = hf.load(hf_dir("qwen3"))
     k = sharded.layers.k_proj[...]
-    assert k.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert k.sharding.spec == P(None, ("fsdp", "expert"), "tensor", None)
     assert k.addressable_shards[0].data.shape == (3, 16, 1, 24)
     np.testing.assert_array_equal(np.asarray(k), np.asarray(plain.layers.k_proj[...]))
 
@@ -191,7 +193,8 @@ def test_bad_mesh_shapes_say_what_is_wrong(mesh, message):
 
 
 def test_minus_one_fills_the_rest():
-    assert parallel.mesh_shape(dict(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+    assert parallel.mesh_shape(dict(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 1, 2)  # no expert key: 1
+    assert parallel.mesh_shape(dict(data=1, fsdp=2, expert=-1, tensor=1), 8) == (1, 2, 4, 1)
 
 
 def free_port():

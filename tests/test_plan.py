@@ -57,7 +57,7 @@ def test_plan_7b_on_sixteen_fake_devices_prints_a_table(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "qwen2.5-7b (7.62B params" in result.stdout
-    assert "16 x cpu, mesh {'data': 1, 'fsdp': 16, 'tensor': 1}" in result.stdout
+    assert "16 x cpu, mesh {'data': 1, 'fsdp': 16, 'expert': 1, 'tensor': 1}" in result.stdout
     # 7.62B fp32 params over 16 devices (norms replicated): 1.77 GiB; Adam doubles it.
     assert re.search(r"params / device\s+1\.77 GiB", result.stdout)
     assert re.search(r"optimizer / device\s+3\.55 GiB", result.stdout)

@@ -37,13 +37,13 @@ def test_rollout_mesh_keeps_tensor_parallelism_inside_a_host():
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x4").devices
     train = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)), devices)
     mesh = parallel.rollout_mesh(-1, 4, train)  # Qwen2.5-7B: 4 KV heads; a v5p host: 4 chips
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 4}
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 4}
     # the training mesh's device order (the torus's, not by id), so one program spans both
     assert list(mesh.devices.flat) == list(train.devices.flat) != sorted(devices, key=lambda d: d.id)
     for data in range(4):
         group = mesh.devices[tuple(data if a == "data" else slice(None) for a in mesh.axis_names)].flat
         assert len({d.process_index for d in group}) == 1
-    assert dict(parallel.rollout_mesh(-1, 2, train).shape) == {"data": 8, "fsdp": 1, "tensor": 2}
+    assert dict(parallel.rollout_mesh(-1, 2, train).shape) == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 2}
     with pytest.raises(ValueError, match="rollout.tensor=8 must divide the 4 devices of a host"):
         parallel.rollout_mesh(8, 8, train)
 
@@ -52,7 +52,7 @@ def test_rollout_mesh_keeps_tensor_parallelism_inside_a_host():
 def test_rollout_layout_samples_what_the_training_layout_samples(fsdp_policy):
     model, train_mesh = fsdp_policy
     rollout_mesh = parallel.rollout_mesh(-1, model.config.num_kv_heads, train_mesh)
-    assert dict(rollout_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert dict(rollout_mesh.shape) == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 4}
     params = SamplingParams(temperature=1.0, num_samples=2, max_new_tokens=12)
     key = jax.random.key(3)
     want = engine.generate(model, PROMPTS, key, params, mesh=train_mesh)
@@ -130,7 +130,7 @@ def test_decode_loop_moves_no_weights_in_the_rollout_layout_on_a_v5p_slice():
     config.mesh.update(data=1, fsdp=16, tensor=1)
     rollout = plan.decode_plan(config, "rollout", prompts=64, samples=8, prompt_len=512, budget=4096)
     train = plan.decode_plan(config, "train")
-    assert rollout["mesh"] == {"data": 4, "fsdp": 1, "tensor": 4} and rollout["dtype"] == "bfloat16"
+    assert rollout["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 4} and rollout["dtype"] == "bfloat16"
     assert rollout["per_token"]["all_gather_bytes"] < 1 * MIB, rollout
     # K, V x 2 layers, 128 slots a chip with pages for half of them at full length (engine.OVERCOMMIT)
     assert rollout["cache_bytes"] == 2 * 2 * 64 * 4608 * 1 * 128 * 2

@@ -46,6 +46,10 @@ def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
     `init_from` it gives the base with those adapters, to train on with the same `lora_*`
     settings, or merged into the weights with `lora_rank=0` (export, evaluation)."""
     config = config_from(model_cfg)
+    experts_split = 1 if mesh is None else mesh.shape["expert"]
+    if config.num_experts % experts_split:
+        raise ValueError(f"config.model has {config.num_experts} experts, not a multiple of the mesh's expert axis "
+                         f"({experts_split} devices): set --config.mesh.expert to a divisor of {config.num_experts}")
     saved = saved_lora(model_cfg)
     if saved is None:
         if not config.lora_rank:

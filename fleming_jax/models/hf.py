@@ -49,6 +49,11 @@ LAYER_TENSORS = {
     "gate_proj": ("mlp.gate_proj.weight", True),
     "up_proj": ("mlp.up_proj.weight", True),
     "down_proj": ("mlp.down_proj.weight", True),
+    # Qwen3-MoE: the router, and one tensor per expert `{x}` (stacked over layers and experts here)
+    "router": ("mlp.gate.weight", True),
+    "expert_gate": ("mlp.experts.{x}.gate_proj.weight", True),
+    "expert_up": ("mlp.experts.{x}.up_proj.weight", True),
+    "expert_down": ("mlp.experts.{x}.down_proj.weight", True),
 }
 TOP_TENSORS = {
     "embed_tokens": ("model.embed_tokens.weight", False),
@@ -182,16 +187,19 @@ def read_config(path: str, **overrides) -> qwen.QwenConfig:
     return qwen.QwenConfig.from_hf(json.loads(paths.read_text(file)), source=file, **overrides)
 
 
-def hf_tensor_names(config: qwen.QwenConfig) -> dict[str, list[str]]:
-    """Our parameter path ('layers/q_proj', 'embed_tokens', …) -> its HF tensor name(s)."""
+def hf_tensor_names(config: qwen.QwenConfig) -> dict[str, np.ndarray]:
+    """Our parameter path ('layers/q_proj', 'embed_tokens', …) -> its HF tensor names, an array
+    shaped like the axes our copy stacks them on ([layers], [layers, experts]; [] for one)."""
     names = {}
-    for ours, shape in qwen.layer_param_shapes(config).items():
+    for ours in qwen.layer_param_shapes(config):
         hf = LAYER_TENSORS[ours][0]
-        names[f"layers/{ours}"] = [f"model.layers.{i}.{hf}" for i in range(config.num_layers)]
+        per_layer = [[f"model.layers.{i}.{hf}".format(x=x) for x in range(config.num_experts)] if "{x}" in hf
+                     else f"model.layers.{i}.{hf}" for i in range(config.num_layers)]
+        names[f"layers/{ours}"] = np.array(per_layer, dtype=object)
     for ours, (hf, _) in TOP_TENSORS.items():
         if ours == "lm_head" and config.tie_embeddings:
             continue
-        names[ours] = [hf]
+        names[ours] = np.array(hf, dtype=object)
     return names
 
 
@@ -222,7 +230,7 @@ def to_hf(path: str, ours: np.ndarray) -> np.ndarray:
 
 
 def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, **overrides):
-    """Imports an HF Qwen2/Qwen3 directory: returns `(model, config)`.
+    """Imports an HF Qwen2/Qwen3/Qwen3-MoE/Llama directory: returns `(model, config)`.
 
     `dtype` (e.g. "bfloat16") sets both the parameter and the compute dtype, like HF's
     `from_pretrained(dtype=...)`; `overrides` set single config fields (`param_dtype`,
@@ -234,27 +242,25 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
     config = read_config(path, **overrides)
     ckpt = SafetensorsCheckpoint(path)
     names = hf_tensor_names(config)
-    missing = [n for ns in names.values() for n in ns if n not in ckpt.tensors]
+    missing = [n for ns in names.values() for n in ns.flat if n not in ckpt.tensors]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{path}: checkpoint is missing tensors the config needs: {shown}")
 
     def read(path_key: str, var: nnx.Variable) -> jax.Array:
-        shape, dtype = var.shape, var.dtype
-        hf_names = names[path_key]
-        layer_shape = shape[1:] if path_key.startswith("layers/") else shape
-        for n in hf_names:
-            expected = hf_shape(path_key, layer_shape)
+        shape, dtype, hf_names = var.shape, var.dtype, names[path_key]
+        lead = hf_names.ndim  # our axes that stack HF tensors
+        unit = shape[lead:]
+        expected = hf_shape(path_key, unit)
+        for n in hf_names.flat:
             if ckpt.shape(n) != expected:
                 raise ValueError(f"{ckpt.tensors[n][0]}: tensor {n!r} has shape {ckpt.shape(n)}, the "
                                  f"config expects {expected} (from {path}/config.json)")
 
         def shard(index: tuple[slice, ...]) -> np.ndarray:
-            if not path_key.startswith("layers/"):
-                return np.asarray(to_ours(path_key, ckpt.get(hf_names[0]), shape)[index], dtype)
-            layer_index, rest = index[0], index[1:]
-            return np.stack([np.asarray(to_ours(path_key, ckpt.get(hf_names[i]), layer_shape)[rest], dtype)
-                             for i in range(shape[0])[layer_index]])
+            picked = np.asarray(hf_names[index[:lead]], dtype=object)
+            pieces = [np.asarray(to_ours(path_key, ckpt.get(n), unit)[index[lead:]], dtype) for n in picked.flat]
+            return np.stack(pieces).reshape(picked.shape + pieces[0].shape)
 
         return jax.make_array_from_callback(shape, parallel.sharding_for(var, mesh), shard)
 
@@ -293,25 +299,23 @@ def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None
     state = nnx.state(model, nnx.Param)
     params = {"/".join(str(k) for k in key): var for key, var in nnx.to_flat_state(state)}
 
-    plan: list[list[tuple[str, str, int | None]]] = [[]]  # shards of (HF name, our path, layer)
+    plan: list[list[tuple[str, str, tuple]]] = [[]]  # shards of (HF name, our path, its index in our copy)
     size = 0
     for path, hf_names in hf_tensor_names(config).items():
-        stacked = path.startswith("layers/")
-        shape = params[path].shape[1:] if stacked else params[path].shape
-        nbytes = math.prod(shape) * store_dtype.itemsize
-        for i, name in enumerate(hf_names):
+        nbytes = math.prod(params[path].shape[hf_names.ndim:]) * store_dtype.itemsize
+        for index, name in np.ndenumerate(hf_names):
             if plan[-1] and size + nbytes > max_shard_bytes:
                 plan.append([])
                 size = 0
-            plan[-1].append((name, path, i if stacked else None))
+            plan[-1].append((name, path, index))
             size += nbytes
 
     weight_map, total = {}, 0
     for n, entries in enumerate(plan):
         file = f"model-{n + 1:05d}-of-{len(plan):05d}.safetensors"
         shard = {}
-        for name, path, layer in entries:
-            value = params[path][...] if layer is None else params[path][...][layer]
+        for name, path, index in entries:
+            value = params[path][...][index]
             shard[name] = np.ascontiguousarray(to_hf(path, parallel.to_host(value)).astype(store_dtype))
             weight_map[name] = file
             total += shard[name].nbytes

@@ -1,8 +1,9 @@
-"""The Qwen2 / Qwen2.5 / Qwen3 and Llama 3.x decoder in Flax NNX.
+"""The Qwen2 / Qwen2.5 / Qwen3, Qwen3-MoE and Llama 3.x decoder in Flax NNX.
 
-One module covers the three: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
-head_dim (Qwen3), Llama 3's rope scaling (`rope_type="llama3"`; Llama is Qwen2's block
-without the biases), tied embeddings and GQA are config switches. Layer weights are stacked
+One module covers the four: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
+head_dim (Qwen3), routed experts in place of the MLP (Qwen3-MoE: Qwen3's attention,
+`fleming_jax.models.moe`), Llama 3's rope scaling (`rope_type="llama3"`; Llama is Qwen2's
+block without the biases), tied embeddings and GQA are config switches. Layer weights are stacked
 on a leading `layers` axis and the decoder is a `jax.lax.scan` over a pure block function,
 so a 64-layer model compiles as fast as a 2-layer one. Every parameter carries logical
 axis names in its `axes` metadata; `fleming_jax.parallel` maps them to mesh axes, so this
@@ -24,9 +25,11 @@ import qwix
 from flax import nnx
 
 from fleming_jax import paged, parallel
+from fleming_jax.models import moe
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "llama")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "llama": "LlamaForCausalLM"}
 ROPE_TYPES = ("default", "llama3")
 REMAT_POLICIES = {
     "none": None,
@@ -60,6 +63,13 @@ class QwenConfig:
     qkv_bias: bool = True
     qk_norm: bool = False
     max_position_embeddings: int = 32768
+    # Qwen3-MoE (0 experts: a dense MLP): every layer's MLP is `num_experts` experts of width
+    # `moe_intermediate_size`, each token going to its top `experts_per_token` (HF's
+    # num_experts_per_tok), their weights renormalised when `norm_topk_prob`
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "float32"  # activations and matmul inputs
     remat: str = "none"  # one of REMAT_POLICIES
@@ -92,6 +102,15 @@ class QwenConfig:
             raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: the rank must be >= 0 and "
                              f"the targets a non-empty subset of {', '.join(LORA_TARGETS)} when the rank is > 0"
                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        if (self.model_type == "qwen3_moe") != (self.num_experts > 0) or (
+                self.num_experts and not 0 < self.experts_per_token <= self.num_experts):
+            raise ValueError(f"model_type={self.model_type!r} with num_experts={self.num_experts}, experts_per_token="
+                             f"{self.experts_per_token}: qwen3_moe and only it has experts, and routes each token to "
+                             "1..num_experts of them")
+        dense_mlp = [t for t in self.lora_targets if t in ("gate_proj", "up_proj", "down_proj")]
+        if self.num_experts and dense_mlp:
+            raise ValueError(f"lora_targets={','.join(self.lora_targets)}: a mixture-of-experts model has no dense "
+                             f"{', '.join(dense_mlp)}; adapt its attention (--config.model.lora_targets=q_proj,k_proj,v_proj,o_proj)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout}: a probability in [0, 1)")
         if self.lora_base_quant not in BASE_QUANT or (self.lora_base_quant and not self.lora_rank):
@@ -114,7 +133,11 @@ class QwenConfig:
                              f"(supported: 'default', and 'llama3' for llama)")
         if hf.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
-        if model_type in ("qwen3", "llama") and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        if model_type == "qwen3_moe" and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
+            raise ValueError(f"{source}: qwen3_moe with dense layers (decoder_sparse_step "
+                             f"{hf.get('decoder_sparse_step')}, mlp_only_layers {hf.get('mlp_only_layers')}) is not "
+                             "supported: every layer must have experts (as Qwen3-30B-A3B and 235B-A22B do)")
+        if model_type in ("qwen3", "qwen3_moe", "llama") and (hf.get("attention_bias") or hf.get("mlp_bias")):
             raise ValueError(f"{source}: {model_type} with attention_bias or mlp_bias true is not supported")
         if model_type == "llama" and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: llama with hidden_act {hf['hidden_act']!r} is not supported (only silu)")
@@ -138,10 +161,15 @@ class QwenConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=hf.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             **scaling,
         )
+        if model_type == "qwen3_moe":
+            fields.update(num_experts=hf.get("num_experts") or hf["num_local_experts"],
+                          experts_per_token=hf["num_experts_per_tok"],
+                          moe_intermediate_size=hf["moe_intermediate_size"],
+                          norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
         fields.update(overrides)
         return cls(**fields)
 
@@ -166,8 +194,12 @@ class QwenConfig:
             tie_word_embeddings=self.tie_embeddings,
             max_position_embeddings=self.max_position_embeddings,
         )
-        if self.model_type == "qwen3":
+        if self.model_type in ("qwen3", "qwen3_moe"):
             hf.update(head_dim=self.head_dim, attention_bias=False)
+        if self.model_type == "qwen3_moe":
+            hf.update(num_experts=self.num_experts, num_experts_per_tok=self.experts_per_token,
+                      moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                      decoder_sparse_step=1, mlp_only_layers=[])
         if self.model_type == "llama":
             hf.update(head_dim=self.head_dim, attention_bias=False, mlp_bias=False)
         return hf
@@ -232,6 +264,11 @@ LAYER_PARAMS = {
     "gate_proj": ("layers", "embed", "mlp"),
     "up_proj": ("layers", "embed", "mlp"),
     "down_proj": ("layers", "mlp", "embed"),
+    # Qwen3-MoE's MLP: the router and the stacked experts (split over the `expert` mesh axis)
+    "router": ("layers", "router_in", "router_out"),
+    "expert_gate": ("layers", "expert", "expert_embed", "mlp"),
+    "expert_up": ("layers", "expert", "expert_embed", "mlp"),
+    "expert_down": ("layers", "expert", "mlp", "expert_embed"),
 }
 
 
@@ -244,6 +281,11 @@ def layer_param_shapes(c: QwenConfig) -> dict[str, tuple[int, ...]]:
         "v_proj": (L, E, K, D), "o_proj": (L, H, D, E), "post_attention_norm": (L, E),
         "gate_proj": (L, E, M), "up_proj": (L, E, M), "down_proj": (L, M, E),
     }
+    if c.num_experts:
+        X, M = c.num_experts, c.moe_intermediate_size
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            del shapes[name]
+        shapes.update(router=(L, E, X), expert_gate=(L, X, E, M), expert_up=(L, X, E, M), expert_down=(L, X, M, E))
     if c.qkv_bias:
         shapes.update(q_bias=(L, H, D), k_bias=(L, K, D), v_bias=(L, K, D))
     if c.qk_norm:
@@ -408,7 +450,7 @@ class Qwen(nnx.Module):
         return self.logits(x), paged.PagedCache(k=tuple(k_pages), v=tuple(v_pages))
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None,
-                      prefixes=None, scan_cache: bool = False, dropout_key=None):
+                      prefixes=None, scan_cache: bool = False, dropout_key=None, router_stats: list | None = None):
         """Final-norm hidden states [batch, length, embed] (and the updated cache).
 
         Without a cache the layers run as a scan over the stacked weights (one compiled
@@ -420,6 +462,8 @@ class Qwen(nnx.Module):
         `prefixes` [batch, length] (no cache): for each token, another segment it also attends
         to (0: none), e.g. the prompt that several replies packed after it share.
         `dropout_key` (training; no cache): the key of the adapters' dropout (`lora_dropout`).
+        `router_stats` (a list; mixture-of-experts, no cache): gets the routing statistics summed
+        over the layers (`moe.balance_stats`), for the load-balancing loss.
         """
         c = self.config
         if attention_mask is None:
@@ -454,18 +498,24 @@ class Qwen(nnx.Module):
                 p["dropout_key"] = key  # read by `linear`
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
             attn, kv = attention(p, h, cos, sin, allowed, kv, None if cache is None else cache.index, c)
-            return mlp_block(p, x + attn, c), kv
+            stats = [] if router_stats is not None else None
+            x = mlp_block(p, x + attn, c, attention_mask, stats)
+            return x, (kv, stats[0] if stats else None)
 
         if cache is None:
             if c.remat != "none":
                 block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
             keys = jax.random.split(dropout_key, c.num_layers) if dropout_key is not None and c.lora_dropout else None
-            x, _ = jax.lax.scan(lambda x, p_key: block(x, p_key[0], None, p_key[1]), x, (self.layers.arrays(), keys))
+            x, (_, stats) = jax.lax.scan(lambda x, p_key: block(x, p_key[0], None, p_key[1]), x,
+                                         (self.layers.arrays(), keys))
+            if router_stats is not None and stats is not None:
+                router_stats.append(stats.sum(axis=0))
             new_cache = None
         elif scan_cache:
             def layer(x, p_kv):
                 p, k, v = p_kv
-                return block(x, p, (k, v))
+                x, (kv, _) = block(x, p, (k, v))
+                return x, kv
 
             x, (k, v) = jax.lax.scan(layer, x, (self.layers.arrays(), jnp.stack(cache.k), jnp.stack(cache.v)))
             k, v = tuple(k), tuple(v)  # back to one buffer per layer
@@ -473,7 +523,7 @@ class Qwen(nnx.Module):
         else:
             k, v = list(cache.k), list(cache.v)
             for i, p in enumerate(self.layers.split() if layers is None else layers):
-                x, (k[i], v[i]) = block(x, p, (k[i], v[i]))
+                x, ((k[i], v[i]), _) = block(x, p, (k[i], v[i]))
             new_cache = KVCache(k=tuple(k), v=tuple(v), segment=k_segment, index=cache.index + length)
         return rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps), new_cache
 
@@ -580,9 +630,17 @@ def qkv(p, h, cos, sin, c: QwenConfig):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def mlp_block(p, x, c: QwenConfig):
-    """The residual stream `x` after a layer's attention, through its gated MLP."""
+def mlp_block(p, x, c: QwenConfig, mask=None, stats=None):
+    """The residual stream `x` after a layer's attention, through its gated MLP (or its routed
+    experts; then with `stats` a list, the layer's `moe.balance_stats` over `mask` are appended)."""
     h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
+    if c.num_experts:
+        logits = project("bte,ex->btx", h, p["router"])
+        weights, ids, probs = moe.route(logits, c.experts_per_token, c.norm_topk_prob)
+        if stats is not None:
+            stats.append(moe.balance_stats(ids, probs, mask))
+        x = x + moe.experts(h, weights.astype(h.dtype), ids, p["expert_gate"], p["expert_up"], p["expert_down"])
+        return parallel.constrain(x, ("batch", "length", "act_embed"))
     gate = linear(p, "gate_proj", "bte,em->btm", h, c)
     up = linear(p, "up_proj", "bte,em->btm", h, c)
     hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))

@@ -16,7 +16,8 @@ from fleming_jax.models.qwen import project
 
 def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: int = 256,
                    temperature: float = 1.0, with_entropy: bool = False, last: int | None = None,
-                   at: jax.Array | None = None, sources: jax.Array | None = None, prefixes=None, dropout_key=None):
+                   at: jax.Array | None = None, sources: jax.Array | None = None, prefixes=None, dropout_key=None,
+                   router_stats: list | None = None):
     """`out[:, t] = log p(tokens[:, t] | tokens[:, :t])` for t >= 1; `out[:, 0] = 0`.
 
     With `with_entropy`, also returns the entropy of each predictive distribution, aligned
@@ -27,10 +28,11 @@ def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: in
     those positions, and `out[:, k]` is the log-prob of `tokens[:, at[:, k]]` (the scored
     tokens of packed rows); `at` overrides `last`. `sources` [B, K] are the positions whose
     hidden states predict `at`'s tokens (default `at - 1`; a reply packed after a shared prompt
-    continues from the prompt's last token); `prefixes` and `dropout_key` go to the model
-    (`hidden_states`).
+    continues from the prompt's last token); `prefixes`, `dropout_key` and `router_stats` go to the
+    model (`hidden_states`).
     """
-    hidden, _ = model.hidden_states(tokens, attention_mask, positions, prefixes=prefixes, dropout_key=dropout_key)
+    hidden, _ = model.hidden_states(tokens, attention_mask, positions, prefixes=prefixes, dropout_key=dropout_key,
+                                    router_stats=router_stats)
     if at is not None:
         sources = jnp.maximum(at - 1, 0) if sources is None else sources
         h = jnp.take_along_axis(hidden, sources[..., None], axis=1)

@@ -17,26 +17,36 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from fleming_jax import models, parallel, paths, preemption
 from fleming_jax import tokenizer as toklib
 from fleming_jax.data import inputs, pipeline
+from fleming_jax.models import moe
 from fleming_jax.train import loop
 from fleming_jax.train import state as statelib
 from fleming_jax.train.logprobs import token_logprobs
 
 
-def sft_loss(model, batch, chunk_size: int = 256):
+def sft_loss(model, batch, chunk_size: int = 256, router_aux_loss_coef: float = 0.0):
     """Cross-entropy summed over tokens whose `loss_weights` are set, and that weight sum.
 
     batch: `tokens` [B, T], `segments` [B, T] (0 = padding, k = k-th packed example),
     `loss_weights` [B, T] (1 on assistant tokens, aligned with the token being predicted).
+    A mixture-of-experts model with `router_aux_loss_coef` > 0 adds that times the
+    load-balancing loss (`moe.balance_loss`) to each token's loss, as transformers does.
     """
+    stats = [] if router_aux_loss_coef and model.config.num_experts else None
     logprobs = token_logprobs(model, batch["tokens"], batch["segments"], chunk_size=chunk_size,
-                              dropout_key=batch.get("dropout_key"))
+                              dropout_key=batch.get("dropout_key"), router_stats=stats)
     weights = batch["loss_weights"].astype(logprobs.dtype)
-    return -(logprobs * weights).sum(), weights.sum(), {}
+    loss, metrics = -(logprobs * weights).sum(), {}
+    if stats:
+        routed = jnp.sum(batch["segments"] > 0) * model.config.num_layers
+        metrics["router_balance"] = moe.balance_loss(stats[0], routed)
+        loss = loss + router_aux_loss_coef * metrics["router_balance"] * weights.sum()
+    return loss, weights.sum(), metrics
 
 
 def read_chats(path: str, key: str) -> list[dict]:
@@ -96,7 +106,7 @@ class Trainer:
         self.tx = statelib.make_optimizer(config.optimizer)
         self.graphdef, self.state = statelib.init_state(model, self.tx, self.mesh)
         self.shardings = statelib.state_shardings(self.state, self.mesh)
-        loss = functools.partial(sft_loss, chunk_size=t.logprob_chunk)
+        loss = functools.partial(sft_loss, chunk_size=t.logprob_chunk, router_aux_loss_coef=t.router_aux_loss_coef)
         self.step_fn = statelib.make_train_step(self.graphdef, self.tx, loss, t.grad_accum_steps,
                                                 self.mesh, self.shardings)
         eval_jit = jax.jit(lambda params, frozen, batch: loss(nnx.merge(self.graphdef, params, frozen), batch)[:2])
