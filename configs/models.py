@@ -1,4 +1,4 @@
-"""Model presets: the tiny test/demo model and the real Qwen, Qwen3-MoE and Llama 3.x shapes.
+"""Model presets: the tiny test/demo model and the real Qwen, Qwen3-MoE, Llama 3.x and Gemma 3 shapes.
 
 Numbers come from each model's published `config.json`. `get(name)` also accepts a path
 (local or gs://) to any HF `config.json` (or the directory holding it).
@@ -17,6 +17,17 @@ _QWEN3 = dict(model_type="qwen3", qkv_bias=False, qk_norm=True, rope_theta=1_000
               rms_norm_eps=1e-6, vocab_size=151936, head_dim=128, max_position_embeddings=40960)
 
 _QWEN3_MOE = _QWEN3 | dict(model_type="qwen3_moe", num_experts=128, experts_per_token=8, norm_topk_prob=True)
+
+
+
+def _gemma3(layers, hidden, heads, kv_heads, mlp, head_dim, window, **rest):
+    """Gemma 3 (text): five sliding-window layers (rope base 10k) to one global (1M)."""
+    types = tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers))
+    return dict(model_type="gemma3_text", qkv_bias=False, qk_norm=True, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+                rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norms=True,
+                embed_scale=True, query_pre_attn_scalar=head_dim, sliding_window=window, layer_types=types,
+                **_shape(layers, hidden, heads, kv_heads, mlp, True, head_dim=head_dim)) | rest
+
 
 # Llama 3.x: Qwen2's block without biases, rope theta 500k with Llama 3's frequency scaling
 _LLAMA3 = dict(model_type="llama", qkv_bias=False, qk_norm=False, rope_theta=500_000.0, rope_type="llama3",
@@ -52,6 +63,12 @@ PRESETS = {
     "qwen3-30b-a3b": _QWEN3_MOE | _shape(48, 2048, 32, 4, 6144, False, head_dim=128) | dict(moe_intermediate_size=768),
     "qwen3-235b-a22b": _QWEN3_MOE | _shape(94, 4096, 64, 4, 12288, False, head_dim=128)
     | dict(moe_intermediate_size=1536),
+    # Gemma 3's text decoders (4b / 27b: the language model of the multimodal checkpoints)
+    "gemma3-1b": _gemma3(26, 1152, 4, 1, 6912, 256, 512, vocab_size=262144, max_position_embeddings=32768),
+    "gemma3-4b": _gemma3(34, 2560, 8, 4, 10240, 256, 1024, vocab_size=262208, max_position_embeddings=131072,
+                         rope_type="linear", rope_factor=8.0),
+    "gemma3-27b": _gemma3(62, 5376, 32, 16, 21504, 128, 1024, vocab_size=262208, max_position_embeddings=131072,
+                          rope_type="linear", rope_factor=8.0, query_pre_attn_scalar=168),
 }
 
 
@@ -64,7 +81,18 @@ PRESETS = {
 REHEARSAL = "rehearsal"
 REHEARSAL_SHAPE = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
                        intermediate_size=128, vocab_size=1024)
-REHEARSAL_EXPERTS = dict(num_experts=8, experts_per_token=2, moe_intermediate_size=32)  # routing still differs per token
+# and per family: 8 experts, 2 a token (routing still differs per token); a sliding layer and a
+# global one, the window shorter than the prompts, and an output matrix of its own (the
+# rehearsal's stand-in base is a next-token table written into the embeddings and the output
+# matrix, which tied embeddings would make one)
+REHEARSAL_FAMILY = {"qwen3_moe": dict(num_experts=8, experts_per_token=2, moe_intermediate_size=32),
+                    "gemma3_text": dict(layer_types=("sliding_attention", "full_attention"), sliding_window=16,
+                                        tie_embeddings=False)}
+
+
+def rehearsal_shape(preset: str) -> dict:
+    """The dimensions `PRESET@rehearsal` changes in the real preset."""
+    return REHEARSAL_SHAPE | REHEARSAL_FAMILY.get(PRESETS[preset]["model_type"], {})
 
 
 def get(name: str = "tiny") -> ml_collections.ConfigDict:
@@ -76,7 +104,7 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
     """
     base, _, rehearsal = name.partition("@")
     if rehearsal == REHEARSAL and base in PRESETS and base != "tiny":
-        arch = PRESETS[base] | REHEARSAL_SHAPE | (REHEARSAL_EXPERTS if PRESETS[base].get("num_experts") else {})
+        arch = PRESETS[base] | rehearsal_shape(base)
     elif name in PRESETS:
         arch = dict(PRESETS[name])
     elif paths.exists(name):  # an HF config.json or its directory, local or gs://
@@ -219,7 +247,7 @@ TOPOLOGIES = {"v5p-32": "v5p:2x2x4", "v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x4"
 HOST_BOUNDS = {"v6e-8": "2,4,1"}
 # The target a real preset is planned for without an @target: the run sizes the recipes name.
 DEFAULT_TARGETS = {"qwen2.5-7b": "v5p-32", "qwen3-32b": "v5p-128", "llama3.1-8b": "v5p-32", "qwen3-30b-a3b": "v5p-128",
-                   "qwen3-235b-a22b": "v5p-128"}
+                   "qwen3-235b-a22b": "v5p-128", "gemma3-27b": "v5p-128"}
 
 
 def plan(preset: str = "tiny", target: str = "") -> ml_collections.ConfigDict:

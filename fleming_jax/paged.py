@@ -74,13 +74,15 @@ def write(pages: jax.Array, new: jax.Array, table: jax.Array, index: jax.Array, 
     return pages.at[:, page].set(touched, mode="drop")
 
 
-def attend_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array):
-    """q [rows, heads, d] over each row's first `lengths` cached tokens: a loop over blocks of
+def attend_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
+               scale: float, window: int = 0):
+    """q [rows, heads, d] over each row's first `lengths` cached tokens (only the last `window`
+    of them when > 0: a sliding-window layer), scores q k^T x `scale`: a loop over blocks of
     pages (gathered through the table) up to the longest row, with a running softmax."""
     rows, heads, d = q.shape
     kv_heads, _, size, _ = k_pages.shape
     group, per_block = heads // kv_heads, block_pages(size)
-    q = q.reshape(rows, kv_heads, group, d).astype(jnp.float32) * (d ** -0.5)
+    q = q.reshape(rows, kv_heads, group, d).astype(jnp.float32) * scale
 
     def visit(i, carry):
         best, total, acc = carry
@@ -88,7 +90,10 @@ def attend_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.
         take = lambda pages: pages[:, ids].reshape(kv_heads, rows, per_block * size, d).astype(jnp.float32)
         keys, values = take(k_pages), take(v_pages)
         scores = jnp.einsum("bkgd,kbsd->bkgs", q, keys)
-        ok = (i * per_block * size + jnp.arange(per_block * size))[None, :] < lengths[:, None]
+        position = (i * per_block * size + jnp.arange(per_block * size))[None, :]
+        ok = position < lengths[:, None]
+        if window:
+            ok &= position >= lengths[:, None] - window
         ok = ok[:, None, None, :]
         new_best = jnp.maximum(best, jnp.max(jnp.where(ok, scores, -jnp.inf), axis=-1))
         probs = jnp.where(ok, jnp.exp(scores - new_best[..., None]), 0.0)
@@ -103,30 +108,36 @@ def attend_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.
     return (acc / jnp.maximum(total, 1e-30)[..., None]).reshape(rows, heads, d)
 
 
-def attend_kernel(q, k_pages, v_pages, table, lengths):
-    """The same through the Pallas TPU paged-attention kernel (scaled queries in, as it expects)."""
+def attend_kernel(q, k_pages, v_pages, table, lengths, scale: float):
+    """The same through the Pallas TPU paged-attention kernel (scaled queries in, as it expects;
+    no sliding window: the kernel reads every page up to a row's length)."""
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-    size, d = k_pages.shape[2], q.shape[-1]
+    size = k_pages.shape[2]
     per_block = min(block_pages(size), table.shape[1])
-    out = paged_attention((q.astype(jnp.float32) * d ** -0.5).astype(q.dtype), k_pages, v_pages,
+    out = paged_attention((q.astype(jnp.float32) * scale).astype(q.dtype), k_pages, v_pages,
                           jnp.maximum(lengths, 1), table, pages_per_compute_block=per_block)
     return out.astype(jnp.float32)
 
 
-def _step(q, k, v, k_pages, v_pages, table, index, active, kernel: bool):
+def _step(q, k, v, k_pages, v_pages, table, index, active, kernel: bool, scale: float, window: int):
     k_pages, v_pages = write(k_pages, k, table, index, active), write(v_pages, v, table, index, active)
     lengths = jnp.where(active, index + 1, 0)  # a finished row reads nothing
-    attend = attend_kernel if kernel else attend_xla
-    return attend(q, k_pages, v_pages, table, lengths), k_pages, v_pages
+    if kernel and not window:
+        return attend_kernel(q, k_pages, v_pages, table, lengths, scale), k_pages, v_pages
+    return attend_xla(q, k_pages, v_pages, table, lengths, scale, window), k_pages, v_pages
 
 
-def attention(q, k, v, k_pages, v_pages, table, index, active, kernel: bool = False):
+def attention(q, k, v, k_pages, v_pages, table, index, active, kernel: bool = False, scale: float | None = None,
+              window: int = 0):
     """One decode token per row: its keys/values `k`, `v` [rows, kv_heads, d] written at
     position `index` of its pages, then its queries `q` [rows, heads, d] over its first
-    index + 1 tokens (fp32 out). Rows not `active` write and read nothing. Under a mesh it
-    runs per shard; `table` then holds page ids local to the row's shard."""
-    step = functools.partial(_step, kernel=kernel)
+    index + 1 tokens, the last `window` of them when > 0 (fp32 out; scores scaled by `scale`,
+    default d^-0.5). Rows not `active` write and read nothing.
+    A sliding-window layer takes the XLA path even with `kernel`. Under a mesh it runs per
+    shard; `table` then holds page ids local to the row's shard."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    step = functools.partial(_step, kernel=kernel, scale=scale, window=window)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return step(q, k, v, k_pages, v_pages, table, index, active)

@@ -137,9 +137,9 @@ def load(path: str):
     return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
-# Tokens that end a turn or a text besides EOS: Qwen's, and Llama 3's (end of turn, of a tool
-# call's message, of the text: its generation_config's eos ids)
-STOP_TOKENS = (IM_END, ENDOFTEXT, "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+# Tokens that end a turn or a text besides EOS: Qwen's, Llama 3's (end of turn, of a tool
+# call's message, of the text: its generation_config's eos ids) and Gemma's end of turn
+STOP_TOKENS = (IM_END, ENDOFTEXT, "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<end_of_turn>")
 
 
 def stop_ids(tokenizer) -> list[int]:

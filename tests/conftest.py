@@ -36,7 +36,7 @@ TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_
 
 
 def make_hf_model(model_type: str, tie: bool, seed: int = 0, **overrides):
-    """A tiny random transformers Qwen2/Qwen3/Qwen3-MoE/Llama model; every weight (norms and biases too)
+    """A tiny random transformers Qwen2/Qwen3/Qwen3-MoE/Llama/Gemma 3 model; every weight (norms and biases too)
     is random so a mapping mistake anywhere shows in the logits. The Llama has Llama 3's rope
     scaling with an original context of 32 tokens, so scaled, blended and kept frequencies all
     act within a 12-token test."""
@@ -54,6 +54,13 @@ def make_hf_model(model_type: str, tie: bool, seed: int = 0, **overrides):
         model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
             tie_word_embeddings=tie, head_dim=24, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
             norm_topk_prob=True, **(TINY_HF | overrides)))
+    elif model_type == "gemma3_text":  # layers: local, local, global; a 4-token window; both ropes distinct
+        rope = {"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1_000_000.0),
+                "sliding_attention": dict(rope_type="default", rope_theta=10_000.0)}
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            tie_word_embeddings=tie, head_dim=24, sliding_window=4, query_pre_attn_scalar=20,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            **(TINY_HF | dict(rope_parameters=rope) | overrides)))
     elif model_type == "qwen2":
         model = transformers.Qwen2ForCausalLM(
             transformers.Qwen2Config(tie_word_embeddings=tie, **(TINY_HF | overrides)))

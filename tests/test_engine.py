@@ -84,9 +84,9 @@ def test_a_long_run_compiles_a_handful_of_programs(tiny):
     assert new["take"] == 0, new  # finished rows fetched in fixed-size pieces
 
 
-def _paged_case(seed, lengths, kv_heads=2, group=2, d=16, size=16, width=4):
+def _paged_case(seed, lengths, kv_heads=2, group=2, d=16, size=16, width=4, window=0):
     """A random page pool, page tables of distinct pages, and the dense attention of each row
-    over its first `lengths` tokens (numpy, float64)."""
+    over its first `lengths` tokens, the last `window` of them when > 0 (numpy, float64)."""
     rng = np.random.default_rng(seed)
     rows, pages = len(lengths), len(lengths) * width + 3
     q = rng.normal(size=(rows, kv_heads * group, d)).astype(np.float32)
@@ -97,20 +97,23 @@ def _paged_case(seed, lengths, kv_heads=2, group=2, d=16, size=16, width=4):
     for r, n in enumerate(lengths):
         if not n:
             continue  # a finished row: nothing to attend to
-        keys = k[:, table[r]].reshape(kv_heads, -1, d)[:, :n].astype(np.float64)
-        values = v[:, table[r]].reshape(kv_heads, -1, d)[:, :n].astype(np.float64)
+        first = max(0, n - window) if window else 0
+        keys = k[:, table[r]].reshape(kv_heads, -1, d)[:, first:n].astype(np.float64)
+        values = v[:, table[r]].reshape(kv_heads, -1, d)[:, first:n].astype(np.float64)
         scores = np.einsum("kgd,ksd->kgs", q[r].reshape(kv_heads, group, d), keys) / np.sqrt(d)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         expected[r] = np.einsum("kgs,ksd->kgd", probs / probs.sum(-1, keepdims=True), values)
     return q, k, v, table, np.asarray(lengths, np.int32), expected.reshape(rows, -1, d)
 
 
-@pytest.mark.parametrize("lengths", [[1, 16, 17, 64], [37, 5, 128, 2]])
-def test_paged_attention_reads_each_rows_own_pages_up_to_its_length(lengths):
-    q, k, v, table, lens, expected = _paged_case(0, lengths, width=8)
+@pytest.mark.parametrize("lengths,window", [([1, 16, 17, 64], 0), ([37, 5, 128, 2], 0), ([37, 5, 128, 2], 20)])
+def test_paged_attention_reads_each_rows_own_pages_up_to_its_length(lengths, window):
+    """(With a sliding window: Gemma 3's local layers.)"""
+    q, k, v, table, lens, expected = _paged_case(0, lengths, width=8, window=window)
     unused = np.setdiff1d(np.arange(k.shape[1]), table)
     k[:, unused], v[:, unused] = np.nan, np.nan  # pages no row owns: never read
-    got = paged.attend_xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(table), jnp.asarray(lens))
+    got = paged.attend_xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(table), jnp.asarray(lens),
+                           q.shape[-1] ** -0.5, window)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
 
 
@@ -135,10 +138,10 @@ def test_the_pallas_tpu_kernel_equals_the_xla_path():
 
     q, k, v, table, lens, expected = _paged_case(1, [1, 20, 100, 128, 0, 77, 3, 50], kv_heads=2, group=4, d=128,
                                                  width=8)
-    args = [jnp.asarray(x) for x in (q, k, v, table, lens)]
+    args = [jnp.asarray(x) for x in (q, k, v, table, lens)] + [q.shape[-1] ** -0.5]
     xla = np.asarray(paged.attend_xla(*args))
     with pltpu.force_tpu_interpret_mode():
-        kernel = np.asarray(jax.jit(paged.attend_kernel)(*args))
+        kernel = np.asarray(jax.jit(paged.attend_kernel, static_argnums=5)(*args))
     live = lens > 0  # a row of length 0 (finished) is read by neither; its output is unused
     np.testing.assert_allclose(xla[live], expected[live], atol=1e-5)
     np.testing.assert_allclose(kernel[live], xla[live], atol=2e-2)

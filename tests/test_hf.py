@@ -21,7 +21,7 @@ def params_of(model):
 
 
 @pytest.mark.parametrize("model_type,tie", [("qwen2", False), ("qwen3", True), ("qwen3_moe", False),
-                                            pytest.param("llama", False, marks=pytest.mark.slow)])
+                                            ("gemma3_text", True), pytest.param("llama", False, marks=pytest.mark.slow)])
 def test_export_loads_in_transformers_with_identical_logits(hf_dir, tmp_path, model_type, tie):
     source = hf_dir(model_type, tie)
     model, config = hf.load(source)
@@ -67,11 +67,12 @@ def test_refuses_unknown_model_type(hf_dir, tmp_path):
     path = copy_model(hf_dir("qwen2"), tmp_path / "m")
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    cfg["model_type"] = "gemma3_text"
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    with pytest.raises(ValueError, match=r"config.json: unknown model_type 'gemma3_text'.*qwen2, qwen3, qwen3_moe, llama"):
-        hf.load(path)
+    for model_type, hint in (("mistral", ""), ("gemma3", "multimodal Gemma 3.*text decoder")):
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg | dict(model_type=model_type), f)
+        with pytest.raises(ValueError, match=rf"config.json: unknown model_type '{model_type}'.*qwen2, qwen3, qwen3_moe, "
+                                             rf"llama, gemma3_text.*{hint}"):
+            hf.load(path)
 
 
 def test_refuses_missing_tensor(hf_dir, tmp_path):
@@ -113,6 +114,9 @@ PUBLISHED_NON_EMBEDDING = {
     "llama3.2-1b": 0.97, "llama3.2-3b": 2.82, "llama3.1-8b": 6.98,
     # Qwen3-MoE: every expert counted (the cards: 29.9B and 234B non-embedding)
     "qwen3-30b-a3b": 29.9, "qwen3-235b-a22b": 234.0,
+    # Gemma 3's text decoders: the 1B card's 999,885,952 less its embeddings; 4B and 27B: their
+    # language models (3.88B and 27.0B) less the embeddings
+    "gemma3-1b": 0.698, "gemma3-4b": 3.209, "gemma3-27b": 25.60,
 }
 
 

@@ -1,4 +1,4 @@
-"""The Qwen2/Qwen3/Qwen3-MoE/Llama port against transformers, and its own padding, packing and cache rules."""
+"""The Qwen2/Qwen3/Qwen3-MoE/Llama/Gemma 3 port against transformers, and its own padding, packing and cache rules."""
 
 import numpy as np
 import pytest
@@ -35,14 +35,17 @@ def padded_batch(seed=0, batch=4, length=12, left=True):
 
 @pytest.mark.parametrize("model_type,tie,left", [
     (t, tie, left) for t in ("qwen2", "qwen3", "llama") for tie in (False, True) for left in (True, False)] + [
-    ("qwen3_moe", False, True)] + [pytest.param("qwen3_moe", *p, marks=pytest.mark.slow)
-                                   for p in ((True, True), (False, False))])
+    ("qwen3_moe", False, True), ("gemma3_text", True, True)] + [
+    pytest.param(t, *p, marks=pytest.mark.slow) for t in ("qwen3_moe", "gemma3_text")
+    for p in ((True, True), (False, False), (False, True), (True, False))
+    if (t, *p) not in (("qwen3_moe", False, True), ("gemma3_text", True, True))])
 def test_logits_match_transformers(hf_dir, model_type, tie, left):
     path = hf_dir(model_type, tie)
     model, config = hf.load(path)
-    assert (config.qkv_bias, config.qk_norm, config.tie_embeddings, config.num_experts) == (
-        model_type == "qwen2", model_type.startswith("qwen3"), tie, 8 * (model_type == "qwen3_moe"))
-    assert config.rope_type == ("llama3" if model_type == "llama" else "default")
+    assert (config.qkv_bias, config.qk_norm, config.tie_embeddings, config.num_experts, config.sliding_window) == (
+        model_type == "qwen2", model_type.startswith(("qwen3", "gemma3")), tie, 8 * (model_type == "qwen3_moe"),
+        4 * (model_type == "gemma3_text"))  # Gemma: a 4-token window, shorter than the 12-token rows
+    assert config.rope_type == {"llama": "llama3", "gemma3_text": "linear"}.get(model_type, "default")
     ids, mask = padded_batch(left=left)
     ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     ref = reference_logits(path, ids, mask)
@@ -77,7 +80,7 @@ def test_packed_segments_do_not_attend_across_examples(hf_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "llama"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "llama", "gemma3_text"])
 def test_kv_cache_prefill_then_decode_equals_full_forward(hf_dir, model_type):
     model, config = hf.load(hf_dir(model_type))
     ids, mask = padded_batch(length=12)

@@ -20,24 +20,25 @@ def flat(config) -> dict:
     return out
 
 
-@pytest.mark.parametrize("preset", ["qwen2.5-7b", "qwen3-32b", "llama3.1-8b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("preset", ["qwen2.5-7b", "qwen3-32b", "llama3.1-8b", "qwen3-30b-a3b", "gemma3-27b"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_rehearsal_config_differs_from_the_real_one_only_in_model_dimensions(name, preset):
     module = importlib.import_module(f"configs.{name}")
     real, rehearsal = flat(module.get_config(preset)), flat(module.get_config(f"{preset}@rehearsal"))
     differ = {k for k in real.keys() | rehearsal.keys() if real.get(k) != rehearsal.get(k)}
-    shape = models.REHEARSAL_SHAPE | (models.REHEARSAL_EXPERTS if "a3b" in preset else {})
+    shape = models.rehearsal_shape(preset)
     assert differ == {"model.preset"} | {f"model.{k}" for k in shape}
     assert rehearsal["model.preset"] == f"{preset}@rehearsal"
     assert {k: rehearsal[f"model.{k}"] for k in shape} == shape
 
 
 def test_rehearsal_keeps_the_family_switches_and_is_refused_for_tiny():
-    for preset in ("qwen2.5-7b", "qwen3-32b", "llama3.1-8b", "qwen3-30b-a3b"):
+    for preset in ("qwen2.5-7b", "qwen3-32b", "llama3.1-8b", "qwen3-30b-a3b", "gemma3-27b"):
         real, small = models.get(preset), models.get(f"{preset}@rehearsal")
         for key in ("model_type", "qkv_bias", "qk_norm", "tie_embeddings", "rope_theta", "rms_norm_eps",
-                    "norm_topk_prob", "lora_targets"):
-            assert small.get(key) == real.get(key), (preset, key)
+                    "norm_topk_prob", "lora_targets", "norm_plus_one", "sandwich_norms", "query_pre_attn_scalar"):
+            if key not in models.rehearsal_shape(preset):
+                assert small.get(key) == real.get(key), (preset, key)
     with pytest.raises(ValueError, match="unknown model preset 'tiny@rehearsal'"):
         models.get("tiny@rehearsal")
     with pytest.raises(ValueError, match="targets: .*, or rehearsal"):
@@ -47,7 +48,8 @@ def test_rehearsal_keeps_the_family_switches_and_is_refused_for_tiny():
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,lora,base_quant,ahead", [
     ("qwen2.5-7b", False, "", 0), ("qwen2.5-7b", True, "", 0), ("qwen2.5-7b", True, "nf4", 0),
-    ("llama3.1-8b", False, "", 0), ("qwen2.5-7b", True, "", 1), ("qwen3-30b-a3b", False, "", 0)])
+    ("llama3.1-8b", False, "", 0), ("qwen2.5-7b", True, "", 1), ("qwen3-30b-a3b", False, "", 0),
+    ("gemma3-27b", False, "", 0)])
 def test_rehearsal_runs_every_task_as_two_hosts_on_gcs(tmp_path, preset, lora, base_quant, ahead):
     from tests import rehearsal
 

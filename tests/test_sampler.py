@@ -33,10 +33,12 @@ def qwen2(hf_dir):
     return hf.load(hf_dir("qwen2"))[0]
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", pytest.param("llama", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen3_moe", "gemma3_text",
+                                        pytest.param("llama", marks=pytest.mark.slow)])
 def test_greedy_equals_transformers_generate(hf_dir, model_type):
     """64 new tokens (the Llama's past its rope scaling's 32-token original context; the
-    Qwen3-MoE's experts picked afresh for each token)."""
+    Qwen3-MoE's experts picked afresh for each token; the Gemma's sliding layers reading only
+    their last 4 tokens of the paged cache)."""
     path = hf_dir(model_type)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     batch = prompts()

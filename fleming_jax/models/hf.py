@@ -46,6 +46,8 @@ LAYER_TENSORS = {
     "k_norm": ("self_attn.k_norm.weight", False),
     "o_proj": ("self_attn.o_proj.weight", True),
     "post_attention_norm": ("post_attention_layernorm.weight", False),
+    "attn_out_norm": ("post_attention_layernorm.weight", False),  # Gemma 3 (see GEMMA3_TENSORS)
+    "mlp_out_norm": ("post_feedforward_layernorm.weight", False),
     "gate_proj": ("mlp.gate_proj.weight", True),
     "up_proj": ("mlp.up_proj.weight", True),
     "down_proj": ("mlp.down_proj.weight", True),
@@ -55,6 +57,9 @@ LAYER_TENSORS = {
     "expert_up": ("mlp.experts.{x}.up_proj.weight", True),
     "expert_down": ("mlp.experts.{x}.down_proj.weight", True),
 }
+# Gemma 3 names its pre-MLP norm pre_feedforward_layernorm; its post_attention_layernorm is
+# the norm on the attention's output
+GEMMA3_TENSORS = {"post_attention_norm": ("pre_feedforward_layernorm.weight", False)}
 TOP_TENSORS = {
     "embed_tokens": ("model.embed_tokens.weight", False),
     "final_norm": ("model.norm.weight", False),
@@ -191,8 +196,9 @@ def hf_tensor_names(config: qwen.QwenConfig) -> dict[str, np.ndarray]:
     """Our parameter path ('layers/q_proj', 'embed_tokens', …) -> its HF tensor names, an array
     shaped like the axes our copy stacks them on ([layers], [layers, experts]; [] for one)."""
     names = {}
+    table = LAYER_TENSORS | (GEMMA3_TENSORS if config.model_type == "gemma3_text" else {})
     for ours in qwen.layer_param_shapes(config):
-        hf = LAYER_TENSORS[ours][0]
+        hf = table[ours][0]
         per_layer = [[f"model.layers.{i}.{hf}".format(x=x) for x in range(config.num_experts)] if "{x}" in hf
                      else f"model.layers.{i}.{hf}" for i in range(config.num_layers)]
         names[f"layers/{ours}"] = np.array(per_layer, dtype=object)
@@ -230,7 +236,7 @@ def to_hf(path: str, ours: np.ndarray) -> np.ndarray:
 
 
 def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, **overrides):
-    """Imports an HF Qwen2/Qwen3/Qwen3-MoE/Llama directory: returns `(model, config)`.
+    """Imports an HF Qwen2/Qwen3/Qwen3-MoE/Llama/Gemma 3 (text) directory: returns `(model, config)`.
 
     `dtype` (e.g. "bfloat16") sets both the parameter and the compute dtype, like HF's
     `from_pretrained(dtype=...)`; `overrides` set single config fields (`param_dtype`,

@@ -1,9 +1,11 @@
-"""The Qwen2 / Qwen2.5 / Qwen3, Qwen3-MoE and Llama 3.x decoder in Flax NNX.
+"""The Qwen2 / Qwen2.5 / Qwen3, Qwen3-MoE, Llama 3.x and Gemma 3 decoder in Flax NNX.
 
-One module covers the four: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
+One module covers the five: q/k/v bias (Qwen2), per-head q/k RMSNorm and an explicit
 head_dim (Qwen3), routed experts in place of the MLP (Qwen3-MoE: Qwen3's attention,
 `fleming_jax.models.moe`), Llama 3's rope scaling (`rope_type="llama3"`; Llama is Qwen2's
-block without the biases), tied embeddings and GQA are config switches. Layer weights are stacked
+block without the biases), Gemma 3's (1 + w) norms around both sublayers, scaled embeddings,
+GELU and sliding-window layers with their own rope base, tied embeddings and GQA are config
+switches. Layer weights are stacked
 on a leading `layers` axis and the decoder is a `jax.lax.scan` over a pure block function,
 so a 64-layer model compiles as fast as a 2-layer one. Every parameter carries logical
 axis names in its `axes` metadata; `fleming_jax.parallel` maps them to mesh axes, so this
@@ -27,10 +29,14 @@ from flax import nnx
 from fleming_jax import paged, parallel
 from fleming_jax.models import moe
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "llama", "gemma3_text")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                 "llama": "LlamaForCausalLM"}
-ROPE_TYPES = ("default", "llama3")
+                 "llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+# each rope type and the model types whose configs may name it
+ROPE_TYPES = {"default": SUPPORTED_MODEL_TYPES, "llama3": ("llama",), "linear": ("gemma3_text",)}
+# the MLP's activation by HF's name (gelu_pytorch_tanh: GELU's tanh approximation)
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+SLIDING, FULL = "sliding_attention", "full_attention"  # HF's layer types
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -52,7 +58,7 @@ class QwenConfig:
     model_type: str = "qwen2"
     rope_theta: float = 1_000_000.0
     # "llama3": Llama 3.1+'s frequency scaling (HF's `rope_parameters`: factor, low/high frequency
-    # factors, the original context); "default": none
+    # factors, the original context); "linear": every frequency divided by `rope_factor`; "default": none
     rope_type: str = "default"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
@@ -70,6 +76,19 @@ class QwenConfig:
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    # Gemma 3: RMSNorm scales by (1 + weight); `sandwich_norms` adds norms on the attention's and
+    # the MLP's outputs; embeddings are multiplied by sqrt(hidden_size); attention scores are
+    # scaled by query_pre_attn_scalar^-0.5 (0: head_dim's); `layer_types` (HF's: SLIDING or
+    # FULL per layer; empty: all FULL) marks the layers that attend to their last
+    # `sliding_window` positions only and rotate with `rope_local_theta` (no scaling)
+    hidden_act: str = "silu"  # one of ACTIVATIONS
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    embed_scale: bool = False
+    query_pre_attn_scalar: int = 0
+    sliding_window: int = 0
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float = 10_000.0
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "float32"  # activations and matmul inputs
     remat: str = "none"  # one of REMAT_POLICIES
@@ -89,6 +108,13 @@ class QwenConfig:
             )
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type={self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.layer_types and (len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}
+                                 or (SLIDING in self.layer_types) != (self.sliding_window > 0)):
+            raise ValueError(f"layer_types={self.layer_types}, sliding_window={self.sliding_window}: one of "
+                             f"{SLIDING!r} / {FULL!r} for each of the {self.num_layers} layers, and a window > 0 "
+                             "exactly when some layer slides")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -124,15 +150,24 @@ class QwenConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"{source}: unknown model_type {model_type!r}; fleming-jax ports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}" + (
+                    " (this is the multimodal Gemma 3 checkpoint: save its text decoder as a Gemma3ForCausalLM "
+                    "directory, model_type gemma3_text, and import that)" if model_type == "gemma3" else ""))
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        local_rope = {}
+        if FULL in rope:  # one set per layer type (Gemma 3 in transformers 5)
+            rope, local_rope = rope[FULL] or {}, rope.get(SLIDING) or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ROPE_TYPES or (rope_type == "llama3" and model_type != "llama"):
-            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported for {model_type} "
-                             f"(supported: 'default', and 'llama3' for llama)")
+        if model_type not in ROPE_TYPES.get(rope_type, ()):
+            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported for {model_type} (supported: "
+                             "'default', 'llama3' for llama, 'linear' for gemma3_text)")
         if hf.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        if model_type == "gemma3_text" and any(hf.get(k) for k in ("use_bidirectional_attention", "final_logit_softcapping",
+                                                                    "attn_logit_softcapping")):
+            raise ValueError(f"{source}: gemma3_text with use_bidirectional_attention, final_logit_softcapping or "
+                             "attn_logit_softcapping set is not supported (Gemma 3's own checkpoints set none of them; "
+                             "transformers' Gemma 3 does not apply attention soft-capping either)")
         if model_type == "qwen3_moe" and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
             raise ValueError(f"{source}: qwen3_moe with dense layers (decoder_sparse_step "
                              f"{hf.get('decoder_sparse_step')}, mlp_only_layers {hf.get('mlp_only_layers')}) is not "
@@ -142,6 +177,8 @@ class QwenConfig:
         if model_type == "llama" and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: llama with hidden_act {hf['hidden_act']!r} is not supported (only silu)")
         scaling = {}
+        if rope_type == "linear":
+            scaling = dict(rope_type="linear", rope_factor=float(rope["factor"]))
         if rope_type == "llama3":
             scaling = dict(rope_type="llama3", rope_factor=float(rope["factor"]),
                            rope_low_freq_factor=float(rope["low_freq_factor"]),
@@ -165,6 +202,16 @@ class QwenConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             **scaling,
         )
+        if model_type == "gemma3_text":
+            heads_dim, layers = fields["head_dim"], fields["num_layers"]
+            pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+            types = hf.get("layer_types") or [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(layers)]
+            fields.update(qk_norm=True, hidden_act=hf.get("hidden_activation") or "gelu_pytorch_tanh",
+                          norm_plus_one=True, sandwich_norms=True, embed_scale=True,
+                          tie_embeddings=hf.get("tie_word_embeddings", True),
+                          query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar") or heads_dim),
+                          sliding_window=hf["sliding_window"] if SLIDING in types else 0, layer_types=tuple(types),
+                          rope_local_theta=float(local_rope.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))))
         if model_type == "qwen3_moe":
             fields.update(num_experts=hf.get("num_experts") or hf["num_local_experts"],
                           experts_per_token=hf["num_experts_per_tok"],
@@ -189,13 +236,22 @@ class QwenConfig:
                 dict(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
                      high_freq_factor=self.rope_high_freq_factor,
                      original_max_position_embeddings=self.rope_original_max_position)
-                if self.rope_type == "llama3" else {}),
+                if self.rope_type == "llama3" else dict(factor=self.rope_factor) if self.rope_type == "linear" else {}),
             rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_embeddings,
             max_position_embeddings=self.max_position_embeddings,
         )
         if self.model_type in ("qwen3", "qwen3_moe"):
             hf.update(head_dim=self.head_dim, attention_bias=False)
+        if self.model_type == "gemma3_text":
+            global_rope = hf.pop("rope_parameters")
+            hf.pop("hidden_act")
+            hf.update(head_dim=self.head_dim, attention_bias=False, hidden_activation=self.hidden_act,
+                      query_pre_attn_scalar=self.query_pre_attn_scalar, attn_logit_softcapping=None,
+                      final_logit_softcapping=None, use_bidirectional_attention=False,
+                      sliding_window=self.sliding_window or None, layer_types=list(self.layers_by_type()),
+                      rope_parameters={FULL: global_rope, SLIDING: {"rope_type": "default",
+                                                                    "rope_theta": self.rope_local_theta}})
         if self.model_type == "qwen3_moe":
             hf.update(num_experts=self.num_experts, num_experts_per_tok=self.experts_per_token,
                       moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
@@ -203,6 +259,10 @@ class QwenConfig:
         if self.model_type == "llama":
             hf.update(head_dim=self.head_dim, attention_bias=False, mlp_bias=False)
         return hf
+
+    def layers_by_type(self) -> tuple[str, ...]:
+        """Each layer's attention type (SLIDING or FULL)."""
+        return self.layer_types or (FULL,) * self.num_layers
 
     def replace(self, **changes) -> "QwenConfig":
         return dataclasses.replace(self, **changes)
@@ -260,7 +320,9 @@ LAYER_PARAMS = {
     "q_norm": ("layers", "head_dim"),
     "k_norm": ("layers", "head_dim"),
     "o_proj": ("layers", "heads", "head_dim", "embed"),
-    "post_attention_norm": ("layers", "norm"),
+    "post_attention_norm": ("layers", "norm"),  # before the MLP (HF's name in Qwen and Llama)
+    "attn_out_norm": ("layers", "norm"),  # Gemma 3's sandwich norms: on the attention's output
+    "mlp_out_norm": ("layers", "norm"),  # and on the MLP's
     "gate_proj": ("layers", "embed", "mlp"),
     "up_proj": ("layers", "embed", "mlp"),
     "down_proj": ("layers", "mlp", "embed"),
@@ -286,6 +348,8 @@ def layer_param_shapes(c: QwenConfig) -> dict[str, tuple[int, ...]]:
         for name in ("gate_proj", "up_proj", "down_proj"):
             del shapes[name]
         shapes.update(router=(L, E, X), expert_gate=(L, X, E, M), expert_up=(L, X, E, M), expert_down=(L, X, M, E))
+    if c.sandwich_norms:
+        shapes.update(attn_out_norm=(L, E), mlp_out_norm=(L, E))
     if c.qkv_bias:
         shapes.update(q_bias=(L, H, D), k_bias=(L, K, D), v_bias=(L, K, D))
     if c.qk_norm:
@@ -346,14 +410,14 @@ def dequantized(w, dtype) -> jax.Array:
     return jnp.asarray(NF4_VALUES, dtype)[w.qvalue.astype(jnp.int32)] * scale.astype(dtype)
 
 
-def _init_value(name: str, shape, key, dtype):
+def _init_value(name: str, shape, key, dtype, norm_plus_one: bool = False):
     if name.endswith("lora_a"):  # PEFT's default: kaiming-uniform, bound 1 / sqrt(fan_in)
         bound = 1.0 / (math.prod(shape[1:-1]) ** 0.5)
         return jax.random.uniform(key, shape, dtype, -bound, bound)
     if name.endswith("lora_b"):  # zero: a fresh adapter leaves the model as it was
         return jnp.zeros(shape, dtype)
-    if name.endswith("norm"):
-        return jnp.ones(shape, dtype)
+    if name.endswith("norm"):  # a scale of 1: w = 1, or w = 0 where the norm scales by (1 + w)
+        return jnp.zeros(shape, dtype) if norm_plus_one else jnp.ones(shape, dtype)
     if name.endswith("bias"):
         return jnp.zeros(shape, dtype)
     return 0.02 * jax.random.normal(key, shape, dtype)  # HF's initializer_range
@@ -364,7 +428,7 @@ class Layers(nnx.Module):
 
     def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
         for name, shape in layer_param_shapes(config).items():
-            value = _init_value(name, shape, rngs.params(), config.weight_dtype)
+            value = _init_value(name, shape, rngs.params(), config.weight_dtype, config.norm_plus_one)
             if config.lora_base_quant and name in LORA_TARGETS:
                 value = quantize_weight(name, value, config.lora_base_quant)
             setattr(self, name, nnx.Param(value, axes=LAYER_PARAMS[name]))
@@ -400,7 +464,7 @@ class Qwen(nnx.Module):
         self.embed_tokens = nnx.Param(_init_value("embed", (V, E), rngs.params(), pd),
                                       axes=("vocab", "embed"))
         self.layers = Layers(config, rngs)
-        self.final_norm = nnx.Param(jnp.ones((E,), pd), axes=("norm",))
+        self.final_norm = nnx.Param(_init_value("final_norm", (E,), None, pd, config.norm_plus_one), axes=("norm",))
         if not config.tie_embeddings:
             self.lm_head = nnx.Param(_init_value("lm_head", (E, V), rngs.params(), pd),
                                      axes=("embed", "vocab"))
@@ -426,6 +490,8 @@ class Qwen(nnx.Module):
         # Gather from a table whose features are whole (vocab may stay split over `tensor`).
         table = parallel.constrain(self.embed_tokens[...], ("vocab", "act_embed"))
         x = table[input_ids].astype(self.config.compute_dtype)
+        if self.config.embed_scale:  # Gemma: times sqrt(hidden_size), rounded to the compute dtype as HF does
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
         return parallel.constrain(x, ("batch", "length", "act_embed"))
 
     def decode(self, tokens: jax.Array, cache: paged.PagedCache, table: jax.Array, index: jax.Array,
@@ -436,17 +502,21 @@ class Qwen(nnx.Module):
         `kernel`: the Pallas TPU attention kernel (`paged.attention`)."""
         c = self.config
         x = self.embed(tokens[:, None])
-        cos, sin = rope_tables(index[:, None], c)
+        rope = rope_tables(index[:, None], c)
+        local_rope = rope_tables(index[:, None], c, local=True) if c.sliding_window else None
         k_pages, v_pages = list(cache.k), list(cache.v)
-        for i, p in enumerate(self.layers.split() if layers is None else layers):
+        split = self.layers.split() if layers is None else layers
+        for i, (p, kind) in enumerate(zip(split, c.layers_by_type())):
             if c.lora_base_quant:  # decoded after the layer before: not hoisted out of the token loop whole
                 p, x = jax.lax.optimization_barrier((p, x))
             p = layer_weights(p, c)
-            q, k, v = qkv(p, rms_norm(x, p["input_norm"], c.rms_norm_eps), cos, sin, c)
-            out, k_pages[i], v_pages[i] = paged.attention(q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], table,
-                                                          index, active, kernel)
-            x = mlp_block(p, x + linear(p, "o_proj", "bhd,hde->be", out.astype(x.dtype), c)[:, None], c)
-        x = rms_norm(x[:, 0], self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps)
+            q, k, v = qkv(p, norm(x, p["input_norm"], c), *pick(kind == SLIDING, local_rope, rope), c)
+            out, k_pages[i], v_pages[i] = paged.attention(
+                q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], table, index, active, kernel, attention_scale(c),
+                c.sliding_window if kind == SLIDING else 0)
+            attn = linear(p, "o_proj", "bhd,hde->be", out.astype(x.dtype), c)[:, None]
+            x = mlp_block(p, add_output(p, x, attn, "attn_out_norm", c), c)
+        x = norm(x[:, 0], self.final_norm[...].astype(c.compute_dtype), c)
         return self.logits(x), paged.PagedCache(k=tuple(k_pages), v=tuple(v_pages))
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, layers=None,
@@ -474,7 +544,7 @@ class Qwen(nnx.Module):
             if cache is not None:  # continue counting after the tokens already cached
                 positions = positions + jnp.sum(cache.segment > 0, axis=1, keepdims=True)
         x = self.embed(input_ids)
-        cos, sin = rope_tables(positions, c)
+        rope = rope_tables(positions, c)
 
         length = input_ids.shape[1]
         if cache is None:
@@ -491,41 +561,65 @@ class Qwen(nnx.Module):
             same |= (prefixes[:, :, None] > 0) & (prefixes[:, :, None] == k_segment[:, None, :])
         allowed = ((k_slot[None, None, :] <= jnp.atleast_2d(q_slot)[:, :, None])
                    & same & (attention_mask[:, :, None] > 0))  # [batch, q, k]
+        local_rope = allowed_local = None
+        if c.sliding_window:  # a sliding layer's rotation, and its keys: the last `sliding_window` positions
+            local_rope = rope_tables(positions, c, local=True)
+            k_positions = positions if cache is None else positions_from_mask(k_segment)
+            allowed_local = allowed & (jnp.atleast_2d(positions)[:, :, None] - k_positions[:, None, :] < c.sliding_window)
 
-        def block(x, p, kv=None, key=None):
+        def block(x, p, kv=None, key=None, sliding=False):
             p = layer_weights(p, c)
             if key is not None:
                 p["dropout_key"] = key  # read by `linear`
-            h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-            attn, kv = attention(p, h, cos, sin, allowed, kv, None if cache is None else cache.index, c)
+            h = norm(x, p["input_norm"], c)
+            attn, kv = attention(p, h, *pick(sliding, local_rope, rope), pick(sliding, allowed_local, allowed), kv,
+                                 None if cache is None else cache.index, c)
             stats = [] if router_stats is not None else None
-            x = mlp_block(p, x + attn, c, attention_mask, stats)
+            x = mlp_block(p, add_output(p, x, attn, "attn_out_norm", c), c, attention_mask, stats)
             return x, (kv, stats[0] if stats else None)
 
+        sliding = [kind == SLIDING for kind in c.layers_by_type()]
         if cache is None:
             if c.remat != "none":
                 block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
             keys = jax.random.split(dropout_key, c.num_layers) if dropout_key is not None and c.lora_dropout else None
-            x, (_, stats) = jax.lax.scan(lambda x, p_key: block(x, p_key[0], None, p_key[1]), x,
-                                         (self.layers.arrays(), keys))
+            flags = jnp.asarray(sliding) if c.sliding_window else None
+            x, (_, stats) = jax.lax.scan(lambda x, p_key: block(x, p_key[0], None, p_key[1], p_key[2]), x,
+                                         (self.layers.arrays(), keys, flags))
             if router_stats is not None and stats is not None:
                 router_stats.append(stats.sum(axis=0))
             new_cache = None
         elif scan_cache:
             def layer(x, p_kv):
-                p, k, v = p_kv
-                x, (kv, _) = block(x, p, (k, v))
+                p, k, v, flag = p_kv
+                x, (kv, _) = block(x, p, (k, v), sliding=flag)
                 return x, kv
 
-            x, (k, v) = jax.lax.scan(layer, x, (self.layers.arrays(), jnp.stack(cache.k), jnp.stack(cache.v)))
+            flags = jnp.asarray(sliding) if c.sliding_window else None
+            x, (k, v) = jax.lax.scan(layer, x, (self.layers.arrays(), jnp.stack(cache.k), jnp.stack(cache.v), flags))
             k, v = tuple(k), tuple(v)  # back to one buffer per layer
             new_cache = KVCache(k=k, v=v, segment=k_segment, index=cache.index + length)
         else:
             k, v = list(cache.k), list(cache.v)
             for i, p in enumerate(self.layers.split() if layers is None else layers):
-                x, ((k[i], v[i]), _) = block(x, p, (k[i], v[i]))
+                x, ((k[i], v[i]), _) = block(x, p, (k[i], v[i]), sliding=sliding[i])
             new_cache = KVCache(k=tuple(k), v=tuple(v), segment=k_segment, index=cache.index + length)
-        return rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.rms_norm_eps), new_cache
+        return norm(x, self.final_norm[...].astype(c.compute_dtype), c), new_cache
+
+
+def pick(sliding, local, full):
+    """What a sliding-window layer uses (`local`) or any other (`full`); `sliding` is a bool, or
+    a traced one inside the layer scan (then both are computed and one selected)."""
+    if local is None or sliding is False:
+        return full
+    if sliding is True:
+        return local
+    return jax.tree.map(lambda a, b: jnp.where(sliding, a, b), local, full)
+
+
+def add_output(p, x, out, norm_name: str, c: QwenConfig):
+    """The residual stream `x` plus a sublayer's output (normed first with `sandwich_norms`)."""
+    return x + (norm(out, p[norm_name], c) if c.sandwich_norms else out)
 
 
 def layer_weights(p: dict, c: QwenConfig) -> dict[str, jax.Array]:
@@ -625,15 +719,15 @@ def qkv(p, h, cos, sin, c: QwenConfig):
     if c.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if c.qk_norm:
-        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+        q = norm(q, p["q_norm"], c)
+        k = norm(k, p["k_norm"], c)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def mlp_block(p, x, c: QwenConfig, mask=None, stats=None):
     """The residual stream `x` after a layer's attention, through its gated MLP (or its routed
     experts; then with `stats` a list, the layer's `moe.balance_stats` over `mask` are appended)."""
-    h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
+    h = norm(x, p["post_attention_norm"], c)
     if c.num_experts:
         logits = project("bte,ex->btx", h, p["router"])
         weights, ids, probs = moe.route(logits, c.experts_per_token, c.norm_topk_prob)
@@ -643,8 +737,8 @@ def mlp_block(p, x, c: QwenConfig, mask=None, stats=None):
         return parallel.constrain(x, ("batch", "length", "act_embed"))
     gate = linear(p, "gate_proj", "bte,em->btm", h, c)
     up = linear(p, "up_proj", "bte,em->btm", h, c)
-    hidden = parallel.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    x = x + linear(p, "down_proj", "btm,me->bte", hidden, c)
+    hidden = parallel.constrain(ACTIVATIONS[c.hidden_act](gate) * up, ("batch", "length", "act_mlp"))
+    x = add_output(p, x, linear(p, "down_proj", "btm,me->bte", hidden, c), "mlp_out_norm", c)
     return parallel.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -662,16 +756,22 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
     q = q.reshape(b, t, c.num_kv_heads, heads // c.num_kv_heads, d)
     keys, values = k.astype(q.dtype), v.astype(q.dtype)
     if kv is None:  # the tokens attend to themselves (training, scoring)
-        out = causal_attention(q, keys, values, allowed, c.attention_chunk)
+        out = causal_attention(q, keys, values, allowed, c.attention_chunk, attention_scale(c))
     else:  # a prefill: new tokens over the whole cache
-        out = _attend(q, keys, values, allowed[:, None, None], "btkgd,bskd->bkgts", "bkgts,bskd->btkgd")
+        out = _attend(q, keys, values, allowed[:, None, None], "btkgd,bskd->bkgts", "bkgts,bskd->btkgd",
+                      attention_scale(c))
     return linear(p, "o_proj", "bthd,hde->bte", out.reshape(b, t, heads, d), c), kv
 
 
 QUERY_BLOCK = 64  # queries per block of `causal_attention` on sequences up to attention_chunk
 
 
-def causal_attention(q, keys, values, allowed, chunk: int):
+def attention_scale(c: QwenConfig) -> float:
+    """What attention scores are multiplied by: head_dim^-0.5, or Gemma's query_pre_attn_scalar^-0.5."""
+    return (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+
+
+def causal_attention(q, keys, values, allowed, chunk: int, scale: float):
     """Attention of a sequence over itself, one block of queries at a time.
 
     q [b, t, kv_heads, group, d]; keys, values [b, t, kv_heads, d]; allowed [b, t, t].
@@ -686,7 +786,7 @@ def causal_attention(q, keys, values, allowed, chunk: int):
     # Heads first ([b, kv_heads, (group,) t, d]): each block is then a plain batched matmul
     # (on XLA:CPU the [b, t, heads, d] layout ran the whole attention ~1.5x slower).
     q, keys, values = q.transpose(0, 2, 3, 1, 4), keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
-    attend = functools.partial(_attend, scores_spec="bkgtd,bksd->bkgts", out_spec="bkgts,bksd->bkgtd")
+    attend = functools.partial(_attend, scores_spec="bkgtd,bksd->bkgts", out_spec="bkgts,bksd->bkgtd", scale=scale)
     if _recomputed_blocks(t, chunk):
         n = t // chunk
         q_blocks = jnp.moveaxis(q.reshape(*q.shape[:3], n, chunk, q.shape[-1]), 3, 0)
@@ -714,9 +814,9 @@ def keys_per_query(t: int, chunk: int) -> float:
     return sum(min(QUERY_BLOCK, t - s) * min(s + QUERY_BLOCK, t) for s in range(0, t, QUERY_BLOCK)) / t
 
 
-def _attend(q, keys, values, allowed, scores_spec: str, out_spec: str):
-    """softmax(q k^T / sqrt(d), where allowed) v, scores in fp32."""
-    scores = jnp.einsum(scores_spec, q, keys, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+def _attend(q, keys, values, allowed, scores_spec: str, out_spec: str, scale: float):
+    """softmax(q k^T x scale, where allowed) v, scores in fp32."""
+    scores = jnp.einsum(scores_spec, q, keys, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum(out_spec, probs, values)
@@ -731,11 +831,19 @@ def write_at(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Arra
     return jax.vmap(row)(buffer, update, index)
 
 
-def rms_norm(x, scale, eps):
-    """RMSNorm computed in fp32 and cast back, as HF does."""
+def rms_norm(x, scale, eps, plus_one: bool = False):
+    """RMSNorm computed in fp32 and cast back, as HF does: Qwen and Llama cast, then multiply by
+    the weight; Gemma (`plus_one`) multiplies by (1 + weight) in fp32, then casts."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
     return scale * normed.astype(x.dtype)
+
+
+def norm(x, scale, c: QwenConfig):
+    """`rms_norm` as the config's family computes it."""
+    return rms_norm(x, scale, c.rms_norm_eps, c.norm_plus_one)
 
 
 def positions_from_mask(segments: jax.Array) -> jax.Array:
@@ -747,14 +855,19 @@ def positions_from_mask(segments: jax.Array) -> jax.Array:
     return jnp.where(segments > 0, t - start_index, 0)
 
 
-def rope_frequencies(c: QwenConfig) -> np.ndarray:
-    """The rotary frequencies [head_dim / 2] (float32, as HF computes them): theta^(-2i/d), and
-    with `rope_type="llama3"` the long wavelengths divided by `rope_factor`, blended smoothly
-    between the low- and high-frequency cutoffs of the original context."""
+def rope_frequencies(c: QwenConfig, local: bool = False) -> np.ndarray:
+    """The rotary frequencies [head_dim / 2] (float32, as HF computes them): theta^(-2i/d); with
+    `rope_type="linear"` all divided by `rope_factor`; with `rope_type="llama3"` the long
+    wavelengths divided by `rope_factor`, blended smoothly between the low- and high-frequency
+    cutoffs of the original context. `local`: a sliding-window layer's (`rope_local_theta`,
+    unscaled)."""
     d = c.head_dim
-    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-    if c.rope_type != "llama3":
+    theta = c.rope_local_theta if local else c.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    if local or c.rope_type == "default":
         return inv_freq.astype(np.float32)
+    if c.rope_type == "linear":
+        return (inv_freq / c.rope_factor).astype(np.float32)
     wavelength = 2 * math.pi / inv_freq
     low_cut = c.rope_original_max_position / c.rope_low_freq_factor  # longer: scaled
     high_cut = c.rope_original_max_position / c.rope_high_freq_factor  # shorter: kept
@@ -766,9 +879,10 @@ def rope_frequencies(c: QwenConfig) -> np.ndarray:
     return np.where(between, blended, scaled).astype(np.float32)
 
 
-def rope_tables(positions, c: QwenConfig):
-    """cos/sin [batch, length, 1, head_dim] for rotary embeddings at `positions`."""
-    inv_freq = jnp.asarray(rope_frequencies(c))
+def rope_tables(positions, c: QwenConfig, local: bool = False):
+    """cos/sin [batch, length, 1, head_dim] for rotary embeddings at `positions` (`local`: a
+    sliding-window layer's)."""
+    inv_freq = jnp.asarray(rope_frequencies(c, local))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)
