@@ -18,12 +18,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fleming_jax.models import qwen  # noqa: E402
+from fleming_jax.models import decoder  # noqa: E402
 from fleming_jax.train import sft  # noqa: E402
 
 
 def peak_bytes(config, batch, length, chunk):
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: qwen.create(config)), nnx.Param)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: decoder.create(config)), nnx.Param)
     shape = (batch, length)
     data = dict(tokens=jax.ShapeDtypeStruct(shape, jnp.int32), segments=jax.ShapeDtypeStruct(shape, jnp.int32),
                 loss_weights=jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=256)
     args = parser.parse_args()
-    config = qwen.QwenConfig(vocab_size=151936, hidden_size=256, intermediate_size=512, num_layers=2,
+    config = decoder.DecoderConfig(vocab_size=151936, hidden_size=256, intermediate_size=512, num_layers=2,
                              num_heads=4, num_kv_heads=2, head_dim=64, tie_embeddings=True)
     unchunked = peak_bytes(config, args.batch, args.length, chunk=args.length)
     chunked = peak_bytes(config, args.batch, args.length, chunk=args.chunk)

@@ -25,7 +25,7 @@ from fleming_jax import tokenizer as toklib  # noqa: E402
 from fleming_jax.data.records import QARecord, read_jsonl  # noqa: E402
 from fleming_jax.engine import LocalEngine  # noqa: E402
 from fleming_jax.evaluate import bootstrap_interval, evaluate_records, pass_at_1  # noqa: E402
-from fleming_jax.models import qwen  # noqa: E402
+from fleming_jax.models import decoder  # noqa: E402
 from fleming_jax.prompts import record_prompts  # noqa: E402
 from fleming_jax.sampler import SamplingParams  # noqa: E402
 
@@ -65,7 +65,7 @@ def main():
         model_cfg.update(init_from=checkpoints, **changes)
         model, model_config = models.build(model_cfg)
         if model_config.lora_rank:  # zero adapters: what is left is the quantized base
-            model = qwen.merge_lora(model)
+            model = decoder.merge_lora(model)
         logits = next_token_logits(model, tokenizer, records)
         reference = logits if reference is None else reference
         result = evaluate_records(LocalEngine.of(model), tokenizer, records, params, batch_size=len(records))

@@ -65,7 +65,7 @@ def ours(model_cfg, batch, steps):
 
 
 def peer(cfg, batch, steps):
-    """`cfg`: our model config (a QwenConfig); transformers builds the same architecture."""
+    """`cfg`: our model config (a DecoderConfig); transformers builds the same architecture."""
     import torch
     import transformers
 
@@ -139,7 +139,7 @@ def main():
     n_tokens = args.batch * args.seq
     from fleming_jax import models
     params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
-        lambda: __import__("flax").nnx.state(models.qwen.create(cfg)))))
+        lambda: __import__("flax").nnx.state(models.decoder.create(cfg)))))
     flops = flops_per_step(cfg, params, n_tokens, args.seq)
     peak = matmul_peak()
     rows = [("fleming-jax (jit, AdamW)", *ours(model_cfg, batch, args.steps)),

@@ -9,7 +9,7 @@ import json
 import ml_collections
 
 from fleming_jax import paths
-from fleming_jax.models.qwen import LORA_TARGETS
+from fleming_jax.models.decoder import LORA_TARGETS
 
 _QWEN25 = dict(model_type="qwen2", qkv_bias=True, qk_norm=False, rope_theta=1_000_000.0,
                rms_norm_eps=1e-6, vocab_size=151936, max_position_embeddings=32768)
@@ -108,10 +108,10 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
     elif name in PRESETS:
         arch = dict(PRESETS[name])
     elif paths.exists(name):  # an HF config.json or its directory, local or gs://
-        from fleming_jax.models.qwen import QwenConfig  # only needed for HF files
+        from fleming_jax.models.decoder import DecoderConfig  # only needed for HF files
 
         file = paths.join(name, "config.json") if paths.path(name).is_dir() else name
-        arch = vars(QwenConfig.from_hf(json.loads(paths.read_text(file)), source=file)).copy()
+        arch = vars(DecoderConfig.from_hf(json.loads(paths.read_text(file)), source=file)).copy()
         for key in ("param_dtype", "compute_dtype", "remat", "attention_chunk", "lora_rank", "lora_alpha",
                     "lora_targets", "lora_base_quant", "lora_dropout"):
             arch.pop(key)

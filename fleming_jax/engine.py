@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from fleming_jax import paged, parallel, preemption
-from fleming_jax.models.qwen import KVCache
+from fleming_jax.models.decoder import KVCache
 from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, sync_program
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # a prefill's cache buffers

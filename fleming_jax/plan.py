@@ -85,12 +85,12 @@ def plan(config) -> dict:
     from flax import nnx
 
     from fleming_jax import models, parallel
-    from fleming_jax.models import qwen
+    from fleming_jax.models import decoder
     from fleming_jax.train import state as train_state
 
     mesh = parallel.make_mesh(config.mesh, devices)
     model_config = models.config_from(config.model)
-    abstract_model = nnx.eval_shape(lambda: qwen.create(model_config))
+    abstract_model = nnx.eval_shape(lambda: decoder.create(model_config))
     graphdef, params, frozen = nnx.split(abstract_model, train_state.trainable(model_config), ...)
     tx = train_state.make_optimizer(config.optimizer)
     abstract = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
@@ -195,7 +195,7 @@ def rl_step_plan(config) -> dict:
     from flax import nnx
 
     from fleming_jax import engine, models, parallel, sampler
-    from fleming_jax.models import qwen
+    from fleming_jax.models import decoder
     from fleming_jax.train.logprobs import PACKED_BATCH, packed_logprobs
 
     p = plan(config)
@@ -204,7 +204,7 @@ def rl_step_plan(config) -> dict:
     model_config = models.config_from(config.model)
     mesh = parallel.make_mesh(config.mesh, devices)
     rollout = parallel.rollout_mesh(r.tensor, model_config.num_kv_heads, mesh)
-    abstract_model = nnx.eval_shape(lambda: qwen.create(model_config))
+    abstract_model = nnx.eval_shape(lambda: decoder.create(model_config))
     graphdef, abstract = nnx.split(abstract_model)
     mem = lambda compiled: compiled.memory_analysis()
     holds = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -299,14 +299,14 @@ def train_flops(c, batch_size: int, seq_len: int) -> float:
     seq_len up to `attention_chunk`, where query blocks skip the keys after them, all of it
     above), plus one more forward under full rematerialisation. A mixture-of-experts layer
     counts the experts a token is routed to, not all of them."""
-    from fleming_jax.models import qwen
+    from fleming_jax.models import decoder
 
     routed = c.experts_per_token / c.num_experts if c.num_experts else 1.0
     weights = sum(math.prod(s) * (routed if name.startswith("expert_") else 1.0)
-                  for name, s in qwen.layer_param_shapes(c).items())
+                  for name, s in decoder.layer_param_shapes(c).items())
     weights += c.hidden_size * c.vocab_size  # the output projection
     tokens = batch_size * seq_len
-    keys = qwen.keys_per_query(seq_len, c.attention_chunk)
+    keys = decoder.keys_per_query(seq_len, c.attention_chunk)
     flops = 6.0 * weights * tokens + 12.0 * c.num_layers * c.num_heads * c.head_dim * keys * tokens
     return flops * (4 / 3 if c.remat == "full" else 1.0)
 
@@ -427,10 +427,10 @@ def decode_plan(config, layout: str = "rollout", prompts: int = 8, samples: int 
     from flax import nnx
 
     from fleming_jax import engine, models, parallel, sampler
-    from fleming_jax.models import qwen
+    from fleming_jax.models import decoder
 
     model_config = models.config_from(config.model)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: qwen.create(model_config)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: decoder.create(model_config)))
     if layout == "rollout":
         mesh = parallel.rollout_mesh(config.rollout.tensor, model_config.num_kv_heads,
                                     parallel.make_mesh(config.mesh, devices))

@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from configs import models
-from fleming_jax.models import config_from, hf, qwen
+from fleming_jax.models import config_from, hf, decoder
 from tests.test_models import padded_batch, reference_logits
 
 
@@ -123,7 +123,7 @@ PUBLISHED_NON_EMBEDDING = {
 @pytest.mark.parametrize("preset", sorted(PUBLISHED_NON_EMBEDDING))
 def test_presets_have_the_published_sizes(preset):
     config = config_from(models.get(preset))
-    shapes = qwen.layer_param_shapes(config)
+    shapes = decoder.layer_param_shapes(config)
     non_embedding = sum(int(np.prod(s)) for s in shapes.values()) + config.hidden_size
     assert non_embedding / 1e9 == pytest.approx(PUBLISHED_NON_EMBEDDING[preset], rel=0.02)
 
@@ -138,4 +138,4 @@ def test_preset_from_hf_config_json(hf_dir):
 def test_config_reads_top_level_rope_theta_of_older_files():
     hf = dict(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8,
               num_hidden_layers=1, num_attention_heads=2, rope_theta=12345.0)
-    assert qwen.QwenConfig.from_hf(hf).rope_theta == 12345.0
+    assert decoder.DecoderConfig.from_hf(hf).rope_theta == 12345.0

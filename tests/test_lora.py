@@ -12,13 +12,13 @@ from flax import nnx
 from configs import models
 from fleming_jax import models as fm
 from fleming_jax import parallel
-from fleming_jax.models import hf, qwen
+from fleming_jax.models import hf, decoder
 from fleming_jax.train import sft
 from fleming_jax.train import state as train_state
 from tests.test_models import padded_batch
 from tests.test_parallel import OPTIMIZER, global_batch_for_test, small_model_cfg
 
-ALL = ",".join(qwen.LORA_TARGETS)
+ALL = ",".join(decoder.LORA_TARGETS)
 
 
 def lora_cfg(targets=ALL, **changes):
@@ -60,7 +60,7 @@ def test_fresh_adapters_leave_the_logits_exactly_and_only_they_train():
     tx = train_state.make_optimizer(OPTIMIZER)
     graphdef, state = train_state.init_state(model, tx)
     trained, frozen = flat(state.params), flat(state.frozen)
-    assert sorted(trained) == sorted(f"layers/{t}_lora_{x}" for t in qwen.LORA_TARGETS for x in "ab")
+    assert sorted(trained) == sorted(f"layers/{t}_lora_{x}" for t in decoder.LORA_TARGETS for x in "ab")
     assert sorted(frozen) == sorted(flat(nnx.state(base, nnx.Param)))
     adapter_size = sum(x.size for x in trained.values())
     assert sum(x.size for x in jax.tree.leaves(state.opt_state)) < 3 * adapter_size  # Adam's moments of adapters only
@@ -73,21 +73,21 @@ def test_fresh_adapters_leave_the_logits_exactly_and_only_they_train():
 @pytest.mark.parametrize("spec", ["bte,ehd->bthd", "bthd,hde->bte", "bhd,hde->be", "btm,me->bte"])
 def test_adapter_path_equals_the_merged_weight(spec):
     """x W + s (x A) B == x (W + s A B) for every projection layout the model uses."""
-    config = qwen.QwenConfig(vocab_size=8, hidden_size=6, intermediate_size=10, num_layers=1, num_heads=2,
+    config = decoder.DecoderConfig(vocab_size=8, hidden_size=6, intermediate_size=10, num_layers=1, num_heads=2,
                              num_kv_heads=2, head_dim=3, lora_rank=2, lora_alpha=3.0, lora_targets=("o_proj",))
     rng = np.random.default_rng(0)
     x_idx, w_idx = spec.split("->")[0].split(",")
     size = dict(b=2, t=3, e=6, h=2, d=3, m=10)
     x = rng.normal(size=[size[i] for i in x_idx]).astype(np.float32)
     w = rng.normal(size=[size[i] for i in w_idx]).astype(np.float32)
-    down, up = qwen.lora_specs(spec)
+    down, up = decoder.lora_specs(spec)
     n = len([i for i in w_idx if i not in spec.split("->")[1]])
     a = rng.normal(size=(1, *w.shape[:n], 2)).astype(np.float32)
     b = rng.normal(size=(1, 2, *w.shape[n:])).astype(np.float32)
     name = "o_proj" if n == 2 else "q_proj"
     p = {name: w, f"{name}_lora_a": a[0], f"{name}_lora_b": b[0]}
-    merged = qwen.merged_weight(config, name, w[None], a, b)[0]
-    np.testing.assert_allclose(qwen.linear(p, name, spec, x, config), np.einsum(spec, x, merged), rtol=1e-5, atol=1e-5)
+    merged = decoder.merged_weight(config, name, w[None], a, b)[0]
+    np.testing.assert_allclose(decoder.linear(p, name, spec, x, config), np.einsum(spec, x, merged), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type,tie", [("qwen2", False), ("qwen3", True)])
@@ -112,7 +112,7 @@ def test_peft_loads_our_adapter_onto_the_transformers_base_and_we_load_it_back(h
     real = mask.astype(bool)  # padded positions' logits are not defined the same way
     np.testing.assert_allclose(expected[real], logits[real], atol=1e-4, rtol=0)
 
-    merged = hf.save(qwen.merge_lora(model), config.without_lora(), str(tmp_path / "merged"))
+    merged = hf.save(decoder.merge_lora(model), config.without_lora(), str(tmp_path / "merged"))
     again = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     with torch.no_grad():
         merged_logits = again(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -201,7 +201,7 @@ def test_quantized_base_weights_decode_as_absmax_blocks_by_hand(qtype):
         q = model.layers.arrays()[name]
         assert q.qvalue.dtype == (np.int8 if qtype == "int8" else jax.numpy.uint4)
         expected, ties = quantized_by_hand(np.asarray(base.layers.arrays()[name]), qtype, in_axis, block)
-        got = np.asarray(qwen.dequantized(q, "float32"))
+        got = np.asarray(decoder.dequantized(q, "float32"))
         np.testing.assert_allclose(got[~ties], expected[~ties], atol=1e-6, err_msg=name)
         np.testing.assert_allclose(got[ties], expected[ties], rtol=1.01 / 127, err_msg=name)  # one code apart at most
 
@@ -211,11 +211,11 @@ def test_qlora_is_lora_on_the_decoded_base(qtype):
     ids, mask = padded_batch()
     qlora = randomise_adapters(fm.build(lora_cfg(lora_base_quant=qtype))[0])
     lora = randomise_adapters(fm.build(lora_cfg())[0])
-    nnx.update(lora, nnx.State({"layers": {name: qwen.dequantized(w, "float32")
+    nnx.update(lora, nnx.State({"layers": {name: decoder.dequantized(w, "float32")
                                            for name, w in qlora.layers.arrays().items() if "lora" not in name}}))
     expected = ours(lora, ids, mask)
     np.testing.assert_allclose(ours(qlora, ids, mask), expected, atol=1e-5)
-    np.testing.assert_allclose(ours(qwen.merge_lora(qlora), ids, mask), expected, atol=1e-5)  # what export writes
+    np.testing.assert_allclose(ours(decoder.merge_lora(qlora), ids, mask), expected, atol=1e-5)  # what export writes
 
 
 @pytest.mark.slow  # real steps on a quantized base (the fast tier: test_qlora_is_lora_on_the_decoded_base)
@@ -231,8 +231,8 @@ def test_qlora_trains_only_adapters(qtype):
 
 def test_our_nf4_decoder_uses_the_code_qwix_encodes_to():
     codes = qwix.QArray(jax.numpy.arange(16, dtype=jax.numpy.uint4), jax.numpy.ones((1,)), qtype="nf4")
-    np.testing.assert_array_equal(qwen.NF4_VALUES, np.asarray(qwix.dequantize(codes)))
-    np.testing.assert_allclose(qwen.NF4_VALUES, NF4, rtol=1e-7)
+    np.testing.assert_array_equal(decoder.NF4_VALUES, np.asarray(qwix.dequantize(codes)))
+    np.testing.assert_allclose(decoder.NF4_VALUES, NF4, rtol=1e-7)
 
 
 def test_an_nf4_base_decodes_in_its_shards():
@@ -248,7 +248,7 @@ def test_an_nf4_base_decodes_in_its_shards():
     x = jax.device_put(np.ones((8, 64), np.float32), parallel.batch_sharding(mesh, 2))
     gathers = lambda decode: jax.jit(lambda x, w: x @ decode(w)[0]).lower(x, w).compile().as_text().count("all-gather(")
     with jax.set_mesh(mesh):
-        assert gathers(lambda w: qwen.dequantized(w, "float32")) == 0
+        assert gathers(lambda w: decoder.dequantized(w, "float32")) == 0
         assert gathers(qwix.dequantize) > 0  # what this guards against
 
 
@@ -272,7 +272,7 @@ def test_a_quantized_base_needs_adapters():
     with pytest.raises(ValueError, match="lora_base_quant='int4'"):
         fm.build(lora_cfg(lora_base_quant="int4"))
     with pytest.raises(ValueError, match="needs adapters"):
-        qwen.QwenConfig(**{**vars(fm.config_from(small_model_cfg())), "lora_base_quant": "nf4"})
+        decoder.DecoderConfig(**{**vars(fm.config_from(small_model_cfg())), "lora_base_quant": "nf4"})
 
 
 def test_lora_dropout_drops_the_adapter_input_with_a_key_only():
@@ -283,14 +283,14 @@ def test_lora_dropout_drops_the_adapter_input_with_a_key_only():
     p = {name: jax.random.normal(next(keys), shape) for name, shape in
          (("q_proj", (16, 2, 4)), ("q_proj_lora_a", (16, 4)), ("q_proj_lora_b", (4, 2, 4)))}
     x = jax.random.normal(next(keys), (3, 5, 16))
-    undropped = np.asarray(qwen.linear(p, "q_proj", "bte,ehd->bthd", x, c))
-    dropped = [np.asarray(qwen.linear(p | {"dropout_key": jax.random.key(i)}, "q_proj", "bte,ehd->bthd", x, c))
+    undropped = np.asarray(decoder.linear(p, "q_proj", "bte,ehd->bthd", x, c))
+    dropped = [np.asarray(decoder.linear(p | {"dropout_key": jax.random.key(i)}, "q_proj", "bte,ehd->bthd", x, c))
                for i in range(400)]
     assert not np.allclose(dropped[0], dropped[1]) and not np.allclose(dropped[0], undropped)
-    base = np.asarray(qwen.project("bte,ehd->bthd", x, p["q_proj"]))
+    base = np.asarray(decoder.project("bte,ehd->bthd", x, p["q_proj"]))
     spread = np.abs(np.stack(dropped) - undropped).mean()
     np.testing.assert_allclose(np.mean(dropped, axis=0), undropped, atol=0.2 * spread)  # E[mask / keep] = 1
-    a_only = np.asarray(qwen.linear(p | {"q_proj_lora_b": jax.numpy.zeros((4, 2, 4)), "dropout_key": jax.random.key(0)},
+    a_only = np.asarray(decoder.linear(p | {"q_proj_lora_b": jax.numpy.zeros((4, 2, 4)), "dropout_key": jax.random.key(0)},
                                     "q_proj", "bte,ehd->bthd", x, c))
     np.testing.assert_allclose(a_only, base, atol=1e-5)  # the base projection is never dropped
 

@@ -7,7 +7,7 @@ import transformers
 import jax
 import jax.numpy as jnp
 
-from fleming_jax.models import hf, qwen
+from fleming_jax.models import hf, decoder
 
 VOCAB = 128
 
@@ -85,7 +85,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(hf_dir, model_type):
     model, config = hf.load(hf_dir(model_type))
     ids, mask = padded_batch(length=12)
     full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-    cache = qwen.KVCache.zeros(config, batch=len(ids), max_len=16)
+    cache = decoder.KVCache.zeros(config, batch=len(ids), max_len=16)
     prompt = 8
     logits, cache = model(jnp.asarray(ids[:, :prompt]), attention_mask=jnp.asarray(mask[:, :prompt]),
                           cache=cache)
@@ -110,7 +110,7 @@ def test_project_gradients_equal_autodiff_of_einsum(spec, x_shape, w_shape, dtyp
     w = jax.random.normal(kw, w_shape, dtype)
     out_dtype = jnp.float32 if spec.startswith("...") else None
     cotangent = jax.random.normal(kg, jnp.einsum(spec, x, w).shape, out_dtype or dtype)
-    ours = jax.vjp(lambda x, w: qwen.project(spec, x, w, out_dtype), x, w)
+    ours = jax.vjp(lambda x, w: decoder.project(spec, x, w, out_dtype), x, w)
     reference = jax.vjp(lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=out_dtype), x, w)
     np.testing.assert_array_equal(np.asarray(ours[0], np.float32), np.asarray(reference[0], np.float32))
     tol = 1e-6 if dtype == "float32" else 2e-2
@@ -142,7 +142,7 @@ def test_blocked_attention_equals_full_attention_with_gradients(hf_dir, monkeypa
     import jax
     from flax import nnx
 
-    from fleming_jax.models import qwen
+    from fleming_jax.models import decoder
 
     path = hf_dir("qwen2")
     ids, mask = padded_batch(length=12)
@@ -157,7 +157,7 @@ def test_blocked_attention_equals_full_attention_with_gradients(hf_dir, monkeypa
         return jax.value_and_grad(loss)(params)
 
     a, ga = loss_and_grads(full)
-    monkeypatch.setattr(qwen, "QUERY_BLOCK", query_block)
+    monkeypatch.setattr(decoder, "QUERY_BLOCK", query_block)
     b, gb = loss_and_grads(blocked)
     np.testing.assert_allclose(a, b, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
@@ -174,7 +174,7 @@ def test_llama3_rope_frequencies_equal_transformers(preset):
     config = config_from(models.get(preset))
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
     inv_freq, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
-    ours = qwen.rope_frequencies(config)
+    ours = decoder.rope_frequencies(config)
     np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
     unscaled = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim))
     ratio = unscaled / ours

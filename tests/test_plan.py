@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs import sft as sft_config
 from fleming_jax import models, plan
-from fleming_jax.models import qwen
+from fleming_jax.models import decoder
 from tests.test_rl import toy_run  # noqa: F401 (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def test_plan_reports_the_sharded_bytes_of_params_and_adam_state():
     config = tiny_config(data=1, fsdp=8, tensor=1)
     config.plan.hbm_gb = 0.01
     p = plan.plan(config)
-    model = nnx.eval_shape(lambda: qwen.create(models.config_from(config.model)))
+    model = nnx.eval_shape(lambda: decoder.create(models.config_from(config.model)))
     expected = 0  # by hand: parameters with an `embed` axis are split 8 ways over fsdp
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         n = math.prod(var.shape) * 4
@@ -94,7 +94,7 @@ def test_lora_plan_holds_the_adapters_state_and_no_reference():
     config.rl.update(max_new_tokens=16)
     config.rl.grpo.beta = 0.04
     p = plan.plan(config)
-    model = nnx.eval_shape(lambda: qwen.create(models.config_from(config.model)))
+    model = nnx.eval_shape(lambda: decoder.create(models.config_from(config.model)))
     adapters = base = 0
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         split = 8 if "embed" in var.get_metadata()["axes"] else 1

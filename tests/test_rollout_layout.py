@@ -170,7 +170,7 @@ def _compiled_sync(topology: str, preset: str, layers: int):
     config.model.num_layers = layers
     train = parallel.make_mesh(config.mesh, devices)
     model_config = models.config_from(config.model)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.qwen.create(model_config)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.decoder.create(model_config)))
     state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
                          abstract, parallel.tree_shardings(abstract, train), is_leaf=lambda x: isinstance(x, nnx.Variable))
     rollout = parallel.rollout_mesh(-1, model_config.num_kv_heads, train)

@@ -131,7 +131,7 @@ def lora_on_a_saved_base(config, root) -> str:
 @pytest.mark.parametrize("quant", ["", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(data, tmp_path, quant):
     from fleming_jax import models as fm
-    from fleming_jax.models import qwen
+    from fleming_jax.models import decoder
 
     root = data[0]
     config = small_config(root)
@@ -146,7 +146,7 @@ def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(dat
     # the checkpoint: adapters and their optimizer state only, and where the base is
     run = str(tmp_path / "run" / "checkpoints")
     saved = checkpoint.lora_meta(run)
-    assert saved == dict(rank=8, alpha=16.0, targets=list(qwen.LORA_TARGETS), base_quant=quant,
+    assert saved == dict(rank=8, alpha=16.0, targets=list(decoder.LORA_TARGETS), base_quant=quant,
                          base=dict(init_from=base, hf_path="", seed=0))
     params = ocp.StandardCheckpointer().metadata(checkpoint.params_dir(run)).item_metadata.tree
     assert set(params) == {"layers"} and all("_lora_" in k for k in params["layers"])
@@ -159,7 +159,7 @@ def test_lora_sft_lowers_the_held_out_loss_and_checkpoints_only_the_adapters(dat
     again.lora_rank = 0
     merged, merged_config = fm.build(again)
     assert merged_config.lora_rank == 0
-    expected = qwen.merge_lora(trainer.state.model(trainer.graphdef))
+    expected = decoder.merge_lora(trainer.state.model(trainer.graphdef))
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(merged)), nnx.to_pure_dict(nnx.state(expected)))
     # export: the merged model for transformers, the adapter for peft on the base
     from configs import export as export_config

@@ -1,33 +1,39 @@
-"""Model ports and the one place that turns `config.model` into a model."""
+"""Model ports and the one place that turns `config.model` into a model.
+
+Every family (Qwen2 / Qwen2.5, Qwen3, Qwen3-MoE, Llama 3.x, Gemma 3) is the one decoder of
+`decoder.py` with its `model_type`'s switches. A family is: its switches
+(`DecoderConfig.from_hf` / `to_hf`), its HF tensor names where they differ (`hf.py`), its
+presets (`configs/models.py`) and its tiny transformers twin in the tests; the trainer, the
+engine, packing, the sharding rules and export never name one."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from fleming_jax.models import qwen
+from fleming_jax.models import decoder
 
 _NOT_ARCH = ("preset", "hf_path", "init_from", "seed")
 NUMERICS = ("param_dtype", "compute_dtype", "remat", "attention_chunk")
 LORA = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_quant", "lora_dropout")
 
 
-def config_from(model_cfg) -> qwen.QwenConfig:
-    """Our QwenConfig from `config.model`; with `hf_path` set, the architecture comes from
+def config_from(model_cfg) -> decoder.DecoderConfig:
+    """Our DecoderConfig from `config.model`; with `hf_path` set, the architecture comes from
     that directory's config.json and only the numerics and adapters come from `config.model`."""
     adapters = lora_fields(model_cfg)
     if model_cfg.hf_path:
         from fleming_jax.models import hf
 
         return hf.read_config(model_cfg.hf_path, **{k: model_cfg[k] for k in NUMERICS}, **adapters)
-    fields = {f.name for f in dataclasses.fields(qwen.QwenConfig)}
+    fields = {f.name for f in dataclasses.fields(decoder.DecoderConfig)}
     unknown = set(model_cfg.keys()) - fields - set(_NOT_ARCH)
     if unknown:
         raise ValueError(f"config.model has unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    return qwen.QwenConfig(**({k: v for k, v in model_cfg.items() if k in fields} | adapters))
+    return decoder.DecoderConfig(**({k: v for k, v in model_cfg.items() if k in fields} | adapters))
 
 
 def lora_fields(model_cfg) -> dict:
-    """The adapter fields of `config.model` as QwenConfig takes them (`lora_targets` is a
+    """The adapter fields of `config.model` as DecoderConfig takes them (`lora_targets` is a
     comma-separated string of PEFT module names there; none without a rank)."""
     rank = model_cfg.get("lora_rank", 0)
     targets = model_cfg.get("lora_targets", "")
@@ -37,7 +43,7 @@ def lora_fields(model_cfg) -> dict:
                 lora_dropout=float(model_cfg.get("lora_dropout", 0.0)) if rank else 0.0)
 
 
-def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
+def build(model_cfg, mesh=None) -> tuple[decoder.Decoder, decoder.DecoderConfig]:
     """The model `config.model` asks for: our checkpoint (`init_from`), an HF import
     (`hf_path`), or a random init from `seed`, in that order of precedence.
 
@@ -68,7 +74,7 @@ def build(model_cfg, mesh=None) -> tuple[qwen.Qwen, qwen.QwenConfig]:
     base_cfg.update(saved["base"])
     model = _with_adapters(_base(base_cfg, base_config(lora_config), mesh), lora_config, model_cfg.seed, mesh,
                            adapters=model_cfg.init_from, peft=saved.get("format") == "peft")
-    return (model, lora_config) if config.lora_rank else (qwen.merge_lora(model), config)
+    return (model, lora_config) if config.lora_rank else (decoder.merge_lora(model), config)
 
 
 def base_of(model_cfg) -> dict:
@@ -113,12 +119,12 @@ def checkpoint_meta(model_cfg) -> dict:
                          base_quant=config.lora_base_quant, base=base_of(model_cfg))}
 
 
-def base_config(config: qwen.QwenConfig) -> qwen.QwenConfig:
+def base_config(config: decoder.DecoderConfig) -> decoder.DecoderConfig:
     """The config of the base under `config`'s adapters, as the adapted model holds it."""
     return config.without_lora().replace(param_dtype=config.weight_dtype)
 
 
-def _base(model_cfg, config: qwen.QwenConfig, mesh):
+def _base(model_cfg, config: decoder.DecoderConfig, mesh):
     """The weights `model_cfg` names (checkpoint, HF import or random init) as `config` holds them."""
     if model_cfg.init_from:
         from fleming_jax.train import checkpoint
@@ -131,8 +137,8 @@ def _base(model_cfg, config: qwen.QwenConfig, mesh):
     return create_sharded(config, model_cfg.seed, mesh)
 
 
-def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, adapters: str = "",
-                   peft: bool = False) -> qwen.Qwen:
+def _with_adapters(base: decoder.Decoder, config: decoder.DecoderConfig, seed: int, mesh, adapters: str = "",
+                   peft: bool = False) -> decoder.Decoder:
     """`base` (a model without adapters) with the adapters of `config`: fresh from `seed`, or
     read from `adapters`, a LoRA run's checkpoint or (`peft`) a PEFT adapter directory; each
     created in its shards. With `lora_base_quant` the base is quantized here (QLoRA)."""
@@ -141,7 +147,7 @@ def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, ad
 
     from fleming_jax import parallel
 
-    graphdef, abstract, abstract_base = nnx.split(nnx.eval_shape(lambda: qwen.create(config, seed)), nnx.LoRAParam, ...)
+    graphdef, abstract, abstract_base = nnx.split(nnx.eval_shape(lambda: decoder.create(config, seed)), nnx.LoRAParam, ...)
     base_state = nnx.state(base)
     if config.lora_base_quant:
         base_state = _quantized(base_state, abstract_base, config.lora_base_quant, mesh)
@@ -153,7 +159,7 @@ def _with_adapters(base: qwen.Qwen, config: qwen.QwenConfig, seed: int, mesh, ad
                 else checkpoint.restore_state(adapters, abstract, mesh))
     else:  # the rest of the model is dead code in this program: only the adapters are computed
         shardings = None if mesh is None else parallel.tree_shardings(abstract, mesh)
-        lora = jax.jit(lambda: nnx.state(qwen.create(config, seed), nnx.LoRAParam), out_shardings=shardings)()
+        lora = jax.jit(lambda: nnx.state(decoder.create(config, seed), nnx.LoRAParam), out_shardings=shardings)()
     return nnx.merge(graphdef, lora, base_state)
 
 
@@ -166,8 +172,8 @@ def _quantized(base_state, abstract, qtype: str, mesh):
     from fleming_jax import parallel
 
     def quantize(state):
-        flat = [(key, var.replace(qwen.quantize_weight(key[1], var.get_value(), qtype))
-                 if key[0] == "layers" and key[1] in qwen.LORA_TARGETS else var)
+        flat = [(key, var.replace(decoder.quantize_weight(key[1], var.get_value(), qtype))
+                 if key[0] == "layers" and key[1] in decoder.LORA_TARGETS else var)
                 for key, var in nnx.to_flat_state(state)]
         return nnx.from_flat_state(flat)
 
@@ -175,7 +181,7 @@ def _quantized(base_state, abstract, qtype: str, mesh):
     return jax.jit(quantize, out_shardings=shardings, donate_argnums=0)(base_state)
 
 
-def create_sharded(config: qwen.QwenConfig, seed: int, mesh=None) -> qwen.Qwen:
+def create_sharded(config: decoder.DecoderConfig, seed: int, mesh=None) -> decoder.Decoder:
     """Random init under jit; on a mesh every parameter is created directly in its shards
     (no full copy on one device). Values are the same with or without a mesh."""
     import jax
@@ -183,7 +189,7 @@ def create_sharded(config: qwen.QwenConfig, seed: int, mesh=None) -> qwen.Qwen:
 
     from fleming_jax import parallel
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: qwen.create(config, seed)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: decoder.create(config, seed)))
     shardings = None if mesh is None else parallel.tree_shardings(abstract, mesh)
-    init = jax.jit(lambda: nnx.split(qwen.create(config, seed))[1], out_shardings=shardings)
+    init = jax.jit(lambda: nnx.split(decoder.create(config, seed))[1], out_shardings=shardings)
     return nnx.merge(graphdef, init())

@@ -1,4 +1,4 @@
-"""Hugging Face safetensors checkpoints <-> our Qwen parameters.
+"""Hugging Face safetensors checkpoints <-> our decoder's parameters, for every model family.
 
 Import reads one tensor at a time from memory-mapped safetensors files (never a pickle)
 and places it straight into its device shards, so host memory stays near the largest
@@ -23,7 +23,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from fleming_jax import parallel, paths
 from fleming_jax import tokenizer as toklib
-from fleming_jax.models import qwen
+from fleming_jax.models import decoder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
@@ -182,22 +182,22 @@ def _read_header(file: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_config(path: str, **overrides) -> qwen.QwenConfig:
+def read_config(path: str, **overrides) -> decoder.DecoderConfig:
     """Our config from `path/config.json` (overrides such as dtype win); `path` may be local,
     gs:// or a hub id."""
     # gs:// is read in place: no copy of a whole model directory for one small file
     file = paths.join(paths.local_dir(path) if paths.is_hub_id(path) else path, "config.json")
     if not paths.exists(file):
         raise FileNotFoundError(f"{path}: no config.json (is this an HF model directory?)")
-    return qwen.QwenConfig.from_hf(json.loads(paths.read_text(file)), source=file, **overrides)
+    return decoder.DecoderConfig.from_hf(json.loads(paths.read_text(file)), source=file, **overrides)
 
 
-def hf_tensor_names(config: qwen.QwenConfig) -> dict[str, np.ndarray]:
+def hf_tensor_names(config: decoder.DecoderConfig) -> dict[str, np.ndarray]:
     """Our parameter path ('layers/q_proj', 'embed_tokens', …) -> its HF tensor names, an array
     shaped like the axes our copy stacks them on ([layers], [layers, experts]; [] for one)."""
     names = {}
     table = LAYER_TENSORS | (GEMMA3_TENSORS if config.model_type == "gemma3_text" else {})
-    for ours in qwen.layer_param_shapes(config):
+    for ours in decoder.layer_param_shapes(config):
         hf = table[ours][0]
         per_layer = [[f"model.layers.{i}.{hf}".format(x=x) for x in range(config.num_experts)] if "{x}" in hf
                      else f"model.layers.{i}.{hf}" for i in range(config.num_layers)]
@@ -218,7 +218,7 @@ def hf_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape HF stores one (unstacked) parameter of ours in."""
     key = path.split("/")[-1]
     if _is_linear(path):
-        n_in = qwen.LINEAR_IN_AXES.get(key, 1)
+        n_in = decoder.LINEAR_IN_AXES.get(key, 1)
         return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
     return (math.prod(shape),) if key.endswith("bias") else tuple(shape)
 
@@ -274,9 +274,9 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
     return model, config
 
 
-def fill_params(config: qwen.QwenConfig, make: Callable[[str, Any], jax.Array]) -> qwen.Qwen:
+def fill_params(config: decoder.DecoderConfig, make: Callable[[str, Any], jax.Array]) -> decoder.Decoder:
     """Builds a model whose every parameter comes from `make(path, abstract_variable)`."""
-    abstract = nnx.eval_shape(lambda: qwen.create(config))
+    abstract = nnx.eval_shape(lambda: decoder.create(config))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     leaves = []
@@ -286,7 +286,7 @@ def fill_params(config: qwen.QwenConfig, make: Callable[[str, Any], jax.Array]) 
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def save(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, tokenizer=None,
+def save(model: decoder.Decoder, config: decoder.DecoderConfig, out_dir: str, tokenizer=None,
          dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3,
          generation_config: dict | None = None) -> str:
     """Writes `model` as an HF directory: safetensors shards + index + config.json, and the
@@ -348,7 +348,7 @@ def peft_tensor(target: str, layer: int, which: str) -> str:
     return f"base_model.model.model.layers.{layer}.{module}.lora_{which}.weight"
 
 
-def save_adapter(model: qwen.Qwen, config: qwen.QwenConfig, out_dir: str, base: str = "") -> str:
+def save_adapter(model: decoder.Decoder, config: decoder.DecoderConfig, out_dir: str, base: str = "") -> str:
     """Writes `model`'s LoRA adapters in PEFT's format (`adapter_config.json` +
     `adapter_model.safetensors`, fp32), which `peft.PeftModel.from_pretrained` loads onto the
     transformers base named `base`. Every process must call this; process 0 writes."""
@@ -384,15 +384,15 @@ def read_adapter_config(path: str) -> dict | None:
     unsupported = {k: peft.get(k) for k in ("peft_type", "use_rslora", "use_dora", "fan_in_fan_out", "bias",
                                              "layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save")
                    if peft.get(k) not in (None, False, "none", {}, [], "LORA")}
-    unknown = sorted(set(targets) - set(qwen.LORA_TARGETS))
+    unknown = sorted(set(targets) - set(decoder.LORA_TARGETS))
     if unsupported or unknown:
-        raise ValueError(f"{file}: only plain LoRA on {', '.join(qwen.LORA_TARGETS)} imports; this adapter has "
+        raise ValueError(f"{file}: only plain LoRA on {', '.join(decoder.LORA_TARGETS)} imports; this adapter has "
                          f"{unsupported or ''}{' targets ' + ', '.join(unknown) if unknown else ''}")
-    return dict(rank=peft["r"], alpha=float(peft["lora_alpha"]), targets=[t for t in qwen.LORA_TARGETS if t in targets],
+    return dict(rank=peft["r"], alpha=float(peft["lora_alpha"]), targets=[t for t in decoder.LORA_TARGETS if t in targets],
                 base=dict(init_from="", hf_path=peft.get("base_model_name_or_path") or "", seed=0), format="peft")
 
 
-def load_adapter(path: str, abstract: nnx.State, config: qwen.QwenConfig, mesh=None) -> nnx.State:
+def load_adapter(path: str, abstract: nnx.State, config: decoder.DecoderConfig, mesh=None) -> nnx.State:
     """The LoRA adapters of a PEFT directory (`save_adapter`'s format) as the abstract adapter
     state `abstract` names them, each placed in its shards on `mesh`."""
     ckpt = SafetensorsCheckpoint.adapter(path)
@@ -434,7 +434,7 @@ def export_task(config, workdir: str) -> str:
         base = lora["base"] if lora else models.base_of(model_cfg)
         save_adapter(model, model_config, adapter_dir, base=base["hf_path"] or base["init_from"])
         print(f"PEFT adapter written to {adapter_dir}")
-        model, model_config = qwen.merge_lora(model), model_config.without_lora()
+        model, model_config = decoder.merge_lora(model), model_config.without_lora()
     save(model, model_config, out_dir, tokenizer=tokenizer, dtype=config.export.dtype or None,
          max_shard_bytes=config.export.max_shard_mb * 1024**2)
     logging.info("exported %s to %s", config.model.init_from or config.model.hf_path

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from fleming_jax import parallel, paths
-from fleming_jax.models import qwen
+from fleming_jax.models import decoder
 
 
 def manager(workdir: str, keep: int, use_async: bool = True, **extra_handlers) -> ocp.CheckpointManager:
@@ -35,7 +35,7 @@ def item_handlers(**extra_handlers) -> dict:
             "meta": ocp.JsonCheckpointHandler(), **extra_handlers}
 
 
-def save_params(path: str, model: qwen.Qwen) -> str:
+def save_params(path: str, model: decoder.Decoder) -> str:
     """Writes the model's parameters (a pure dict pytree) to `path`; returns `path`."""
     path = paths.absolute(path)
     checkpointer = ocp.StandardCheckpointer()
@@ -59,9 +59,9 @@ def params_dir(path: str) -> str:
     return path
 
 
-def restore_model(path: str, config: qwen.QwenConfig, mesh=None) -> qwen.Qwen:
+def restore_model(path: str, config: decoder.DecoderConfig, mesh=None) -> decoder.Decoder:
     """The model saved at `path` (see `params_dir`), placed as `parallel.RULES` says on `mesh`."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: qwen.create(config)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: decoder.create(config)))
     return nnx.merge(graphdef, restore_state(path, state, mesh, f"the model config ({config.model_type}, "
                                              f"{config.num_layers} layers, hidden {config.hidden_size})"))
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fleming_jax.models.qwen import project
+from fleming_jax.models.decoder import project
 
 
 def token_logprobs(model, tokens, attention_mask, positions=None, chunk_size: int = 256,

@@ -5,8 +5,9 @@ head_dim (Qwen3), routed experts in place of the MLP (Qwen3-MoE: Qwen3's attenti
 `fleming_jax.models.moe`), Llama 3's rope scaling (`rope_type="llama3"`; Llama is Qwen2's
 block without the biases), Gemma 3's (1 + w) norms around both sublayers, scaled embeddings,
 GELU and sliding-window layers with their own rope base, tied embeddings and GQA are config
-switches. Layer weights are stacked
-on a leading `layers` axis and the decoder is a `jax.lax.scan` over a pure block function,
+switches: they share one pre-norm block, so attention, the KV caches, LoRA, quantization and
+sharding exist once for all of them. Layer weights are stacked on a leading `layers` axis and
+the decoder is a `jax.lax.scan` over a pure block function,
 so a 64-layer model compiles as fast as a 2-layer one. Every parameter carries logical
 axis names in its `axes` metadata; `fleming_jax.parallel` maps them to mesh axes, so this
 file never names a device.
@@ -45,7 +46,7 @@ REMAT_POLICIES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenConfig:
+class DecoderConfig:
     """Architecture and numerics of one model. Field names follow HF where they exist."""
 
     vocab_size: int
@@ -144,7 +145,7 @@ class QwenConfig:
                              "a quantized base needs adapters to train (lora_rank > 0)")
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "QwenConfig":
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "DecoderConfig":
         """Reads an HF `config.json` dict (transformers 4 and 5 layouts)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -264,10 +265,10 @@ class QwenConfig:
         """Each layer's attention type (SLIDING or FULL)."""
         return self.layer_types or (FULL,) * self.num_layers
 
-    def replace(self, **changes) -> "QwenConfig":
+    def replace(self, **changes) -> "DecoderConfig":
         return dataclasses.replace(self, **changes)
 
-    def without_lora(self) -> "QwenConfig":
+    def without_lora(self) -> "DecoderConfig":
         """The same model with no adapters (the base they sit on)."""
         return self.replace(lora_rank=0, lora_targets=(), lora_base_quant="", lora_dropout=0.0)
 
@@ -296,7 +297,7 @@ class KVCache:
     index: jax.Array  # [batch] int32: the slot each row's next token is written to
 
     @classmethod
-    def zeros(cls, config: QwenConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def zeros(cls, config: DecoderConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
         dtype = dtype or config.compute_dtype
         layers = range(config.num_layers)
@@ -334,7 +335,7 @@ LAYER_PARAMS = {
 }
 
 
-def layer_param_shapes(c: QwenConfig) -> dict[str, tuple[int, ...]]:
+def layer_param_shapes(c: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the stacked layer parameters this config has."""
     L, E, H, K, D, M = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                         c.intermediate_size)
@@ -363,7 +364,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LINEAR_IN_AXES = {"o_proj": 2}
 
 
-def lora_param_shapes(c: QwenConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+def lora_param_shapes(c: DecoderConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """(shape, logical axes) of each stacked adapter: `<target>_lora_a` [layers, in..., rank] and
     `<target>_lora_b` [layers, rank, out...]."""
     shapes, out = layer_param_shapes(c), {}
@@ -426,7 +427,7 @@ def _init_value(name: str, shape, key, dtype, norm_plus_one: bool = False):
 class Layers(nnx.Module):
     """All decoder layers' weights, stacked on a leading `layers` axis."""
 
-    def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         for name, shape in layer_param_shapes(config).items():
             value = _init_value(name, shape, rngs.params(), config.weight_dtype, config.norm_plus_one)
             if config.lora_base_quant and name in LORA_TARGETS:
@@ -449,7 +450,7 @@ class Layers(nnx.Module):
         return [jax.tree.map(lambda w: w[i], stacked) for i in range(len(stacked["input_norm"]))]
 
 
-class Qwen(nnx.Module):
+class Decoder(nnx.Module):
     """Causal LM: `logits = model(input_ids, attention_mask=mask)`.
 
     `attention_mask` is [batch, length] with 0 for padding; values > 0 are segment ids, so
@@ -458,7 +459,7 @@ class Qwen(nnx.Module):
     appends the tokens to the cache and returns `(logits, new_cache)`.
     """
 
-    def __init__(self, config: QwenConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.config = config
         E, V, pd = config.hidden_size, config.vocab_size, config.weight_dtype
         self.embed_tokens = nnx.Param(_init_value("embed", (V, E), rngs.params(), pd),
@@ -617,12 +618,12 @@ def pick(sliding, local, full):
     return jax.tree.map(lambda a, b: jnp.where(sliding, a, b), local, full)
 
 
-def add_output(p, x, out, norm_name: str, c: QwenConfig):
+def add_output(p, x, out, norm_name: str, c: DecoderConfig):
     """The residual stream `x` plus a sublayer's output (normed first with `sandwich_norms`)."""
     return x + (norm(out, p[norm_name], c) if c.sandwich_norms else out)
 
 
-def layer_weights(p: dict, c: QwenConfig) -> dict[str, jax.Array]:
+def layer_weights(p: dict, c: DecoderConfig) -> dict[str, jax.Array]:
     """One layer's weights as the matmuls take them (`compute_dtype`; a quantized base decoded)."""
     return {n: dequantized(w, c.compute_dtype) for n, w in p.items()}
 
@@ -656,7 +657,7 @@ def _project_bwd(spec, out_dtype, saved, g):
 project.defvjp(_project_fwd, _project_bwd)
 
 
-def linear(p: dict, name: str, spec: str, x: jax.Array, c: QwenConfig) -> jax.Array:
+def linear(p: dict, name: str, spec: str, x: jax.Array, c: DecoderConfig) -> jax.Array:
     """`x` through the layer weight `name` (`project(spec, ...)`), plus its LoRA adapter where
     the layer has one: x W + (alpha / rank) (x A) B, never forming A B (rank << width)."""
     y = project(spec, x, p[name])
@@ -683,7 +684,7 @@ def lora_specs(spec: str) -> tuple[str, str]:
     return f"{x_idx},{contracted}r->{lead}r", f"{lead}r,r{kept}->{out}"
 
 
-def merged_weight(c: QwenConfig, name: str, w: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+def merged_weight(c: DecoderConfig, name: str, w: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     """A stacked weight with its adapter folded in: W + (alpha / rank) A B, per layer."""
     n = LINEAR_IN_AXES.get(name, 1)
     idx = "".join("cdefghij"[: w.ndim - 1])  # the weight's axes after `layers`
@@ -692,7 +693,7 @@ def merged_weight(c: QwenConfig, name: str, w: jax.Array, a: jax.Array, b: jax.A
     return w.astype(jnp.float32) + (c.lora_alpha / c.lora_rank) * delta
 
 
-def merge_lora(model: "Qwen") -> "Qwen":
+def merge_lora(model: "Decoder") -> "Decoder":
     """The model with every adapter folded into its base weight (no adapters left, weights in
     `param_dtype`; a quantized base decoded): what export writes and what evaluation runs."""
     c = model.config
@@ -711,7 +712,7 @@ def merge_lora(model: "Qwen") -> "Qwen":
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def qkv(p, h, cos, sin, c: QwenConfig):
+def qkv(p, h, cos, sin, c: DecoderConfig):
     """Queries [b, t, heads, d], keys and values [b, t, kv_heads, d] of one layer, rotated."""
     q = linear(p, "q_proj", "bte,ehd->bthd", h, c)
     k = linear(p, "k_proj", "bte,ekd->btkd", h, c)
@@ -724,7 +725,7 @@ def qkv(p, h, cos, sin, c: QwenConfig):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def mlp_block(p, x, c: QwenConfig, mask=None, stats=None):
+def mlp_block(p, x, c: DecoderConfig, mask=None, stats=None):
     """The residual stream `x` after a layer's attention, through its gated MLP (or its routed
     experts; then with `stats` a list, the layer's `moe.balance_stats` over `mask` are appended)."""
     h = norm(x, p["post_attention_norm"], c)
@@ -742,7 +743,7 @@ def mlp_block(p, x, c: QwenConfig, mask=None, stats=None):
     return parallel.constrain(x, ("batch", "length", "act_embed"))
 
 
-def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
+def attention(p, h, cos, sin, allowed, kv, index, c: DecoderConfig):
     """GQA self-attention of one layer. With this layer's cache `kv = (k, v)`, the new
     keys/values are written at slot `index` and it attends over the cache; returns
     (output, kv)."""
@@ -766,7 +767,7 @@ def attention(p, h, cos, sin, allowed, kv, index, c: QwenConfig):
 QUERY_BLOCK = 64  # queries per block of `causal_attention` on sequences up to attention_chunk
 
 
-def attention_scale(c: QwenConfig) -> float:
+def attention_scale(c: DecoderConfig) -> float:
     """What attention scores are multiplied by: head_dim^-0.5, or Gemma's query_pre_attn_scalar^-0.5."""
     return (c.query_pre_attn_scalar or c.head_dim) ** -0.5
 
@@ -841,7 +842,7 @@ def rms_norm(x, scale, eps, plus_one: bool = False):
     return scale * normed.astype(x.dtype)
 
 
-def norm(x, scale, c: QwenConfig):
+def norm(x, scale, c: DecoderConfig):
     """`rms_norm` as the config's family computes it."""
     return rms_norm(x, scale, c.rms_norm_eps, c.norm_plus_one)
 
@@ -855,7 +856,7 @@ def positions_from_mask(segments: jax.Array) -> jax.Array:
     return jnp.where(segments > 0, t - start_index, 0)
 
 
-def rope_frequencies(c: QwenConfig, local: bool = False) -> np.ndarray:
+def rope_frequencies(c: DecoderConfig, local: bool = False) -> np.ndarray:
     """The rotary frequencies [head_dim / 2] (float32, as HF computes them): theta^(-2i/d); with
     `rope_type="linear"` all divided by `rope_factor`; with `rope_type="llama3"` the long
     wavelengths divided by `rope_factor`, blended smoothly between the low- and high-frequency
@@ -879,7 +880,7 @@ def rope_frequencies(c: QwenConfig, local: bool = False) -> np.ndarray:
     return np.where(between, blended, scaled).astype(np.float32)
 
 
-def rope_tables(positions, c: QwenConfig, local: bool = False):
+def rope_tables(positions, c: DecoderConfig, local: bool = False):
     """cos/sin [batch, length, 1, head_dim] for rotary embeddings at `positions` (`local`: a
     sliding-window layer's)."""
     inv_freq = jnp.asarray(rope_frequencies(c, local))
@@ -894,7 +895,7 @@ def apply_rope(x, cos, sin):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def create(config: QwenConfig, seed: int = 0) -> Qwen:
+def create(config: DecoderConfig, seed: int = 0) -> Decoder:
     """A randomly initialised model (parameters placed by `parallel.create_sharded` on a mesh).
     Adapters draw from their own stream, so the base weights are the same with or without them."""
-    return Qwen(config, rngs=nnx.Rngs(params=seed, lora=seed + 1))
+    return Decoder(config, rngs=nnx.Rngs(params=seed, lora=seed + 1))
