@@ -4,7 +4,11 @@ python main.py --config=configs/demo.py --workdir=runs/demo
 python main.py --config=configs/demo.py:ci --workdir=/tmp/demo   # a couple of minutes, for CI
 python main.py --config=configs/demo.py:full_weights --workdir=runs/demo_fw   # both RL stages train every weight
 python main.py --config=configs/demo.py:qlora --workdir=runs/demo_qlora   # the RL adapters on an NF4 base (QLoRA)
+python main.py --config=configs/demo.py:ci@gemma3-27b --workdir=/tmp/demo_gemma  # any budget, another model family
 
+`BUDGET@PRESET` runs it with a random model of that preset's family (Qwen3-MoE, Llama 3.x,
+Gemma 3, ...) at the tiny default's dimensions (`configs/models.py`, `PRESET@tiny`) in place
+of the tiny Qwen2; its recipe is tuned for the latter, so only `ci` is expected to be quick.
 Each stage's full config sits under `config.stages.<stage>`, so any knob can be changed
 from the command line, e.g. `--config.stages.sft.optimizer.total_steps=400`. Inputs and
 outputs are wired to `<workdir>/<stage>/` by the demo itself.
@@ -12,7 +16,7 @@ outputs are wired to `<workdir>/<stage>/` by the demo itself.
 
 import ml_collections
 
-from configs import distill, export, rl_stage1, rl_stage2, sft, synthesize
+from configs import distill, export, models, rl_stage1, rl_stage2, sft, synthesize
 
 # Budgets: "full" takes 14 min 27 s on 2 CPU cores from a cold compile cache (quiet Xeon,
 # 2026-12-05, as 2 JAX devices: config.cpu_devices); "ci" only checks that everything connects.
@@ -44,7 +48,11 @@ BUDGETS = {
 
 
 def get_config(budget: str = "full") -> ml_collections.ConfigDict:
-    b = BUDGETS[budget or "full"]
+    budget, _, family = (budget or "full").partition("@")
+    if budget not in BUDGETS:
+        raise ValueError(f"configs/demo.py:{budget}: unknown budget; budgets: {', '.join(BUDGETS)} (each also as "
+                         "BUDGET@PRESET, e.g. ci@gemma3-27b)")
+    b = BUDGETS[budget]
     config = ml_collections.ConfigDict()
     config.task = "demo"
     config.compile_cache = ""  # persistent XLA cache: "" = <workdir>/../xla_cache, a dir (local or gs://), or "none"
@@ -73,5 +81,19 @@ def get_config(budget: str = "full") -> ml_collections.ConfigDict:
     stages.rl_stage1.rl.grade_k = b["grade_k"]
     stages.rl_stage2.rl.score_k = b["score_k"]
     stages.export = export.get_config("tiny")
+    if family:
+        for name in ("sft", "rl_stage1", "rl_stage2", "export"):
+            stages[name].model = _family_model(stages[name].model, family)
     config.stages = stages
     return config
+
+
+def _family_model(tiny: ml_collections.ConfigDict, family: str) -> ml_collections.ConfigDict:
+    """`tiny` (a stage's model) as the preset `family`'s architecture at tiny's dimensions,
+    keeping the stage's weights source, numerics and adapter settings (not the adapters'
+    targets: a mixture of experts has no dense MLP to adapt)."""
+    model = models.get(f"{family}@{models.TINY}")
+    model.update({k: v for k, v in tiny.items() if k not in model or k in (
+        "init_from", "hf_path", "seed", "param_dtype", "compute_dtype", "remat", "attention_chunk", "lora_rank",
+        "lora_alpha", "lora_dropout", "lora_base_quant")})
+    return model

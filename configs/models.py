@@ -90,9 +90,20 @@ REHEARSAL_FAMILY = {"qwen3_moe": dict(num_experts=8, experts_per_token=2, moe_in
                                         tie_embeddings=False)}
 
 
-def rehearsal_shape(preset: str) -> dict:
-    """The dimensions `PRESET@rehearsal` changes in the real preset."""
-    return REHEARSAL_SHAPE | REHEARSAL_FAMILY.get(PRESETS[preset]["model_type"], {})
+
+# `PRESET@tiny`: the preset's family at the tiny default's dimensions, for the demo of a family
+# (`configs/demo.py:ci@gemma3-27b`); its experts and windows scaled to them
+TINY = "tiny"
+TINY_FAMILY = {"qwen3_moe": dict(num_experts=8, experts_per_token=2, moe_intermediate_size=192),
+               "gemma3_text": dict(layer_types=("sliding_attention",) * 3 + ("full_attention",), sliding_window=64)}
+
+
+def rehearsal_shape(preset: str, size: str = REHEARSAL) -> dict:
+    """The dimensions `PRESET@rehearsal` (or `PRESET@tiny`) changes in the real preset."""
+    family = PRESETS[preset]["model_type"]
+    if size == TINY:
+        return {k: PRESETS[TINY][k] for k in REHEARSAL_SHAPE} | TINY_FAMILY.get(family, {})
+    return REHEARSAL_SHAPE | REHEARSAL_FAMILY.get(family, {})
 
 
 def get(name: str = "tiny") -> ml_collections.ConfigDict:
@@ -103,8 +114,8 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
     the numerics (`param_dtype`, `dtype`, `remat`).
     """
     base, _, rehearsal = name.partition("@")
-    if rehearsal == REHEARSAL and base in PRESETS and base != "tiny":
-        arch = PRESETS[base] | rehearsal_shape(base)
+    if rehearsal in (REHEARSAL, TINY) and base in PRESETS and base != TINY:
+        arch = PRESETS[base] | rehearsal_shape(base, rehearsal)
     elif name in PRESETS:
         arch = dict(PRESETS[name])
     elif paths.exists(name):  # an HF config.json or its directory, local or gs://
@@ -117,7 +128,7 @@ def get(name: str = "tiny") -> ml_collections.ConfigDict:
             arch.pop(key)
     else:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)} (each but tiny "
-                         f"also as PRESET@{REHEARSAL}), or a path to an HF config.json")
+                         f"also as PRESET@{REHEARSAL} or PRESET@{TINY}), or a path to an HF config.json")
     return ml_collections.ConfigDict(dict(
         preset=name, hf_path="", init_from="", seed=0,
         param_dtype="float32", compute_dtype="float32", remat="none", attention_chunk=512,

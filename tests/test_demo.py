@@ -42,6 +42,22 @@ def test_demo_pipeline_connects_every_stage(tmp_path):
     assert again.returncode == 0 and again.stdout.count("done already, skipped") == 6
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3-30b-a3b", "gemma3-27b", "llama3.1-8b"])
+def test_demo_runs_with_a_tiny_model_of_another_family(tmp_path, family):
+    """`configs/demo.py:ci@PRESET`: every stage with a random model of the preset's family at
+    the tiny dimensions, and its export answers in transformers as our evaluation did."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    command = [sys.executable, "main.py", f"--config=configs/demo.py:ci@{family}", f"--workdir={tmp_path}"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for stage in ("sft", "rl_stage1", "rl_stage2", "export"):
+        assert os.path.exists(tmp_path / stage / "DONE"), stage
+    with open(tmp_path / "export" / "hf" / "config.json") as f:
+        assert json.load(f)["model_type"] == {"qwen3-30b-a3b": "qwen3_moe", "gemma3-27b": "gemma3_text"}.get(family, "llama")
+    assert_export_answers_like_our_sampler(tmp_path, max_new_tokens=24)
+
+
 def assert_export_answers_like_our_sampler(workdir, max_new_tokens):
     """The exported model, in transformers with the exported tokenizer, writes the same
     greedy text for a held-out question as our evaluation did on the final checkpoint."""

@@ -206,7 +206,8 @@ def test_quantized_base_weights_decode_as_absmax_blocks_by_hand(qtype):
         np.testing.assert_allclose(got[ties], expected[ties], rtol=1.01 / 127, err_msg=name)  # one code apart at most
 
 
-@pytest.mark.parametrize("qtype", [pytest.param("int8", marks=pytest.mark.slow), "nf4"])
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["int8", "nf4"])
 def test_qlora_is_lora_on_the_decoded_base(qtype):
     ids, mask = padded_batch()
     qlora = randomise_adapters(fm.build(lora_cfg(lora_base_quant=qtype))[0])

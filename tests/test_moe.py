@@ -54,11 +54,8 @@ def test_load_balancing_loss_equals_transformers(hf_dir):
     assert float(with_aux - plain) == pytest.approx(0.01 * expected * float(tokens), rel=1e-4)
 
 
-MESHES = [dict(data=1, fsdp=2, expert=4, tensor=1),
-          pytest.param(dict(data=2, fsdp=1, expert=2, tensor=2), marks=pytest.mark.slow)]
-
-
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [dict(data=1, fsdp=2, expert=4, tensor=1), dict(data=2, fsdp=1, expert=2, tensor=2)])
 def test_expert_parallel_gradients_equal_one_device(hf_dir, shape):
     """Loss and every gradient with the experts split over an `expert` mesh axis (each device
     computing only its own experts) equal the same step on one device."""

@@ -27,6 +27,7 @@ def _prompts(n, seed=0):
     return [[int(t) for t in rng.integers(20, 4000, size=k)] for k in rng.integers(2, 30, size=n)]
 
 
+@pytest.mark.slow
 def test_samples_through_the_server_are_the_synced_policys(tiny, tmp_path):
     params = SamplingParams(temperature=1.0, num_samples=3, max_new_tokens=24)
     prompts = _prompts(4)

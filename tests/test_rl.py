@@ -139,6 +139,7 @@ def _wandb_records(data: bytes, record_type) -> tuple[list[dict], bool]:
     return rows, ended
 
 
+@pytest.mark.slow
 def test_a_reward_module_of_the_users_own_changes_what_rl_optimises(toy_run, tmp_path, monkeypatch):
     """A reward written in a temp dir, named in `rl.rewards` with its own keyword, and the
     built-in `correctness` at weight 0: over 10 real steps the replies fill with the letter it
