@@ -54,7 +54,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int, int]:
     """(data, fsdp, expert, tensor) sizes from `config.mesh` (an axis it lacks: 1); one entry may
     be -1 ("the rest")."""
     sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]

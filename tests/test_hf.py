@@ -139,3 +139,20 @@ def test_config_reads_top_level_rope_theta_of_older_files():
     hf = dict(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8,
               num_hidden_layers=1, num_attention_heads=2, rope_theta=12345.0)
     assert decoder.DecoderConfig.from_hf(hf).rope_theta == 12345.0
+
+
+def test_gemma3_config_of_transformers_4_layout():
+    """Gemma 3's config.json as transformers 4 wrote it (the published checkpoints): top-level
+    rope_theta and rope_local_base_freq, rope_scaling, a sliding-window pattern instead of
+    layer_types. It reads as the transformers 5 layout does, and the preset's round trip holds."""
+    hf = dict(model_type="gemma3_text", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=7,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=4, rope_theta=1e6, rope_local_base_freq=1e4,
+              rope_scaling=dict(rope_type="linear", factor=8.0), sliding_window=512, sliding_window_pattern=6,
+              query_pre_attn_scalar=4)
+    config = decoder.DecoderConfig.from_hf(hf)
+    assert config.layer_types == ("sliding_attention",) * 5 + ("full_attention", "sliding_attention")
+    assert (config.rope_theta, config.rope_local_theta, config.rope_type, config.rope_factor) == (1e6, 1e4, "linear", 8.0)
+    assert (config.tie_embeddings, config.sliding_window, config.hidden_act) == (True, 512, "gelu_pytorch_tanh")
+    assert decoder.DecoderConfig.from_hf(config.to_hf()) == config
+    preset = config_from(models.get("gemma3-4b"))
+    assert decoder.DecoderConfig.from_hf(preset.to_hf()) == preset

@@ -150,7 +150,7 @@ def test_bad_lora_settings_are_refused_in_one_line():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
+@pytest.mark.parametrize("shape", [(2, 2, 1, 2), (1, 4, 1, 2)])  # (data, fsdp, expert, tensor)
 def test_lora_steps_on_a_mesh_equal_one_device(shape):
     import ml_collections
 

@@ -39,7 +39,7 @@ def test_plan_reports_the_sharded_bytes_of_params_and_adam_state():
     assert p["params_bytes"] == expected
     assert 2 * expected <= p["optimizer_bytes"] <= 2 * expected + 64  # Adam mu, nu + counters
     assert p["peak_bytes"] > p["params_bytes"] + p["optimizer_bytes"]
-    assert p["fits"] is False and p["mesh"] == dict(data=1, fsdp=8, tensor=1)
+    assert p["fits"] is False and p["mesh"] == dict(data=1, fsdp=8, expert=1, tensor=1)
 
 
 @pytest.mark.slow

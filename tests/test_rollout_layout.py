@@ -94,7 +94,7 @@ def test_sync_moves_shards_into_the_decode_layout_and_reuses_the_last_copy(layou
     mesh = parallel.rollout_mesh(4, 4, train_mesh)
     if layout == "strided":
         devices = np.array(list(train_mesh.devices.flat), dtype=object)
-        mesh = jax.sharding.Mesh(devices.reshape(4, 1, 2), parallel.MESH_AXES[::-1])
+        mesh = jax.sharding.Mesh(devices.reshape(4, 1, 1, 2), parallel.MESH_AXES[::-1])
     graphdef, state = nnx.split(model)
     program = sampler.sync_program(graphdef, state, mesh, "bfloat16")
     assert program.shards_move == (layout != "tensor-trained")
