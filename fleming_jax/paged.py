@@ -78,7 +78,8 @@ def attend_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.
                scale: float, window: int = 0):
     """q [rows, heads, d] over each row's first `lengths` cached tokens (only the last `window`
     of them when > 0: a sliding-window layer), scores q k^T x `scale`: a loop over blocks of
-    pages (gathered through the table) up to the longest row, with a running softmax."""
+    pages (gathered through the table) up to the longest row, with a running softmax; with a
+    window it starts at the first block any row's window reaches."""
     rows, heads, d = q.shape
     kv_heads, _, size, _ = k_pages.shape
     group, per_block = heads // kv_heads, block_pages(size)
@@ -103,8 +104,12 @@ def attend_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.
 
     init = (jnp.full((rows, kv_heads, group), -1e30, jnp.float32), jnp.zeros((rows, kv_heads, group), jnp.float32),
             jnp.zeros((rows, kv_heads, group, d), jnp.float32))
-    blocks = (jnp.max(lengths, initial=0) + per_block * size - 1) // (per_block * size)
-    _, total, acc = jax.lax.fori_loop(0, blocks, visit, init)
+    span = per_block * size
+    blocks = (jnp.max(lengths, initial=0) + span - 1) // span
+    first = 0  # a sliding window starts at the block where the shortest live row's window does
+    if window:
+        first = jnp.maximum(jnp.min(jnp.where(lengths > 0, lengths, blocks * span)) - window, 0) // span
+    _, total, acc = jax.lax.fori_loop(first, blocks, visit, init)
     return (acc / jnp.maximum(total, 1e-30)[..., None]).reshape(rows, heads, d)
 
 

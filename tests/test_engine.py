@@ -106,12 +106,17 @@ def _paged_case(seed, lengths, kv_heads=2, group=2, d=16, size=16, width=4, wind
     return q, k, v, table, np.asarray(lengths, np.int32), expected.reshape(rows, -1, d)
 
 
-@pytest.mark.parametrize("lengths,window", [([1, 16, 17, 64], 0), ([37, 5, 128, 2], 0), ([37, 5, 128, 2], 20)])
+@pytest.mark.parametrize("lengths,window", [([1, 16, 17, 64], 0), ([37, 5, 128, 2], 0), ([37, 5, 128, 2], 20),
+                                            ([200, 256, 0, 150], 20)])
 def test_paged_attention_reads_each_rows_own_pages_up_to_its_length(lengths, window):
-    """(With a sliding window: Gemma 3's local layers.)"""
-    q, k, v, table, lens, expected = _paged_case(0, lengths, width=8, window=window)
+    """(With a sliding window: Gemma 3's local layers; in the last case no live row's window
+    reaches the first block of 128 tokens, which is then never read.)"""
+    q, k, v, table, lens, expected = _paged_case(0, lengths, width=16, window=window)
     unused = np.setdiff1d(np.arange(k.shape[1]), table)
     k[:, unused], v[:, unused] = np.nan, np.nan  # pages no row owns: never read
+    if min(n for n in lengths if n) - window >= paged.BLOCK_TOKENS:
+        before = table[:, :paged.block_pages(k.shape[2])]
+        k[:, before], v[:, before] = np.nan, np.nan
     got = paged.attend_xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(table), jnp.asarray(lens),
                            q.shape[-1] ** -0.5, window)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
