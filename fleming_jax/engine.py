@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from fleming_jax import paged, parallel, preemption
-from fleming_jax.models.decoder import KVCache
+from fleming_jax.models.decoder import SLIDING, KVCache
 from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, sync_program
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # a prefill's cache buffers
@@ -58,6 +58,7 @@ class Slots:
 
     cache: paged.PagedCache
     table: jax.Array  # [slots, pages_per_sequence] page ids, local to the slot's data-parallel shard
+    ring: jax.Array  # [slots, pages_per_sequence] the same into the slot's own ring (sliding-window layers)
     index: jax.Array  # [slots] the position its next token is written at
     last_logits: jax.Array  # [slots, vocab] fp32
     keys: jax.Array  # [slots] one PRNG key per sequence
@@ -111,7 +112,9 @@ class CacheLayout:
         worst = -(-(width + budget) // page_size)  # the pages a sequence may need
         per_block = paged.block_pages(page_size)
         table = -(-worst // per_block) * per_block  # whole blocks: the XLA path reads a block at a time
-        page_bytes = paged.PagedCache.page_bytes(config, page_size, dtype)
+        # a slot's rings (sliding-window layers) spread over the pages its share of the pool holds
+        page_bytes = paged.PagedCache.page_bytes(config, page_size, dtype) + -(
+            -OVERCOMMIT * paged.PagedCache.ring_bytes(config, page_size, dtype) // worst)
         multiple = group * shards // math.gcd(group, shards)
         whole = lambda n: max(multiple, n // multiple * multiple)
         want = bucket(sequences, minimum=1)
@@ -133,17 +136,20 @@ class CacheLayout:
                    shards=shards)
 
     def bytes_per_device(self, config, dtype: str) -> int:
-        """The pool's bytes on one device (before tensor parallelism splits the KV heads)."""
-        return self.pages // self.shards * paged.PagedCache.page_bytes(config, self.page_size, dtype)
+        """The pool's and the rings' bytes on one device (before tensor parallelism splits the KV heads)."""
+        return (self.pages * paged.PagedCache.page_bytes(config, self.page_size, dtype)
+                + self.slots * paged.PagedCache.ring_bytes(config, self.page_size, dtype)) // self.shards
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots", "pages", "page_size", "table_width", "budget",
-                                             "cache_dtype"))
-def _empty(config, slots: int, pages: int, page_size: int, table_width: int, budget: int, cache_dtype: str) -> Slots:
+                                             "cache_dtype", "shards"))
+def _empty(config, slots: int, pages: int, page_size: int, table_width: int, budget: int, cache_dtype: str,
+           shards: int = 1) -> Slots:
     TRACES["empty"] += 1
     zeros = lambda dtype: jnp.zeros((slots, budget), dtype)
-    return Slots(cache=paged.PagedCache.zeros(config, pages, page_size, cache_dtype),
-                 table=jnp.zeros((slots, table_width), jnp.int32), index=jnp.zeros((slots,), jnp.int32),
+    ring = paged.ring_table(slots, shards, paged.ring_pages(config, page_size), table_width)
+    return Slots(cache=paged.PagedCache.zeros(config, pages, page_size, cache_dtype, slots),
+                 table=jnp.zeros((slots, table_width), jnp.int32), ring=ring, index=jnp.zeros((slots,), jnp.int32),
                  last_logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
                  keys=jax.random.split(jax.random.key(0), slots), steps=jnp.zeros((slots,), jnp.int32),
                  done=jnp.ones((slots,), bool), tokens=zeros(jnp.int32), logprobs=zeros(jnp.float32),
@@ -152,7 +158,8 @@ def _empty(config, slots: int, pages: int, page_size: int, table_width: int, bud
 
 def empty(config, layout: CacheLayout, budget: int, cache_dtype: str) -> Slots:
     """Slots and a page pool laid out as `layout` says, every slot empty."""
-    return _empty(config, layout.slots, layout.pages, layout.page_size, layout.pages_per_sequence, budget, cache_dtype)
+    return _empty(config, layout.slots, layout.pages, layout.page_size, layout.pages_per_sequence, budget, cache_dtype,
+                  layout.shards)
 
 
 def splits_layers(device) -> bool:
@@ -190,12 +197,14 @@ def _prefill(graphdef, state, tokens, lengths, cache_dtype: str, split_layers: b
     return constrain(cache), model.logits(last)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("config",))
 def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, key, sequences,
-            prompt_pages) -> Slots:
+            prompt_pages, config) -> Slots:
     """Prefilled prompt `rows[j]` into slot `slot_ids[j]` (out-of-range ids, for padding, are
     dropped): its prompt's pages go to pool pages `prompt_pages[j]` (global ids; out of range
-    where a sharing sample already wrote them). Those slots start
+    where a sharing sample already wrote them), and for `config`'s sliding-window layers its
+    last `paged.ring_pages` pages to the slot's own ring (the earlier ones would share their
+    ring pages). Those slots start
     sequence `sequences[j]`, whose random stream is `key` folded with its number (the same
     samples whichever slot and chunk it gets). A group's samples admitted together share one
     prefilled row."""
@@ -203,18 +212,25 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, k
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sequences)
     size = slots.cache.k[0].shape[2]
 
-    def to_pages(pool, prompt):  # [rows, width, kv_heads, d] -> the pages of each admitted row
+    def to_pages(pool, prompt, kind):  # [rows, width, kv_heads, d] -> the pages of each admitted row
         chosen = prompt[rows]
         n, width, kv_heads, d = chosen.shape
         chosen = chosen.reshape(n, width // size, size, kv_heads, d).transpose(3, 0, 1, 2, 4)
-        return pool.at[:, prompt_pages].set(chosen.astype(pool.dtype), mode="drop")
+        return pool.at[:, ring_pages if kind == SLIDING else prompt_pages].set(chosen.astype(pool.dtype), mode="drop")
 
-    cache = paged.PagedCache(k=tuple(map(to_pages, slots.cache.k, prefilled.k)),
-                             v=tuple(map(to_pages, slots.cache.v, prefilled.v)))
+    ring = paged.ring_pages(config, size)
+    used = -(-lengths[rows] // size)  # pages the prompt fills
+    page = jnp.arange(prefilled.k[0].shape[1] // size)
+    kept = (page[None, :] >= used[:, None] - ring) & (page[None, :] < used[:, None])
+    kept &= (slot_ids < len(slots.index))[:, None]
+    ring_pages = jnp.where(kept, slot_ids[:, None] * ring + page[None, :] % max(ring, 1), len(slots.index) * ring)
+    kinds = config.layers_by_type()
+    cache = paged.PagedCache(k=tuple(map(to_pages, slots.cache.k, prefilled.k, kinds)),
+                             v=tuple(map(to_pages, slots.cache.v, prefilled.v, kinds)))
     put = lambda buffer, values: buffer.at[slot_ids].set(values, mode="drop")
     n = len(slot_ids)
     zeros = lambda like, dtype: jnp.zeros((n,) + like.shape[1:], dtype)
-    return Slots(cache=cache, table=slots.table, index=put(slots.index, lengths[rows]),
+    return Slots(cache=cache, table=slots.table, ring=slots.ring, index=put(slots.index, lengths[rows]),
                  last_logits=put(slots.last_logits, logits[rows]), keys=put(slots.keys, keys),
                  steps=put(slots.steps, zeros(slots.steps, jnp.int32)), done=put(slots.done, zeros(slots.done, bool)),
                  tokens=put(slots.tokens, zeros(slots.tokens, jnp.int32)),
@@ -280,7 +296,8 @@ def _decode(graphdef, state, slots: Slots, tables, held, rows_in_flight, stop_id
         write = lambda buf, value: buf.at[rows, at].set(jnp.where(active, value, buf[rows, at]))
         steps = s.steps + active
         done = s.done | (active & (jnp.isin(token, stop_ids) | (steps >= max_new_tokens)))
-        logits, cache = model.decode(jnp.where(active, token, 0), s.cache, s.table, s.index, active, layers, kernel)
+        logits, cache = model.decode(jnp.where(active, token, 0), s.cache, s.table, s.index, active, layers, kernel,
+                                     s.ring)
         cache = cache.constrained()
         last = jnp.where(active[:, None], logits, s.last_logits)
         return i + 1, s.replace(cache=cache, index=s.index + active, last_logits=last, steps=steps, done=done,
@@ -488,7 +505,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array, params: Sa
         for j, (s, q, (table_row, written, hold)) in enumerate(batch):  # padding keeps out-of-range ids
             ids[j], row[j], seq[j], prompt_pages[j] = s, rows_of.index(q // group), q, written
             owner[s], holds[s], tables[s], made[s], admitted[s] = q, hold, table_row, 0, counts["chunks"]
-        return _insert(table, cache, logits, real, ids, row, key, seq, prompt_pages)
+        return _insert(table, cache, logits, real, ids, row, key, seq, prompt_pages, config=config)
 
     every_slot = np.tile(np.arange(per_shard, dtype=np.int32), dp)
 

@@ -33,15 +33,19 @@ BLOCK_TOKENS = 128  # tokens a step of the XLA path (and a kernel block) reads p
 
 @flax.struct.dataclass
 class PagedCache:
-    """Each layer's key and value pages, [kv_heads, pages, page_size, head_dim]."""
+    """Each layer's key and value pages, [kv_heads, pages, page_size, head_dim]. A
+    sliding-window layer's pool is a ring of `ring_pages` pages for each of `slots` sequences
+    instead: it never reads further back than its window, so it keeps no more."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
     @classmethod
-    def zeros(cls, config, pages: int, page_size: int, dtype) -> "PagedCache":
-        shape = (config.num_kv_heads, pages, page_size, config.head_dim)
-        make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    def zeros(cls, config, pages: int, page_size: int, dtype, slots: int = 0) -> "PagedCache":
+        ring = slots * ring_pages(config, page_size)
+        shape = lambda kind: (config.num_kv_heads, ring if kind == "sliding_attention" else pages, page_size,
+                              config.head_dim)
+        make = lambda: tuple(jnp.zeros(shape(kind), dtype) for kind in config.layers_by_type())
         return cls(k=make(), v=make()).constrained()
 
     def constrained(self) -> "PagedCache":
@@ -51,8 +55,32 @@ class PagedCache:
 
     @staticmethod
     def page_bytes(config, page_size: int, dtype) -> int:
-        """Bytes of one page across every layer's K and V (all KV heads)."""
-        return 2 * config.num_layers * config.num_kv_heads * config.head_dim * page_size * jnp.dtype(dtype).itemsize
+        """Bytes of one page of the shared pool across every layer's K and V (all KV heads; the
+        sliding-window layers' rings aside: `ring_bytes`)."""
+        full = sum(kind != "sliding_attention" for kind in config.layers_by_type())
+        return 2 * full * config.num_kv_heads * config.head_dim * page_size * jnp.dtype(dtype).itemsize
+
+    @staticmethod
+    def ring_bytes(config, page_size: int, dtype) -> int:
+        """Bytes of one sequence's rings across the sliding-window layers' K and V."""
+        sliding = sum(kind == "sliding_attention" for kind in config.layers_by_type())
+        return (2 * sliding * config.num_kv_heads * config.head_dim * page_size * ring_pages(config, page_size)
+                * jnp.dtype(dtype).itemsize)
+
+
+def ring_pages(config, page_size: int) -> int:
+    """Pages a sliding-window layer keeps a sequence: any `sliding_window` consecutive positions
+    lie on at most this many consecutive pages, so a ring of them never overwrites one it reads
+    (0 without sliding layers)."""
+    return -(-config.sliding_window // page_size) + 1 if config.sliding_window else 0
+
+
+def ring_table(slots: int, shards: int, ring: int, width: int) -> jax.Array:
+    """[slots, width]: the page each position's page of a slot's sequence takes in its ring
+    (ids local to the slot's shard, as page tables are): slot s's ring is pages s*ring ..
+    s*ring + ring - 1 of its shard, position page j goes to j mod ring."""
+    local = jnp.arange(slots) % (slots // shards)
+    return (local[:, None] * ring + jnp.arange(width)[None, :] % max(ring, 1)).astype(jnp.int32)
 
 
 def block_pages(page_size: int) -> int:

@@ -228,7 +228,7 @@ def rl_step_plan(config) -> dict:
             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
             zip(jax.tree.leaves(programs["sync"].out_info), jax.tree.leaves(programs["sync"].output_shardings))])
         empty = compile_or_refuse(engine._empty.lower(model_config, slots, cache.pages, cache.page_size,
-                                                      cache.pages_per_sequence, c.max_new_tokens, dtype),
+                                                      cache.pages_per_sequence, c.max_new_tokens, dtype, cache.shards),
                                   f"the rollout's KV cache ({cache.pages} pages of {cache.page_size} tokens)", config)
         table = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              empty.out_info, empty.output_shardings)
@@ -244,8 +244,8 @@ def rl_step_plan(config) -> dict:
         programs["insert"] = compile_or_refuse(engine._insert.lower(
             table, prefilled, logits, spec((rows,), jnp.int32, batch), spec((admitted,), jnp.int32, batch),
             spec((admitted,), jnp.int32, batch), key, spec((admitted,), jnp.int32, batch),
-            spec((admitted, width // cache.page_size), jnp.int32, parallel.batch_sharding(rollout, 2))),
-            "the insert", config)
+            spec((admitted, width // cache.page_size), jnp.int32, parallel.batch_sharding(rollout, 2)),
+            config=model_config), "the insert", config)
         scalar = spec((), jnp.int32)
         params = sampler.SamplingParams(temperature=c.temperature, top_p=c.top_p, num_samples=group, max_new_tokens=0)
         programs["decode"] = compile_or_refuse(engine._decode.lower(

@@ -213,6 +213,41 @@ def test_sharded_engine_equals_single_device(tiny):
     np.testing.assert_allclose(many.model_logprobs, one.model_logprobs, atol=1e-4)
 
 
+def test_sliding_layers_decode_from_rings_that_hold_their_window(hf_dir):
+    """Gemma 3's sliding-window layers keep a ring of ceil(window / page) + 1 pages a slot
+    (here 2 of 16 tokens for a 4-token window; the global layer keeps the shared pool). Sampled
+    on 4 data-parallel shards with slots reused (replies of up to 40 tokens wrap each ring
+    several times), every token's log-prob equals a full forward's over the finished sequence."""
+    from fleming_jax import sampler
+    from fleming_jax.models import hf
+    from fleming_jax.train.logprobs import token_logprobs
+
+    model, config = hf.load(hf_dir("gemma3_text"))
+    layout = engine.CacheLayout.plan(config, 12, 2, 70, 40, shards=4, slots=8)
+    slots = engine.empty(config, layout, 40, "float32")
+    assert [pool.shape[1] for pool in slots.cache.k] == [8 * 2, 8 * 2, layout.pages]  # sliding, sliding, global
+    real = models.config_from(presets.get("gemma3-27b"))  # 52 of 62 layers slide over 1,024 tokens
+    plans = [engine.CacheLayout.plan(c, 512, 8, 512, 4096, shards=16, kv_cache_gib=8.0, dtype="bfloat16")
+             for c in (real, real.replace(layer_types=(), sliding_window=0))]
+    assert plans[0].slots >= 1.8 * plans[1].slots  # the same 8 GiB a chip: ~2x the sequences in flight
+    assert max(p.bytes_per_device(c, "bfloat16") for p, c in zip(plans, (real, real))) <= 8 * 2**30
+    over = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    mesh = parallel.rollout_mesh(-1, config.num_kv_heads, over)
+    assert mesh.shape["data"] == 4
+    rng = np.random.default_rng(3)  # prompts of 1 to 5 pages: the longer ones wrap the ring at insert
+    prompts = [[int(t) for t in rng.integers(1, config.vocab_size, n)] for n in (40, 5, 70, 33, 12, 50)]
+    params = SamplingParams(temperature=1.0, num_samples=2, max_new_tokens=40)
+    on_mesh = hf.load(hf_dir("gemma3_text"), mesh=over)[0]
+    out = engine.generate(sampler.rollout_model(on_mesh, mesh, "float32"), prompts, jax.random.key(1), params,
+                          stop_ids=[], slots=8, chunk=4, mesh=mesh)
+    for i, prompt in enumerate(prompts):
+        for j in range(2):
+            n = int(out.lengths[i, j])
+            ids = jnp.asarray([list(prompt) + list(out.tokens[i, j, :n])])
+            full = np.asarray(token_logprobs(model, ids, jnp.ones_like(ids)))[0, -n:]
+            np.testing.assert_allclose(out.model_logprobs[i, j, :n], full, atol=2e-4)
+
+
 def test_scanned_prefill_equals_the_unrolled_one(tiny):
     """The TPU path (a scan over stacked weights and cache) against XLA:CPU's (unrolled layers)."""
     from fleming_jax import sampler

@@ -496,11 +496,12 @@ class Decoder(nnx.Module):
         return parallel.constrain(x, ("batch", "length", "act_embed"))
 
     def decode(self, tokens: jax.Array, cache: paged.PagedCache, table: jax.Array, index: jax.Array,
-               active: jax.Array, layers: list[dict] | None = None, kernel: bool = False):
+               active: jax.Array, layers: list[dict] | None = None, kernel: bool = False, ring: jax.Array | None = None):
         """One token per row (`tokens` [rows]) at position `index`, over a paged cache (the rollout
         engine's decode step): fp32 logits [rows, vocab] and the cache with the tokens written.
         Rows not `active` neither write nor read the cache. `layers`: as in `hidden_states`;
-        `kernel`: the Pallas TPU attention kernel (`paged.attention`)."""
+        `kernel`: the Pallas TPU attention kernel (`paged.attention`); `ring`: the rows' page
+        tables into the sliding-window layers' rings (`paged.ring_table`)."""
         c = self.config
         x = self.embed(tokens[:, None])
         rope = rope_tables(index[:, None], c)
@@ -513,8 +514,8 @@ class Decoder(nnx.Module):
             p = layer_weights(p, c)
             q, k, v = qkv(p, norm(x, p["input_norm"], c), *pick(kind == SLIDING, local_rope, rope), c)
             out, k_pages[i], v_pages[i] = paged.attention(
-                q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], table, index, active, kernel, attention_scale(c),
-                c.sliding_window if kind == SLIDING else 0)
+                q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], ring if kind == SLIDING else table, index, active,
+                kernel, attention_scale(c), c.sliding_window if kind == SLIDING else 0)
             attn = linear(p, "o_proj", "bhd,hde->be", out.astype(x.dtype), c)[:, None]
             x = mlp_block(p, add_output(p, x, attn, "attn_out_norm", c), c)
         x = norm(x[:, 0], self.final_norm[...].astype(c.compute_dtype), c)
