@@ -213,6 +213,7 @@ def test_sharded_engine_equals_single_device(tiny):
     np.testing.assert_allclose(many.model_logprobs, one.model_logprobs, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sliding_layers_decode_from_rings_that_hold_their_window(hf_dir):
     """Gemma 3's sliding-window layers keep a ring of ceil(window / page) + 1 pages a slot
     (here 2 of 16 tokens for a 4-token window; the global layer keeps the shared pool). Sampled
