@@ -9,7 +9,7 @@ import json
 import ml_collections
 
 from fleming_jax import paths
-from fleming_jax.models.decoder import LORA_TARGETS
+from fleming_jax.models.decoder import FULL, LORA_TARGETS, SLIDING
 
 _QWEN25 = dict(model_type="qwen2", qkv_bias=True, qk_norm=False, rope_theta=1_000_000.0,
                rms_norm_eps=1e-6, vocab_size=151936, max_position_embeddings=32768)
@@ -22,7 +22,7 @@ _QWEN3_MOE = _QWEN3 | dict(model_type="qwen3_moe", num_experts=128, experts_per_
 
 def _gemma3(layers, hidden, heads, kv_heads, mlp, head_dim, window, **rest):
     """Gemma 3 (text): five sliding-window layers (rope base 10k) to one global (1M)."""
-    types = tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers))
+    types = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(layers))
     return dict(model_type="gemma3_text", qkv_bias=False, qk_norm=True, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
                 rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norms=True,
                 embed_scale=True, query_pre_attn_scalar=head_dim, sliding_window=window, layer_types=types,
@@ -86,7 +86,7 @@ REHEARSAL_SHAPE = dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2
 # rehearsal's stand-in base is a next-token table written into the embeddings and the output
 # matrix, which tied embeddings would make one)
 REHEARSAL_FAMILY = {"qwen3_moe": dict(num_experts=8, experts_per_token=2, moe_intermediate_size=32),
-                    "gemma3_text": dict(layer_types=("sliding_attention", "full_attention"), sliding_window=16,
+                    "gemma3_text": dict(layer_types=(SLIDING, FULL), sliding_window=16,
                                         tie_embeddings=False)}
 
 
@@ -95,7 +95,7 @@ REHEARSAL_FAMILY = {"qwen3_moe": dict(num_experts=8, experts_per_token=2, moe_in
 # (`configs/demo.py:ci@gemma3-27b`); its experts and windows scaled to them
 TINY = "tiny"
 TINY_FAMILY = {"qwen3_moe": dict(num_experts=8, experts_per_token=2, moe_intermediate_size=192),
-               "gemma3_text": dict(layer_types=("sliding_attention",) * 3 + ("full_attention",), sliding_window=64)}
+               "gemma3_text": dict(layer_types=(SLIDING,) * 3 + (FULL,), sliding_window=64)}
 
 
 def rehearsal_shape(preset: str, size: str = REHEARSAL) -> dict:

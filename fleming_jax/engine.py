@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from fleming_jax import paged, parallel, preemption
-from fleming_jax.models.decoder import SLIDING, KVCache
+from fleming_jax.models.decoder import KVCache
 from fleming_jax.sampler import RolloutEngine, SampleOutput, SamplingParams, bucket, pick, sync_program
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # a prefill's cache buffers
@@ -212,11 +212,11 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, k
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sequences)
     size = slots.cache.k[0].shape[2]
 
-    def to_pages(pool, prompt, kind):  # [rows, width, kv_heads, d] -> the pages of each admitted row
+    def to_pages(pool, prompt, sliding):  # [rows, width, kv_heads, d] -> the pages of each admitted row
         chosen = prompt[rows]
         n, width, kv_heads, d = chosen.shape
         chosen = chosen.reshape(n, width // size, size, kv_heads, d).transpose(3, 0, 1, 2, 4)
-        return pool.at[:, ring_pages if kind == SLIDING else prompt_pages].set(chosen.astype(pool.dtype), mode="drop")
+        return pool.at[:, ring_pages if sliding else prompt_pages].set(chosen.astype(pool.dtype), mode="drop")
 
     ring = paged.ring_pages(config, size)
     used = -(-lengths[rows] // size)  # pages the prompt fills
@@ -224,9 +224,9 @@ def _insert(slots: Slots, prefilled: KVCache, logits, lengths, slot_ids, rows, k
     kept = (page[None, :] >= used[:, None] - ring) & (page[None, :] < used[:, None])
     kept &= (slot_ids < len(slots.index))[:, None]
     ring_pages = jnp.where(kept, slot_ids[:, None] * ring + page[None, :] % max(ring, 1), len(slots.index) * ring)
-    kinds = config.layers_by_type()
-    cache = paged.PagedCache(k=tuple(map(to_pages, slots.cache.k, prefilled.k, kinds)),
-                             v=tuple(map(to_pages, slots.cache.v, prefilled.v, kinds)))
+    sliding = config.sliding_layers()
+    cache = paged.PagedCache(k=tuple(map(to_pages, slots.cache.k, prefilled.k, sliding)),
+                             v=tuple(map(to_pages, slots.cache.v, prefilled.v, sliding)))
     put = lambda buffer, values: buffer.at[slot_ids].set(values, mode="drop")
     n = len(slot_ids)
     zeros = lambda like, dtype: jnp.zeros((n,) + like.shape[1:], dtype)

@@ -43,9 +43,8 @@ class PagedCache:
     @classmethod
     def zeros(cls, config, pages: int, page_size: int, dtype, slots: int = 0) -> "PagedCache":
         ring = slots * ring_pages(config, page_size)
-        shape = lambda kind: (config.num_kv_heads, ring if kind == "sliding_attention" else pages, page_size,
-                              config.head_dim)
-        make = lambda: tuple(jnp.zeros(shape(kind), dtype) for kind in config.layers_by_type())
+        shape = lambda sliding: (config.num_kv_heads, ring if sliding else pages, page_size, config.head_dim)
+        make = lambda: tuple(jnp.zeros(shape(sliding), dtype) for sliding in config.sliding_layers())
         return cls(k=make(), v=make()).constrained()
 
     def constrained(self) -> "PagedCache":
@@ -57,13 +56,13 @@ class PagedCache:
     def page_bytes(config, page_size: int, dtype) -> int:
         """Bytes of one page of the shared pool across every layer's K and V (all KV heads; the
         sliding-window layers' rings aside: `ring_bytes`)."""
-        full = sum(kind != "sliding_attention" for kind in config.layers_by_type())
+        full = config.num_layers - sum(config.sliding_layers())
         return 2 * full * config.num_kv_heads * config.head_dim * page_size * jnp.dtype(dtype).itemsize
 
     @staticmethod
     def ring_bytes(config, page_size: int, dtype) -> int:
         """Bytes of one sequence's rings across the sliding-window layers' K and V."""
-        sliding = sum(kind == "sliding_attention" for kind in config.layers_by_type())
+        sliding = sum(config.sliding_layers())
         return (2 * sliding * config.num_kv_heads * config.head_dim * page_size * ring_pages(config, page_size)
                 * jnp.dtype(dtype).itemsize)
 
@@ -161,15 +160,13 @@ def _step(q, k, v, k_pages, v_pages, table, index, active, kernel: bool, scale: 
     return attend_xla(q, k_pages, v_pages, table, lengths, scale, window), k_pages, v_pages
 
 
-def attention(q, k, v, k_pages, v_pages, table, index, active, kernel: bool = False, scale: float | None = None,
-              window: int = 0):
+def attention(q, k, v, k_pages, v_pages, table, index, active, kernel: bool, scale: float, window: int = 0):
     """One decode token per row: its keys/values `k`, `v` [rows, kv_heads, d] written at
     position `index` of its pages, then its queries `q` [rows, heads, d] over its first
-    index + 1 tokens, the last `window` of them when > 0 (fp32 out; scores scaled by `scale`,
-    default d^-0.5). Rows not `active` write and read nothing.
+    index + 1 tokens, the last `window` of them when > 0 (fp32 out; scores scaled by `scale`).
+    Rows not `active` write and read nothing.
     A sliding-window layer takes the XLA path even with `kernel`. Under a mesh it runs per
     shard; `table` then holds page ids local to the row's shard."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     step = functools.partial(_step, kernel=kernel, scale=scale, window=window)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

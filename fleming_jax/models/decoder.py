@@ -250,7 +250,7 @@ class DecoderConfig:
             hf.update(head_dim=self.head_dim, attention_bias=False, hidden_activation=self.hidden_act,
                       query_pre_attn_scalar=self.query_pre_attn_scalar, attn_logit_softcapping=None,
                       final_logit_softcapping=None, use_bidirectional_attention=False,
-                      sliding_window=self.sliding_window or None, layer_types=list(self.layers_by_type()),
+                      sliding_window=self.sliding_window or None, layer_types=[SLIDING if s else FULL for s in self.sliding_layers()],
                       rope_parameters={FULL: global_rope, SLIDING: {"rope_type": "default",
                                                                     "rope_theta": self.rope_local_theta}})
         if self.model_type == "qwen3_moe":
@@ -261,9 +261,9 @@ class DecoderConfig:
             hf.update(head_dim=self.head_dim, attention_bias=False, mlp_bias=False)
         return hf
 
-    def layers_by_type(self) -> tuple[str, ...]:
-        """Each layer's attention type (SLIDING or FULL)."""
-        return self.layer_types or (FULL,) * self.num_layers
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Whether each layer attends over a sliding window (SLIDING in `layer_types`)."""
+        return tuple(kind == SLIDING for kind in self.layer_types) or (False,) * self.num_layers
 
     def replace(self, **changes) -> "DecoderConfig":
         return dataclasses.replace(self, **changes)
@@ -508,14 +508,14 @@ class Decoder(nnx.Module):
         local_rope = rope_tables(index[:, None], c, local=True) if c.sliding_window else None
         k_pages, v_pages = list(cache.k), list(cache.v)
         split = self.layers.split() if layers is None else layers
-        for i, (p, kind) in enumerate(zip(split, c.layers_by_type())):
+        for i, (p, sliding) in enumerate(zip(split, c.sliding_layers())):
             if c.lora_base_quant:  # decoded after the layer before: not hoisted out of the token loop whole
                 p, x = jax.lax.optimization_barrier((p, x))
             p = layer_weights(p, c)
-            q, k, v = qkv(p, norm(x, p["input_norm"], c), *pick(kind == SLIDING, local_rope, rope), c)
+            q, k, v = qkv(p, norm(x, p["input_norm"], c), *pick(sliding, local_rope, rope), c)
             out, k_pages[i], v_pages[i] = paged.attention(
-                q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], ring if kind == SLIDING else table, index, active,
-                kernel, attention_scale(c), c.sliding_window if kind == SLIDING else 0)
+                q[:, 0], k[:, 0], v[:, 0], k_pages[i], v_pages[i], ring if sliding else table, index, active,
+                kernel, attention_scale(c), c.sliding_window if sliding else 0)
             attn = linear(p, "o_proj", "bhd,hde->be", out.astype(x.dtype), c)[:, None]
             x = mlp_block(p, add_output(p, x, attn, "attn_out_norm", c), c)
         x = norm(x[:, 0], self.final_norm[...].astype(c.compute_dtype), c)
@@ -580,7 +580,7 @@ class Decoder(nnx.Module):
             x = mlp_block(p, add_output(p, x, attn, "attn_out_norm", c), c, attention_mask, stats)
             return x, (kv, stats[0] if stats else None)
 
-        sliding = [kind == SLIDING for kind in c.layers_by_type()]
+        sliding = c.sliding_layers()
         if cache is None:
             if c.remat != "none":
                 block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
